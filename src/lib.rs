@@ -1,0 +1,9 @@
+//! stasis: a single-binary sandbox engine on KVM.
+//!
+//! The library owns everything the binary does: the VMM (`vmm`), the
+//! built-in ring-3 test guest (`guest`), snapshots (`snapshot`) and the
+//! lifecycle HTTP API (`api`). The binary in `main.rs` is a thin CLI.
+#![cfg(all(target_arch = "x86_64", target_os = "linux"))]
+
+pub mod guest;
+pub mod vmm;
