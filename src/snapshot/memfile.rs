@@ -1,0 +1,1 @@
+//! Guest memory file (in progress).

@@ -1,0 +1,1 @@
+//! userfaultfd lazy loader (in progress).
