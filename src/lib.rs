@@ -6,4 +6,5 @@
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
 pub mod guest;
+pub mod snapshot;
 pub mod vmm;

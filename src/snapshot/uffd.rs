@@ -1,0 +1,1521 @@
+//! Lazy restore: serve guest memory from the memory file with userfaultfd
+//! while the guest runs.
+//!
+//! [`LazyLoader::start`] registers every guest region (fresh anonymous
+//! mappings) with a userfaultfd in MISSING mode before it returns, so the
+//! caller can start vCPUs right away. Two threads then fill memory:
+//!
+//! - the **fault thread** `poll`s the userfaultfd and a stop eventfd. On a
+//!   fault in a present page it `pread`s the aligned block around it
+//!   (`LazyOpts::fault_block`, skipping pages already filled) and
+//!   `UFFDIO_COPY`s it; on a fault in a hole it `UFFDIO_ZEROPAGE`s the hole
+//!   run in that block (a write fault gets a real zeroed page instead, saving
+//!   the copy-on-write fault that would follow);
+//! - the **prefetcher** streams first the working set, then every other
+//!   present page, in large chunks (`LazyOpts::prefetch_chunk`, one `pread`
+//!   and one `UFFDIO_COPY` per run of missing pages). Holes are never
+//!   prefetched; they are filled when they fault.
+//!
+//! Demand faults never queue behind prefetch: they are served by their own
+//! thread, and the two threads race safely because the kernel installs each
+//! page at most once (`UFFDIO_COPY` on an existing page fails with `EEXIST`,
+//! which is skipped and woken). A shared atomic bitmap of filled pages
+//! keeps both threads from reading pages that are already in place.
+//!
+//! Once every present page is resident the loader (by default) unregisters
+//! the regions: what remains are holes, and the kernel's own anonymous
+//! fault path fills those with zeros faster than a userfaultfd round trip.
+//!
+//! **Failure**: if a read or copy fails, the loader records the error
+//! ([`LazyLoader::error`]), wakes waiters with it, and unregisters all
+//! regions. Unregistering wakes every blocked faulter; the faulting access
+//! is retried as an ordinary anonymous fault and sees a **zero page**. So
+//! nothing hangs, but guest memory is then wrong: the VMM must stop the VM
+//! and discard it on error. [`LazyLoader::stop`] before completion does the
+//! same to unfilled pages, so stop a VM (or `wait_complete`) before stopping
+//! its loader.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, EventBuffer, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
+
+use super::bitmap::PageBitmap;
+use super::memfile::{self, AnonMapping, MemRegion, MemoryMeta, PAGE_SIZE};
+
+const PAGE_SHIFT: u32 = 12;
+/// Consecutive `EAGAIN`s (with nothing copied) before a fill is abandoned.
+const MAX_EAGAIN: u32 = 100_000;
+
+/// Errors from the lazy loader.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The userfaultfd could not be created.
+    #[error("creating a userfaultfd (needs /dev/userfaultfd access, or CAP_SYS_PTRACE for kernel-mode faults)")]
+    Create(#[source] userfaultfd::Error),
+    /// A region could not be registered.
+    #[error("registering guest memory {addr:#x}+{len:#x} with userfaultfd")]
+    Register {
+        /// Host address.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// The crate's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The kernel does not offer COPY/ZEROPAGE/WAKE on a region.
+    #[error("userfaultfd on {addr:#x} lacks COPY/ZEROPAGE/WAKE (offers {offered})")]
+    MissingIoctls {
+        /// Host address.
+        addr: usize,
+        /// What the kernel offered.
+        offered: String,
+    },
+    /// A region already has resident pages.
+    #[error("guest memory region {index} at {addr:#x} has {resident} resident pages; lazy restore needs a fresh, untouched mapping")]
+    NotFresh {
+        /// Region index.
+        index: usize,
+        /// Host address.
+        addr: usize,
+        /// Resident pages found.
+        resident: usize,
+    },
+    /// Layout, size or read error on the memory file.
+    #[error(transparent)]
+    Memfile(#[from] memfile::Error),
+    /// `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` failed.
+    #[error("{op} of {len} bytes to {addr:#x} (memory file offset {file_offset})")]
+    Fill {
+        /// Which ioctl.
+        op: &'static str,
+        /// Destination.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// File offset of the destination's first page.
+        file_offset: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading fault events failed.
+    #[error("reading userfaultfd events")]
+    ReadEvents(#[source] userfaultfd::Error),
+    /// `poll`, `eventfd` or thread creation failed.
+    #[error("{0}")]
+    Sys(&'static str, #[source] std::io::Error),
+    /// Prefetch ended with present pages still missing (an internal bug).
+    #[error("prefetch finished but {missing} present pages are not resident")]
+    Incomplete {
+        /// Pages still missing.
+        missing: usize,
+    },
+    /// The loader failed earlier; the cause is the source.
+    #[error("lazy loader failed")]
+    Failed(#[source] Arc<Error>),
+    /// The loader was stopped before the awaited condition.
+    #[error("lazy loader stopped before {0}")]
+    Stopped(&'static str),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Options for [`LazyLoader::start`].
+#[derive(Debug, Clone)]
+pub struct LazyOpts {
+    /// Bytes served around a demand fault in a present page (aligned block,
+    /// power of two, at least one page).
+    pub fault_block: usize,
+    /// Bytes per prefetch chunk (one `pread`, aligned within each region).
+    pub prefetch_chunk: usize,
+    /// Run the background prefetcher (false: pure demand paging).
+    pub prefetch: bool,
+    /// Unregister the regions once every present page is resident, letting
+    /// the kernel zero-fill remaining holes itself. If false, the fault
+    /// thread keeps serving hole faults until [`LazyLoader::stop`].
+    pub release_when_complete: bool,
+}
+
+impl Default for LazyOpts {
+    fn default() -> Self {
+        LazyOpts {
+            fault_block: 64 << 10,
+            prefetch_chunk: 2 << 20,
+            prefetch: true,
+            release_when_complete: true,
+        }
+    }
+}
+
+const NOT_YET: u64 = u64::MAX;
+
+/// Live counters of a [`LazyLoader`]; read them at any time.
+#[derive(Debug)]
+pub struct LazyStats {
+    /// Present pages in the memory file (the completion target).
+    pub present_pages: u64,
+    /// Present pages in the working set (the working-set target).
+    pub working_set_pages: u64,
+    /// Fault events handled.
+    pub faults: AtomicU64,
+    /// Present pages copied by the fault thread (the faulting page and its
+    /// block).
+    pub pages_demand: AtomicU64,
+    /// Present pages copied by the prefetcher.
+    pub pages_prefetched: AtomicU64,
+    /// Hole pages filled with zeros on a fault.
+    pub pages_zero_filled: AtomicU64,
+    /// Copies that found the page already in place (`EEXIST`).
+    pub pages_already_filled: AtomicU64,
+    /// Bytes copied from the memory file into guest memory.
+    pub bytes_copied: AtomicU64,
+    working_set_ns: AtomicU64,
+    complete_ns: AtomicU64,
+}
+
+impl LazyStats {
+    fn new(present_pages: u64, working_set_pages: u64) -> Self {
+        LazyStats {
+            present_pages,
+            working_set_pages,
+            faults: AtomicU64::new(0),
+            pages_demand: AtomicU64::new(0),
+            pages_prefetched: AtomicU64::new(0),
+            pages_zero_filled: AtomicU64::new(0),
+            pages_already_filled: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            working_set_ns: AtomicU64::new(NOT_YET),
+            complete_ns: AtomicU64::new(NOT_YET),
+        }
+    }
+
+    /// Time from start until the working set was resident, once it is.
+    pub fn working_set_time(&self) -> Option<Duration> {
+        match self.working_set_ns.load(Ordering::Acquire) {
+            NOT_YET => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Time from start until every present page was resident, once it is.
+    pub fn complete_time(&self) -> Option<Duration> {
+        match self.complete_ns.load(Ordering::Acquire) {
+            NOT_YET => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct WaitState {
+    working_set: bool,
+    complete: bool,
+    stopped: bool,
+    error: Option<Arc<Error>>,
+}
+
+/// Who filled a page (for the stats).
+#[derive(Clone, Copy, PartialEq)]
+enum Who {
+    Demand,
+    Prefetch,
+    Zero,
+}
+
+struct Shared {
+    uffd: Uffd,
+    stop_fd: OwnedFd,
+    file: File,
+    regions: Vec<MemRegion>,
+    present: PageBitmap,
+    /// Present pages of the working set.
+    ws: PageBitmap,
+    filled: Vec<AtomicU64>,
+    present_filled: AtomicUsize,
+    ws_filled: AtomicUsize,
+    stats: Arc<LazyStats>,
+    opts: LazyOpts,
+    start: Instant,
+    stop: AtomicBool,
+    released: AtomicBool,
+    state: Mutex<WaitState>,
+    cond: Condvar,
+}
+
+/// Serves a lazily restored VM's memory from its memory file.
+pub struct LazyLoader {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LazyLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyLoader")
+            .field("stats", &self.shared.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyLoader {
+    /// Registers `regions` with a new userfaultfd and starts serving them
+    /// from `memfile` according to `meta`. When this returns, every region
+    /// is registered, so vCPUs may run.
+    ///
+    /// The regions must be fresh anonymous mappings (no page touched; this
+    /// is checked) that outlive the loader (the [`MemRegion::new`]
+    /// contract). `memfile` must be the file `meta` describes (its length is
+    /// checked).
+    pub fn start(
+        memfile: File,
+        regions: Vec<MemRegion>,
+        meta: &MemoryMeta,
+        opts: LazyOpts,
+    ) -> Result<LazyLoader> {
+        meta.check_regions(&regions)?;
+        meta.check_file(&memfile)?;
+        if !opts.fault_block.is_power_of_two() || opts.fault_block < PAGE_SIZE {
+            return Err(memfile::Error::Layout(format!(
+                "fault block {:#x} is not a power of two >= one page",
+                opts.fault_block
+            ))
+            .into());
+        }
+        check_fresh(&regions)?;
+
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM touches guest memory from kernel mode (get_user_pages);
+            // those faults must reach us too.
+            .user_mode_only(false)
+            .create()
+            .map_err(Error::Create)?;
+        let needed = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+        for r in &regions {
+            let offered = uffd
+                .register(r.host_addr().cast(), r.len())
+                .map_err(|source| Error::Register {
+                    addr: r.addr(),
+                    len: r.len(),
+                    source,
+                })?;
+            if !offered.contains(needed) {
+                return Err(Error::MissingIoctls {
+                    addr: r.addr(),
+                    offered: format!("{offered:?}"),
+                });
+            }
+        }
+        // SAFETY: eventfd has no memory effects; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(Error::Sys(
+                "creating the stop eventfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `efd` is a new descriptor owned by nothing else.
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+
+        let ws = if meta.working_set.is_empty() {
+            PageBitmap::new(meta.present.len())
+        } else {
+            meta.present.and(&meta.working_set).ok_or_else(|| {
+                memfile::Error::Layout("working-set bitmap length differs from the layout".into())
+            })?
+        };
+        let present_pages = meta.present.count_ones();
+        let ws_pages = ws.count_ones();
+        let stats = Arc::new(LazyStats::new(present_pages as u64, ws_pages as u64));
+        let shared = Arc::new(Shared {
+            uffd,
+            stop_fd,
+            file: memfile,
+            filled: (0..meta.present.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            present: meta.present.clone(),
+            ws,
+            regions,
+            present_filled: AtomicUsize::new(0),
+            ws_filled: AtomicUsize::new(0),
+            stats,
+            opts,
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            state: Mutex::new(WaitState::default()),
+            cond: Condvar::new(),
+        });
+        // Empty targets are reached at once.
+        shared.account(0, 0, true);
+
+        let loader = LazyLoader {
+            shared: shared.clone(),
+            threads: Mutex::new(Vec::new()),
+        };
+        let s = shared.clone();
+        let fault = std::thread::Builder::new()
+            .name("stasis-uffd".into())
+            .spawn(move || s.fault_thread())
+            .map_err(|e| Error::Sys("spawning the userfaultfd thread", e))?;
+        loader.threads.lock().expect("not poisoned").push(fault);
+        if shared.opts.prefetch {
+            let s = shared.clone();
+            // On failure `loader` is dropped, which stops the fault thread.
+            let pf = std::thread::Builder::new()
+                .name("stasis-prefetch".into())
+                .spawn(move || s.prefetch_thread())
+                .map_err(|e| Error::Sys("spawning the prefetch thread", e))?;
+            loader.threads.lock().expect("not poisoned").push(pf);
+        }
+        Ok(loader)
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<LazyStats> {
+        &self.shared.stats
+    }
+
+    /// The error that stopped the loader, if any.
+    pub fn error(&self) -> Option<Arc<Error>> {
+        self.shared
+            .state
+            .lock()
+            .expect("not poisoned")
+            .error
+            .clone()
+    }
+
+    /// Blocks until the working set's present pages are resident; returns
+    /// the time from start. Fails if the loader failed or was stopped.
+    pub fn wait_working_set(&self) -> Result<Duration> {
+        self.wait(|s| s.working_set, "the working set was resident", None)?;
+        Ok(self.shared.stats.working_set_time().unwrap_or_default())
+    }
+
+    /// Blocks until every present page is resident (call before pausing a
+    /// lazily restored VM again); returns the time from start.
+    pub fn wait_complete(&self) -> Result<Duration> {
+        self.wait(|s| s.complete, "all memory was resident", None)?;
+        Ok(self.shared.stats.complete_time().unwrap_or_default())
+    }
+
+    /// Like [`wait_complete`](Self::wait_complete) with a timeout; `Ok(None)`
+    /// if it timed out.
+    pub fn wait_complete_timeout(&self, timeout: Duration) -> Result<Option<Duration>> {
+        let done = self.wait(|s| s.complete, "all memory was resident", Some(timeout))?;
+        Ok(done.then(|| self.shared.stats.complete_time().unwrap_or_default()))
+    }
+
+    fn wait(
+        &self,
+        cond: impl Fn(&WaitState) -> bool,
+        what: &'static str,
+        timeout: Option<Duration>,
+    ) -> Result<bool> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.shared.state.lock().expect("not poisoned");
+        loop {
+            if cond(&st) {
+                return Ok(true);
+            }
+            if let Some(e) = &st.error {
+                return Err(Error::Failed(e.clone()));
+            }
+            if st.stopped {
+                return Err(Error::Stopped(what));
+            }
+            st = match deadline {
+                None => self.shared.cond.wait(st).expect("not poisoned"),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(false);
+                    }
+                    self.shared
+                        .cond
+                        .wait_timeout(st, d - now)
+                        .expect("not poisoned")
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Stops both threads and unregisters the regions. Idempotent; also run
+    /// on drop. Pages not yet filled become ordinary zero-filled anonymous
+    /// memory, so only stop a loader whose VM is stopped or whose memory is
+    /// complete.
+    pub fn stop(&self) {
+        let sh = &self.shared;
+        sh.stop.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        let rc = unsafe {
+            libc::write(
+                sh.stop_fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        if rc < 0 {
+            // Only EAGAIN is possible (counter full): already signalled.
+            tracing::debug!(error = %std::io::Error::last_os_error(), "stop eventfd write");
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("not poisoned"));
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("userfaultfd loader thread panicked");
+            }
+        }
+        sh.release();
+        let mut st = sh.state.lock().expect("not poisoned");
+        st.stopped = true;
+        sh.cond.notify_all();
+    }
+}
+
+impl Drop for LazyLoader {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Fails if any page of `regions` is already resident.
+fn check_fresh(regions: &[MemRegion]) -> Result<()> {
+    let pagemap = File::open("/proc/self/pagemap")
+        .map_err(|e| Error::Sys("opening /proc/self/pagemap", e))?;
+    let mut entries = vec![0u64; 4096];
+    for (index, r) in regions.iter().enumerate() {
+        let mut resident = 0;
+        let mut done = 0;
+        while done < r.len() / PAGE_SIZE {
+            let n = (r.len() / PAGE_SIZE - done).min(entries.len());
+            let addr = r.addr() + done * PAGE_SIZE;
+            // SAFETY: `entries` is a live u64 buffer; viewing it as bytes
+            // is sound (u64 has no invalid bit patterns).
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(entries.as_mut_ptr().cast::<u8>(), n * 8) };
+            std::os::unix::fs::FileExt::read_exact_at(
+                &pagemap,
+                bytes,
+                ((addr / PAGE_SIZE) * 8) as u64,
+            )
+            .map_err(|e| Error::Sys("reading /proc/self/pagemap", e))?;
+            resident += entries[..n].iter().filter(|&&e| e & (3 << 62) != 0).count();
+            done += n;
+        }
+        if resident > 0 {
+            return Err(Error::NotFresh {
+                index,
+                addr: r.addr(),
+                resident,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `_IOWR(0xAA, 0x03, struct uffdio_copy)` (checked against userfaultfd-sys).
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+
+/// Result of one fill ioctl: bytes installed (possibly partial), or errno.
+/// We issue the ioctls ourselves because the crate's wrappers cannot tell
+/// a partial copy from an `EAGAIN` with nothing copied.
+fn ioctl_fill(
+    fd: i32,
+    dst: usize,
+    src: Option<*const u8>,
+    len: usize,
+) -> std::result::Result<usize, std::io::Error> {
+    let (rc, done) = match src {
+        Some(src) => {
+            let mut c = UffdioCopy {
+                dst: dst as u64,
+                src: src as u64,
+                len: len as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `c` is a valid uffdio_copy; the kernel reads `len`
+            // bytes from `src` (a live buffer of the caller) and writes only
+            // missing pages of the registered destination range.
+            let rc = unsafe { libc::ioctl(fd, UFFDIO_COPY, &mut c as *mut UffdioCopy) };
+            (rc, c.copy)
+        }
+        None => {
+            let mut z = UffdioZeropage {
+                start: dst as u64,
+                len: len as u64,
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: `z` is a valid uffdio_zeropage; the kernel only maps
+            // zero pages into missing pages of the registered range.
+            let rc = unsafe { libc::ioctl(fd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
+            (rc, z.zeropage)
+        }
+    };
+    if rc == 0 {
+        return Ok(len);
+    }
+    let err = std::io::Error::last_os_error();
+    if done > 0 {
+        // Partial: the kernel installed `done` bytes then stopped (EAGAIN).
+        Ok(done as usize)
+    } else {
+        Err(err)
+    }
+}
+
+impl Shared {
+    fn fd(&self) -> i32 {
+        self.uffd.as_raw_fd()
+    }
+
+    /// The region holding host address `addr` and its global page index.
+    fn locate(&self, addr: usize) -> Option<(&MemRegion, usize)> {
+        self.regions
+            .iter()
+            .find(|r| addr >= r.addr() && addr < r.addr() + r.len())
+            .map(|r| (r, r.first_page() + (addr - r.addr()) / PAGE_SIZE))
+    }
+
+    fn page_addr(r: &MemRegion, gp: usize) -> usize {
+        r.addr() + ((gp - r.first_page()) << PAGE_SHIFT)
+    }
+
+    fn is_filled(&self, p: usize) -> bool {
+        self.filled[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+
+    /// Words of "wanted and not filled" for word index `w`.
+    fn missing_word(&self, bits: &PageBitmap, w: usize) -> u64 {
+        bits.words()[w] & !self.filled[w].load(Ordering::Acquire)
+    }
+
+    /// First page in `from..to` set in `bits` and not filled, if any.
+    fn next_missing(&self, bits: &PageBitmap, from: usize, to: usize) -> Option<usize> {
+        let mut p = from;
+        while p < to {
+            let w = self.missing_word(bits, p / 64) & (!0u64 << (p % 64));
+            if w != 0 {
+                let i = (p / 64) * 64 + w.trailing_zeros() as usize;
+                return (i < to).then_some(i);
+            }
+            p = (p / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// First page in `from..to` that is not (set in `bits` and not filled).
+    fn next_not_missing(&self, bits: &PageBitmap, from: usize, to: usize) -> usize {
+        let mut p = from;
+        while p < to {
+            let w = !self.missing_word(bits, p / 64) & (!0u64 << (p % 64));
+            if w != 0 {
+                return ((p / 64) * 64 + w.trailing_zeros() as usize).min(to);
+            }
+            p = (p / 64 + 1) * 64;
+        }
+        to
+    }
+
+    /// Last page in `from..to` set in `bits` and not filled, if any.
+    fn last_missing(&self, bits: &PageBitmap, from: usize, to: usize) -> Option<usize> {
+        let mut end = to;
+        while end > from {
+            let w = (end - 1) / 64;
+            let lo = (w * 64).max(from);
+            let mut m = self.missing_word(bits, w);
+            let hi_bits = end - w * 64; // 1..=64 bits valid from the word start
+            if hi_bits < 64 {
+                m &= (1u64 << hi_bits) - 1;
+            }
+            m &= !0u64 << (lo - w * 64);
+            if m != 0 {
+                return Some(w * 64 + 63 - m.leading_zeros() as usize);
+            }
+            end = lo;
+        }
+        None
+    }
+
+    /// Marks pages `s..e` filled; counts newly filled present and
+    /// working-set pages toward the targets.
+    fn mark_filled(&self, s: usize, e: usize) {
+        let (mut new_present, mut new_ws) = (0usize, 0usize);
+        let mut p = s;
+        while p < e {
+            let w = p / 64;
+            let bit = p % 64;
+            let n = (64 - bit).min(e - p);
+            let mask = if n == 64 {
+                !0u64
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let old = self.filled[w].fetch_or(mask, Ordering::AcqRel);
+            let newly = mask & !old;
+            new_present += (newly & self.present.words()[w]).count_ones() as usize;
+            new_ws += (newly & self.ws.words()[w]).count_ones() as usize;
+            p += n;
+        }
+        self.account(new_present, new_ws, false);
+    }
+
+    fn account(&self, new_present: usize, new_ws: usize, initial: bool) {
+        let ws_now = self.ws_filled.fetch_add(new_ws, Ordering::AcqRel) + new_ws;
+        let present_now =
+            self.present_filled.fetch_add(new_present, Ordering::AcqRel) + new_present;
+        // Exactly one call crosses each target; `initial` covers empty ones.
+        let ws_done = (new_ws > 0 || initial) && ws_now as u64 == self.stats.working_set_pages;
+        let all_done =
+            (new_present > 0 || initial) && present_now as u64 == self.stats.present_pages;
+        if !ws_done && !all_done {
+            return;
+        }
+        let ns = self.start.elapsed().as_nanos() as u64;
+        {
+            let mut st = self.state.lock().expect("not poisoned");
+            if ws_done && !st.working_set {
+                st.working_set = true;
+                self.stats.working_set_ns.store(ns, Ordering::Release);
+            }
+            if all_done && !st.complete {
+                st.complete = true;
+                self.stats.complete_ns.store(ns, Ordering::Release);
+            }
+            self.cond.notify_all();
+        }
+        if all_done && self.opts.release_when_complete {
+            self.release();
+        }
+    }
+
+    /// Unregisters every region (waking blocked faulters, who then see
+    /// ordinary anonymous memory). Runs once.
+    fn release(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for r in &self.regions {
+            if let Err(e) = self.uffd.unregister(r.host_addr().cast(), r.len()) {
+                tracing::warn!(addr = r.addr(), error = %e, "unregistering guest memory from userfaultfd");
+            }
+        }
+    }
+
+    /// Records a fatal error, releases the regions and wakes waiters.
+    fn fail(&self, e: Error) {
+        tracing::error!(error = %e, "lazy memory loader failed");
+        {
+            let mut st = self.state.lock().expect("not poisoned");
+            if st.error.is_none() {
+                st.error = Some(Arc::new(e));
+            }
+            self.cond.notify_all();
+        }
+        self.release();
+    }
+
+    fn failed(&self) -> bool {
+        self.state.lock().expect("not poisoned").error.is_some()
+    }
+
+    /// Installs pages `gp..gp + n` of region `r` from `src` (or zero pages
+    /// if `None`), skipping pages that turn out to be filled already.
+    fn fill(
+        &self,
+        r: &MemRegion,
+        gp: usize,
+        n: usize,
+        src: Option<*const u8>,
+        who: Who,
+    ) -> Result<()> {
+        let dst0 = Self::page_addr(r, gp);
+        let len = n << PAGE_SHIFT;
+        let mut off = 0;
+        let mut again = 0u32;
+        while off < len {
+            let s = src.map(|p| p.wrapping_add(off));
+            match ioctl_fill(self.fd(), dst0 + off, s, len - off) {
+                Ok(done) => {
+                    let p = gp + (off >> PAGE_SHIFT);
+                    let k = done >> PAGE_SHIFT;
+                    // Counters first, then the bitmap: whoever sees
+                    // completion also sees every counter that led to it.
+                    let counter = match who {
+                        Who::Demand => &self.stats.pages_demand,
+                        Who::Prefetch => &self.stats.pages_prefetched,
+                        Who::Zero => &self.stats.pages_zero_filled,
+                    };
+                    counter.fetch_add(k as u64, Ordering::Relaxed);
+                    if who != Who::Zero {
+                        self.stats
+                            .bytes_copied
+                            .fetch_add(done as u64, Ordering::Relaxed);
+                    }
+                    self.mark_filled(p, p + k);
+                    off += done;
+                    again = 0;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // Filled by the other thread: account it, make sure
+                    // its waiters are awake, move past it.
+                    let p = gp + (off >> PAGE_SHIFT);
+                    self.stats
+                        .pages_already_filled
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.mark_filled(p, p + 1);
+                    let _ = self.uffd.wake((dst0 + off) as *mut libc::c_void, PAGE_SIZE);
+                    off += PAGE_SIZE;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < MAX_EAGAIN => {
+                    // The mm is changing under us; retry.
+                    again += 1;
+                    std::thread::yield_now();
+                }
+                Err(_) if self.released.load(Ordering::SeqCst) => {
+                    // Regions were unregistered (complete, failed or
+                    // stopped); nothing left to do here.
+                    return Ok(());
+                }
+                Err(source) => {
+                    return Err(Error::Fill {
+                        op: if src.is_some() {
+                            "UFFDIO_COPY"
+                        } else {
+                            "UFFDIO_ZEROPAGE"
+                        },
+                        addr: dst0 + off,
+                        len: len - off,
+                        file_offset: ((gp as u64) << PAGE_SHIFT) + off as u64,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the missing present pages in `lo..hi` (inside region `r`)
+    /// with one `pread` of the span that holds them.
+    fn copy_span(
+        &self,
+        r: &MemRegion,
+        lo: usize,
+        hi: usize,
+        buf: &AnonMapping,
+        who: Who,
+    ) -> Result<()> {
+        let Some(first) = self.next_missing(&self.present, lo, hi) else {
+            return Ok(());
+        };
+        let last = self.last_missing(&self.present, first, hi).unwrap_or(first);
+        let span = (last + 1 - first) << PAGE_SHIFT;
+        debug_assert!(span <= buf.len());
+        // SAFETY: `buf` is a private mapping of at least `span` bytes owned
+        // by this thread; nothing else aliases it.
+        let dst = unsafe { std::slice::from_raw_parts_mut(buf.addr(), span) };
+        memfile::read_exact_at(&self.file, dst, (first as u64) << PAGE_SHIFT)?;
+        let mut p = first;
+        while let Some(s) = self.next_missing(&self.present, p, last + 1) {
+            let e = self.next_not_missing(&self.present, s, last + 1);
+            let src = buf.addr().wrapping_add((s - first) << PAGE_SHIFT) as *const u8;
+            self.fill(r, s, e - s, Some(src), who)?;
+            p = e;
+        }
+        Ok(())
+    }
+
+    fn fault_thread(self: Arc<Self>) {
+        if let Err(e) = self.fault_loop() {
+            // Regions are released by `fail`, which wakes every faulter.
+            self.fail(e);
+        }
+    }
+
+    fn fault_loop(&self) -> Result<()> {
+        let buf = AnonMapping::new(self.opts.fault_block)
+            .map_err(|e| Error::Sys("mapping the fault buffer", e))?;
+        let zero = AnonMapping::new(PAGE_SIZE)
+            .map_err(|e| Error::Sys("mapping the zero page buffer", e))?;
+        let mut events = EventBuffer::new(64);
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `pfds` is a valid array of two pollfds.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Sys("polling the userfaultfd", e));
+            }
+            if pfds[1].revents != 0 || self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if pfds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Err(Error::Sys(
+                    "userfaultfd reported an error condition",
+                    std::io::Error::other(format!("revents {:#x}", pfds[0].revents)),
+                ));
+            }
+            loop {
+                let mut any = false;
+                for ev in self
+                    .uffd
+                    .read_events(&mut events)
+                    .map_err(Error::ReadEvents)?
+                {
+                    any = true;
+                    let ev = ev.map_err(Error::ReadEvents)?;
+                    if let Event::Pagefault { addr, rw, .. } = ev {
+                        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                        if self.released.load(Ordering::SeqCst) {
+                            // Faulter was woken by the unregister.
+                            continue;
+                        }
+                        self.on_fault(addr as usize, rw == ReadWrite::Write, &buf, &zero)?;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_fault(
+        &self,
+        addr: usize,
+        write: bool,
+        buf: &AnonMapping,
+        zero: &AnonMapping,
+    ) -> Result<()> {
+        let Some((r, gp)) = self.locate(addr) else {
+            tracing::warn!(addr, "userfaultfd fault outside guest memory");
+            return Ok(());
+        };
+        let page = Self::page_addr(r, gp);
+        if self.is_filled(gp) {
+            let _ = self.uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
+            return Ok(());
+        }
+        let bp = self.opts.fault_block / PAGE_SIZE;
+        let rp0 = r.first_page();
+        let rp1 = rp0 + r.len() / PAGE_SIZE;
+        let b0 = rp0 + (gp - rp0) / bp * bp;
+        let b1 = (b0 + bp).min(rp1);
+        if self.present.get(gp) {
+            self.copy_span(r, b0, b1, buf, Who::Demand)?;
+            if !self.is_filled(gp) {
+                // Not reachable unless the kernel misbehaves; do not leave
+                // the faulter asleep.
+                let _ = self.uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
+            }
+            return Ok(());
+        }
+        // A hole: the run of unfilled hole pages around it in this block.
+        let unfilled_hole = |p: usize| !self.present.get(p) && !self.is_filled(p);
+        let mut hs = gp;
+        while hs > b0 && unfilled_hole(hs - 1) {
+            hs -= 1;
+        }
+        let mut he = gp + 1;
+        while he < b1 && unfilled_hole(he) {
+            he += 1;
+        }
+        if write {
+            // A real zeroed page now saves the copy-on-write fault that a
+            // zero-page mapping would take on this write.
+            self.fill(r, gp, 1, Some(zero.addr() as *const u8), Who::Zero)?;
+            if hs < gp {
+                self.fill(r, hs, gp - hs, None, Who::Zero)?;
+            }
+            if gp + 1 < he {
+                self.fill(r, gp + 1, he - gp - 1, None, Who::Zero)?;
+            }
+        } else {
+            self.fill(r, hs, he - hs, None, Who::Zero)?;
+        }
+        Ok(())
+    }
+
+    fn prefetch_thread(self: Arc<Self>) {
+        if let Err(e) = self.prefetch_all() {
+            self.fail(e);
+        }
+    }
+
+    fn prefetch_all(&self) -> Result<()> {
+        let buf = AnonMapping::new(self.opts.prefetch_chunk.max(PAGE_SIZE))
+            .map_err(|e| Error::Sys("mapping the prefetch buffer", e))?;
+        let chunk = (self.opts.prefetch_chunk / PAGE_SIZE).max(1);
+        for bits in [&self.ws, &self.present] {
+            for r in &self.regions {
+                let rp1 = r.first_page() + r.len() / PAGE_SIZE;
+                let mut p = r.first_page();
+                while p < rp1 {
+                    if self.stop.load(Ordering::Relaxed) || self.released.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let end = (p + chunk).min(rp1);
+                    if let Some(first) = self.next_missing(bits, p, end) {
+                        let last = self.last_missing(bits, first, end).unwrap_or(first);
+                        self.copy_span(r, first, last + 1, &buf, Who::Prefetch)?;
+                    }
+                    p = end;
+                }
+            }
+        }
+        let missing =
+            self.stats.present_pages as usize - self.present_filled.load(Ordering::Acquire);
+        if missing > 0 && !self.released.load(Ordering::SeqCst) && !self.failed() {
+            return Err(Error::Incomplete { missing });
+        }
+        Ok(())
+    }
+}
+
+/// Result of [`fill_rate_probe`].
+#[derive(Debug, Clone)]
+pub struct FillProbe {
+    /// Bytes filled.
+    pub bytes: u64,
+    /// Time from `start` until all memory was resident.
+    pub elapsed: Duration,
+    /// `bytes / elapsed` in GB/s (10^9 bytes per second).
+    pub gb_per_s: f64,
+    /// `start` itself (registration and checks).
+    pub start_time: Duration,
+}
+
+/// Measures the lazy loader's prefetch fill rate: writes a fully present
+/// memory file of `bytes` in `dir`, warms it in the page cache, then fills
+/// a fresh mapping from it with no faults. For `stasis bench`.
+pub fn fill_rate_probe(bytes: usize, dir: &Path) -> Result<FillProbe> {
+    let bytes = bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let src = AnonMapping::new(bytes).map_err(|e| Error::Sys("mapping probe memory", e))?;
+    for p in 0..bytes / PAGE_SIZE {
+        // SAFETY: in-bounds write to our own fresh mapping.
+        unsafe {
+            src.addr()
+                .add(p * PAGE_SIZE)
+                .cast::<u64>()
+                .write(p as u64 + 1)
+        };
+    }
+    let path = dir.join(format!("stasis-fill-probe-{}.bin", std::process::id()));
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| Error::Sys("creating the probe file", e))?;
+    let _ = std::fs::remove_file(&path);
+    let region = src.region(0);
+    let rep = memfile::write_memory(&file, &[region], &memfile::WriteOpts::default())?;
+    drop(src);
+    let meta = MemoryMeta::new(&[region], rep.present, PageBitmap::new(0))?;
+    // Warm the page cache.
+    let warm = AnonMapping::new(bytes).map_err(|e| Error::Sys("mapping probe memory", e))?;
+    memfile::read_memory_eager(
+        &file,
+        &[warm.region(0)],
+        &meta,
+        &memfile::ReadOpts::default(),
+    )?;
+    drop(warm);
+    let dst = AnonMapping::new(bytes).map_err(|e| Error::Sys("mapping probe memory", e))?;
+    let t = Instant::now();
+    let loader = LazyLoader::start(file, vec![dst.region(0)], &meta, LazyOpts::default())?;
+    let start_time = t.elapsed();
+    let elapsed = loader.wait_complete()?;
+    loader.stop();
+    let gb_per_s = bytes as f64 / elapsed.as_secs_f64() / 1e9;
+    Ok(FillProbe {
+        bytes: bytes as u64,
+        elapsed,
+        gb_per_s,
+        start_time,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::memfile::{write_memory, WriteOpts};
+    use std::sync::mpsc;
+
+    const MIB: usize = 1 << 20;
+
+    /// Fails loudly unless userfaultfd (with kernel-mode faults) works here,
+    /// or `STASIS_ALLOW_SKIP=1` is set, in which case the test is skipped.
+    fn require_uffd() -> bool {
+        match UffdBuilder::new().user_mode_only(false).create() {
+            Ok(_) => true,
+            Err(e) if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") => {
+                eprintln!("SKIPPED: userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1");
+                false
+            }
+            Err(e) => panic!(
+                "userfaultfd is unavailable ({e}): these tests need root or /dev/userfaultfd; \
+                 set STASIS_ALLOW_SKIP=1 to skip them"
+            ),
+        }
+    }
+
+    /// Page kinds: 0 untouched hole, 1 zero-written hole, 2 data.
+    fn kind(p: usize) -> u8 {
+        match p % 11 {
+            0 | 4 => 0,
+            7 => 1,
+            _ if (p / 300) % 4 == 3 => 0, // long hole runs too
+            _ => 2,
+        }
+    }
+
+    fn word(p: usize, i: usize) -> u64 {
+        ((p as u64) << 20) ^ (i as u64).wrapping_mul(0x9e37_79b9) | 1
+    }
+
+    /// A source image of `sizes` regions, its memory file and metadata.
+    struct Image {
+        file: File,
+        meta: MemoryMeta,
+        sizes: Vec<usize>,
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    }
+
+    fn make_image(sizes: &[usize], ws: impl Fn(usize) -> bool) -> Image {
+        let maps: Vec<AnonMapping> = sizes
+            .iter()
+            .map(|&s| AnonMapping::new(s).unwrap())
+            .collect();
+        let regions = regions_of(&maps);
+        for r in &regions {
+            for i in 0..r.pages() {
+                let p = r.first_page() + i;
+                let page = (r.addr() + i * PAGE_SIZE) as *mut u64;
+                match kind(p) {
+                    0 => {}
+                    // SAFETY: in-bounds writes to the test's own mapping.
+                    1 => unsafe { page.write(0) },
+                    _ => (0..PAGE_SIZE / 8).for_each(|w| unsafe { page.add(w).write(word(p, w)) }),
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let rep = write_memory(&file, &regions, &WriteOpts::default()).unwrap();
+        let total = rep.present.len();
+        let mut wsb = PageBitmap::new(total);
+        (0..total).filter(|&p| ws(p)).for_each(|p| wsb.set(p));
+        let meta = MemoryMeta::new(&regions, rep.present, wsb).unwrap();
+        Image {
+            file,
+            meta,
+            sizes: sizes.to_vec(),
+            _dir: dir,
+            path,
+        }
+    }
+
+    fn regions_of(maps: &[AnonMapping]) -> Vec<MemRegion> {
+        let mut off = 0u64;
+        maps.iter()
+            .map(|m| {
+                let r = m.region(off);
+                off += m.len() as u64;
+                r
+            })
+            .collect()
+    }
+
+    fn fresh(img: &Image) -> (Vec<AnonMapping>, Vec<MemRegion>) {
+        let maps: Vec<AnonMapping> = img
+            .sizes
+            .iter()
+            .map(|&s| AnonMapping::new(s).unwrap())
+            .collect();
+        let regions = regions_of(&maps);
+        (maps, regions)
+    }
+
+    /// Reads page `p` (faulting it in) and checks it against the source.
+    fn check_page(regions: &[MemRegion], p: usize) -> std::result::Result<(), String> {
+        let r = memfile::region_of(regions, p).unwrap();
+        let page = (r.addr() + (p - r.first_page()) * PAGE_SIZE) as *const u64;
+        for w in 0..PAGE_SIZE / 8 {
+            // SAFETY: in-bounds volatile read of a registered page; the
+            // loader fills it on fault.
+            let got = unsafe { page.add(w).read_volatile() };
+            let want = if kind(p) == 2 { word(p, w) } else { 0 };
+            if got != want {
+                return Err(format!("page {p} word {w}: got {got:#x}, want {want:#x}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    fn concurrent_readers(prefetch: bool) {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[16 * MIB, 32 * MIB], |p| p % 5 == 0);
+        let (_maps, regions) = fresh(&img);
+        let present = img.meta.present.count_ones() as u64;
+        let opts = LazyOpts {
+            prefetch,
+            prefetch_chunk: 512 << 10,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        let total = img.meta.total_pages();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let regions = &regions;
+                s.spawn(move || {
+                    let mut seed =
+                        0x1234_5678_9abc_def1 ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    for _ in 0..3000 {
+                        let p = (xorshift(&mut seed) % total as u64) as usize;
+                        check_page(regions, p).unwrap();
+                    }
+                });
+            }
+        });
+        // Touch every page (demand-only mode completes only this way).
+        for p in 0..total {
+            check_page(&regions, p).unwrap();
+        }
+        let done = loader.wait_complete().unwrap();
+        assert!(loader.wait_working_set().unwrap() <= done);
+        let st = loader.stats();
+        let demand = st.pages_demand.load(Ordering::Relaxed);
+        let pre = st.pages_prefetched.load(Ordering::Relaxed);
+        assert_eq!(demand + pre, present, "demand {demand} + prefetched {pre}");
+        assert_eq!(
+            st.bytes_copied.load(Ordering::Relaxed),
+            present * PAGE_SIZE as u64
+        );
+        assert!(st.faults.load(Ordering::Relaxed) > 0);
+        if !prefetch {
+            assert_eq!(pre, 0);
+            assert!(st.pages_zero_filled.load(Ordering::Relaxed) > 0);
+        }
+        assert!(loader.error().is_none());
+        loader.stop();
+        loader.stop(); // idempotent
+    }
+
+    #[test]
+    fn lazy_restore_with_prefetch_and_concurrent_readers() {
+        concurrent_readers(true);
+    }
+
+    #[test]
+    fn lazy_restore_demand_only() {
+        concurrent_readers(false);
+    }
+
+    /// A page installed by someone else between our bitmap check and our
+    /// copy (what a racing prefetcher does) makes the demand copy of its
+    /// block hit EEXIST: it must be skipped, counted once, not overwritten,
+    /// and the rest of the block still filled.
+    #[test]
+    fn eexist_on_racing_copy() {
+        if !require_uffd() {
+            return;
+        }
+        // All pages data (kind 2) in the first block? Find a block of 16
+        // pages with several present pages.
+        let img = make_image(&[4 * MIB], |_| false);
+        let (_maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch: false,
+            release_when_complete: false,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        let bp = 16;
+        let block = (0..img.meta.total_pages() / bp)
+            .find(|b| {
+                (b * bp..b * bp + bp)
+                    .filter(|&p| img.meta.present.get(p))
+                    .count()
+                    >= 8
+            })
+            .unwrap();
+        let racing: Vec<usize> = (block * bp..block * bp + bp)
+            .filter(|&p| img.meta.present.get(p))
+            .collect();
+        let (x, y) = (racing[1], racing[2]);
+        // Install page x behind the loader's back, as the racing thread would.
+        let marker = AnonMapping::new(PAGE_SIZE).unwrap();
+        // SAFETY: in-bounds write to our own buffer.
+        unsafe { std::ptr::write_bytes(marker.addr(), 0xee, PAGE_SIZE) };
+        let r = &regions[0];
+        let xaddr = r.addr() + x * PAGE_SIZE;
+        assert_eq!(
+            ioctl_fill(loader.shared.fd(), xaddr, Some(marker.addr()), PAGE_SIZE).unwrap(),
+            PAGE_SIZE
+        );
+        // Fault on y: the handler copies the whole block, meeting x.
+        check_page(&regions, y).unwrap();
+        // y is woken as soon as its own page is in; a second fault, in
+        // another block, is served only after the handler is done with y's
+        // block, so after it the counters for that block are final.
+        let z = (0..img.meta.total_pages())
+            .find(|&p| p / bp != block && !img.meta.present.get(p))
+            .unwrap();
+        check_page(&regions, z).unwrap();
+        let st = loader.stats();
+        assert_eq!(st.pages_already_filled.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            st.pages_demand.load(Ordering::Relaxed),
+            racing.len() as u64 - 1
+        );
+        // x keeps what was installed first; the rest of the block is right.
+        // SAFETY: x is now resident; in-bounds read.
+        assert_eq!(unsafe { *(xaddr as *const u8) }, 0xee);
+        for &p in &racing {
+            if p != x {
+                check_page(&regions, p).unwrap();
+            }
+        }
+        // x counts toward completion exactly once: touch everything else.
+        for p in 0..img.meta.total_pages() {
+            if p != x {
+                check_page(&regions, p).unwrap();
+            }
+        }
+        assert!(loader.wait_complete().is_ok());
+        let present = img.meta.present.count_ones() as u64;
+        assert_eq!(st.pages_demand.load(Ordering::Relaxed), present - 1);
+        // With release_when_complete = false, holes still fault to us.
+        assert!(st.pages_zero_filled.load(Ordering::Relaxed) > 0);
+    }
+
+    /// Page-level race stress: many threads fault the same pages while the
+    /// prefetcher copies them in small chunks; every page arrives once.
+    #[test]
+    fn same_page_fault_storm_during_prefetch() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[8 * MIB], |p| p % 2 == 0);
+        let (_maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch_chunk: 64 << 10,
+            fault_block: PAGE_SIZE,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        let total = img.meta.total_pages();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let regions = &regions;
+                // Threads walk the pages from different ends.
+                s.spawn(move || {
+                    for i in 0..total {
+                        let p = if t % 2 == 0 { i } else { total - 1 - i };
+                        check_page(regions, p).unwrap();
+                    }
+                });
+            }
+        });
+        loader.wait_complete().unwrap();
+        let st = loader.stats();
+        let present = img.meta.present.count_ones() as u64;
+        assert_eq!(
+            st.pages_demand.load(Ordering::Relaxed) + st.pages_prefetched.load(Ordering::Relaxed),
+            present
+        );
+        assert_eq!(
+            st.bytes_copied.load(Ordering::Relaxed),
+            present * PAGE_SIZE as u64
+        );
+    }
+
+    /// The memory file shrinks under the loader: the read fails, the error
+    /// is recorded, waiters get it, and the faulting thread is not stuck.
+    #[test]
+    fn read_error_releases_faulters() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[2 * MIB], |_| false);
+        let (_maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch: false,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        File::options()
+            .write(true)
+            .open(&img.path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let p = img.meta.present.next_one(0).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let regions2 = regions.clone();
+        let faulter = std::thread::spawn(move || {
+            let r = &regions2[0];
+            // SAFETY: in-bounds read of a registered page.
+            let v = unsafe { ((r.addr() + p * PAGE_SIZE) as *const u64).read_volatile() };
+            tx.send(v).unwrap();
+        });
+        // A hang would be the bug; the timeout only turns it into a failure.
+        let v = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("faulting thread stuck after loader error");
+        faulter.join().unwrap();
+        assert_eq!(v, 0, "after failure, unfilled pages read as zero");
+        let e = loader.error().expect("error recorded");
+        assert!(e.to_string().contains("ended early"), "{e}");
+        assert!(matches!(loader.wait_complete(), Err(Error::Failed(_))));
+        assert!(matches!(
+            loader.wait_working_set(),
+            Ok(_) | Err(Error::Failed(_))
+        ));
+        loader.stop();
+    }
+
+    #[test]
+    fn stop_wakes_waiters_and_rejects_touched_memory() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[MIB], |_| false);
+        let (maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch: false,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts.clone(),
+        )
+        .unwrap();
+        assert_eq!(loader.wait_complete_timeout(Duration::ZERO).unwrap(), None);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| loader.wait_complete());
+            loader.stop();
+            assert!(matches!(waiter.join().unwrap(), Err(Error::Stopped(_))));
+        });
+        drop(loader);
+
+        // Touched memory is refused.
+        // SAFETY: in-bounds write; the region is no longer registered.
+        unsafe { maps[0].addr().write(1) };
+        let e =
+            LazyLoader::start(img.file.try_clone().unwrap(), regions, &img.meta, opts).unwrap_err();
+        assert!(matches!(e, Error::NotFresh { resident: 1, .. }), "{e}");
+    }
+
+    /// Prints the prefetch fill rate for 1 GiB in the page cache.
+    /// `cargo test --release --lib fill_rate -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn fill_rate() {
+        if !require_uffd() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..3 {
+            let r = fill_rate_probe(1 << 30, dir.path()).unwrap();
+            eprintln!(
+                "lazy fill: {} MiB in {:?} = {:.2} GB/s (start {:?})",
+                r.bytes >> 20,
+                r.elapsed,
+                r.gb_per_s,
+                r.start_time
+            );
+        }
+    }
+}
