@@ -20,7 +20,17 @@ fn main() {
     let elf = out.join("testguest.elf");
     run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(src));
     run(Command::new("ld")
-        .args(["-nostdlib", "-static", "--no-dynamic-linker", "-z", "max-page-size=4096", "--no-warn-rwx-segments", "-T", lds, "-o"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "--no-dynamic-linker",
+            "-z",
+            "max-page-size=4096",
+            "--no-warn-rwx-segments",
+            "-T",
+            lds,
+            "-o",
+        ])
         .arg(&elf)
         .arg(&obj));
 }

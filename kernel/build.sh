@@ -11,7 +11,10 @@
 # Output: the last line on stdout is the absolute path of vmlinux, at
 #   $STASIS_CACHE/kernel/<hash>/vmlinux
 # where <hash> covers kernel/config, this script and the linux-source package
-# version. Progress and build logs go to stderr and to <hash>.log.
+# version. Progress goes to stderr, the full make output to
+# $STASIS_CACHE/kernel/<hash>.log.
+# Exit status: 0 built or cached, 1 configuration or build failed, 2 a
+# prerequisite is missing (and could not be installed).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +27,8 @@ src_tar="/usr/src/linux-source-6.1.tar.xz"
 
 log() { echo "kernel/build.sh: $*" >&2; }
 die() { echo "kernel/build.sh: ERROR: $*" >&2; exit 1; }
+# Exit status 2: a prerequisite is missing (tests may report a skip).
+prereq() { echo "kernel/build.sh: PREREQUISITE MISSING: $*" >&2; exit 2; }
 
 [[ -f "$fragment" ]] || die "missing config fragment $fragment"
 
@@ -40,11 +45,11 @@ for hdr_pkg in libelf.h:libelf-dev openssl/ssl.h:libssl-dev; do
 done
 if ((${#need_pkgs[@]})); then
     if [[ "${STASIS_NO_APT:-0}" == 1 || "$(id -u)" != 0 ]]; then
-        die "missing packages: ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
+        prereq "packages ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
     fi
     log "installing missing packages: ${need_pkgs[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "${need_pkgs[@]}" >&2 || die "apt-get install ${need_pkgs[*]} failed"
+        "${need_pkgs[@]}" >&2 || prereq "apt-get install ${need_pkgs[*]} failed"
 fi
 [[ -f "$src_tar" ]] || die "$src_pkg is installed but $src_tar is missing"
 src_ver="$(dpkg-query -W -f='${Version}' "$src_pkg")"

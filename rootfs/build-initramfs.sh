@@ -15,6 +15,8 @@
 # Output: the last line on stdout is the absolute path of the archive, at
 #   $STASIS_CACHE/initramfs/<hash>/initramfs.cpio.gz
 # where <hash> covers this script and the busybox binary.
+# Exit status: 0 built or cached, 1 failed, 2 a prerequisite is missing (and
+# could not be installed).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,6 +27,8 @@ busybox=/bin/busybox
 
 log() { echo "rootfs/build-initramfs.sh: $*" >&2; }
 die() { echo "rootfs/build-initramfs.sh: ERROR: $*" >&2; exit 1; }
+# Exit status 2: a prerequisite is missing (tests may report a skip).
+prereq() { echo "rootfs/build-initramfs.sh: PREREQUISITE MISSING: $*" >&2; exit 2; }
 
 # --- prerequisites -----------------------------------------------------------
 need_pkgs=()
@@ -34,11 +38,11 @@ command -v cpio >/dev/null 2>&1 || need_pkgs+=(cpio)
 command -v gzip >/dev/null 2>&1 || need_pkgs+=(gzip)
 if ((${#need_pkgs[@]})); then
     if [[ "${STASIS_NO_APT:-0}" == 1 || "$(id -u)" != 0 ]]; then
-        die "missing packages: ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
+        prereq "packages ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
     fi
     log "installing missing packages: ${need_pkgs[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "${need_pkgs[@]}" >&2 || die "apt-get install ${need_pkgs[*]} failed"
+        "${need_pkgs[@]}" >&2 || prereq "apt-get install ${need_pkgs[*]} failed"
 fi
 [[ -x "$busybox" ]] || die "$busybox missing although busybox-static is installed"
 # A dynamically linked busybox would need its libraries in the guest.

@@ -6,10 +6,14 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use stasis::guest::{self, Workload};
-use stasis::vmm::{Console, ConsoleBuffer, Kernel, Vm, VmConfig};
+use stasis::vmm::{Console, ConsoleBuffer, Kernel, RestoreMode, Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "stasis", version, about = "Sandboxes on KVM that pause to disk and resume in milliseconds")]
+#[command(
+    name = "stasis",
+    version,
+    about = "Sandboxes on KVM that pause to disk and resume in milliseconds"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -137,33 +141,99 @@ fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
         mib,
         rounds,
         seed: 42,
-        report: (rounds / 8).max(1),
+        report: 0,
     };
-    let console = ConsoleBuffer::new();
     let cfg = VmConfig {
         cmdline: w.cmdline(),
         mem_bytes: (w.min_mem_bytes() + (64 << 20)).next_multiple_of(2 << 20),
-        console: Console::Buffer(console.clone()),
         ..VmConfig::default()
     };
-    println!("stasis demo: built-in test guest, {mib} MiB workload, {rounds} rounds, {} MiB guest", cfg.mem_bytes >> 20);
+    let gib = cfg.mem_bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "stasis demo: built-in test guest, {} MiB guest, workload fills {mib} MiB then runs {rounds} mutate-and-hash rounds",
+        cfg.mem_bytes >> 20
+    );
     let t0 = Instant::now();
-    let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
-    let boot = t0.elapsed();
-    let reason = vm.wait(Some(Duration::from_secs(600)));
-    let total = t0.elapsed();
+    let mut vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
+    println!("booted in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    // Let the guest get well into its rounds, then pause it mid-workload.
+    let pause_round = (rounds / 2).max(1);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(s) = vm.guest_status() {
+            if s.round >= pause_round {
+                break;
+            }
+        }
+        if let Some(r) = vm.exited() {
+            return Err(format!("guest ended before it could be paused: {r}"));
+        }
+        if Instant::now() > deadline {
+            return Err("guest made no progress within 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let dir = std::env::temp_dir().join(format!("stasis-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tp = Instant::now();
+    vm.pause().map_err(|e| chain(&e))?;
+    let stopped = tp.elapsed();
+    let at = vm.guest_status().map(|s| s.round).unwrap_or(0);
+    let snap = vm.snapshot(&dir).map_err(|e| chain(&e))?;
+    let pause_total = tp.elapsed();
     drop(vm);
-    print!("{}", console.text());
+    println!(
+        "paused at round {at}: vCPUs stopped in {:.2} ms",
+        stopped.as_secs_f64() * 1e3
+    );
+    println!(
+        "snapshot written: {:.1} ms total ({:.3} s per GiB of guest memory), {:.1} MiB written of {:.0} MiB guest, working set {} pages",
+        pause_total.as_secs_f64() * 1e3,
+        pause_total.as_secs_f64() / gib,
+        snap.bytes_written as f64 / (1 << 20) as f64,
+        snap.mem_bytes as f64 / (1 << 20) as f64,
+        snap.working_set_pages
+    );
+    let console = ConsoleBuffer::new();
+    let (vm, rs) = Vm::restore(
+        &dir,
+        RestoreMode::Lazy,
+        Console::Buffer(console.clone()),
+        None,
+    )
+    .map_err(|e| chain(&e))?;
+    println!(
+        "resumed lazily: running after {:.2} ms",
+        rs.to_running.as_secs_f64() * 1e3
+    );
+    let ws = vm.wait_working_set().map_err(|e| chain(&e))?;
+    let all = vm.wait_memory_complete().map_err(|e| chain(&e))?;
+    if let (Some(ws), Some(all)) = (ws, all) {
+        println!(
+            "working set resident after {:.1} ms, all memory after {:.1} ms",
+            ws.as_secs_f64() * 1e3,
+            all.as_secs_f64() * 1e3
+        );
+    }
+    let reason = vm.wait(Some(Duration::from_secs(600)));
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
     let expected = guest::reference(&w);
     let got = guest::parse_checksum(&console.text());
-    println!("boot (VM created, vCPU started): {:.1} ms", boot.as_secs_f64() * 1e3);
-    println!("run to the end: {:.3} s, exit: {}", total.as_secs_f64(), reason.map(|r| r.to_string()).unwrap_or("timeout".into()));
+    println!(
+        "guest finished: {}",
+        reason.map(|r| r.to_string()).unwrap_or("timeout".into())
+    );
     let ok = got == Some(expected.checksum);
     println!(
-        "checksum: guest {} / expected {:016x} -> {}",
+        "checksum: guest {} / expected {:016x} (computed independently) -> {}",
         got.map(|c| format!("{c:016x}")).unwrap_or("missing".into()),
         expected.checksum,
         if ok { "MATCH" } else { "MISMATCH" }
     );
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

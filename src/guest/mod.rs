@@ -96,7 +96,9 @@ impl GuestStatus {
     /// has not written its magic yet.
     pub fn parse(page: &[u8]) -> Option<GuestStatus> {
         let q = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(page.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+            Some(u64::from_le_bytes(
+                page.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
         };
         if q(0)? != STATUS_MAGIC {
             return None;

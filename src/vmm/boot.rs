@@ -69,7 +69,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The initrd doesn't fit in low memory above the kernel.
-    #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x} above the kernel")]
+    #[error(
+        "initrd of {size} bytes does not fit in guest memory below {limit:#x} above the kernel"
+    )]
     InitrdTooBig {
         /// Its size.
         size: u64,
@@ -278,7 +280,10 @@ fn segment(index: u16) -> kvm_segment {
 }
 
 fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
-    let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).map_err(Error::GuestMemory);
+    let w = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(Error::GuestMemory)
+    };
     for (i, e) in GDT.iter().enumerate() {
         w(*e, GDT_ADDR + 8 * i as u64)?;
     }
@@ -316,13 +321,7 @@ pub fn cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, Error> {
 
 /// Puts a vCPU in its power-on state for a 64-bit boot: only vCPU 0 gets
 /// registers; the others wait for INIT/SIPI from the guest.
-pub fn setup_vcpu(
-    kvm: &Kvm,
-    vcpu: &VcpuFd,
-    id: u8,
-    count: u8,
-    entry: u64,
-) -> Result<(), Error> {
+pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, entry: u64) -> Result<(), Error> {
     vcpu.set_cpuid2(&cpuid(kvm, id, count)?)
         .map_err(kvm_err("KVM_SET_CPUID2"))?;
     let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| Error::Kvm {
@@ -377,17 +376,17 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
         ..Default::default()
     };
     vec![
-        e(0x174, 0),                 // SYSENTER_CS
-        e(0x175, 0),                 // SYSENTER_ESP
-        e(0x176, 0),                 // SYSENTER_EIP
-        e(0xc000_0081, 0),           // STAR
-        e(0xc000_0082, 0),           // LSTAR
-        e(0xc000_0083, 0),           // CSTAR
-        e(0xc000_0084, 0),           // SYSCALL_MASK
-        e(0xc000_0102, 0),           // KERNEL_GS_BASE
-        e(0x10, 0),                  // TSC
-        e(0x1a0, 1),                 // MISC_ENABLE: fast strings
-        e(0x2ff, (1 << 11) | 6),     // MTRR default type: enabled, write-back
+        e(0x174, 0),             // SYSENTER_CS
+        e(0x175, 0),             // SYSENTER_ESP
+        e(0x176, 0),             // SYSENTER_EIP
+        e(0xc000_0081, 0),       // STAR
+        e(0xc000_0082, 0),       // LSTAR
+        e(0xc000_0083, 0),       // CSTAR
+        e(0xc000_0084, 0),       // SYSCALL_MASK
+        e(0xc000_0102, 0),       // KERNEL_GS_BASE
+        e(0x10, 0),              // TSC
+        e(0x1a0, 1),             // MISC_ENABLE: fast strings
+        e(0x2ff, (1 << 11) | 6), // MTRR default type: enabled, write-back
     ]
 }
 
@@ -415,7 +414,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let c = segment(1);
-        assert_eq!((c.l, c.db, c.type_, c.present, c.limit), (1, 0, 0xb, 1, 0xffff_ffff));
+        assert_eq!(
+            (c.l, c.db, c.type_, c.present, c.limit),
+            (1, 0, 0xb, 1, 0xffff_ffff)
+        );
         let d = segment(2);
         assert_eq!((d.db, d.type_, d.selector), (1, 3, 16));
     }

@@ -5,7 +5,8 @@
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
 };
 
 /// Start of the MMIO gap below 4 GiB; RAM never lives in [GAP_START, 4 GiB).
@@ -75,7 +76,8 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
         )
         .map_err(|source| Error::Mmap { size: len, source })?;
         // new() only fails on address overflow, which ram_ranges excludes.
-        regions.push(GuestRegionMmap::new(map, GuestAddress(start)).ok_or(Error::BadSize(mem_bytes))?);
+        regions
+            .push(GuestRegionMmap::new(map, GuestAddress(start)).ok_or(Error::BadSize(mem_bytes))?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
 }
@@ -87,14 +89,19 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(),
         let host = region.as_ptr() as u64;
         let r = kvm_userspace_memory_region {
             slot,
-            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host,
         };
         // SAFETY: the host range [host, host+len) is a live mapping owned by
         // `mem`, which the Vm keeps alive for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|source| Error::SetSlot { slot, source })?;
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|source| Error::SetSlot { slot, source })?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod devices;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use boot::Kernel;
 pub use devices::{Console, ConsoleBuffer};
+pub use persist::{PersistError, RestoreMode, RestoreStats, SnapshotStats, VmState};
 pub use vcpu::ExitReason;
 
 use crate::guest::GuestStatus;
@@ -70,6 +72,9 @@ pub enum Error {
     /// vCPU state save/restore failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    /// Snapshot or restore failed.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     /// A vCPU thread couldn't be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
@@ -161,15 +166,16 @@ struct Control {
 
 /// A virtual machine.
 pub struct Vm {
-    kvm: Kvm,
+    // Fields drop in order: the loader and the VM fd go before the memory
+    // they use.
+    /// Serves guest memory after a lazy restore.
+    lazy: Option<crate::snapshot::uffd::LazyLoader>,
     fd: VmFd,
     mem: GuestMemoryMmap,
     devices: Arc<Mutex<devices::Devices>>,
     pause: Arc<AtomicBool>,
     ctl: Mutex<Control>,
     config: VmConfig,
-    caps: vcpu::Caps,
-    msr_indices: Arc<Vec<u32>>,
 }
 
 /// KVM, the VM and its memory, before any vCPU exists.
@@ -193,7 +199,8 @@ fn new_shell(mem_bytes: u64, vcpus: u8) -> Result<Shell, Error> {
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     fd.set_identity_map_address(IDENTITY_MAP_ADDR)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -282,7 +289,7 @@ impl Vm {
             });
         }
         Ok(Vm {
-            kvm: shell.kvm,
+            lazy: None,
             fd: shell.fd,
             mem: shell.mem,
             devices,
@@ -294,8 +301,6 @@ impl Vm {
                 exit: None,
             }),
             config,
-            caps: shell.caps,
-            msr_indices,
         })
     }
 
@@ -389,7 +394,9 @@ impl Vm {
         let mut c = self.ctl();
         match c.state {
             RunState::Paused => return Ok(()),
-            RunState::Exited => return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed))),
+            RunState::Exited => {
+                return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+            }
             RunState::Running => {}
         }
         self.stop_vcpus(&mut c)?;
@@ -408,7 +415,9 @@ impl Vm {
         let mut c = self.ctl();
         match c.state {
             RunState::Running => return Ok(()),
-            RunState::Exited => return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed))),
+            RunState::Exited => {
+                return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+            }
             RunState::Paused => {}
         }
         self.pause.store(false, Ordering::SeqCst);

@@ -12,8 +12,8 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -169,7 +169,9 @@ fn read_msrs(vcpu: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<(u32, u64)>, 
             id,
             why: format!("MSR list: {e:?}"),
         })?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(id, "KVM_GET_MSRS"))?;
         if n == want.len() {
             return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
         }
@@ -206,7 +208,9 @@ pub fn save(vcpu: &VcpuFd, id: u8, caps: Caps, msr_indices: &[u32]) -> Result<Vc
         .map_err(kvm_err(id, "KVM_GET_CPUID2"))?;
     Ok(VcpuState {
         cpuid: cpuid.as_slice().to_vec(),
-        mp_state: vcpu.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?,
+        mp_state: vcpu
+            .get_mp_state()
+            .map_err(kvm_err(id, "KVM_GET_MP_STATE"))?,
         regs: vcpu.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?,
         xsave: if caps.xsave {
@@ -217,7 +221,9 @@ pub fn save(vcpu: &VcpuFd, id: u8, caps: Caps, msr_indices: &[u32]) -> Result<Vc
         fpu: if caps.xsave {
             None
         } else {
-            Some(fpu_bytes(&vcpu.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?))
+            Some(fpu_bytes(
+                &vcpu.get_fpu().map_err(kvm_err(id, "KVM_GET_FPU"))?,
+            ))
         },
         xcrs: if caps.xcrs {
             Some(vcpu.get_xcrs().map_err(kvm_err(id, "KVM_GET_XCRS"))?)
@@ -245,11 +251,14 @@ pub fn restore(vcpu: &VcpuFd, id: u8, st: &VcpuState) -> Result<(), Error> {
         id,
         why: format!("CPUID: {e:?}"),
     })?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
     vcpu.set_mp_state(st.mp_state)
         .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&st.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
-    vcpu.set_sregs(&st.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_regs(&st.regs)
+        .map_err(kvm_err(id, "KVM_SET_REGS"))?;
+    vcpu.set_sregs(&st.sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     match (&st.xsave, &st.fpu) {
         // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which is
         // exactly what KVM_SET_XSAVE reads.
@@ -273,7 +282,8 @@ pub fn restore(vcpu: &VcpuFd, id: u8, st: &VcpuState) -> Result<(), Error> {
     }
     vcpu.set_debug_regs(&st.debugregs)
         .map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
-    vcpu.set_lapic(&st.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&st.lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     let mut left: Vec<kvm_msr_entry> = st
         .msrs
         .iter()
@@ -292,7 +302,11 @@ pub fn restore(vcpu: &VcpuFd, id: u8, st: &VcpuState) -> Result<(), Error> {
         if n == left.len() {
             break;
         }
-        tracing::warn!(vcpu = id, msr = format!("{:#x}", left[n].index), "KVM refused to restore an MSR; skipped");
+        tracing::warn!(
+            vcpu = id,
+            msr = format!("{:#x}", left[n].index),
+            "KVM refused to restore an MSR; skipped"
+        );
         left.drain(..=n);
     }
     vcpu.set_vcpu_events(&st.events)
@@ -461,7 +475,8 @@ impl Thread {
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: reading the internal-error member of the kvm_run
                 // union, which KVM filled for KVM_EXIT_INTERNAL_ERROR.
-                let suberror = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let suberror =
+                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 Some(ExitReason::InternalError {
                     suberror,
                     rip: self.rip(),

@@ -227,7 +227,7 @@ console="$work/console.log"
 log "booting L1 (qemu TCG, -cpu max, ${l1_mem} MiB, ${l1_smp} vCPU, limit ${l1_timeout}s)"
 t_start=$SECONDS
 set +e
-timeout -k 10 "$l1_timeout" qemu-system-x86_64 \
+timeout --foreground -k 10 "$l1_timeout" qemu-system-x86_64 \
     -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp" \
     -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio" \
@@ -258,7 +258,7 @@ elif [[ "$result_line" != "STASIS-L1-RESULT DONE" ]]; then
 elif [[ "$exit_line" != "STASIS-L1-EXIT status=0 "* ]]; then
     fail="inner VMM did not exit cleanly: ${exit_line:-<no exit line>}"
 elif [[ "$expect_marker" == 1 && -z "$marker_line" ]]; then
-    fail="inner guest never printed $marker"
+    fail="the inner guest never printed the init marker"
 fi
 if [[ -n "$fail" ]]; then
     echo "run-l1: FAIL: $fail"

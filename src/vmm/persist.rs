@@ -1,0 +1,429 @@
+//! Pause to disk and restore: the saved state of a whole VM (vCPUs, in-kernel
+//! irqchip, PIT, kvmclock, devices, memory layout) and the two operations
+//! that write it (`Vm::snapshot`) and bring it back (`Vm::restore`, eagerly
+//! or lazily through userfaultfd).
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use super::devices::{Console, Devices, DevicesState};
+use super::vcpu::{self, VcpuState};
+use super::{kvm_err, memory, new_shell, Error, Kernel, RunState, Vm, VmConfig};
+use crate::snapshot::memfile::{self, MemRegion, MemoryMeta, ReadOpts, WriteOpts};
+use crate::snapshot::uffd::{LazyLoader, LazyOpts, LazyStats};
+use crate::snapshot::{PageBitmap, SnapshotDir, TmpDir};
+
+/// Errors of snapshot and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The snapshot directory or its state file is bad.
+    #[error(transparent)]
+    Dir(#[from] crate::snapshot::Error),
+    /// The memory file is bad or couldn't be written/read.
+    #[error(transparent)]
+    Memory(#[from] memfile::Error),
+    /// Lazy restore failed.
+    #[error(transparent)]
+    Lazy(#[from] crate::snapshot::uffd::Error),
+    /// The state is valid as a file but not as a VM.
+    #[error("snapshot state is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The caller asked for something the snapshot doesn't match.
+    #[error("snapshot has {found} vCPUs, but {wanted} were requested")]
+    VcpuMismatch {
+        /// In the snapshot.
+        found: usize,
+        /// Requested.
+        wanted: usize,
+    },
+}
+
+/// Saved state of a VM: what `state.bin` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// What was booted (for `snapshot info`).
+    pub kernel: String,
+    /// Kernel command line it was booted with.
+    pub cmdline: String,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// Seconds since the Unix epoch when the snapshot was taken.
+    pub created_unix: u64,
+    /// Per-vCPU state, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// In-kernel PIC master.
+    pub pic_master: kvm_irqchip,
+    /// In-kernel PIC slave.
+    pub pic_slave: kvm_irqchip,
+    /// In-kernel IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// In-kernel PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+    /// Port-I/O devices.
+    pub devices: DevicesState,
+    /// Memory file layout, present pages and working set.
+    pub memory: MemoryMeta,
+}
+
+/// How to bring guest memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestoreMode {
+    /// Read the whole memory file before running.
+    Eager,
+    /// Run at once; pages arrive by userfaultfd on demand and by prefetch.
+    #[default]
+    Lazy,
+}
+
+/// What a snapshot cost.
+#[derive(Debug, Clone)]
+pub struct SnapshotStats {
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// Bytes written to the memory file.
+    pub bytes_written: u64,
+    /// Pages in the working set.
+    pub working_set_pages: u64,
+    /// Waiting for a lazily restored VM's memory to be complete first.
+    pub lazy_wait: Duration,
+    /// Saving vCPU, VM and device state.
+    pub state_time: Duration,
+    /// Scanning and writing memory.
+    pub memory_time: Duration,
+    /// Fsyncs and the atomic rename.
+    pub commit_time: Duration,
+    /// All of it.
+    pub total: Duration,
+}
+
+/// What a restore cost.
+#[derive(Debug, Clone)]
+pub struct RestoreStats {
+    /// Eager or lazy.
+    pub mode: RestoreMode,
+    /// From the call to vCPUs running.
+    pub to_running: Duration,
+    /// Bytes the memory file stores.
+    pub bytes_stored: u64,
+    /// Pages in the recorded working set.
+    pub working_set_pages: u64,
+}
+
+/// Memory regions of `mem` as the memory file lays them out (back to back).
+fn file_regions(mem: &GuestMemoryMmap) -> Vec<MemRegion> {
+    let mut off = 0u64;
+    memory::host_ranges(mem)
+        .into_iter()
+        .map(|(_, host, len)| {
+            // SAFETY: `host..host+len` is a private anonymous mapping owned by
+            // `mem`, which outlives every use of these regions: the Vm keeps
+            // `mem` and drops its LazyLoader first.
+            let r = unsafe { MemRegion::new(host, len, off) };
+            off += len as u64;
+            r
+        })
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Vm {
+    /// Pages the guest wrote since the last call (or since boot/restore), as
+    /// a bitmap over memory-file pages: the working set to prefetch first.
+    fn take_dirty_pages(&self) -> Result<PageBitmap, Error> {
+        let ranges = memory::host_ranges(&self.mem);
+        let total: usize = ranges.iter().map(|r| r.2).sum::<usize>() / memory::PAGE_SIZE as usize;
+        let mut bm = PageBitmap::new(total);
+        let mut base = 0usize;
+        for (slot, (_, _, len)) in ranges.iter().enumerate() {
+            let words = self
+                .fd
+                .get_dirty_log(slot as u32, *len)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            for (w, word) in words.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as usize;
+                    let page = base + w * 64 + b;
+                    if page < total {
+                        bm.set(page);
+                    }
+                    bits &= bits - 1;
+                }
+            }
+            base += len / memory::PAGE_SIZE as usize;
+        }
+        Ok(bm)
+    }
+
+    /// Writes the paused VM to `dir` (which must not exist) atomically: a
+    /// crash or error midway leaves nothing that loads as a snapshot. The VM
+    /// stays paused and can be resumed or snapshotted again.
+    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, Error> {
+        let t0 = Instant::now();
+        {
+            let c = self.ctl();
+            if c.state != RunState::Paused {
+                return Err(Error::WrongState {
+                    actual: c.state.name(),
+                    needed: "paused",
+                });
+            }
+        }
+        // Memory not yet fetched from the previous snapshot isn't resident;
+        // it must be before we can write a complete image.
+        let lazy_wait = match &self.lazy {
+            Some(l) => {
+                let w = Instant::now();
+                l.wait_complete().map_err(PersistError::from)?;
+                w.elapsed()
+            }
+            None => Duration::ZERO,
+        };
+        let ts = Instant::now();
+        let mut vcpus = Vec::new();
+        {
+            let c = self.ctl();
+            for (id, h) in c.vcpus.iter().enumerate() {
+                let (tx, rx) = mpsc::channel();
+                h.cmds
+                    .send(vcpu::Cmd::Save(tx))
+                    .map_err(|_| vcpu::Error::Gone(id as u8))?;
+                vcpus.push(rx.recv().map_err(|_| vcpu::Error::Gone(id as u8))??);
+            }
+        }
+        let chip = |id| -> Result<kvm_irqchip, Error> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        let pic_master = chip(KVM_IRQCHIP_PIC_MASTER)?;
+        let pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE)?;
+        let ioapic = chip(KVM_IRQCHIP_IOAPIC)?;
+        let pit = self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        let devices = self
+            .devices
+            .lock()
+            .map_err(|_| PersistError::Inconsistent("device lock poisoned".into()))?
+            .save();
+        let working_set = self.take_dirty_pages()?;
+        let state_time = ts.elapsed();
+
+        let tm = Instant::now();
+        let tmp = TmpDir::create(dir).map_err(PersistError::from)?;
+        let file = tmp.create_memory_file().map_err(PersistError::from)?;
+        let regions = file_regions(&self.mem);
+        let report = memfile::write_memory(
+            &file,
+            &regions,
+            &WriteOpts {
+                fsync: true,
+                ..WriteOpts::default()
+            },
+        )
+        .map_err(PersistError::from)?;
+        let meta =
+            MemoryMeta::new(&regions, report.present, working_set).map_err(PersistError::from)?;
+        let memory_time = tm.elapsed();
+        let working_set_pages = meta.working_set.count_ones() as u64;
+        let state = VmState {
+            kernel: match &self.config.kernel {
+                Kernel::TestGuest => "built-in test guest".into(),
+                Kernel::Path(p) => p.display().to_string(),
+            },
+            cmdline: self.config.cmdline.clone(),
+            mem_bytes: self.config.mem_bytes,
+            created_unix: unix_now(),
+            vcpus,
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit,
+            clock,
+            devices,
+            memory: meta,
+        };
+        let tc = Instant::now();
+        tmp.write_state(&state).map_err(PersistError::from)?;
+        tmp.commit().map_err(PersistError::from)?;
+        Ok(SnapshotStats {
+            mem_bytes: self.config.mem_bytes,
+            bytes_written: report.bytes_written,
+            working_set_pages,
+            lazy_wait,
+            state_time,
+            memory_time,
+            commit_time: tc.elapsed(),
+            total: t0.elapsed(),
+        })
+    }
+
+    /// Brings a snapshot back as a running VM, in this process.
+    /// `vcpus`, if given, must match the snapshot.
+    pub fn restore(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+    ) -> Result<(Vm, RestoreStats), Error> {
+        let t0 = Instant::now();
+        let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
+        let st: VmState = snap.load_state().map_err(PersistError::from)?;
+        if let Some(w) = vcpus {
+            if w as usize != st.vcpus.len() {
+                return Err(PersistError::VcpuMismatch {
+                    found: st.vcpus.len(),
+                    wanted: w as usize,
+                }
+                .into());
+            }
+        }
+        let n = u8::try_from(st.vcpus.len())
+            .ok()
+            .filter(|n| (1..=super::MAX_VCPUS).contains(n))
+            .ok_or_else(|| PersistError::Inconsistent(format!("{} vCPUs", st.vcpus.len())))?;
+        let layout: Vec<u64> = memory::ram_ranges(st.mem_bytes)?
+            .iter()
+            .map(|r| r.1)
+            .collect();
+        let meta_layout: Vec<u64> = st.memory.regions.iter().map(|r| r.1).collect();
+        if layout != meta_layout {
+            return Err(PersistError::Inconsistent(format!(
+                "memory regions {meta_layout:?} do not fit a {}-byte guest",
+                st.mem_bytes
+            ))
+            .into());
+        }
+        let shell = new_shell(st.mem_bytes, n)?;
+        let regions = file_regions(&shell.mem);
+        let file = snap.open_memory().map_err(PersistError::from)?;
+        // Validate the memory file before creating anything that runs.
+        st.memory.check_file(&file).map_err(PersistError::from)?;
+        let lazy = match mode {
+            RestoreMode::Eager => {
+                memfile::read_memory_eager(&file, &regions, &st.memory, &ReadOpts::default())
+                    .map_err(PersistError::from)?;
+                None
+            }
+            RestoreMode::Lazy => Some(
+                LazyLoader::start(file, regions, &st.memory, LazyOpts::default())
+                    .map_err(PersistError::from)?,
+            ),
+        };
+        shell
+            .fd
+            .set_pit2(&st.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: st.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        shell
+            .fd
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in [&st.pic_master, &st.pic_slave, &st.ioapic] {
+            shell
+                .fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        let mut fds = Vec::new();
+        for (id, vs) in st.vcpus.iter().enumerate() {
+            let v = shell
+                .fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::restore(&v, id as u8, vs)?;
+            // Tell a kvmclock guest that it was stopped (no soft lockups).
+            let _ = v.kvmclock_ctrl();
+            fds.push(v);
+        }
+        let devices = Devices::new(&console, Some(&st.devices))?;
+        let config = VmConfig {
+            kernel: if st.kernel == "built-in test guest" {
+                Kernel::TestGuest
+            } else {
+                Kernel::Path(st.kernel.clone().into())
+            },
+            initrd: None,
+            cmdline: st.cmdline.clone(),
+            mem_bytes: st.mem_bytes,
+            vcpus: n,
+            console,
+        };
+        let stats = RestoreStats {
+            mode,
+            to_running: Duration::ZERO,
+            bytes_stored: st.memory.bytes_stored,
+            working_set_pages: st.memory.working_set.count_ones() as u64,
+        };
+        let mut vm = Vm::start(shell, devices, fds, config)?;
+        vm.lazy = lazy;
+        Ok((
+            vm,
+            RestoreStats {
+                to_running: t0.elapsed(),
+                ..stats
+            },
+        ))
+    }
+
+    /// Counters of the lazy loader, for a VM restored lazily.
+    pub fn lazy_stats(&self) -> Option<Arc<LazyStats>> {
+        self.lazy.as_ref().map(|l| l.stats().clone())
+    }
+
+    /// Blocks until the recorded working set is resident (lazy restore);
+    /// returns the time from restore to that point.
+    pub fn wait_working_set(&self) -> Result<Option<Duration>, Error> {
+        match &self.lazy {
+            Some(l) => Ok(Some(l.wait_working_set().map_err(PersistError::from)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Blocks until all of guest memory is resident (lazy restore).
+    pub fn wait_memory_complete(&self) -> Result<Option<Duration>, Error> {
+        match &self.lazy {
+            Some(l) => Ok(Some(l.wait_complete().map_err(PersistError::from)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads a snapshot's state without restoring it (for `snapshot info`).
+pub fn inspect(dir: &Path) -> Result<(VmState, u64), Error> {
+    let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
+    let st: VmState = snap.load_state().map_err(PersistError::from)?;
+    let file = snap.open_memory().map_err(PersistError::from)?;
+    st.memory.check_file(&file).map_err(PersistError::from)?;
+    let len = file
+        .metadata()
+        .map_err(|e| PersistError::Inconsistent(format!("memory file: {e}")))?;
+    use std::os::unix::fs::MetadataExt;
+    Ok((st, len.blocks() * 512))
+}
