@@ -23,6 +23,31 @@ struct Cli {
 enum Cmd {
     /// Boot a kernel (or, without --kernel, the built-in test guest) and run it to the end.
     Run(RunArgs),
+    /// Restore a snapshot and run it to the end.
+    Resume {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// Read all memory before running instead of on demand.
+        #[arg(long, conflicts_with = "lazy")]
+        eager: bool,
+        /// Serve memory on demand with userfaultfd (the default).
+        #[arg(long)]
+        lazy: bool,
+        /// Refuse the snapshot unless it has this many vCPUs.
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Write the serial console to this file instead of stdout.
+        #[arg(long)]
+        console: Option<PathBuf>,
+        /// On SIGUSR1 or SIGTERM, pause the guest into this directory and exit.
+        #[arg(long)]
+        snapshot_on_signal: Option<PathBuf>,
+    },
+    /// Inspect snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
         /// MiB of guest memory the workload fills and mutates.
@@ -31,6 +56,15 @@ enum Cmd {
         /// Mutate-and-hash rounds.
         #[arg(long, default_value_t = 40)]
         rounds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Print a snapshot's format version, vCPUs, memory and checksum status.
+    Info {
+        /// Snapshot directory.
+        dir: PathBuf,
     },
 }
 
@@ -54,6 +88,9 @@ struct RunArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// On SIGUSR1 or SIGTERM, pause the guest into this directory and exit.
+    #[arg(long)]
+    snapshot_on_signal: Option<PathBuf>,
 }
 
 /// Parses "512M", "2G", "65536K" or a plain byte count.
@@ -84,6 +121,17 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Demo { mib, rounds } => demo(mib, rounds),
+        Cmd::Resume {
+            dir,
+            eager,
+            lazy: _,
+            vcpus,
+            console,
+            snapshot_on_signal,
+        } => resume(dir, eager, vcpus, console, snapshot_on_signal),
+        Cmd::Snapshot {
+            cmd: SnapshotCmd::Info { dir },
+        } => snapshot_info(dir),
     };
     match r {
         Ok(code) => code,
@@ -126,8 +174,60 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
         vcpus: a.vcpus,
         console: a.console.map(Console::File).unwrap_or(Console::Stdout),
     };
+    let signals = a.snapshot_on_signal.as_ref().map(|_| block_signals());
     let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
-    let reason = vm.wait(None).unwrap_or(stasis::vmm::ExitReason::Killed);
+    supervise(vm, a.snapshot_on_signal, signals)
+}
+
+/// Blocks SIGUSR1 and SIGTERM in this thread (and so in the vCPU threads
+/// started after it) and returns a channel that a thread waiting for them
+/// with sigwait() feeds.
+fn block_signals() -> std::sync::mpsc::Receiver<i32> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; the
+    // pthread_sigmask and sigwait calls get valid pointers to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || loop {
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) == 0 && tx.send(sig).is_err() {
+                break;
+            }
+        });
+    }
+    rx
+}
+
+/// Runs the VM to its end, or, on a signal, pauses it into `snap_dir`.
+fn supervise(
+    mut vm: Vm,
+    snap_dir: Option<PathBuf>,
+    signals: Option<std::sync::mpsc::Receiver<i32>>,
+) -> Result<ExitCode, String> {
+    let reason = loop {
+        if let Some(r) = vm.wait(Some(Duration::from_millis(20))) {
+            break r;
+        }
+        if let (Some(rx), Some(dir)) = (&signals, &snap_dir) {
+            if rx.try_recv().is_ok() {
+                let t = Instant::now();
+                vm.pause().map_err(|e| chain(&e))?;
+                let st = vm.snapshot(dir).map_err(|e| chain(&e))?;
+                eprintln!(
+                    "stasis: paused into {} in {:.1} ms ({:.1} MiB written of {} MiB guest)",
+                    dir.display(),
+                    t.elapsed().as_secs_f64() * 1e3,
+                    st.bytes_written as f64 / (1 << 20) as f64,
+                    st.mem_bytes >> 20
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    };
     drop(vm);
     match reason {
         stasis::vmm::ExitReason::GuestExit(c) => Ok(ExitCode::from(c)),
@@ -136,12 +236,63 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
     }
 }
 
+fn resume(
+    dir: PathBuf,
+    eager: bool,
+    vcpus: Option<u8>,
+    console: Option<PathBuf>,
+    snapshot_on_signal: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let signals = snapshot_on_signal.as_ref().map(|_| block_signals());
+    let mode = if eager {
+        RestoreMode::Eager
+    } else {
+        RestoreMode::Lazy
+    };
+    let console = console.map(Console::File).unwrap_or(Console::Stdout);
+    let (vm, stats) = Vm::restore(&dir, mode, console, vcpus).map_err(|e| chain(&e))?;
+    eprintln!(
+        "stasis: resumed {} ({:?}) in {:.2} ms",
+        dir.display(),
+        stats.mode,
+        stats.to_running.as_secs_f64() * 1e3
+    );
+    supervise(vm, snapshot_on_signal, signals)
+}
+
+fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
+    let (st, on_disk) = stasis::vmm::persist::inspect(&dir).map_err(|e| chain(&e))?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("snapshot:        {}", dir.display());
+    println!(
+        "format version:  {} (state checksum OK, memory file length OK)",
+        stasis::snapshot::format::FORMAT_VERSION
+    );
+    println!("kernel:          {}", st.kernel);
+    println!("cmdline:         {}", st.cmdline);
+    println!("vCPUs:           {}", st.vcpus.len());
+    println!("memory:          {:.0} MiB", mib(st.mem_bytes));
+    println!(
+        "bytes stored:    {:.1} MiB ({:.1} MiB allocated on disk)",
+        mib(st.memory.bytes_stored),
+        mib(on_disk)
+    );
+    println!(
+        "working set:     {} pages ({:.1} MiB)",
+        st.memory.working_set.count_ones(),
+        mib(st.memory.working_set.count_ones() as u64 * 4096)
+    );
+    println!("taken at:        {} (unix seconds)", st.created_unix);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
     let w = Workload {
         mib,
         rounds,
         seed: 42,
         report: 0,
+        base_mib: 16,
     };
     let cfg = VmConfig {
         cmdline: w.cmdline(),

@@ -33,6 +33,8 @@ pub struct Workload {
     pub seed: u64,
     /// Print progress every `report` rounds (0: never).
     pub report: u64,
+    /// MiB of guest-physical address where the work memory starts.
+    pub base_mib: u64,
 }
 
 impl Default for Workload {
@@ -42,6 +44,7 @@ impl Default for Workload {
             rounds: 4,
             seed: 1,
             report: 1,
+            base_mib: 16,
         }
     }
 }
@@ -50,14 +53,15 @@ impl Workload {
     /// The kernel command line that selects this workload.
     pub fn cmdline(&self) -> String {
         format!(
-            "stasis.mib={} stasis.rounds={} stasis.seed={} stasis.report={}",
-            self.mib, self.rounds, self.seed, self.report
+            "stasis.mib={} stasis.rounds={} stasis.seed={} stasis.report={} stasis.base={}",
+            self.mib, self.rounds, self.seed, self.report, self.base_mib
         )
     }
 
-    /// Guest memory this workload needs: the work area starts at 16 MiB.
+    /// Guest memory this workload needs when its work area lies below the
+    /// MMIO gap.
     pub fn min_mem_bytes(&self) -> u64 {
-        (16 + self.mib) << 20
+        (self.base_mib + self.mib) << 20
     }
 }
 
@@ -194,6 +198,7 @@ mod tests {
             rounds: 3,
             seed: 7,
             report: 0,
+            base_mib: 16,
         };
         let base = reference(&w);
         assert_eq!(base.acc_per_round.len(), 3);

@@ -8,6 +8,7 @@
  * ring 3 with IOPL=3.  Everything else runs in ring 3 at native speed:
  *
  *   cmdline  stasis.mib=N stasis.rounds=R stasis.seed=S stasis.report=K
+ *            stasis.base=B (MiB; where the work memory starts, default 16)
  *   fill     x = seed|1; for each qword i of the work memory: xorshift64(x); m[i] = x
  *   round r  (r = 1..R, R = 0: forever) for each page p:
  *              j = p*512 + ((r*7 + p) & 511)
@@ -16,7 +17,7 @@
  *   final    h = acc; for each qword i: h = (h ^ m[i]) * 0x100000001B3
  *
  * acc starts at 0xcbf29ce484222325.  Work memory is the usable e820 RAM at
- * or above 16 MiB, in map order, taken up to N MiB.  Progress goes to the
+ * or above B MiB, in map order, taken up to N MiB.  Progress goes to the
  * status page at physical 0x5000 after every round and, every K rounds, to
  * the serial port; the end result is printed as "checksum=<hex>" and the
  * guest exits by writing 0 to port 0xf4 (2 if it lacks memory).
@@ -24,7 +25,6 @@
         .intel_syntax noprefix
 
         .set STATUS,       0x5000       /* status page: see src/guest/mod.rs */
-        .set WORK_BASE,    0x1000000
         .set COM1,         0x3f8
         .set EXIT_PORT,    0xf4
         .set FNV_PRIME,    0x100000001B3
@@ -104,6 +104,7 @@ user_main:
         mov     qword ptr [rip + p_rounds], 4
         mov     qword ptr [rip + p_seed], 1
         mov     qword ptr [rip + p_report], 1
+        mov     qword ptr [rip + p_base], 16
 
         mov     esi, dword ptr [r15 + 0x228]   /* cmd_line_ptr */
         test    esi, esi
@@ -119,6 +120,9 @@ user_main:
         call    find_param
         lea     rdi, [rip + k_report]
         lea     rbx, [rip + p_report]
+        call    find_param
+        lea     rdi, [rip + k_base]
+        lea     rbx, [rip + p_base]
         call    find_param
 parsed:
         lea     rsi, [rip + s_hello]
@@ -153,7 +157,8 @@ seg_loop:
         mov     rax, [rsi]              /* start */
         mov     rdx, rax
         add     rdx, [rsi + 8]          /* end */
-        mov     r8, WORK_BASE
+        mov     r8, [rip + p_base]
+        shl     r8, 20
         cmp     rax, r8
         cmovb   rax, r8
         add     rax, 4095
@@ -419,6 +424,7 @@ k_mib:      .asciz "stasis.mib="
 k_rounds:   .asciz "stasis.rounds="
 k_seed:     .asciz "stasis.seed="
 k_report:   .asciz "stasis.report="
+k_base:     .asciz "stasis.base="
 s_hello:    .asciz "stasis-testguest: mib="
 s_rounds:   .asciz " rounds="
 s_seed:     .asciz " seed="
@@ -432,6 +438,7 @@ p_mib:      .quad 0
 p_rounds:   .quad 0
 p_seed:     .quad 0
 p_report:   .quad 0
+p_base:     .quad 0
 nsegs:      .quad 0
 
         .bss

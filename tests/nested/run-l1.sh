@@ -24,6 +24,7 @@
 #   STASIS_INNER_TIMEOUT  limit in seconds for `stasis run` inside L1 (300)
 #   STASIS_INNER_MEM      --mem for the inner guest (256M)
 #   STASIS_INNER_CMDLINE  kernel command line for the inner guest
+#   STASIS_LOG            passed on to stasis inside L1 (its log filter)
 #   STASIS_L1_EXTRA       extra host paths (space separated) copied into L1 at
 #                         the same path, with the libraries `ldd` lists
 #   STASIS_L1_COMMAND     debugging stand-in: shell command run in L1 instead
@@ -176,6 +177,7 @@ fi
 {
     printf 'RUN_CMD=%q\n' "$run_cmd"
     printf 'INNER_TIMEOUT=%q\n' "$inner_timeout"
+    [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
 } >"$root/l1/params"
 
 cat >"$root/init" <<'EOF'
