@@ -48,6 +48,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SnapshotCmd,
     },
+    /// Measure pause and resume latency at several guest sizes.
+    Bench {
+        /// Guest sizes.
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G", value_parser = parse_size)]
+        sizes: Vec<u64>,
+        /// Fractions of guest memory the workload touches, in percent.
+        #[arg(long, value_delimiter = ',', default_value = "10,100")]
+        touched: Vec<u64>,
+        /// Scratch directory on the disk to measure.
+        #[arg(long, default_value = "stasis-bench")]
+        dir: PathBuf,
+        /// Also write the results as JSON to this file ("-" for stdout).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
         /// MiB of guest memory the workload fills and mutates.
@@ -121,6 +136,12 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Demo { mib, rounds } => demo(mib, rounds),
+        Cmd::Bench {
+            sizes,
+            touched,
+            dir,
+            json,
+        } => bench(sizes, touched, dir, json),
         Cmd::Resume {
             dir,
             eager,
@@ -283,6 +304,39 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
         mib(st.memory.working_set.count_ones() as u64 * 4096)
     );
     println!("taken at:        {} (unix seconds)", st.created_unix);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(
+    sizes: Vec<u64>,
+    touched: Vec<u64>,
+    dir: PathBuf,
+    json: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    if let Some(p) = touched.iter().find(|p| **p == 0 || **p > 100) {
+        return Err(format!("--touched {p}: a percentage from 1 to 100"));
+    }
+    let opts = stasis::bench::BenchOpts {
+        sizes,
+        percents: touched,
+        dir: dir.clone(),
+    };
+    println!(
+        "stasis bench: built-in test guest, scratch dir {}",
+        dir.display()
+    );
+    println!("pause = vCPUs stopped + state + sparse memory file + fsync + rename; resume = lazy (userfaultfd);");
+    println!("round = one workload pass touching every touched page; 1st-rnd = resume until the first round after it completed\n");
+    let rows = stasis::bench::run(&opts, &mut std::io::stdout()).map_err(|e| chain(&e))?;
+    let _ = std::fs::remove_dir(&dir);
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        if p.as_os_str() == "-" {
+            println!("{text}");
+        } else {
+            std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

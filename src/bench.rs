@@ -1,0 +1,267 @@
+//! `stasis bench`: measures pause and resume of the built-in test guest at
+//! several guest sizes and touched fractions, against the raw sequential
+//! write rate of the same disk measured in the same run. Prints a table and,
+//! optionally, JSON.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::guest::Workload;
+use crate::vmm::{Console, RestoreMode, Vm, VmConfig};
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VMM failed.
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::Error),
+    /// Scratch files failed.
+    #[error("benchmark scratch I/O in {path}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest stopped making progress or ended.
+    #[error("guest {0}")]
+    Guest(String),
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// Guest memory, MiB.
+    pub guest_mib: u64,
+    /// Memory the workload touched, MiB.
+    pub touched_mib: u64,
+    /// vCPUs stopped (ms).
+    pub stop_ms: f64,
+    /// Pause to disk, from request to durable snapshot (ms).
+    pub pause_ms: f64,
+    /// Pause seconds per GiB of guest memory.
+    pub pause_s_per_gib_guest: f64,
+    /// Pause seconds per GiB of touched memory.
+    pub pause_s_per_gib_touched: f64,
+    /// Bytes written to the memory file (MiB).
+    pub written_mib: f64,
+    /// Memory-file write throughput (GB/s, scan + write + fsync).
+    pub write_gbps: f64,
+    /// Raw sequential write rate of the same disk, same size, same run (GB/s).
+    pub raw_write_gbps: f64,
+    /// write_gbps / raw_write_gbps.
+    pub write_vs_raw: f64,
+    /// Lazy restore: call to vCPUs running (ms).
+    pub resume_to_running_ms: f64,
+    /// Lazy restore: until the working set was resident (ms).
+    pub working_set_resident_ms: f64,
+    /// Lazy restore: until all stored memory was resident (ms).
+    pub all_resident_ms: f64,
+    /// Lazy fill rate while the guest runs (GB/s).
+    pub lazy_fill_gbps: f64,
+    /// Eager restore: call to vCPUs running (ms).
+    pub eager_restore_ms: f64,
+    /// Steady-state time of one workload round before the pause (ms).
+    pub steady_round_ms: f64,
+    /// Time from lazy resume until the guest finished its next round (ms).
+    pub first_round_after_resume_ms: f64,
+    /// first_round_after_resume / steady_round.
+    pub slowdown: f64,
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOpts {
+    /// Guest sizes in bytes.
+    pub sizes: Vec<u64>,
+    /// Touched fractions in percent.
+    pub percents: Vec<u64>,
+    /// Scratch directory (on the disk to measure).
+    pub dir: PathBuf,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `bytes` of non-zero data in 4 MiB writes and fsyncs: the disk's
+/// raw sequential write rate in GB/s.
+pub fn raw_write_rate(dir: &Path, bytes: u64) -> Result<f64, Error> {
+    let path = dir.join("raw-write.tmp");
+    let buf = vec![0xa5u8; 4 << 20];
+    let t = Instant::now();
+    let mut f = File::create(&path).map_err(io_err(&path))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).map_err(io_err(&path))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(io_err(&path))?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path).map_err(io_err(&path))?;
+    Ok(bytes as f64 / secs / 1e9)
+}
+
+fn wait_round(vm: &Vm, past: u64, limit: Duration) -> Result<(u64, Instant), Error> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(s) = vm.guest_status() {
+            if s.round > past {
+                return Ok((s.round, Instant::now()));
+            }
+        }
+        if let Some(r) = vm.exited() {
+            return Err(Error::Guest(format!("ended: {r}")));
+        }
+        if Instant::now() > end {
+            return Err(Error::Guest(format!(
+                "made no progress past round {past} in {limit:?}"
+            )));
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Average round time over at least `min` of running.
+fn steady_round(vm: &Vm, min: Duration) -> Result<f64, Error> {
+    let r0 = vm.guest_status().map(|s| s.round).unwrap_or(0);
+    let (r1, t1) = wait_round(vm, r0, Duration::from_secs(120))?;
+    let mut r = r1;
+    loop {
+        let (r2, t2) = wait_round(vm, r, Duration::from_secs(120))?;
+        r = r2;
+        if t2 - t1 >= min {
+            return Ok((t2 - t1).as_secs_f64() * 1e3 / (r2 - r1) as f64);
+        }
+    }
+}
+
+/// Measures one guest size and touched fraction.
+pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, Error> {
+    let mem_mib = mem_bytes >> 20;
+    let touched_mib = (mem_mib * percent / 100).clamp(1, mem_mib - 17);
+    let w = Workload {
+        mib: touched_mib,
+        rounds: 0,
+        seed: 1234,
+        report: 0,
+        base_mib: 16,
+    };
+    let mut vm = Vm::boot(VmConfig {
+        cmdline: w.cmdline(),
+        mem_bytes,
+        ..VmConfig::default()
+    })?;
+    // Past the fill and the first rounds, then steady state.
+    wait_round(&vm, 2, Duration::from_secs(600))?;
+    let steady = steady_round(&vm, Duration::from_millis(300))?;
+
+    let snap = dir.join(format!("snap-{mem_mib}-{percent}"));
+    let _ = std::fs::remove_dir_all(&snap);
+    let t = Instant::now();
+    vm.pause()?;
+    let stop = t.elapsed();
+    let paused_round = vm.guest_status().map(|s| s.round).unwrap_or(0);
+    let st = vm.snapshot(&snap)?;
+    let pause = t.elapsed();
+    drop(vm);
+    let raw = raw_write_rate(dir, st.bytes_written.max(64 << 20))?;
+    let write_gbps = st.bytes_written as f64 / st.memory_time.as_secs_f64() / 1e9;
+
+    // Eager restore, for comparison.
+    let (vm, es) = Vm::restore(&snap, RestoreMode::Eager, Console::Sink, None)?;
+    drop(vm);
+
+    let t = Instant::now();
+    let (vm, rs) = Vm::restore(&snap, RestoreMode::Lazy, Console::Sink, None)?;
+    let (_, t_round) = wait_round(&vm, paused_round, Duration::from_secs(600))?;
+    let first_round = t_round - t;
+    let ws = vm.wait_working_set()?.unwrap_or_default();
+    let all = vm.wait_memory_complete()?.unwrap_or_default();
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&snap);
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(CaseResult {
+        guest_mib: mem_mib,
+        touched_mib,
+        stop_ms: ms(stop),
+        pause_ms: ms(pause),
+        pause_s_per_gib_guest: pause.as_secs_f64() / (mem_bytes as f64 / GIB),
+        pause_s_per_gib_touched: pause.as_secs_f64() / (touched_mib as f64 / 1024.0),
+        written_mib: st.bytes_written as f64 / (1 << 20) as f64,
+        write_gbps,
+        raw_write_gbps: raw,
+        write_vs_raw: write_gbps / raw,
+        resume_to_running_ms: ms(rs.to_running),
+        working_set_resident_ms: ms(ws),
+        all_resident_ms: ms(all),
+        lazy_fill_gbps: if all.is_zero() {
+            0.0
+        } else {
+            rs.bytes_stored as f64 / all.as_secs_f64() / 1e9
+        },
+        eager_restore_ms: ms(es.to_running),
+        steady_round_ms: steady,
+        first_round_after_resume_ms: ms(first_round),
+        slowdown: ms(first_round) / steady,
+    })
+}
+
+/// Runs every case, printing each row as it completes.
+pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Error> {
+    std::fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
+    let _ = writeln!(
+        out,
+        "{:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
+        "guest", "touched", "pause", "s/GiB", "s/GiB", "written", "write", "raw", "ratio",
+        "resume", "ws-res", "all-res", "fill", "eager", "round", "1st-rnd", "slow"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
+        "MiB", "MiB", "ms", "guest", "touched", "MiB", "GB/s", "GB/s", "", "ms", "ms", "ms", "GB/s", "ms", "ms", "ms", "x"
+    );
+    let mut rows = Vec::new();
+    for &size in &opts.sizes {
+        for &pct in &opts.percents {
+            let r = run_case(&opts.dir, size, pct)?;
+            let _ = writeln!(
+                out,
+                "{:>7} {:>8} | {:>8.1} {:>7.3} {:>7.3} | {:>8.1} {:>6.2} {:>6.2} {:>5.2} | {:>7.2} {:>7.1} {:>8.1} {:>6.2} | {:>7.1} | {:>7.2} {:>8.1} {:>6.1}",
+                r.guest_mib,
+                r.touched_mib,
+                r.pause_ms,
+                r.pause_s_per_gib_guest,
+                r.pause_s_per_gib_touched,
+                r.written_mib,
+                r.write_gbps,
+                r.raw_write_gbps,
+                r.write_vs_raw,
+                r.resume_to_running_ms,
+                r.working_set_resident_ms,
+                r.all_resident_ms,
+                r.lazy_fill_gbps,
+                r.eager_restore_ms,
+                r.steady_round_ms,
+                r.first_round_after_resume_ms,
+                r.slowdown
+            );
+            let _ = out.flush();
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
