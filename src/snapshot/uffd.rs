@@ -1426,6 +1426,44 @@ mod tests {
         concurrent_readers(false);
     }
 
+    /// The kernel itself reading guest memory (as KVM does) faults to the
+    /// loader too: `write(2)` from an unfilled page must see its data.
+    #[test]
+    fn kernel_mode_fault_is_served() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[MIB], |_| false);
+        let (_maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch: false,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        let p = img.meta.present.next_one(0).unwrap();
+        let r = &regions[0];
+        // SAFETY: in-bounds view of a registered page, only read (by the
+        // kernel, via write(2)) while the loader fills it.
+        let src = unsafe {
+            std::slice::from_raw_parts((r.addr() + p * PAGE_SIZE) as *const u8, PAGE_SIZE)
+        };
+        let mut out = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut out, src).unwrap();
+        let mut back = vec![0u8; PAGE_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&out, &mut back, 0).unwrap();
+        for (w, chunk) in back.chunks_exact(8).enumerate() {
+            assert_eq!(u64::from_le_bytes(chunk.try_into().unwrap()), word(p, w));
+        }
+        assert!(loader.stats().faults.load(Ordering::Relaxed) >= 1);
+        loader.stop();
+    }
+
     /// A page installed by someone else between our bitmap check and our
     /// copy (what a racing prefetcher does) makes the demand copy of its
     /// block hit EEXIST: it must be skipped, counted once, not overwritten,
