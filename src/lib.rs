@@ -5,5 +5,7 @@
 //! lifecycle HTTP API (`api`). The binary in `main.rs` is a thin CLI.
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+pub mod api;
 pub mod guest;
 pub mod vmm;
+pub mod worker;
