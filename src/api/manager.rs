@@ -357,11 +357,10 @@ impl Manager {
             r.busy = Some("removing");
             r.worker.take()
         };
+        self.tombstone(&e.id, why);
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
         }
-        self.map().remove(&e.id);
-        self.tombstone(&e.id, why);
         self.delete_row(&e.id).await;
         let dir = self.sandbox_dir(&e.id);
         if let Err(err) = tokio::fs::remove_dir_all(&dir).await {
@@ -369,6 +368,7 @@ impl Manager {
                 tracing::warn!(sandbox = %e.id, "removing {} failed: {err}", dir.display());
             }
         }
+        self.map().remove(&e.id);
         tracing::info!(sandbox = %e.id, "sandbox removed: {why}");
     }
 

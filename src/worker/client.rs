@@ -110,9 +110,10 @@ impl WorkerClient {
         let kill = Arc::new(Notify::new());
         let (exit_tx, exit_rx) = watch::channel(None);
 
-        // Child reaper: waits for exit, or kills on request.
+        // Child reaper: waits for exit, or kills on request. (Only the reader
+        // fails pending requests, on EOF, so a reply written just before the
+        // worker exited is still delivered.)
         let kill2 = kill.clone();
-        let pending2 = pending.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
@@ -121,9 +122,7 @@ impl WorkerClient {
                     child.wait().await
                 }
             };
-            let reason = describe_exit(status);
-            lock(&pending2).close(&format!("worker exited ({reason})"));
-            let _ = exit_tx.send(Some(reason));
+            let _ = exit_tx.send(Some(describe_exit(status)));
         });
 
         // Reply reader.
