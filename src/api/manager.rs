@@ -896,9 +896,8 @@ impl Manager {
             RowState::Running => {
                 let want = now_ms() + timeout * 1000;
                 if want > row.end_ms {
-                    let mut row = row;
-                    row.end_ms = want;
-                    self.put_row(row.clone()).await?;
+                    // Not persisted: a running sandbox does not survive a
+                    // server restart anyway.
                     e.rec().row.end_ms = want;
                     self.timer.notify_one();
                     tracing::info!(sandbox = %id, timeout_s = timeout, "timeout extended by connect");
@@ -943,15 +942,14 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
-        let mut row = e.rec().row.clone();
+        let row = e.rec().row.clone();
         if row.state == RowState::Paused {
             return Err(ApiError::conflict(format!(
                 "sandbox {id} is paused; its timeout starts again when it is resumed (connect with a timeout)"
             )));
         }
-        row.end_ms = now_ms() + t * 1000;
-        self.put_row(row.clone()).await?;
-        e.rec().row.end_ms = row.end_ms;
+        // Not persisted (see connect).
+        e.rec().row.end_ms = now_ms() + t * 1000;
         self.timer.notify_one();
         tracing::info!(sandbox = %id, timeout_s = t, "timeout set");
         Ok(())

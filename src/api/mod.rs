@@ -154,6 +154,19 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Binds with a deep accept backlog (the kernel caps it at somaxconn), so a
+/// burst of connections is queued rather than dropped.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(16_384)
+}
+
 /// Runs the server until `shutdown` completes. Must run in a multi-threaded
 /// tokio runtime. On shutdown every worker is stopped.
 pub async fn serve(
@@ -191,9 +204,8 @@ pub async fn serve(
         worker_exe,
     };
     let mgr = manager::Manager::start(cfg).await?;
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| Error::Io(format!("listening on {}", opts.listen), e))?;
+    let listener =
+        listen(opts.listen).map_err(|e| Error::Io(format!("listening on {}", opts.listen), e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io("reading the bound address".into(), e))?;
