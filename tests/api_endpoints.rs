@@ -472,3 +472,59 @@ fn capacity_limit_gives_429() {
         201
     );
 }
+
+#[test]
+fn vm_backend_without_the_vmm_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("data"), &["--backend", "vm"]);
+    let r = s.post("/sandboxes", json!({"templateID": "base"}));
+    if cfg!(feature = "vmm-backend") {
+        return; // the real VMM answers for itself
+    }
+    r.assert_error(500);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not built in"),
+        "{}",
+        r.body
+    );
+    assert!(list_all(&s, "", 100).0.is_empty());
+}
+
+#[test]
+fn requests_without_bodies_use_defaults() {
+    let (_t, s) = server();
+    // Empty create body: template `base`, default timeout.
+    let r = http(s.addr, "POST", "/sandboxes", &[], None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["sandboxID"].as_str().unwrap().to_string();
+    let d = s.info(&id).json();
+    assert_eq!(d["templateID"], "base");
+    // Pause with no body and no content type (as the SDK sends it).
+    assert_eq!(
+        http(s.addr, "POST", &format!("/sandboxes/{id}/pause"), &[], None).status,
+        204
+    );
+    assert_eq!(
+        http(
+            s.addr,
+            "POST",
+            &format!("/sandboxes/{id}/connect"),
+            &[],
+            None
+        )
+        .status,
+        201
+    );
+    // Timeout needs its field.
+    http(
+        s.addr,
+        "POST",
+        &format!("/sandboxes/{id}/timeout"),
+        &[],
+        None,
+    )
+    .assert_error(400);
+}

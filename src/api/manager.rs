@@ -148,10 +148,24 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
 impl Manager {
     /// Opens the data dir, recovers what survived the last run, and starts
     /// the timer task. Must run inside a tokio runtime.
-    pub async fn start(cfg: Config) -> Result<Arc<Self>, super::Error> {
+    pub async fn start(mut cfg: Config) -> Result<Arc<Self>, super::Error> {
         let io = |what: String| move |e| super::Error::Io(what, e);
         for d in [cfg.data_dir.join("sandboxes"), cfg.data_dir.join("run")] {
             std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        }
+        // Workers get absolute paths whatever their working directory.
+        cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
+            .map_err(io(format!("resolve {}", cfg.data_dir.display())))?;
+        // sockaddr_un holds 107 bytes of path.
+        let longest_socket = cfg
+            .data_dir
+            .join("run")
+            .join(format!("{}.sock", "x".repeat(20)));
+        if longest_socket.as_os_str().len() > 107 {
+            return Err(super::Error::Config(format!(
+                "data dir {} is too long: worker sockets under it would exceed the 107-byte limit of Unix socket paths",
+                cfg.data_dir.display()
+            )));
         }
         let run = cfg.data_dir.join("run");
         {

@@ -37,7 +37,12 @@ impl Server {
         let log = data_dir.with_extension(format!("server-{n}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(BIN)
-            .args(["serve", "--backend", "fake", "--data-dir"])
+            .args(if extra.contains(&"--backend") {
+                &["serve"][..]
+            } else {
+                &["serve", "--backend", "fake"][..]
+            })
+            .arg("--data-dir")
             .arg(data_dir)
             .args(if extra.contains(&"--listen") {
                 &[][..]
