@@ -5,7 +5,9 @@
 //! lifecycle HTTP API (`api`). The binary in `main.rs` is a thin CLI.
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
+pub mod api;
 pub mod bench;
 pub mod guest;
 pub mod snapshot;
 pub mod vmm;
+pub mod worker;

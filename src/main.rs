@@ -63,6 +63,14 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
+    Serve(stasis::api::ServeArgs),
+    /// Internal: run one sandbox's VM, driven by the server over a socket.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
         /// MiB of guest memory the workload fills and mutates.
@@ -125,17 +133,31 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs a line per request and lifecycle transition by default.
+    let default_level = match cli.cmd {
+        Cmd::Serve(_) | Cmd::Worker { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Demo { mib, rounds } => demo(mib, rounds),
+        Cmd::Serve(args) => args
+            .into_options()
+            .and_then(stasis::api::serve_blocking)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
+        Cmd::Worker { socket } => stasis::worker::run_worker(&socket)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
         Cmd::Bench {
             sizes,
             touched,

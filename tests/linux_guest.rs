@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 /// Printed by the guest's `/init` (rootfs/build-initramfs.sh).
 const MARKER: &str = "STASIS-LINUX-INIT-OK";
 /// Kernel command line for the guest, both for direct and nested runs.
-const CMDLINE: &str = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off \
-                       i8042.noaux i8042.nomux i8042.dumbkbd";
+const CMDLINE: &str = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off";
 const GUEST_MEM: &str = "256M";
 
 /// The first kernel build takes several minutes on two cores; later runs hit the cache.

@@ -51,7 +51,7 @@ pub enum Error {
 
 /// Guest-physical RAM ranges for a guest of `mem_bytes`: (start, length).
 pub fn ram_ranges(mem_bytes: u64) -> Result<Vec<(u64, u64)>, Error> {
-    if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || mem_bytes % PAGE_SIZE != 0 {
+    if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || !mem_bytes.is_multiple_of(PAGE_SIZE) {
         return Err(Error::BadSize(mem_bytes));
     }
     let low = mem_bytes.min(GAP_START);

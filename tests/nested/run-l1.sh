@@ -57,9 +57,7 @@ main() {
     l1_smp="${STASIS_L1_SMP:-1}"
     inner_timeout="${STASIS_INNER_TIMEOUT:-300}"
     inner_mem="${STASIS_INNER_MEM:-256M}"
-    inner_cmdline="${STASIS_INNER_CMDLINE:-console=ttyS0 earlyprintk=serial reboot=k panic=-1}"
-    [[ -n "${STASIS_INNER_CMDLINE:-}" ]] \
-        || inner_cmdline+=" pci=off i8042.noaux i8042.nomux i8042.dumbkbd"
+    inner_cmdline="${STASIS_INNER_CMDLINE:-console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off}"
     expect_marker="${STASIS_L1_EXPECT_MARKER:-1}"
 
     # --- host prerequisites --------------------------------------------------

@@ -1,0 +1,1108 @@
+//! Sandbox lifecycle: the state machine, its timers, and restart recovery.
+//!
+//! Every sandbox is an [`Entry`] with two locks:
+//! - `op`, an async mutex that serialises lifecycle operations on that
+//!   sandbox (create is finished before the id is published; pause, resume,
+//!   connect, timeout, kill and expiry each hold it). Operations on other
+//!   sandboxes never wait on it.
+//! - `rec`, a short-lived std mutex over the current record, so reads (get,
+//!   list) never wait for a long pause. While an operation runs, `busy` says
+//!   which (`pausing`, `resuming`, ...).
+//!
+//! A running sandbox owns one worker process (see [`crate::worker`]). When a
+//! worker dies unexpectedly the sandbox is removed and remembered as gone,
+//! with the reason, for the 404 message.
+//!
+//! Timers: one task sleeps until the earliest deadline (a running sandbox's
+//! timeout, a paused sandbox's retention end) or until a deadline changes,
+//! then kills, auto-pauses or deletes what is due.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::error::ApiError;
+use super::models::{
+    self, rfc3339, ConnectBody, DetailOut, LifecycleOut, ListedOut, NewSandbox, ResumeBody,
+    SandboxOut, StasisOut, CLIENT_ID, ENVD_VERSION,
+};
+use super::store::{Row, RowState, Store};
+use crate::worker::client::WorkerClient;
+use crate::worker::protocol::{
+    BackendKind, BootConfig, ConsoleSpec, KernelSpec, Reply, Request, RestoreModeSpec,
+};
+use crate::worker::Error as WorkerError;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(300);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const MAX_TOMBSTONES: usize = 10_000;
+/// Longest the timer task sleeps without looking (guards against clock jumps).
+const TIMER_MAX_SLEEP: Duration = Duration::from_secs(5);
+
+/// Templates that exist without a file: the built-in test guest.
+pub const BUILTIN_TEMPLATES: [&str; 2] = ["base", "code-interpreter-v1"];
+
+/// What the manager needs to know from the server's options.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub backend: BackendKind,
+    pub retention_ms: i64,
+    pub default_timeout_s: i64,
+    pub max_timeout_s: i64,
+    pub max_running: usize,
+    pub max_concurrent_spawns: usize,
+    pub worker_exe: PathBuf,
+}
+
+struct Rec {
+    row: Row,
+    busy: Option<&'static str>,
+    worker: Option<Arc<WorkerClient>>,
+    slot: Option<OwnedSemaphorePermit>,
+    gone: bool,
+    expiry_queued: bool,
+    snapshot_bytes: Option<u64>,
+}
+
+struct Entry {
+    id: String,
+    op: tokio::sync::Mutex<()>,
+    rec: StdMutex<Rec>,
+}
+
+impl Entry {
+    fn rec(&self) -> MutexGuard<'_, Rec> {
+        self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Owns every sandbox.
+pub struct Manager {
+    cfg: Config,
+    store: Store,
+    map: StdMutex<HashMap<String, Arc<Entry>>>,
+    tombstones: StdMutex<HashMap<String, String>>,
+    slots: Arc<Semaphore>,
+    spawns: Semaphore,
+    seq: AtomicI64,
+    timer: Notify,
+}
+
+/// A template resolved to a VM configuration.
+struct Template {
+    boot: BootConfig,
+    cpu_count: u32,
+    memory_mb: u64,
+    disk_mb: u64,
+}
+
+/// `<data-dir>/templates/<name>.json`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TemplateFile {
+    /// A kernel image path, or `"testguest"` for the built-in test guest.
+    kernel: String,
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    vcpus: u8,
+    #[serde(default, rename = "diskSizeMB")]
+    disk_size_mb: u64,
+}
+
+/// Why listing was asked for which sandboxes.
+#[derive(Debug, Default)]
+pub struct ListQuery {
+    pub running: bool,
+    pub paused: bool,
+    pub metadata: Vec<(String, String)>,
+    pub limit: usize,
+    /// Only sandboxes with a smaller `seq` (the page token).
+    pub before_seq: Option<i64>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("{what}: {e}"))
+}
+
+impl Manager {
+    /// Opens the data dir, recovers what survived the last run, and starts
+    /// the timer task. Must run inside a tokio runtime.
+    pub async fn start(mut cfg: Config) -> Result<Arc<Self>, super::Error> {
+        let io = |what: String| move |e| super::Error::Io(what, e);
+        for d in [cfg.data_dir.join("sandboxes"), cfg.data_dir.join("run")] {
+            std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        }
+        // Workers get absolute paths whatever their working directory.
+        cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
+            .map_err(io(format!("resolve {}", cfg.data_dir.display())))?;
+        // sockaddr_un holds 107 bytes of path.
+        let longest_socket = cfg
+            .data_dir
+            .join("run")
+            .join(format!("{}.sock", "x".repeat(20)));
+        if longest_socket.as_os_str().len() > 107 {
+            return Err(super::Error::Config(format!(
+                "data dir {} is too long: worker sockets under it would exceed the 107-byte limit of Unix socket paths",
+                cfg.data_dir.display()
+            )));
+        }
+        let run = cfg.data_dir.join("run");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("chmod {}", run.display())))?;
+        }
+        let store = Store::open(&cfg.data_dir.join("stasis.db"))?;
+        let slots = Arc::new(Semaphore::new(cfg.max_running));
+        let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
+        let mgr = Arc::new(Manager {
+            seq: AtomicI64::new(store.max_seq()?),
+            cfg,
+            store,
+            map: StdMutex::new(HashMap::new()),
+            tombstones: StdMutex::new(HashMap::new()),
+            slots,
+            spawns,
+            timer: Notify::new(),
+        });
+        mgr.recover()?;
+        tokio::spawn(mgr.clone().timer_loop());
+        Ok(mgr)
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    fn snapshot_dir(&self, id: &str, gen: u64) -> PathBuf {
+        self.sandbox_dir(id).join(format!("snapshot-{gen}"))
+    }
+
+    fn console(&self, id: &str) -> ConsoleSpec {
+        ConsoleSpec::File(self.sandbox_dir(id).join("console.log"))
+    }
+
+    fn retention_end(&self, row: &Row) -> i64 {
+        row.created_ms.saturating_add(self.cfg.retention_ms)
+    }
+
+    /// Restart recovery: paused sandboxes come back; sandboxes that were
+    /// running died with the old server (their workers had
+    /// `PR_SET_PDEATHSIG`) and are removed with their files.
+    fn recover(&self) -> Result<(), super::Error> {
+        let run = self.cfg.data_dir.join("run");
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let now = now_ms();
+        let mut kept = std::collections::HashSet::new();
+        for row in self.store.load_all()? {
+            if !models::valid_name(&row.id, false) {
+                tracing::warn!(id = ?row.id, "dropping a stored sandbox with an invalid id");
+                self.store.delete(&row.id)?;
+                continue;
+            }
+            let why_not = match row.state {
+                RowState::Running => {
+                    if let Some(pid) = row.worker_pid {
+                        kill_stale_worker(pid, &row.id);
+                    }
+                    Some("it was running when the server stopped")
+                }
+                RowState::Paused if now >= self.retention_end(&row) => {
+                    Some("its retention expired")
+                }
+                RowState::Paused if !self.snapshot_dir(&row.id, row.snapshot_gen).is_dir() => {
+                    Some("its snapshot is missing")
+                }
+                RowState::Paused => None,
+            };
+            if let Some(why) = why_not {
+                tracing::info!(sandbox = %row.id, "removed at startup: {why}");
+                self.store.delete(&row.id)?;
+                let _ = std::fs::remove_dir_all(self.sandbox_dir(&row.id));
+                self.tombstone(&row.id, why);
+                continue;
+            }
+            // Drop snapshot leftovers (older generations, half-written ones).
+            let current = format!("snapshot-{}", row.snapshot_gen);
+            if let Ok(rd) = std::fs::read_dir(self.sandbox_dir(&row.id)) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("snapshot-") && name != current {
+                        let _ = std::fs::remove_dir_all(e.path());
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+            let snapshot_bytes = Some(crate::worker::vm::dir_bytes(
+                &self.snapshot_dir(&row.id, row.snapshot_gen),
+            ));
+            tracing::info!(sandbox = %row.id, "recovered paused sandbox");
+            kept.insert(row.id.clone());
+            let entry = Arc::new(Entry {
+                id: row.id.clone(),
+                op: tokio::sync::Mutex::new(()),
+                rec: StdMutex::new(Rec {
+                    row,
+                    busy: None,
+                    worker: None,
+                    slot: None,
+                    gone: false,
+                    expiry_queued: false,
+                    snapshot_bytes,
+                }),
+            });
+            self.map().insert(entry.id.clone(), entry);
+        }
+        // Directories no row refers to.
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("sandboxes")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if models::valid_name(&name, false) && !kept.contains(&name) {
+                    tracing::info!(sandbox = %name, "removing orphaned sandbox files");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn tombstone(&self, id: &str, why: &str) {
+        let mut t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() >= MAX_TOMBSTONES {
+            t.clear();
+        }
+        t.insert(id.to_string(), why.to_string());
+    }
+
+    fn not_found(&self, id: &str) -> ApiError {
+        let t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
+        match t.get(id) {
+            Some(why) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("sandbox {id} not found (it was removed: {why})"),
+            ),
+            None => ApiError::not_found(id),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
+        if !models::valid_name(id, false) {
+            return Err(ApiError::bad_request(format!("invalid sandbox id {id:?}")));
+        }
+        self.map()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| self.not_found(id))
+    }
+
+    /// Under the op lock: 404 if the sandbox is gone or past retention.
+    async fn check_live(&self, e: &Entry) -> Result<(), ApiError> {
+        let expired = {
+            let r = e.rec();
+            if r.gone {
+                return Err(self.not_found(&e.id));
+            }
+            r.row.state == RowState::Paused && now_ms() >= self.retention_end(&r.row)
+        };
+        if expired {
+            self.remove(e, "its retention expired").await;
+            return Err(self.not_found(&e.id));
+        }
+        Ok(())
+    }
+
+    async fn put_row(&self, row: Row) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.put(&row))
+            .await
+            .map_err(|e| internal("store", e))?
+            .map_err(|e| internal("store", e))
+    }
+
+    async fn delete_row(&self, id: &str) {
+        let store = self.store.clone();
+        let id2 = id.to_string();
+        match tokio::task::spawn_blocking(move || store.delete(&id2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sandbox = %id, "deleting the stored row failed: {e}"),
+            Err(e) => tracing::error!(sandbox = %id, "deleting the stored row failed: {e}"),
+        }
+    }
+
+    /// Under the op lock: stops the worker (if any), forgets the sandbox and
+    /// deletes its files.
+    async fn remove(&self, e: &Entry, why: &str) {
+        let worker = {
+            let mut r = e.rec();
+            if r.gone {
+                return;
+            }
+            r.gone = true;
+            r.slot = None;
+            r.busy = Some("removing");
+            r.worker.take()
+        };
+        self.tombstone(&e.id, why);
+        if let Some(w) = worker {
+            w.shutdown(SHUTDOWN_GRACE).await;
+        }
+        self.delete_row(&e.id).await;
+        let dir = self.sandbox_dir(&e.id);
+        if let Err(err) = tokio::fs::remove_dir_all(&dir).await {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sandbox = %e.id, "removing {} failed: {err}", dir.display());
+            }
+        }
+        self.map().remove(&e.id);
+        tracing::info!(sandbox = %e.id, "sandbox removed: {why}");
+    }
+
+    fn timeout_secs(&self, t: Option<i64>, zero_is_default: bool) -> Result<i64, ApiError> {
+        match t {
+            None => Ok(self.cfg.default_timeout_s),
+            Some(0) if zero_is_default => Ok(self.cfg.default_timeout_s),
+            Some(t) if t < 0 => Err(ApiError::bad_request(format!(
+                "timeout must not be negative (got {t})"
+            ))),
+            Some(t) if t > self.cfg.max_timeout_s => Err(ApiError::bad_request(format!(
+                "timeout {t}s exceeds the maximum of {}s",
+                self.cfg.max_timeout_s
+            ))),
+            Some(t) => Ok(t),
+        }
+    }
+
+    fn take_slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the limit of {} running sandboxes is reached; pause or kill one first",
+                    self.cfg.max_running
+                ),
+            )
+        })
+    }
+
+    async fn resolve_template(&self, name: &str) -> Result<Template, ApiError> {
+        if !models::valid_name(name, true) {
+            return Err(ApiError::bad_request(format!(
+                "invalid template name {name:?}"
+            )));
+        }
+        let path = self
+            .cfg
+            .data_dir
+            .join("templates")
+            .join(format!("{name}.json"));
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                let f: TemplateFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::bad_request(format!("template {name:?} is invalid: {e}"))
+                })?;
+                if f.vcpus == 0 || f.memory_mb == 0 {
+                    return Err(ApiError::bad_request(format!(
+                        "template {name:?} is invalid: vcpus and memoryMB must be positive"
+                    )));
+                }
+                let kernel = if f.kernel == "testguest" {
+                    KernelSpec::TestGuest
+                } else {
+                    KernelSpec::Path(PathBuf::from(f.kernel))
+                };
+                return Ok(Template {
+                    boot: BootConfig {
+                        kernel,
+                        initrd: f.initrd,
+                        cmdline: f.cmdline,
+                        mem_bytes: f.memory_mb.saturating_mul(1 << 20),
+                        vcpus: f.vcpus,
+                        console: ConsoleSpec::Sink,
+                    },
+                    cpu_count: u32::from(f.vcpus),
+                    memory_mb: f.memory_mb,
+                    disk_mb: f.disk_size_mb,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(&format!("reading template {name:?}"), e)),
+        }
+        if BUILTIN_TEMPLATES.contains(&name) {
+            // The built-in test guest on an endless workload whose progress
+            // (its round) is observable from outside.
+            let workload = crate::guest::Workload {
+                mib: 16,
+                rounds: 0,
+                seed: u64::from(rand::random::<u32>()),
+                report: 0,
+                base_mib: 16,
+            };
+            return Ok(Template {
+                boot: BootConfig {
+                    kernel: KernelSpec::TestGuest,
+                    initrd: None,
+                    cmdline: workload.cmdline(),
+                    mem_bytes: 64 << 20,
+                    vcpus: 1,
+                    console: ConsoleSpec::Sink,
+                },
+                cpu_count: 1,
+                memory_mb: 64,
+                disk_mb: 0,
+            });
+        }
+        Err(ApiError::bad_request(format!(
+            "template {name:?} not found (built-in templates: {}; others go in <data-dir>/templates/<name>.json)",
+            BUILTIN_TEMPLATES.join(", ")
+        )))
+    }
+
+    async fn spawn_worker(&self, id: &str) -> Result<WorkerClient, WorkerError> {
+        let _permit = self.spawns.acquire().await;
+        let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
+        WorkerClient::spawn(&self.cfg.worker_exe, &socket, CONNECT_TIMEOUT).await
+    }
+
+    /// Removes the sandbox when its worker dies while it is its worker.
+    fn watch_worker(self: &Arc<Self>, e: Arc<Entry>, w: Arc<WorkerClient>) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let reason = w.wait_exit().await;
+            let _g = e.op.lock().await;
+            let current = {
+                let r = e.rec();
+                !r.gone && r.worker.as_ref().is_some_and(|x| Arc::ptr_eq(x, &w))
+            };
+            if current {
+                tracing::warn!(sandbox = %e.id, pid = w.pid(), "worker died: {reason}");
+                mgr.remove(&e, &format!("its worker died ({reason})")).await;
+                mgr.timer.notify_one();
+            }
+        });
+    }
+
+    fn sandbox_out(row: &Row) -> SandboxOut {
+        SandboxOut {
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            client_id: CLIENT_ID,
+            envd_version: ENVD_VERSION,
+            alias: row.alias.clone(),
+            domain: None,
+        }
+    }
+
+    fn listed_out(&self, row: &Row) -> ListedOut {
+        let (state, end) = match row.state {
+            RowState::Running => ("running", row.end_ms),
+            RowState::Paused => ("paused", self.retention_end(row)),
+        };
+        ListedOut {
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            client_id: CLIENT_ID,
+            alias: row.alias.clone(),
+            started_at: rfc3339(row.started_ms),
+            end_at: rfc3339(end),
+            cpu_count: row.cpu_count,
+            memory_mb: row.memory_mb,
+            disk_size_mb: row.disk_mb,
+            state,
+            envd_version: ENVD_VERSION,
+            metadata: row.metadata.clone(),
+        }
+    }
+
+    // ---- operations -------------------------------------------------------
+
+    /// `POST /sandboxes`.
+    pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<SandboxOut, ApiError> {
+        let template_name = req.template_id.clone().unwrap_or_else(|| "base".into());
+        let timeout = self.timeout_secs(req.timeout, true)?;
+        if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(ApiError::bad_request("volume mounts are not supported"));
+        }
+        if req.mcp.as_ref().is_some_and(|m| !m.is_null()) {
+            return Err(ApiError::bad_request("MCP servers are not supported"));
+        }
+        let on_timeout_pause = match req.lifecycle.as_ref().and_then(|l| l.on_timeout.as_deref()) {
+            Some("pause") => true,
+            Some("kill") => false,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "lifecycle.onTimeout must be \"kill\" or \"pause\" (got {other:?})"
+                )))
+            }
+            None => req.auto_pause.unwrap_or(false),
+        };
+        let auto_resume = req
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.auto_resume)
+            .or(req.auto_resume.as_ref().map(|a| a.enabled))
+            .unwrap_or(false);
+        let mut template = self.resolve_template(&template_name).await?;
+        let slot = self.take_slot()?;
+
+        let id = models::new_id();
+        let dir = self.sandbox_dir(&id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        template.boot.console = self.console(&id);
+        let fail = |msg: String| {
+            let dir = dir.clone();
+            async move {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                ApiError::internal(msg)
+            }
+        };
+        let worker = match self.spawn_worker(&id).await {
+            Ok(w) => Arc::new(w),
+            Err(e) => return Err(fail(format!("starting the sandbox worker failed: {e}")).await),
+        };
+        let req_boot = Request::Boot {
+            backend: self.cfg.backend,
+            config: template.boot.clone(),
+        };
+        let guest_round = match worker.request(req_boot, BOOT_TIMEOUT).await {
+            Ok(Reply::Running { guest }) => guest.map(|g| g.round),
+            Ok(other) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(format!("boot: unexpected reply {other:?}")).await);
+            }
+            Err(e) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(format!("booting the sandbox failed: {e}")).await);
+            }
+        };
+        let now = now_ms();
+        let row = Row {
+            id: id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            template_id: template_name.clone(),
+            alias: Some(template_name),
+            state: RowState::Running,
+            created_ms: now,
+            started_ms: now,
+            end_ms: now + timeout * 1000,
+            on_timeout_pause,
+            auto_resume,
+            metadata: req.metadata.unwrap_or_default(),
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+            disk_mb: template.disk_mb,
+            allow_internet: req.allow_internet_access.unwrap_or(true),
+            snapshot_gen: 0,
+            guest_round,
+            worker_pid: Some(worker.pid()),
+        };
+        if let Err(e) = self.put_row(row.clone()).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            return Err(fail(e.message).await);
+        }
+        let out = Self::sandbox_out(&row);
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            op: tokio::sync::Mutex::new(()),
+            rec: StdMutex::new(Rec {
+                row,
+                busy: None,
+                worker: Some(worker.clone()),
+                slot: Some(slot),
+                gone: false,
+                expiry_queued: false,
+                snapshot_bytes: None,
+            }),
+        });
+        self.map().insert(id.clone(), entry.clone());
+        self.watch_worker(entry, worker.clone());
+        self.timer.notify_one();
+        tracing::info!(sandbox = %id, pid = worker.pid(), timeout_s = timeout, "sandbox created (running)");
+        Ok(out)
+    }
+
+    /// `GET /sandboxes/{id}`.
+    pub async fn get(&self, id: &str) -> Result<DetailOut, ApiError> {
+        let e = self.entry(id)?;
+        let (row, busy, worker, snapshot_bytes) = {
+            let r = e.rec();
+            if r.gone || (r.row.state == RowState::Paused && now_ms() >= self.retention_end(&r.row))
+            {
+                return Err(self.not_found(id));
+            }
+            (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_bytes)
+        };
+        let mut guest_round = row.guest_round;
+        if let (RowState::Running, None, Some(w)) = (row.state, busy, &worker) {
+            if let Ok(Reply::Status { guest: Some(g), .. }) =
+                w.request(Request::Status, STATUS_TIMEOUT).await
+            {
+                guest_round = Some(g.round);
+                let mut r = e.rec();
+                if r.worker.as_ref().is_some_and(|x| Arc::ptr_eq(x, w)) {
+                    r.row.guest_round = Some(g.round);
+                }
+            }
+        }
+        let running = row.state == RowState::Running;
+        Ok(DetailOut {
+            listed: self.listed_out(&row),
+            domain: None,
+            allow_internet_access: row.allow_internet,
+            lifecycle: LifecycleOut {
+                on_timeout: if row.on_timeout_pause {
+                    "pause"
+                } else {
+                    "kill"
+                },
+                auto_resume: row.auto_resume,
+            },
+            stasis: StasisOut {
+                guest_round,
+                worker_pid: if running {
+                    worker.map(|w| w.pid())
+                } else {
+                    None
+                },
+                created_at: rfc3339(row.created_ms),
+                snapshot_bytes: if running { None } else { snapshot_bytes },
+                busy,
+            },
+        })
+    }
+
+    /// `GET /v2/sandboxes` and `GET /sandboxes`: newest first; returns the
+    /// page and the next page's token.
+    pub fn list(&self, q: &ListQuery) -> (Vec<ListedOut>, Option<String>) {
+        let now = now_ms();
+        let mut rows: Vec<Row> = self
+            .map()
+            .values()
+            .filter_map(|e| {
+                let r = e.rec();
+                let keep = !r.gone
+                    && match r.row.state {
+                        RowState::Running => q.running,
+                        RowState::Paused => q.paused && now < self.retention_end(&r.row),
+                    }
+                    && q.before_seq.is_none_or(|s| r.row.seq < s)
+                    && q.metadata
+                        .iter()
+                        .all(|(k, v)| r.row.metadata.get(k) == Some(v));
+                keep.then(|| r.row.clone())
+            })
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let more = rows.len() > q.limit;
+        rows.truncate(q.limit);
+        let next = if more {
+            rows.last().map(|r| r.seq.to_string())
+        } else {
+            None
+        };
+        (rows.iter().map(|r| self.listed_out(r)).collect(), next)
+    }
+
+    /// `POST /sandboxes/{id}/pause`.
+    pub async fn pause(&self, id: &str) -> Result<(), ApiError> {
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        if e.rec().row.state == RowState::Paused {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        self.do_pause(&e).await
+    }
+
+    /// Under the op lock, state running: snapshot and stop the worker.
+    async fn do_pause(&self, e: &Entry) -> Result<(), ApiError> {
+        let (worker, gen) = {
+            let mut r = e.rec();
+            r.busy = Some("pausing");
+            (r.worker.clone(), r.row.snapshot_gen + 1)
+        };
+        let Some(worker) = worker else {
+            self.remove(e, "it had no worker").await;
+            return Err(ApiError::internal("sandbox had no worker; removed"));
+        };
+        let dir = self.snapshot_dir(&e.id, gen);
+        let started = std::time::Instant::now();
+        let res = worker
+            .request(
+                Request::Pause {
+                    snapshot_dir: dir.clone(),
+                },
+                PAUSE_TIMEOUT,
+            )
+            .await;
+        match res {
+            Ok(Reply::Paused {
+                snapshot_bytes,
+                guest,
+            }) => {
+                let mut row = {
+                    let mut r = e.rec();
+                    r.worker = None; // its exit is expected now
+                    r.slot = None;
+                    r.row.clone()
+                };
+                if tokio::time::timeout(SHUTDOWN_GRACE, worker.wait_exit())
+                    .await
+                    .is_err()
+                {
+                    worker.kill();
+                }
+                let old = row.snapshot_gen;
+                row.state = RowState::Paused;
+                row.snapshot_gen = gen;
+                row.worker_pid = None;
+                if let Some(g) = guest {
+                    row.guest_round = Some(g.round);
+                }
+                let saved = self.put_row(row.clone()).await;
+                if old > 0 {
+                    let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
+                }
+                {
+                    let mut r = e.rec();
+                    r.row = row;
+                    r.busy = None;
+                    r.snapshot_bytes = Some(snapshot_bytes);
+                }
+                self.timer.notify_one();
+                tracing::info!(
+                    sandbox = %e.id,
+                    snapshot_bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "sandbox paused"
+                );
+                saved
+            }
+            Err(WorkerError::Remote(msg)) => {
+                // The worker kept the VM running.
+                e.rec().busy = None;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                tracing::warn!(sandbox = %e.id, "pause failed, still running: {msg}");
+                Err(ApiError::internal(format!(
+                    "pausing failed (the sandbox keeps running): {msg}"
+                )))
+            }
+            Ok(other) => {
+                self.remove(e, "its worker answered a pause wrongly").await;
+                Err(ApiError::internal(format!(
+                    "pause: unexpected reply {other:?}; sandbox removed"
+                )))
+            }
+            Err(err) => {
+                self.remove(e, &format!("its worker failed during pause ({err})"))
+                    .await;
+                Err(ApiError::internal(format!(
+                    "pausing failed: {err}; sandbox removed"
+                )))
+            }
+        }
+    }
+
+    /// Under the op lock, state paused: start a worker from the snapshot.
+    async fn do_resume(self: &Arc<Self>, e: &Arc<Entry>, timeout_s: i64) -> Result<Row, ApiError> {
+        let slot = self.take_slot()?;
+        let gen = {
+            let mut r = e.rec();
+            r.busy = Some("resuming");
+            r.row.snapshot_gen
+        };
+        let started = std::time::Instant::now();
+        let fail = |msg: String| {
+            e.rec().busy = None;
+            tracing::warn!(sandbox = %e.id, "resume failed: {msg}");
+            ApiError::internal(format!("resuming failed (the sandbox stays paused): {msg}"))
+        };
+        let worker = match self.spawn_worker(&e.id).await {
+            Ok(w) => Arc::new(w),
+            Err(err) => return Err(fail(err.to_string())),
+        };
+        let req = Request::Restore {
+            backend: self.cfg.backend,
+            snapshot_dir: self.snapshot_dir(&e.id, gen),
+            mode: RestoreModeSpec::Lazy,
+            console: self.console(&e.id),
+        };
+        let guest = match worker.request(req, RESTORE_TIMEOUT).await {
+            Ok(Reply::Running { guest }) => guest,
+            Ok(other) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(format!("unexpected reply {other:?}")));
+            }
+            Err(err) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(err.to_string()));
+            }
+        };
+        let now = now_ms();
+        let mut row = e.rec().row.clone();
+        row.state = RowState::Running;
+        row.started_ms = now;
+        row.end_ms = now + timeout_s * 1000;
+        row.worker_pid = Some(worker.pid());
+        if let Some(g) = guest {
+            row.guest_round = Some(g.round);
+        }
+        if let Err(err) = self.put_row(row.clone()).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            return Err(fail(err.message));
+        }
+        {
+            let mut r = e.rec();
+            r.row = row.clone();
+            r.worker = Some(worker.clone());
+            r.slot = Some(slot);
+            r.busy = None;
+            r.snapshot_bytes = None;
+        }
+        self.watch_worker(e.clone(), worker.clone());
+        self.timer.notify_one();
+        tracing::info!(
+            sandbox = %e.id,
+            pid = worker.pid(),
+            ms = started.elapsed().as_millis() as u64,
+            timeout_s,
+            "sandbox resumed"
+        );
+        Ok(row)
+    }
+
+    /// `POST /sandboxes/{id}/connect`: `Ok((resumed, sandbox))`.
+    pub async fn connect(
+        self: &Arc<Self>,
+        id: &str,
+        body: ConnectBody,
+    ) -> Result<(bool, SandboxOut), ApiError> {
+        let timeout = self.timeout_secs(body.timeout, true)?;
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        let row = e.rec().row.clone();
+        match row.state {
+            RowState::Running => {
+                let want = now_ms() + timeout * 1000;
+                if want > row.end_ms {
+                    // Not persisted: a running sandbox does not survive a
+                    // server restart anyway.
+                    e.rec().row.end_ms = want;
+                    self.timer.notify_one();
+                    tracing::info!(sandbox = %id, timeout_s = timeout, "timeout extended by connect");
+                }
+                Ok((false, Self::sandbox_out(&e.rec().row)))
+            }
+            RowState::Paused => {
+                let row = self.do_resume(&e, timeout).await?;
+                Ok((true, Self::sandbox_out(&row)))
+            }
+        }
+    }
+
+    /// `POST /sandboxes/{id}/resume` (deprecated).
+    pub async fn resume(
+        self: &Arc<Self>,
+        id: &str,
+        body: ResumeBody,
+    ) -> Result<SandboxOut, ApiError> {
+        let timeout = self.timeout_secs(body.timeout, true)?;
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        if e.rec().row.state == RowState::Running {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is already running"
+            )));
+        }
+        if let Some(p) = body.auto_pause {
+            e.rec().row.on_timeout_pause = p;
+        }
+        let row = self.do_resume(&e, timeout).await?;
+        Ok(Self::sandbox_out(&row))
+    }
+
+    /// `POST /sandboxes/{id}/timeout`.
+    pub async fn set_timeout(&self, id: &str, timeout: Option<i64>) -> Result<(), ApiError> {
+        let Some(t) = timeout else {
+            return Err(ApiError::bad_request("missing field `timeout`"));
+        };
+        let t = self.timeout_secs(Some(t), false)?;
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        let row = e.rec().row.clone();
+        if row.state == RowState::Paused {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is paused; its timeout starts again when it is resumed (connect with a timeout)"
+            )));
+        }
+        // Not persisted (see connect).
+        e.rec().row.end_ms = now_ms() + t * 1000;
+        self.timer.notify_one();
+        tracing::info!(sandbox = %id, timeout_s = t, "timeout set");
+        Ok(())
+    }
+
+    /// `DELETE /sandboxes/{id}`.
+    pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        self.remove(&e, "it was killed").await;
+        Ok(())
+    }
+
+    /// Stops every worker (server shutdown). Their sandboxes are reported
+    /// gone by the next server, like after a crash.
+    pub async fn shutdown(&self) {
+        let entries: Vec<Arc<Entry>> = self.map().values().cloned().collect();
+        let mut tasks = Vec::new();
+        for e in entries {
+            let w = e.rec().worker.clone();
+            if let Some(w) = w {
+                tasks.push(tokio::spawn(async move {
+                    w.shutdown(Duration::from_secs(2)).await
+                }));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    // ---- timers -----------------------------------------------------------
+
+    async fn timer_loop(self: Arc<Self>) {
+        loop {
+            let notified = self.timer.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            let mut next = now + TIMER_MAX_SLEEP.as_millis() as i64;
+            let mut due = Vec::new();
+            for e in self.map().values() {
+                let mut r = e.rec();
+                if r.gone || r.busy.is_some() || r.expiry_queued {
+                    continue;
+                }
+                let deadline = match r.row.state {
+                    RowState::Running => r.row.end_ms,
+                    RowState::Paused => self.retention_end(&r.row),
+                };
+                if deadline <= now {
+                    r.expiry_queued = true;
+                    due.push(e.clone());
+                } else {
+                    next = next.min(deadline);
+                }
+            }
+            for e in due {
+                let mgr = self.clone();
+                tokio::spawn(async move { mgr.expire(e).await });
+            }
+            let wait = Duration::from_millis((next - now).max(1) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut notified => {}
+            }
+        }
+    }
+
+    async fn expire(self: Arc<Self>, e: Arc<Entry>) {
+        let _g = e.op.lock().await;
+        let (state, due, pause) = {
+            let mut r = e.rec();
+            r.expiry_queued = false;
+            if r.gone {
+                return;
+            }
+            let now = now_ms();
+            match r.row.state {
+                RowState::Running => (
+                    RowState::Running,
+                    now >= r.row.end_ms,
+                    r.row.on_timeout_pause,
+                ),
+                RowState::Paused => (RowState::Paused, now >= self.retention_end(&r.row), false),
+            }
+        };
+        if due {
+            match state {
+                RowState::Running if pause => {
+                    tracing::info!(sandbox = %e.id, "timeout reached: auto-pausing");
+                    if let Err(err) = self.do_pause(&e).await {
+                        let live = {
+                            let r = e.rec();
+                            !r.gone && r.row.state == RowState::Running
+                        };
+                        if live {
+                            self.remove(
+                                &e,
+                                &format!(
+                                    "its timeout expired and pausing failed ({})",
+                                    err.message
+                                ),
+                            )
+                            .await;
+                        }
+                    }
+                }
+                RowState::Running => self.remove(&e, "its timeout expired").await,
+                RowState::Paused => self.remove(&e, "its retention expired").await,
+            }
+        }
+        self.timer.notify_one();
+    }
+}
+
+/// Kills a worker left over from a previous server, if that pid still is
+/// one of our workers for `id` (checked through its command line).
+fn kill_stale_worker(pid: u32, id: &str) {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    if cmdline.contains("worker") && cmdline.contains(&format!("{id}.sock")) {
+        tracing::warn!(sandbox = %id, pid, "killing a worker left over from the previous server");
+        let Ok(pid) = i32::try_from(pid) else { return };
+        // SAFETY: kill(2) with a pid we verified belongs to one of our
+        // workers; touches no memory.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The sandbox server: the lifecycle HTTP API that the novita-sandbox / E2B
+//! SDKs speak (`stasis serve`).
+//!
+//! - [`routes`]: axum routes, auth, error mapping, request logging.
+//! - [`manager`]: the per-sandbox state machine, timers, restart recovery.
+//! - [`store`]: SQLite metadata (`<data-dir>/stasis.db`).
+//! - [`models`]: JSON shapes; [`error`]: the JSON error; [`openapi`]: the
+//!   OpenAPI document.
+//!
+//! Each running sandbox lives in its own worker process ([`crate::worker`]);
+//! nothing here touches KVM.
+
+pub mod error;
+pub mod manager;
+pub mod models;
+pub mod openapi;
+pub mod routes;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::worker::protocol::BackendKind;
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("refusing to listen on {0} without an API key: pass --api-key (or listen on a loopback address)")]
+    InsecureListen(SocketAddr),
+    #[error("invalid option: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("metadata store: {0}")]
+    Store(#[from] store::Error),
+}
+
+/// Everything `stasis serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on; port 0 picks a free port (the chosen address is
+    /// printed on stdout as `stasis: listening on http://ADDR`).
+    pub listen: SocketAddr,
+    /// Holds `stasis.db`, `sandboxes/<id>/`, `run/`, `templates/`.
+    pub data_dir: PathBuf,
+    /// When set, every call but `/health` and `/openapi.json` needs
+    /// `X-API-KEY: <key>`. Required to listen beyond loopback.
+    pub api_key: Option<String>,
+    /// VM implementation the workers use.
+    pub backend: BackendKind,
+    /// How long a sandbox is kept after its creation (paused ones are
+    /// deleted after that).
+    pub retention: Duration,
+    /// Timeout when a request gives none.
+    pub default_timeout: Duration,
+    /// Largest timeout a request may ask for.
+    pub max_timeout: Duration,
+    /// Most sandboxes running at once (429 beyond).
+    pub max_running: usize,
+    /// Most requests handled at once (others wait).
+    pub max_inflight: usize,
+    /// Binary to run as `<exe> worker --socket PATH`; default: this one.
+    pub worker_exe: Option<PathBuf>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            data_dir: PathBuf::from("stasis-data"),
+            api_key: None,
+            backend: BackendKind::Vm,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(24 * 3600),
+            max_running: 256,
+            max_inflight: 1024,
+            worker_exe: None,
+        }
+    }
+}
+
+/// `stasis serve` arguments, ready to `#[command(flatten)]` into the CLI.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// Data directory (database, snapshots, templates).
+    #[arg(long, default_value = "stasis-data")]
+    pub data_dir: PathBuf,
+    /// Require this X-API-KEY on every call (default: $STASIS_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// VM backend: vm (KVM) or fake (a counting thread, for tests)
+    /// (default: $STASIS_BACKEND, else vm).
+    #[arg(long)]
+    pub backend: Option<BackendKind>,
+    /// Keep sandboxes this many seconds after creation.
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    pub retention_secs: u64,
+    /// Largest timeout a client may set, in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub max_timeout_secs: u64,
+    /// Most sandboxes running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_running: usize,
+}
+
+impl ServeArgs {
+    /// Turns the arguments (and `STASIS_API_KEY` / `STASIS_BACKEND`) into
+    /// options.
+    pub fn into_options(self) -> Result<ServeOptions, Error> {
+        let api_key = self
+            .api_key
+            .or_else(|| std::env::var("STASIS_API_KEY").ok())
+            .filter(|k| !k.is_empty());
+        let backend = match self.backend {
+            Some(b) => b,
+            None => match std::env::var("STASIS_BACKEND") {
+                Ok(s) if !s.is_empty() => s.parse().map_err(Error::Config)?,
+                _ => BackendKind::Vm,
+            },
+        };
+        Ok(ServeOptions {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            api_key,
+            backend,
+            retention: Duration::from_secs(self.retention_secs),
+            max_timeout: Duration::from_secs(self.max_timeout_secs),
+            max_running: self.max_running,
+            ..ServeOptions::default()
+        })
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit (each connection and
+/// each worker needs descriptors).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read/write the rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Binds with a deep accept backlog (the kernel caps it at somaxconn), so a
+/// burst of connections is queued rather than dropped.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(16_384)
+}
+
+/// Runs the server until `shutdown` completes. Must run in a multi-threaded
+/// tokio runtime. On shutdown every worker is stopped.
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    if opts.api_key.is_none() && !opts.listen.ip().is_loopback() {
+        return Err(Error::InsecureListen(opts.listen));
+    }
+    if opts.max_running == 0 || opts.max_inflight == 0 {
+        return Err(Error::Config(
+            "max_running and max_inflight must be positive".into(),
+        ));
+    }
+    let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4000);
+    if opts.default_timeout > opts.max_timeout {
+        return Err(Error::Config(
+            "the default timeout exceeds the maximum timeout".into(),
+        ));
+    }
+    raise_nofile_limit();
+    let worker_exe = match opts.worker_exe.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| Error::Io("locating the stasis binary".into(), e))?,
+    };
+    let cfg = manager::Config {
+        data_dir: opts.data_dir.clone(),
+        backend: opts.backend,
+        retention_ms: i64::try_from(opts.retention.as_millis()).unwrap_or(i64::MAX / 4),
+        default_timeout_s: secs(opts.default_timeout),
+        max_timeout_s: secs(opts.max_timeout),
+        max_running: opts.max_running,
+        max_concurrent_spawns: std::thread::available_parallelism().map_or(4, |n| n.get() * 4),
+        worker_exe,
+    };
+    let mgr = manager::Manager::start(cfg).await?;
+    let listener =
+        listen(opts.listen).map_err(|e| Error::Io(format!("listening on {}", opts.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Io("reading the bound address".into(), e))?;
+    let app = routes::router(routes::AppState {
+        mgr: mgr.clone(),
+        api_key: opts.api_key.as_deref().map(Arc::from),
+        inflight: Arc::new(tokio::sync::Semaphore::new(opts.max_inflight)),
+    });
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "stasis: listening on http://{addr}");
+        let _ = out.flush();
+    }
+    tracing::info!(%addr, backend = %opts.backend, data_dir = %opts.data_dir.display(), "serving");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Io("serving".into(), e));
+    tracing::info!("shutting down: stopping workers");
+    mgr.shutdown().await;
+    served
+}
+
+/// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.
+pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("stasis-api")
+        .build()
+        .map_err(|e| Error::Io("starting the tokio runtime".into(), e))?;
+    rt.block_on(serve(opts, async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    }))
+}

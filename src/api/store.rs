@@ -1,0 +1,290 @@
+//! Sandbox metadata in SQLite (`<data-dir>/stasis.db`, WAL).
+//!
+//! One row per sandbox that exists (running or paused). The in-memory state
+//! in [`super::manager`] is authoritative while the server runs; this table
+//! is what survives a restart. Calls are synchronous: the manager runs them
+//! on tokio's blocking pool.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Errors of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt row for sandbox {id}: {what}")]
+    Corrupt { id: String, what: String },
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// Persisted lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowState {
+    Running,
+    Paused,
+}
+
+impl RowState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RowState::Running => "running",
+            RowState::Paused => "paused",
+        }
+    }
+}
+
+/// One sandbox as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: String,
+    /// Creation order, for stable listing.
+    pub seq: i64,
+    pub template_id: String,
+    pub alias: Option<String>,
+    pub state: RowState,
+    pub created_ms: i64,
+    pub started_ms: i64,
+    /// Running: when its timeout fires.
+    pub end_ms: i64,
+    pub on_timeout_pause: bool,
+    pub auto_resume: bool,
+    pub metadata: BTreeMap<String, String>,
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub allow_internet: bool,
+    /// Generation of the current snapshot dir (`snapshot-<gen>`), 0 = none.
+    pub snapshot_gen: u64,
+    pub guest_round: Option<u64>,
+    pub worker_pid: Option<u32>,
+}
+
+/// The SQLite store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL + NORMAL: a committed transaction survives the process being
+        // killed (the WAL is in the page cache); only an OS crash may lose
+        // the last ones.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sandboxes (
+                id TEXT PRIMARY KEY,
+                seq INTEGER NOT NULL UNIQUE,
+                template_id TEXT NOT NULL,
+                alias TEXT,
+                state TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                started_ms INTEGER NOT NULL,
+                end_ms INTEGER NOT NULL,
+                on_timeout_pause INTEGER NOT NULL,
+                auto_resume INTEGER NOT NULL,
+                metadata TEXT NOT NULL,
+                cpu_count INTEGER NOT NULL,
+                memory_mb INTEGER NOT NULL,
+                disk_mb INTEGER NOT NULL,
+                allow_internet INTEGER NOT NULL,
+                snapshot_gen INTEGER NOT NULL,
+                guest_round INTEGER,
+                worker_pid INTEGER
+            );",
+        )?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts or replaces a row.
+    pub fn put(&self, r: &Row) -> Result<(), Error> {
+        let metadata = serde_json::to_string(&r.metadata).map_err(|e| Error::Corrupt {
+            id: r.id.clone(),
+            what: e.to_string(),
+        })?;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO sandboxes (id, seq, template_id, alias, state, created_ms,
+                started_ms, end_ms, on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb,
+                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            params![
+                r.id,
+                r.seq,
+                r.template_id,
+                r.alias,
+                r.state.as_str(),
+                r.created_ms,
+                r.started_ms,
+                r.end_ms,
+                r.on_timeout_pause,
+                r.auto_resume,
+                metadata,
+                r.cpu_count,
+                r.memory_mb as i64,
+                r.disk_mb as i64,
+                r.allow_internet,
+                r.snapshot_gen as i64,
+                r.guest_round.map(|g| g as i64),
+                r.worker_pid,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a row; absent is fine.
+    pub fn delete(&self, id: &str) -> Result<(), Error> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// The highest `seq` ever stored (0 when empty).
+    pub fn max_seq(&self) -> Result<i64, Error> {
+        let v: Option<i64> = self
+            .conn()
+            .query_row("SELECT MAX(seq) FROM sandboxes", [], |r| r.get(0))
+            .optional()?
+            .flatten();
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Every row, in `seq` order.
+    pub fn load_all(&self) -> Result<Vec<Row>, Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, seq, template_id, alias, state, created_ms, started_ms, end_ms,
+                on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb, disk_mb,
+                allow_internet, snapshot_gen, guest_round, worker_pid
+             FROM sandboxes ORDER BY seq",
+        )?;
+        let raw = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+                [
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ],
+                [
+                    r.get::<_, bool>(8)?,
+                    r.get::<_, bool>(9)?,
+                    r.get::<_, bool>(14)?,
+                ],
+                r.get::<_, String>(10)?,
+                [
+                    r.get::<_, i64>(11)?,
+                    r.get::<_, i64>(12)?,
+                    r.get::<_, i64>(13)?,
+                    r.get::<_, i64>(15)?,
+                ],
+                r.get::<_, Option<i64>>(16)?,
+                r.get::<_, Option<i64>>(17)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for item in raw {
+            let (id, seq, template_id, alias, state, t, flags, metadata, nums, round, pid) = item?;
+            let corrupt = |what: String| Error::Corrupt {
+                id: id.clone(),
+                what,
+            };
+            let state = match state.as_str() {
+                "running" => RowState::Running,
+                "paused" => RowState::Paused,
+                other => return Err(corrupt(format!("unknown state {other:?}"))),
+            };
+            let metadata: BTreeMap<String, String> =
+                serde_json::from_str(&metadata).map_err(|e| corrupt(e.to_string()))?;
+            out.push(Row {
+                id: id.clone(),
+                seq,
+                template_id,
+                alias,
+                state,
+                created_ms: t[0],
+                started_ms: t[1],
+                end_ms: t[2],
+                on_timeout_pause: flags[0],
+                auto_resume: flags[1],
+                allow_internet: flags[2],
+                metadata,
+                cpu_count: u32::try_from(nums[0]).map_err(|e| corrupt(e.to_string()))?,
+                memory_mb: u64::try_from(nums[1]).map_err(|e| corrupt(e.to_string()))?,
+                disk_mb: u64::try_from(nums[2]).map_err(|e| corrupt(e.to_string()))?,
+                snapshot_gen: u64::try_from(nums[3]).map_err(|e| corrupt(e.to_string()))?,
+                guest_round: round.and_then(|r| u64::try_from(r).ok()),
+                worker_pid: pid.and_then(|p| u32::try_from(p).ok()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, seq: i64) -> Row {
+        Row {
+            id: id.into(),
+            seq,
+            template_id: "base".into(),
+            alias: Some("base".into()),
+            state: RowState::Paused,
+            created_ms: 1,
+            started_ms: 2,
+            end_ms: 3,
+            on_timeout_pause: true,
+            auto_resume: false,
+            metadata: [("k".to_string(), "v".to_string())].into(),
+            cpu_count: 1,
+            memory_mb: 64,
+            disk_mb: 0,
+            allow_internet: true,
+            snapshot_gen: 2,
+            guest_round: Some(99),
+            worker_pid: None,
+        }
+    }
+
+    #[test]
+    fn put_load_delete_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("stasis.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&row("a", 1)).unwrap();
+            s.put(&row("b", 2)).unwrap();
+            let mut b = row("b", 2);
+            b.state = RowState::Running;
+            s.put(&b).unwrap();
+            s.delete("a").unwrap();
+            s.delete("zzz").unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let rows = s.load_all().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, RowState::Running);
+        assert_eq!(rows[0].metadata.get("k").map(String::as_str), Some("v"));
+        assert_eq!(s.max_seq().unwrap(), 2);
+    }
+}

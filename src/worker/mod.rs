@@ -1,0 +1,354 @@
+//! Sandbox worker processes: one per running sandbox, each owning one VM.
+//!
+//! This module owns both sides of the server↔worker link:
+//! - [`run_worker`]: the worker process's main loop (`stasis worker --socket
+//!   PATH`). It connects to the server's socket, serves [`protocol`] requests
+//!   one at a time and makes every VM call through [`vm`]. It never outlives
+//!   the server: `PR_SET_PDEATHSIG(SIGKILL)` at start, and exit on socket EOF.
+//! - [`client::WorkerClient`]: the server's async handle on a worker it
+//!   spawned: request/reply with ids, death detection, kill.
+//!
+//! KVM work never happens in the server process: only here, in the worker,
+//! on plain threads.
+
+pub mod client;
+pub mod protocol;
+pub(crate) mod vm;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::{Reply, ReplyFrame, Request, RequestFrame, MAX_FRAME};
+use vm::VmBackend;
+
+/// Environment variable through which the server tells the worker its pid, so
+/// the worker can detect that the server died before `PR_SET_PDEATHSIG` was in
+/// place.
+pub const PARENT_PID_ENV: &str = "STASIS_WORKER_PARENT_PID";
+
+/// Exit code of a worker whose guest stopped on its own.
+pub const EXIT_GUEST_STOPPED: i32 = 3;
+
+/// Errors of the worker and of the server's worker client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("worker protocol error: {0}")]
+    Protocol(String),
+    #[error("vm: {0}")]
+    Vm(String),
+    #[error("worker is gone: {0}")]
+    WorkerGone(String),
+    #[error("worker did not answer {0} in time")]
+    Timeout(&'static str),
+    #[error("worker failed: {0}")]
+    Remote(String),
+    #[error("the server process is gone")]
+    ParentGone,
+}
+
+fn set_parent_death_signal() -> Result<(), Error> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
+    // memory of ours.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Io(
+            "prctl(PR_SET_PDEATHSIG)".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if let Some(expected) = std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != expected {
+            return Err(Error::ParentGone);
+        }
+    }
+    Ok(())
+}
+
+/// The worker process's entry point: serve the server at `socket` until told
+/// to stop, the server goes away, or the guest stops.
+pub fn run_worker(socket: &Path) -> Result<(), Error> {
+    set_parent_death_signal()?;
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| Error::Io(format!("connect to {}", socket.display()), e))?;
+    serve(stream)
+}
+
+type SharedVm = Arc<Mutex<Option<Box<dyn VmBackend>>>>;
+
+fn lock(vm: &SharedVm) -> std::sync::MutexGuard<'_, Option<Box<dyn VmBackend>>> {
+    vm.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one connection: requests in, one reply each, in order.
+fn serve(stream: UnixStream) -> Result<(), Error> {
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| Error::Io("clone socket".into(), e))?;
+    let mut reader = BufReader::new(stream);
+    let vm: SharedVm = Arc::new(Mutex::new(None));
+    let stopping = Arc::new(AtomicBool::new(false));
+    spawn_monitor(vm.clone(), stopping.clone());
+
+    let result = loop {
+        let mut line = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_FRAME)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::Io("read request".into(), e));
+        match n {
+            Err(e) => break Err(e),
+            Ok(0) => break Ok(()), // server closed the socket
+            Ok(_) if line.last() != Some(&b'\n') => {
+                break Err(Error::Protocol(
+                    "request frame too long or truncated".into(),
+                ))
+            }
+            Ok(_) => {}
+        }
+        let frame: RequestFrame = match serde_json::from_slice(&line) {
+            Ok(f) => f,
+            Err(e) => break Err(Error::Protocol(format!("bad request frame: {e}"))),
+        };
+        let (reply, exit_after) = handle(&vm, &stopping, frame.request);
+        let out = protocol::encode(&ReplyFrame {
+            id: frame.id,
+            reply,
+        })
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+        if let Err(e) = writer.write_all(&out).and_then(|_| writer.flush()) {
+            break Err(Error::Io("write reply".into(), e));
+        }
+        if exit_after {
+            break Ok(());
+        }
+    };
+    stopping.store(true, Ordering::Release);
+    if let Some(v) = lock(&vm).take() {
+        v.kill();
+    }
+    result
+}
+
+fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
+    let err = |e: Error| Reply::Error {
+        message: e.to_string(),
+    };
+    match req {
+        Request::Boot { backend, config } => {
+            let mut slot = lock(vm);
+            if slot.is_some() {
+                return (
+                    err(Error::Protocol("a vm is already running".into())),
+                    false,
+                );
+            }
+            match vm::boot(backend, &config) {
+                Ok(v) => {
+                    let guest = v.guest();
+                    *slot = Some(v);
+                    (Reply::Running { guest }, false)
+                }
+                Err(e) => (err(e), false),
+            }
+        }
+        Request::Restore {
+            backend,
+            snapshot_dir,
+            mode,
+            console,
+        } => {
+            let mut slot = lock(vm);
+            if slot.is_some() {
+                return (
+                    err(Error::Protocol("a vm is already running".into())),
+                    false,
+                );
+            }
+            match vm::restore(backend, &snapshot_dir, mode, &console) {
+                Ok(v) => {
+                    let guest = v.guest();
+                    *slot = Some(v);
+                    (Reply::Running { guest }, false)
+                }
+                Err(e) => (err(e), false),
+            }
+        }
+        Request::Pause { snapshot_dir } => {
+            let mut slot = lock(vm);
+            let Some(v) = slot.as_mut() else {
+                return (err(Error::Protocol("no vm to pause".into())), false);
+            };
+            stopping.store(true, Ordering::Release);
+            match v.pause_and_snapshot(&snapshot_dir) {
+                Ok(guest) => {
+                    if let Some(v) = slot.take() {
+                        v.kill();
+                    }
+                    let snapshot_bytes = vm::dir_bytes(&snapshot_dir);
+                    (
+                        Reply::Paused {
+                            snapshot_bytes,
+                            guest,
+                        },
+                        true,
+                    )
+                }
+                Err(e) => {
+                    stopping.store(false, Ordering::Release);
+                    (err(e), false)
+                }
+            }
+        }
+        Request::Status => {
+            let slot = lock(vm);
+            match slot.as_ref() {
+                Some(v) => {
+                    let exit_reason = v.exited();
+                    (
+                        Reply::Status {
+                            alive: exit_reason.is_none(),
+                            exit_reason,
+                            guest: v.guest(),
+                        },
+                        false,
+                    )
+                }
+                None => (
+                    Reply::Status {
+                        alive: false,
+                        exit_reason: Some("no vm".into()),
+                        guest: None,
+                    },
+                    false,
+                ),
+            }
+        }
+        Request::Shutdown => {
+            stopping.store(true, Ordering::Release);
+            if let Some(v) = lock(vm).take() {
+                v.kill();
+            }
+            (Reply::ShuttingDown, true)
+        }
+    }
+}
+
+/// Exits the worker when the guest stops on its own, so the server sees EOF
+/// and marks the sandbox gone.
+fn spawn_monitor(vm: SharedVm, stopping: Arc<AtomicBool>) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if stopping.load(Ordering::Acquire) {
+            continue;
+        }
+        let reason = lock(&vm).as_ref().and_then(|v| v.exited());
+        if let Some(reason) = reason {
+            if !stopping.load(Ordering::Acquire) {
+                eprintln!("stasis worker: guest stopped: {reason}");
+                std::process::exit(EXIT_GUEST_STOPPED);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::protocol::*;
+    use super::*;
+
+    fn roundtrip(
+        w: &mut UnixStream,
+        r: &mut BufReader<UnixStream>,
+        id: u64,
+        req: Request,
+    ) -> ReplyFrame {
+        w.write_all(&encode(&RequestFrame { id, request: req }).unwrap())
+            .unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn worker_loop_boot_status_pause() {
+        let (server, worker) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || serve(worker));
+        let mut w = server.try_clone().unwrap();
+        let mut r = BufReader::new(server);
+        let cfg = BootConfig {
+            kernel: KernelSpec::TestGuest,
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 1 << 26,
+            vcpus: 1,
+            console: ConsoleSpec::Sink,
+        };
+        let rep = roundtrip(
+            &mut w,
+            &mut r,
+            1,
+            Request::Boot {
+                backend: BackendKind::Fake,
+                config: cfg.clone(),
+            },
+        );
+        assert_eq!(rep.id, 1);
+        assert!(matches!(rep.reply, Reply::Running { .. }));
+        let rep = roundtrip(
+            &mut w,
+            &mut r,
+            2,
+            Request::Boot {
+                backend: BackendKind::Fake,
+                config: cfg,
+            },
+        );
+        assert!(matches!(rep.reply, Reply::Error { .. }));
+        let rep = roundtrip(&mut w, &mut r, 3, Request::Status);
+        assert!(matches!(rep.reply, Reply::Status { alive: true, .. }));
+        let tmp = tempfile::tempdir().unwrap();
+        let rep = roundtrip(
+            &mut w,
+            &mut r,
+            4,
+            Request::Pause {
+                snapshot_dir: tmp.path().join("s"),
+            },
+        );
+        assert_eq!(rep.id, 4);
+        assert!(matches!(rep.reply, Reply::Paused { snapshot_bytes, .. } if snapshot_bytes > 0));
+        // The worker exits after a pause.
+        assert!(t.join().unwrap().is_ok());
+    }
+
+    #[test]
+    fn worker_exits_on_eof_and_rejects_garbage() {
+        let (server, worker) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || serve(worker));
+        drop(server);
+        assert!(t.join().unwrap().is_ok());
+
+        let (mut server, worker) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || serve(worker));
+        server.write_all(b"{not json}\n").unwrap();
+        assert!(matches!(t.join().unwrap(), Err(Error::Protocol(_))));
+    }
+}

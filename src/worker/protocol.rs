@@ -1,0 +1,201 @@
+//! The wire protocol between the server and a sandbox worker.
+//!
+//! Framing: newline-delimited JSON over a Unix stream socket, one frame per
+//! line, at most [`MAX_FRAME`] bytes. The server sends [`RequestFrame`]s, each
+//! with an id it chose (strictly increasing per connection); the worker
+//! answers every request with exactly one [`ReplyFrame`] carrying the same id,
+//! in request order. A reply whose id does not match an outstanding request is
+//! a protocol error, so a reply can never be taken for another request's.
+//!
+//! After replying [`Reply::Paused`] or [`Reply::ShuttingDown`] the worker
+//! exits; the server sees EOF. EOF at any other time means the worker died.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest frame either side accepts, newline included.
+pub const MAX_FRAME: u64 = 1 << 20;
+
+/// Which VM implementation a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// A thread that counts; pause writes the counter to the snapshot dir.
+    Fake,
+    /// The real KVM VMM (`stasis::vmm`).
+    Vm,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fake" => Ok(BackendKind::Fake),
+            "vm" => Ok(BackendKind::Vm),
+            other => Err(format!("unknown backend {other:?} (expected fake or vm)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Fake => "fake",
+            BackendKind::Vm => "vm",
+        })
+    }
+}
+
+/// Mirrors `vmm::Kernel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelSpec {
+    TestGuest,
+    Path(PathBuf),
+}
+
+/// Mirrors `vmm::Console`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleSpec {
+    Sink,
+    Stdout,
+    File(PathBuf),
+}
+
+/// Mirrors `vmm::VmConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootConfig {
+    pub kernel: KernelSpec,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub vcpus: u8,
+    pub console: ConsoleSpec,
+}
+
+/// Mirrors `vmm::RestoreMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreModeSpec {
+    Eager,
+    Lazy,
+}
+
+/// What the server asks of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Boot a fresh VM; reply [`Reply::Running`].
+    Boot {
+        backend: BackendKind,
+        config: BootConfig,
+    },
+    /// Restore a VM from a snapshot directory; reply [`Reply::Running`].
+    Restore {
+        backend: BackendKind,
+        snapshot_dir: PathBuf,
+        mode: RestoreModeSpec,
+        console: ConsoleSpec,
+    },
+    /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
+    /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
+    /// and the reply is [`Reply::Error`].
+    Pause { snapshot_dir: PathBuf },
+    /// Reply [`Reply::Status`].
+    Status,
+    /// Kill the VM, reply [`Reply::ShuttingDown`], exit.
+    Shutdown,
+}
+
+/// Progress of the built-in test guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestProgress {
+    pub round: u64,
+    pub acc: u64,
+}
+
+/// What a worker answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Running {
+        guest: Option<GuestProgress>,
+    },
+    Paused {
+        snapshot_bytes: u64,
+        guest: Option<GuestProgress>,
+    },
+    Status {
+        alive: bool,
+        exit_reason: Option<String>,
+        guest: Option<GuestProgress>,
+    },
+    ShuttingDown,
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyFrame {
+    pub id: u64,
+    pub reply: Reply,
+}
+
+/// Serialises a frame as one line (with the trailing newline).
+pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(frame)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_as_single_lines() {
+        let req = RequestFrame {
+            id: 7,
+            request: Request::Boot {
+                backend: BackendKind::Fake,
+                config: BootConfig {
+                    kernel: KernelSpec::TestGuest,
+                    initrd: None,
+                    cmdline: "stasis.work=counter\nx".into(),
+                    mem_bytes: 64 << 20,
+                    vcpus: 1,
+                    console: ConsoleSpec::File("/tmp/c".into()),
+                },
+            },
+        };
+        let line = encode(&req).unwrap();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let back: RequestFrame = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, req);
+
+        let rep = ReplyFrame {
+            id: 7,
+            reply: Reply::Paused {
+                snapshot_bytes: 3,
+                guest: Some(GuestProgress { round: 1, acc: 2 }),
+            },
+        };
+        let back: ReplyFrame = serde_json::from_slice(&encode(&rep).unwrap()).unwrap();
+        assert_eq!(back, rep);
+    }
+
+    #[test]
+    fn backend_parses() {
+        assert_eq!("fake".parse::<BackendKind>(), Ok(BackendKind::Fake));
+        assert!("kvm".parse::<BackendKind>().is_err());
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the novita-sandbox Python SDK tests (tests/sdk) against a fresh
+# `stasis serve --backend fake` on a free port with a temporary data dir.
+#   tests/sdk/run.sh [pytest args...]
+# The venv lives in target/sdk-venv (override with STASIS_SDK_VENV) and is
+# created on first use (needs PyPI).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+VENV=${STASIS_SDK_VENV:-$ROOT/target/sdk-venv}
+SDK_VERSION=${NOVITA_SANDBOX_VERSION:-2.1.1}
+
+if ! "$VENV/bin/python" -c "import novita_sandbox, pytest" 2>/dev/null; then
+  echo "run.sh: creating $VENV (novita-sandbox==$SDK_VERSION, pytest)" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "novita-sandbox==$SDK_VERSION" pytest
+fi
+
+cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin stasis
+BIN="$ROOT/target/debug/stasis"
+
+WORK=$(mktemp -d)
+KEY="sdk-test-$RANDOM$RANDOM"
+"$BIN" serve --listen 127.0.0.1:0 --backend fake --data-dir "$WORK/data" --api-key "$KEY" \
+  >"$WORK/stdout" 2>"$WORK/server.log" &
+SERVER=$!
+cleanup() {
+  kill "$SERVER" 2>/dev/null || true
+  wait "$SERVER" 2>/dev/null || true
+  if [ "${KEEP_LOG:-}" = 1 ]; then echo "server log: $WORK/server.log" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+URL=""
+for _ in $(seq 1 300); do
+  URL=$(sed -n 's/^stasis: listening on //p' "$WORK/stdout" | head -n1)
+  [ -n "$URL" ] && break
+  kill -0 "$SERVER" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$URL" ] || { echo "run.sh: server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
+
+cd "$ROOT/tests/sdk"
+NOVITA_API_URL="$URL" NOVITA_API_KEY="$KEY" STASIS_BIN="$BIN" \
+  "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
