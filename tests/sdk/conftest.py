@@ -57,7 +57,8 @@ def server_factory():
         key = "sdk-test-key"
         log = open(os.path.join(d, "server.log"), "w")
         p = subprocess.Popen(
-            [binary, "serve", "--listen", "127.0.0.1:0", "--backend", "fake",
+            [binary, "serve", "--listen", "127.0.0.1:0",
+             "--backend", os.environ.get("STASIS_BACKEND", "vm"),
              "--data-dir", os.path.join(d, "data"), "--api-key", key, *extra],
             stdout=subprocess.PIPE, stderr=log, text=True,
         )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the novita-sandbox Python SDK tests (tests/sdk) against a fresh
-# `stasis serve --backend fake` on a free port with a temporary data dir.
+# `stasis serve` on a free port with a temporary data dir.
 #   tests/sdk/run.sh [pytest args...]
 # The venv lives in target/sdk-venv (override with STASIS_SDK_VENV) and is
 # created on first use (needs PyPI).
@@ -16,12 +16,19 @@ if ! "$VENV/bin/python" -c "import novita_sandbox, pytest" 2>/dev/null; then
   "$VENV/bin/pip" install --quiet "novita-sandbox==$SDK_VERSION" pytest
 fi
 
-cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin stasis
-BIN="$ROOT/target/debug/stasis"
+# STASIS_BIN: a built binary (the Rust wrapper test passes its own);
+# STASIS_BACKEND: vm (real KVM guests, the default) or fake.
+if [ -n "${STASIS_BIN:-}" ]; then
+  BIN=$STASIS_BIN
+else
+  cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" --bin stasis
+  BIN="$ROOT/target/release/stasis"
+fi
+BACKEND=${STASIS_BACKEND:-vm}
 
 WORK=$(mktemp -d)
 KEY="sdk-test-$RANDOM$RANDOM"
-"$BIN" serve --listen 127.0.0.1:0 --backend fake --data-dir "$WORK/data" --api-key "$KEY" \
+"$BIN" serve --listen 127.0.0.1:0 --backend "$BACKEND" --data-dir "$WORK/data" --api-key "$KEY" \
   >"$WORK/stdout" 2>"$WORK/server.log" &
 SERVER=$!
 cleanup() {

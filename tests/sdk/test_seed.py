@@ -1,5 +1,6 @@
 """The product page's (sandbox-persistence) flows, run through the
-novita-sandbox Python SDK against `stasis serve --backend fake`."""
+novita-sandbox Python SDK against `stasis serve` (real KVM guests by default;
+STASIS_BACKEND=fake for the counting stand-in)."""
 
 import datetime
 
