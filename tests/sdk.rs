@@ -34,5 +34,8 @@ fn novita_sandbox_sdk_runs_the_seed_flows() {
         out.status
     );
     assert!(stdout.contains(" passed"), "pytest ran no tests:\n{stdout}");
-    assert!(!stdout.contains(" skipped"), "some SDK tests were skipped:\n{stdout}");
+    assert!(
+        !stdout.contains(" skipped"),
+        "some SDK tests were skipped:\n{stdout}"
+    );
 }

@@ -244,6 +244,15 @@ impl Vm {
             },
         )
         .map_err(PersistError::from)?;
+        tracing::debug!(
+            scan = ?report.scan_time,
+            write = ?report.write_time,
+            fsync = ?report.fsync_time,
+            elapsed = ?report.elapsed,
+            bytes = report.bytes_written,
+            threads = report.threads,
+            "memory file written"
+        );
         let meta =
             MemoryMeta::new(&regions, report.present, working_set).map_err(PersistError::from)?;
         let memory_time = tm.elapsed();
@@ -316,7 +325,9 @@ impl Vm {
             ))
             .into());
         }
+        let t_state = t0.elapsed();
         let shell = new_shell(st.mem_bytes, n)?;
+        let t_shell = t0.elapsed();
         let regions = file_regions(&shell.mem);
         let file = snap.open_memory().map_err(PersistError::from)?;
         // Validate the memory file before creating anything that runs.
@@ -332,6 +343,7 @@ impl Vm {
                     .map_err(PersistError::from)?,
             ),
         };
+        let t_mem = t0.elapsed();
         shell
             .fd
             .set_pit2(&st.pit)
@@ -381,7 +393,16 @@ impl Vm {
             bytes_stored: st.memory.bytes_stored,
             working_set_pages: st.memory.working_set.count_ones() as u64,
         };
+        let t_vcpus = t0.elapsed();
         let mut vm = Vm::start(shell, devices, fds, config)?;
+        tracing::debug!(
+            ?t_state,
+            ?t_shell,
+            ?t_mem,
+            ?t_vcpus,
+            running = ?t0.elapsed(),
+            "restore phases (cumulative)"
+        );
         vm.lazy = lazy;
         Ok((
             vm,

@@ -101,8 +101,9 @@ main() {
         mkdir -p "$dl/out"
         cp "$dl"/x/boot/vmlinuz-* "$dl/out/vmlinuz"
         for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
-            src="$(ls "$dl"/x/lib/modules/*/kernel/"$m".ko* 2>/dev/null | head -n1)"
-            [[ -n "$src" ]] || { rm -rf "$dl"; die "$img_pkg has no module $m"; }
+            found=("$dl"/x/lib/modules/*/kernel/"$m".ko*)
+            src="${found[0]}"
+            [[ -e "$src" ]] || { rm -rf "$dl"; die "$img_pkg has no module $m"; }
             case "$src" in
             *.ko) cp "$src" "$dl/out/$(basename "$m").ko" ;;
             *.ko.xz) xz -dc "$src" >"$dl/out/$(basename "$m").ko" ;;
