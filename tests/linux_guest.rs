@@ -1,5 +1,6 @@
-//! Boots a real minimal Linux guest under `stasis run` and checks that its
-//! init ran and the VMM exited cleanly.
+//! Boots a real minimal Linux guest with two vCPUs under `stasis run` and
+//! checks that its init ran, saw both CPUs (found through the MP table) and
+//! that the VMM exited cleanly.
 //!
 //! The guest is built from this repository: `kernel/build.sh` (a 6.1 vmlinux
 //! from Debian's linux-source-6.1 and `kernel/config`) and
@@ -27,6 +28,8 @@ const MARKER: &str = "STASIS-LINUX-INIT-OK";
 /// Kernel command line for the guest, both for direct and nested runs.
 const CMDLINE: &str = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off";
 const GUEST_MEM: &str = "256M";
+/// Two vCPUs: the guest must bring up the second through the MP table.
+const GUEST_VCPUS: u8 = 2;
 
 /// The first kernel build takes several minutes on two cores; later runs hit the cache.
 const KERNEL_BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
@@ -82,7 +85,9 @@ fn linux_guest_boots_to_init_and_exits_cleanly() {
             .arg("--cmdline")
             .arg(CMDLINE)
             .arg("--mem")
-            .arg(GUEST_MEM);
+            .arg(GUEST_MEM)
+            .arg("--vcpus")
+            .arg(GUEST_VCPUS.to_string());
         ("direct on /dev/kvm", run_bounded(cmd, DIRECT_RUN_LIMIT))
     } else {
         if !on_path("qemu-system-x86_64") {
@@ -94,7 +99,8 @@ fn linux_guest_boots_to_init_and_exits_cleanly() {
         let mut cmd = Command::new(repo().join("tests/nested/run-l1.sh"));
         cmd.arg(stasis).arg(&vmlinux).arg(&initramfs);
         cmd.env("STASIS_INNER_CMDLINE", CMDLINE)
-            .env("STASIS_INNER_MEM", GUEST_MEM);
+            .env("STASIS_INNER_MEM", GUEST_MEM)
+            .env("STASIS_INNER_VCPUS", GUEST_VCPUS.to_string());
         let run = run_bounded(cmd, NESTED_RUN_LIMIT);
         if run.status.and_then(|s| s.code()) == Some(PREREQ_EXIT) {
             return prerequisite_missing(&format!(
@@ -106,6 +112,7 @@ fn linux_guest_boots_to_init_and_exits_cleanly() {
     };
 
     let marker_line = run.output.lines().find(|l| l.contains(MARKER));
+    let cpus_field = format!("cpus={GUEST_VCPUS}");
     let problem = if run.timed_out {
         Some(format!("timed out after {:?} and was killed", run.elapsed))
     } else if !run.status.is_some_and(|s| s.success()) {
@@ -113,6 +120,11 @@ fn linux_guest_boots_to_init_and_exits_cleanly() {
     } else if marker_line.is_none() {
         Some(format!(
             "exited cleanly but the guest never printed {MARKER}"
+        ))
+    } else if !marker_line.is_some_and(|l| l.split_whitespace().any(|w| w == cpus_field)) {
+        Some(format!(
+            "the guest booted but did not report {cpus_field} (started with \
+             {GUEST_VCPUS} vCPUs; is the MP table missing?)"
         ))
     } else {
         None

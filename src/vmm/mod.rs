@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod devices;
 pub mod memory;
+pub mod mptable;
 pub mod persist;
 pub mod vcpu;
 
@@ -66,6 +67,9 @@ pub enum Error {
     /// Kernel loading or vCPU boot setup failed.
     #[error(transparent)]
     Boot(#[from] boot::Error),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
     /// Device setup failed.
     #[error(transparent)]
     Devices(#[from] devices::Error),
@@ -235,6 +239,7 @@ impl Vm {
             config.initrd.as_deref(),
             &config.cmdline,
         )?;
+        mptable::write(&shell.mem, config.vcpus)?;
         let devices = devices::Devices::new(&config.console, None)?;
         let mut fds = Vec::new();
         for id in 0..config.vcpus {
@@ -321,8 +326,29 @@ impl Vm {
     /// Where the VM is in its life.
     pub fn state(&self) -> RunState {
         let mut c = self.ctl();
-        Self::drain(&mut c, &self.pause, None);
+        self.poll(&mut c);
         c.state
+    }
+
+    /// Handles pending vCPU events, and ends the VM if its lazy loader
+    /// failed: its memory can no longer be trusted, so it must not run on.
+    fn poll(&self, c: &mut Control) {
+        Self::drain(c, &self.pause, None);
+        if c.exit.is_some() {
+            return;
+        }
+        if let Some(err) = self.lazy.as_ref().and_then(|l| l.error()) {
+            tracing::error!("lazy restore failed, stopping the VM: {err}");
+            if self.stop_vcpus(c).is_err() {
+                tracing::error!("vCPUs did not stop after the lazy loader failed");
+            }
+            if c.exit.is_none() {
+                c.exit = Some(ExitReason::Error(format!(
+                    "guest memory could not be restored: {err}"
+                )));
+            }
+            c.state = RunState::Exited;
+        }
     }
 
     /// Handles vCPU events; waits up to `timeout` for the first one.
@@ -433,7 +459,7 @@ impl Vm {
     /// Why the guest ended, if it has; never blocks.
     pub fn exited(&self) -> Option<ExitReason> {
         let mut c = self.ctl();
-        Self::drain(&mut c, &self.pause, None);
+        self.poll(&mut c);
         c.exit.clone()
     }
 
@@ -442,7 +468,7 @@ impl Vm {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut c = self.ctl();
         loop {
-            Self::drain(&mut c, &self.pause, None);
+            self.poll(&mut c);
             if let Some(e) = &c.exit {
                 return Some(e.clone());
             }
@@ -455,6 +481,16 @@ impl Vm {
                     d - now
                 }
                 None => Duration::from_secs(3600),
+            };
+            // While memory is still arriving, look at the loader often.
+            let filling = self
+                .lazy
+                .as_ref()
+                .is_some_and(|l| l.stats().complete_time().is_none());
+            let step = if filling {
+                step.min(Duration::from_millis(20))
+            } else {
+                step
             };
             Self::drain(&mut c, &self.pause, Some(step));
         }

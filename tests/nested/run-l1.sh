@@ -23,6 +23,7 @@
 #   STASIS_L1_SMP         L1 vCPUs (1)
 #   STASIS_INNER_TIMEOUT  limit in seconds for `stasis run` inside L1 (300)
 #   STASIS_INNER_MEM      --mem for the inner guest (256M)
+#   STASIS_INNER_VCPUS    --vcpus for the inner guest (1)
 #   STASIS_INNER_CMDLINE  kernel command line for the inner guest
 #   STASIS_LOG            passed on to stasis inside L1 (its log filter)
 #   STASIS_L1_EXTRA       extra host paths (space separated) copied into L1 at
@@ -57,6 +58,7 @@ main() {
     l1_smp="${STASIS_L1_SMP:-1}"
     inner_timeout="${STASIS_INNER_TIMEOUT:-300}"
     inner_mem="${STASIS_INNER_MEM:-256M}"
+    inner_vcpus="${STASIS_INNER_VCPUS:-1}"
     inner_cmdline="${STASIS_INNER_CMDLINE:-console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off}"
     expect_marker="${STASIS_L1_EXPECT_MARKER:-1}"
 
@@ -174,7 +176,8 @@ main() {
         run_cmd="$STASIS_L1_COMMAND"
     else
         run_cmd="$(printf '%q ' /stasis run --kernel /vmlinux \
-            --initrd /initramfs.cpio.gz --cmdline "$inner_cmdline" --mem "$inner_mem")"
+            --initrd /initramfs.cpio.gz --cmdline "$inner_cmdline" --mem "$inner_mem" \
+            --vcpus "$inner_vcpus")"
     fi
     # The init reads its parameters from this file (sourced by busybox sh).
     {
