@@ -29,10 +29,7 @@ fn pattern(p: usize) -> Option<u8> {
 
 /// Fails loudly without userfaultfd unless `STASIS_ALLOW_SKIP=1`.
 fn uffd_available() -> bool {
-    match userfaultfd::UffdBuilder::new()
-        .user_mode_only(false)
-        .create()
-    {
+    match stasis::snapshot::uffd_sys::Uffd::create(false) {
         Ok(_) => true,
         Err(e) if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") => {
             eprintln!("SKIPPED: userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1");

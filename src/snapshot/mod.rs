@@ -16,6 +16,7 @@ pub mod bitmap;
 pub mod format;
 pub mod memfile;
 pub mod uffd;
+pub mod uffd_sys;
 
 pub use bitmap::PageBitmap;
 

@@ -49,7 +49,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use userfaultfd::{Event, EventBuffer, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
+use super::uffd_sys::{Fault, Uffd, IOCTL_COPY, IOCTL_WAKE, IOCTL_ZEROPAGE};
 
 use super::bitmap::PageBitmap;
 use super::memfile::{self, AnonMapping, MemRegion, MemoryMeta, PAGE_SIZE};
@@ -63,7 +63,7 @@ const MAX_EAGAIN: u32 = 100_000;
 pub enum Error {
     /// The userfaultfd could not be created.
     #[error("creating a userfaultfd (needs /dev/userfaultfd access, or CAP_SYS_PTRACE for kernel-mode faults)")]
-    Create(#[source] userfaultfd::Error),
+    Create(#[source] std::io::Error),
     /// A region could not be registered.
     #[error("registering guest memory {addr:#x}+{len:#x} with userfaultfd")]
     Register {
@@ -71,9 +71,9 @@ pub enum Error {
         addr: usize,
         /// Length.
         len: usize,
-        /// The crate's error.
+        /// The OS error.
         #[source]
-        source: userfaultfd::Error,
+        source: std::io::Error,
     },
     /// The kernel does not offer COPY/ZEROPAGE/WAKE on a region.
     #[error("userfaultfd on {addr:#x} lacks COPY/ZEROPAGE/WAKE (offers {offered})")]
@@ -126,7 +126,7 @@ pub enum Error {
     },
     /// Reading fault events failed.
     #[error("reading userfaultfd events")]
-    ReadEvents(#[source] userfaultfd::Error),
+    ReadEvents(#[source] std::io::Error),
     /// `poll`, `eventfd` or thread creation failed.
     #[error("{0}")]
     Sys(&'static str, #[source] std::io::Error),
@@ -363,15 +363,10 @@ impl LazyLoader {
         }
         check_fresh(&regions)?;
 
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM touches guest memory from kernel mode (get_user_pages);
-            // those faults must reach us too.
-            .user_mode_only(false)
-            .create()
-            .map_err(Error::Create)?;
-        let needed = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+        // KVM touches guest memory from kernel mode (get_user_pages); those
+        // faults must reach us too: not user-mode only.
+        let uffd = Uffd::create(false).map_err(Error::Create)?;
+        let needed = IOCTL_COPY | IOCTL_ZEROPAGE | IOCTL_WAKE;
         for r in &regions {
             let offered = uffd
                 .register(r.host_addr().cast(), r.len())
@@ -380,10 +375,10 @@ impl LazyLoader {
                     len: r.len(),
                     source,
                 })?;
-            if !offered.contains(needed) {
+            if offered & needed != needed {
                 return Err(Error::MissingIoctls {
                     addr: r.addr(),
-                    offered: format!("{offered:?}"),
+                    offered: format!("{offered:#x}"),
                 });
             }
         }
@@ -970,7 +965,7 @@ impl Shared {
     fn fault_loop(&self) -> Result<()> {
         let zero = AnonMapping::new(PAGE_SIZE)
             .map_err(|e| Error::Sys("mapping the zero page buffer", e))?;
-        let mut events = EventBuffer::new(64);
+        let mut events: Vec<Fault> = Vec::with_capacity(64);
         let mut pfds = [
             libc::pollfd {
                 fd: self.fd(),
@@ -1003,24 +998,19 @@ impl Shared {
                 ));
             }
             loop {
-                let mut any = false;
-                for ev in self
+                let read = self
                     .uffd
-                    .read_events(&mut events)
-                    .map_err(Error::ReadEvents)?
-                {
-                    any = true;
-                    let ev = ev.map_err(Error::ReadEvents)?;
-                    if let Event::Pagefault { addr, rw, .. } = ev {
-                        self.stats.faults.fetch_add(1, Ordering::Relaxed);
-                        if self.released.load(Ordering::SeqCst) {
-                            // Faulter was woken by the unregister.
-                            continue;
-                        }
-                        self.on_fault(addr as usize, rw == ReadWrite::Write, &zero)?;
+                    .read_faults(&mut events)
+                    .map_err(Error::ReadEvents)?;
+                for f in &events {
+                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                    if self.released.load(Ordering::SeqCst) {
+                        // Faulter was woken by the unregister.
+                        continue;
                     }
+                    self.on_fault(f.addr as usize, f.write, &zero)?;
                 }
-                if !any {
+                if read == 0 {
                     break;
                 }
             }
@@ -1134,12 +1124,7 @@ fn copy_baseline(bytes: usize) -> Result<f64> {
     // SAFETY: in-bounds write to our own fresh mapping.
     unsafe { std::ptr::write_bytes(src.addr(), 0x5a, chunk) };
     let dst = AnonMapping::new(bytes).map_err(|e| Error::Sys("mapping probe memory", e))?;
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .create()
-        .map_err(Error::Create)?;
+    let uffd = Uffd::create(false).map_err(Error::Create)?;
     uffd.register(dst.addr().cast(), bytes)
         .map_err(|source| Error::Register {
             addr: dst.addr() as usize,
@@ -1233,7 +1218,7 @@ mod tests {
     /// Fails loudly unless userfaultfd (with kernel-mode faults) works here,
     /// or `STASIS_ALLOW_SKIP=1` is set, in which case the test is skipped.
     fn require_uffd() -> bool {
-        match UffdBuilder::new().user_mode_only(false).create() {
+        match Uffd::create(false) {
             Ok(_) => true,
             Err(e) if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") => {
                 eprintln!("SKIPPED: userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1");
