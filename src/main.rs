@@ -62,6 +62,16 @@ enum Cmd {
         /// Also write the results as JSON to this file ("-" for stdout).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Measure the lifecycle HTTP API instead (create, pause, connect,
+        /// kill of 256 MiB guests through an in-process server).
+        #[arg(long)]
+        api: bool,
+        /// With --api: cycles in the sequential phase and per concurrent client.
+        #[arg(long, default_value_t = 20, requires = "api")]
+        count: usize,
+        /// With --api: clients in the concurrent phase.
+        #[arg(long, default_value_t = 4, requires = "api")]
+        concurrency: usize,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
     Serve(stasis::api::ServeArgs),
@@ -159,10 +169,19 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
         Cmd::Bench {
+            api: true,
+            dir,
+            json,
+            count,
+            concurrency,
+            ..
+        } => api_bench(count, concurrency, dir, json),
+        Cmd::Bench {
             sizes,
             touched,
             dir,
             json,
+            ..
         } => bench(sizes, touched, dir, json),
         Cmd::Resume {
             dir,
@@ -351,8 +370,35 @@ fn bench(
     println!("round = one workload pass touching every touched page; 1st-rnd = resume until the first round after it completed\n");
     let rows = stasis::bench::run(&opts, &mut std::io::stdout()).map_err(|e| chain(&e))?;
     let _ = std::fs::remove_dir(&dir);
-    if let Some(p) = json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+    write_json(json, &rows)
+}
+
+/// `stasis bench --api`: latency of create, pause, connect and kill through
+/// the lifecycle HTTP API.
+fn api_bench(
+    count: usize,
+    concurrency: usize,
+    dir: PathBuf,
+    json: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let opts = stasis::api::bench::ApiBenchOpts {
+        count,
+        concurrency,
+        dir: dir.clone(),
+        worker_exe: Some(
+            std::env::current_exe().map_err(|e| format!("locating the stasis binary: {e}"))?,
+        ),
+        ..Default::default()
+    };
+    let report = stasis::api::bench::run_api_bench(opts, &mut std::io::stdout());
+    let _ = std::fs::remove_dir(&dir);
+    write_json(json, &report.map_err(|e| chain(&e))?)
+}
+
+/// Writes `value` as JSON to `path` ("-" for stdout), if given.
+fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> Result<ExitCode, String> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
         if p.as_os_str() == "-" {
             println!("{text}");
         } else {

@@ -8,8 +8,10 @@
 //!   OpenAPI document.
 //!
 //! Each running sandbox lives in its own worker process ([`crate::worker`]);
-//! nothing here touches KVM.
+//! nothing here touches KVM. [`bench`] drives this API in-process and
+//! measures its latency (`stasis bench --api`).
 
+pub mod bench;
 pub mod error;
 pub mod manager;
 pub mod models;
@@ -42,7 +44,8 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Address to listen on; port 0 picks a free port (the chosen address is
-    /// printed on stdout as `stasis: listening on http://ADDR`).
+    /// printed on stdout as `stasis: listening on http://ADDR`, or sent to
+    /// `on_listen`).
     pub listen: SocketAddr,
     /// Holds `stasis.db`, `sandboxes/<id>/`, `run/`, `templates/`.
     pub data_dir: PathBuf,
@@ -64,6 +67,10 @@ pub struct ServeOptions {
     pub max_inflight: usize,
     /// Binary to run as `<exe> worker --socket PATH`; default: this one.
     pub worker_exe: Option<PathBuf>,
+    /// For servers embedded in a process (e.g. `stasis bench --api`): when
+    /// set, the bound address is sent here once the server listens, instead
+    /// of being printed on stdout.
+    pub on_listen: Option<std::sync::mpsc::Sender<SocketAddr>>,
 }
 
 impl Default for ServeOptions {
@@ -79,6 +86,7 @@ impl Default for ServeOptions {
             max_running: 256,
             max_inflight: 1024,
             worker_exe: None,
+            on_listen: None,
         }
     }
 }
@@ -214,7 +222,9 @@ pub async fn serve(
         api_key: opts.api_key.as_deref().map(Arc::from),
         inflight: Arc::new(tokio::sync::Semaphore::new(opts.max_inflight)),
     });
-    {
+    if let Some(tx) = &opts.on_listen {
+        let _ = tx.send(addr);
+    } else {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "stasis: listening on http://{addr}");
