@@ -381,3 +381,43 @@ fn untouched_memory_costs_nothing_to_store() {
     assert_eq!(rs.bytes_stored, st.bytes_written);
     wait_round(&vm2, vm.guest_status().unwrap().round);
 }
+
+#[test]
+fn a_lazily_restored_guest_records_its_working_set_for_next_time() {
+    if !common::kvm_or_skip("working set") {
+        return;
+    }
+    let w = Workload {
+        report: 0,
+        ..workload(0, 13)
+    };
+    let mut vm = boot(&w, Console::Sink);
+    wait_round(&vm, 2);
+    vm.pause().unwrap();
+    let dir = common::scratch("workingset");
+    vm.snapshot(&dir.join("a")).unwrap();
+    drop(vm);
+    let (first, _) = stasis::vmm::persist::inspect(&dir.join("a")).unwrap();
+    // Booted, never restored: nothing recorded yet.
+    assert_eq!(first.memory.working_set.count_ones(), 0);
+
+    let (mut vm, _) = Vm::restore(&dir.join("a"), RestoreMode::Lazy, Console::Sink, None).unwrap();
+    let at = vm.guest_status().unwrap().round;
+    wait_round(&vm, at + 2);
+    vm.pause().unwrap();
+    vm.snapshot(&dir.join("b")).unwrap();
+    let (second, _) = stasis::vmm::persist::inspect(&dir.join("b")).unwrap();
+    let ws = &second.memory.working_set;
+    // The guest faulted on at least the code and status pages it runs on.
+    assert!(ws.count_ones() > 0, "no working set recorded");
+    assert_eq!(ws.len(), second.memory.present.len());
+    // Recorded sets carry over to the next snapshot.
+    drop(vm);
+    let (mut vm, rs) =
+        Vm::restore(&dir.join("b"), RestoreMode::Eager, Console::Sink, None).unwrap();
+    assert_eq!(rs.working_set_pages, ws.count_ones() as u64);
+    vm.pause().unwrap();
+    vm.snapshot(&dir.join("c")).unwrap();
+    let (third, _) = stasis::vmm::persist::inspect(&dir.join("c")).unwrap();
+    assert_eq!(third.memory.working_set, *ws);
+}

@@ -242,6 +242,19 @@ impl PageBitmap {
         })
     }
 
+    /// Union with a bitmap of the same length; `None` if the lengths differ.
+    pub fn or(&self, other: &PageBitmap) -> Option<PageBitmap> {
+        (self.len == other.len).then(|| PageBitmap {
+            len: self.len,
+            words: self
+                .words
+                .iter()
+                .zip(&other.words)
+                .map(|(a, b)| a | b)
+                .collect(),
+        })
+    }
+
     fn last_word_mask(&self) -> u64 {
         match self.len % 64 {
             0 => !0,

@@ -312,6 +312,9 @@ struct Shared {
     /// Present pages of the working set.
     ws: PageBitmap,
     filled: Vec<AtomicU64>,
+    /// Pages the guest faulted on before the prefetcher brought them: the
+    /// part of its working set it needed first (recorded for next time).
+    demanded: Vec<AtomicU64>,
     present_filled: AtomicUsize,
     ws_filled: AtomicUsize,
     stats: Arc<LazyStats>,
@@ -412,6 +415,9 @@ impl LazyLoader {
             filled: (0..meta.present.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            demanded: (0..meta.present.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             present: meta.present.clone(),
             ws,
             regions,
@@ -453,6 +459,19 @@ impl LazyLoader {
     /// Live counters.
     pub fn stats(&self) -> &Arc<LazyStats> {
         &self.shared.stats
+    }
+
+    /// Pages the guest faulted on (demand faults, present pages and holes)
+    /// since `start`, as a bitmap over memory-file pages.
+    pub fn demanded(&self) -> PageBitmap {
+        let words: Vec<u64> = self
+            .shared
+            .demanded
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        let len = self.shared.present.len();
+        PageBitmap::from_words(len, words).unwrap_or_else(|| PageBitmap::new(len))
     }
 
     /// The error that stopped the loader, if any.
@@ -1023,6 +1042,7 @@ impl Shared {
             return Ok(());
         };
         let page = Self::page_addr(r, gp);
+        self.demanded[gp / 64].fetch_or(1 << (gp % 64), Ordering::AcqRel);
         if self.is_filled(gp) {
             let _ = self.uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
             return Ok(());

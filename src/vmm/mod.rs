@@ -180,6 +180,8 @@ pub struct Vm {
     pause: Arc<AtomicBool>,
     ctl: Mutex<Control>,
     config: VmConfig,
+    /// Working set recorded in the snapshot this VM was restored from.
+    working_set: Option<crate::snapshot::PageBitmap>,
 }
 
 /// KVM, the VM and its memory, before any vCPU exists.
@@ -210,7 +212,7 @@ fn new_shell(mem_bytes: u64, vcpus: u8) -> Result<Shell, Error> {
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    memory::register(&fd, &mem, true)?;
+    memory::register(&fd, &mem)?;
     let caps = vcpu::Caps {
         xsave: kvm.check_extension(Cap::Xsave),
         xcrs: kvm.check_extension(Cap::Xcrs),
@@ -306,6 +308,7 @@ impl Vm {
                 exit: None,
             }),
             config,
+            working_set: None,
         })
     }
 
