@@ -408,7 +408,74 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits until the guest has completed more than `round` rounds.
+fn wait_for_round(vm: &Vm, round: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if vm.guest_status().is_some_and(|s| s.round > round) {
+            return Ok(());
+        }
+        if let Some(r) = vm.exited() {
+            return Err(format!("guest ended before round {round}: {r}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("guest did not reach round {round} within 300 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Pauses `vm` into `dir` and reports what it cost.
+fn demo_pause(mut vm: Vm, dir: &std::path::Path) -> Result<(), String> {
+    let t = Instant::now();
+    vm.pause().map_err(|e| chain(&e))?;
+    let stopped = t.elapsed();
+    let at = vm.guest_status().map(|s| s.round).unwrap_or(0);
+    let st = vm.snapshot(dir).map_err(|e| chain(&e))?;
+    let total = t.elapsed();
+    drop(vm);
+    let gib = st.mem_bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "  paused at round {at}: vCPUs stopped in {:.2} ms; snapshot durable after {:.1} ms \
+         ({:.3} s per GiB of guest memory); {:.1} MiB written of a {} MiB guest; working set {} pages",
+        stopped.as_secs_f64() * 1e3,
+        total.as_secs_f64() * 1e3,
+        total.as_secs_f64() / gib,
+        st.bytes_written as f64 / (1 << 20) as f64,
+        st.mem_bytes >> 20,
+        st.working_set_pages
+    );
+    Ok(())
+}
+
+/// Resumes `dir` lazily and reports how fast it ran and filled.
+fn demo_resume(dir: &std::path::Path, console: &ConsoleBuffer) -> Result<Vm, String> {
+    let (vm, rs) = Vm::restore(
+        dir,
+        RestoreMode::Lazy,
+        Console::Buffer(console.clone()),
+        None,
+    )
+    .map_err(|e| chain(&e))?;
+    let ws = vm.wait_working_set().map_err(|e| chain(&e))?;
+    let all = vm.wait_memory_complete().map_err(|e| chain(&e))?;
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0);
+    println!(
+        "  resumed lazily: guest running {:.2} ms after the call; working set ({} pages) resident \
+         after {:.1} ms; all {:.1} MiB after {:.1} ms",
+        rs.to_running.as_secs_f64() * 1e3,
+        rs.working_set_pages,
+        ms(ws),
+        rs.bytes_stored as f64 / (1 << 20) as f64,
+        ms(all)
+    );
+    Ok(vm)
+}
+
 fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
+    if rounds < 3 {
+        return Err("--rounds must be at least 3 (the demo pauses twice mid-workload)".into());
+    }
     let w = Workload {
         mib,
         rounds,
@@ -421,92 +488,48 @@ fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
         mem_bytes: (w.min_mem_bytes() + (64 << 20)).next_multiple_of(2 << 20),
         ..VmConfig::default()
     };
-    let gib = cfg.mem_bytes as f64 / (1u64 << 30) as f64;
     println!(
-        "stasis demo: built-in test guest, {} MiB guest, workload fills {mib} MiB then runs {rounds} mutate-and-hash rounds",
+        "stasis demo: built-in test guest in a {} MiB VM; it fills {mib} MiB, runs {rounds} \
+         mutate-and-hash rounds and prints a checksum",
         cfg.mem_bytes >> 20
     );
-    let t0 = Instant::now();
-    let mut vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
-    println!("booted in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-    // Let the guest get well into its rounds, then pause it mid-workload.
-    let pause_round = (rounds / 2).max(1);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(s) = vm.guest_status() {
-            if s.round >= pause_round {
-                break;
-            }
-        }
-        if let Some(r) = vm.exited() {
-            return Err(format!("guest ended before it could be paused: {r}"));
-        }
-        if Instant::now() > deadline {
-            return Err("guest made no progress within 300 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let dir = std::env::temp_dir().join(format!("stasis-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let tp = Instant::now();
-    vm.pause().map_err(|e| chain(&e))?;
-    let stopped = tp.elapsed();
-    let at = vm.guest_status().map(|s| s.round).unwrap_or(0);
-    let snap = vm.snapshot(&dir).map_err(|e| chain(&e))?;
-    let pause_total = tp.elapsed();
-    drop(vm);
-    println!(
-        "paused at round {at}: vCPUs stopped in {:.2} ms",
-        stopped.as_secs_f64() * 1e3
-    );
-    println!(
-        "snapshot written: {:.1} ms total ({:.3} s per GiB of guest memory), {:.1} MiB written of {:.0} MiB guest, working set {} pages",
-        pause_total.as_secs_f64() * 1e3,
-        pause_total.as_secs_f64() / gib,
-        snap.bytes_written as f64 / (1 << 20) as f64,
-        snap.mem_bytes as f64 / (1 << 20) as f64,
-        snap.working_set_pages
-    );
-    let console = ConsoleBuffer::new();
-    let (vm, rs) = Vm::restore(
-        &dir,
-        RestoreMode::Lazy,
-        Console::Buffer(console.clone()),
-        None,
-    )
-    .map_err(|e| chain(&e))?;
-    println!(
-        "resumed lazily: running after {:.2} ms",
-        rs.to_running.as_secs_f64() * 1e3
-    );
-    let ws = vm.wait_working_set().map_err(|e| chain(&e))?;
-    let all = vm.wait_memory_complete().map_err(|e| chain(&e))?;
-    if let (Some(ws), Some(all)) = (ws, all) {
+    let base = std::env::temp_dir().join(format!("stasis-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    let result = (|| {
+        let t0 = Instant::now();
+        let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
+        println!("booted in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        wait_for_round(&vm, rounds / 3)?;
+        println!("pause 1 (a booted guest):");
+        demo_pause(vm, &base.join("a"))?;
+        let console = ConsoleBuffer::new();
+        let vm = demo_resume(&base.join("a"), &console)?;
+        wait_for_round(&vm, 2 * rounds / 3)?;
+        println!("pause 2 (a lazily resumed guest: it records the pages it needed first):");
+        demo_pause(vm, &base.join("b"))?;
+        let vm = demo_resume(&base.join("b"), &console)?;
+        let reason = vm.wait(Some(Duration::from_secs(600)));
+        drop(vm);
         println!(
-            "working set resident after {:.1} ms, all memory after {:.1} ms",
-            ws.as_secs_f64() * 1e3,
-            all.as_secs_f64() * 1e3
+            "guest finished: {}",
+            reason.map(|r| r.to_string()).unwrap_or("timeout".into())
         );
-    }
-    let reason = vm.wait(Some(Duration::from_secs(600)));
-    drop(vm);
-    let _ = std::fs::remove_dir_all(&dir);
-    let expected = guest::reference(&w);
-    let got = guest::parse_checksum(&console.text());
-    println!(
-        "guest finished: {}",
-        reason.map(|r| r.to_string()).unwrap_or("timeout".into())
-    );
-    let ok = got == Some(expected.checksum);
-    println!(
-        "checksum: guest {} / expected {:016x} (computed independently) -> {}",
-        got.map(|c| format!("{c:016x}")).unwrap_or("missing".into()),
-        expected.checksum,
-        if ok { "MATCH" } else { "MISMATCH" }
-    );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+        let expected = guest::reference(&w);
+        let got = guest::parse_checksum(&console.text());
+        let ok = got == Some(expected.checksum);
+        println!(
+            "checksum: guest {} / expected {:016x} (computed independently) -> {}",
+            got.map(|c| format!("{c:016x}")).unwrap_or("missing".into()),
+            expected.checksum,
+            if ok { "MATCH" } else { "MISMATCH" }
+        );
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&base);
+    result
 }
