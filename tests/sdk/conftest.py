@@ -28,9 +28,12 @@ def api():
 
 
 def guest_round(api, sandbox_id):
+    """The guest's completed rounds; -1 before a freshly booted guest has
+    published any progress."""
     r = api.get(f"/sandboxes/{sandbox_id}")
     assert r.status_code == 200, r.text
-    return r.json()["stasis"]["guestRound"]
+    value = r.json()["stasis"]["guestRound"]
+    return -1 if value is None else value
 
 
 def wait_until(pred, secs=20.0, what="condition"):
