@@ -2,6 +2,7 @@
 //! serve --backend fake` in a subprocess.
 
 mod api_support;
+mod common;
 
 use api_support::{http, list_all, process_dead, wait_until, Server};
 use serde_json::{json, Value};
@@ -478,17 +479,8 @@ fn capacity_limit_gives_429() {
 /// on from the round it was paused at. Needs /dev/kvm.
 #[test]
 fn vm_backend_pauses_and_resumes_a_real_guest() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") {
-            eprintln!("\n*** SKIPPED (not passed): no usable /dev/kvm ***\n");
-            return;
-        }
-        panic!("/dev/kvm is not usable; set STASIS_ALLOW_SKIP=1 to skip KVM tests explicitly");
+    if !common::kvm_or_skip("vm_backend_pauses_and_resumes_a_real_guest") {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("data"), &["--backend", "vm"]);

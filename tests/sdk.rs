@@ -2,22 +2,14 @@
 //! PyPI) against `stasis serve` with real KVM guests: runs
 //! `tests/sdk/run.sh`, which makes its virtualenv on first use.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
 fn novita_sandbox_sdk_runs_the_seed_flows() {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let skip_ok = std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1");
-    if !kvm {
-        if skip_ok {
-            eprintln!("\n*** SKIPPED (not passed): SDK tests need /dev/kvm ***\n");
-            return;
-        }
-        panic!("/dev/kvm is not usable; set STASIS_ALLOW_SKIP=1 to skip KVM tests explicitly");
+    if !common::kvm_or_skip("novita_sandbox_sdk_runs_the_seed_flows") {
+        return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/run.sh");
     let out = Command::new("bash")

@@ -231,26 +231,22 @@ impl PageBitmap {
 
     /// The set intersection with `other` (lengths must match, else `None`).
     pub fn and(&self, other: &PageBitmap) -> Option<PageBitmap> {
-        (self.len == other.len).then(|| PageBitmap {
-            len: self.len,
-            words: self
-                .words
-                .iter()
-                .zip(&other.words)
-                .map(|(a, b)| a & b)
-                .collect(),
-        })
+        self.combine(other, |a, b| a & b)
     }
 
-    /// Union with a bitmap of the same length; `None` if the lengths differ.
+    /// The set union with `other` (lengths must match, else `None`).
     pub fn or(&self, other: &PageBitmap) -> Option<PageBitmap> {
+        self.combine(other, |a, b| a | b)
+    }
+
+    fn combine(&self, other: &PageBitmap, f: impl Fn(u64, u64) -> u64) -> Option<PageBitmap> {
         (self.len == other.len).then(|| PageBitmap {
             len: self.len,
             words: self
                 .words
                 .iter()
                 .zip(&other.words)
-                .map(|(a, b)| a | b)
+                .map(|(a, b)| f(*a, *b))
                 .collect(),
         })
     }
