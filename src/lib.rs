@@ -10,4 +10,5 @@ pub mod bench;
 pub mod guest;
 pub mod snapshot;
 pub mod vmm;
+pub mod vsock;
 pub mod worker;
