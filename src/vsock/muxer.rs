@@ -217,6 +217,8 @@ pub struct Muxer {
     uds_ino: u64,
     guest_cid: u64,
     listener: UnixListener,
+    /// The listener is out of the epoll set after running out of fds.
+    listener_paused: bool,
     epoll: Epoll,
     timer: TimerFd,
     /// When the timer is armed to fire.
@@ -279,6 +281,7 @@ impl Muxer {
             uds_ino,
             guest_cid,
             listener,
+            listener_paused: false,
             epoll,
             timer,
             timer_at: None,
@@ -450,6 +453,7 @@ impl Muxer {
                 EpollEvent::default(),
             );
         }
+        self.pause_listener(false);
         self.by_ports.clear();
         self.rst_queue.clear();
         self.ctrl_queue.clear();
@@ -464,10 +468,13 @@ impl Muxer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // ECONNABORTED, EMFILE...: level-triggered, so the next
-                    // process() retries.
-                    tracing::warn!(error = %e, "vsock: accept");
+                    // Out of descriptors or memory: stop listening (the
+                    // listener would stay readable and spin the device
+                    // thread) until a stream closes.
+                    tracing::warn!(error = %e, "vsock: accept; pausing the listener");
+                    self.pause_listener(true);
                     return;
                 }
             };
@@ -552,6 +559,29 @@ impl Muxer {
                 h.stream.as_raw_fd(),
                 EpollEvent::default(),
             );
+            self.pause_listener(false);
+        }
+    }
+
+    /// Takes the listener out of the epoll set (`pause`) or puts it back.
+    fn pause_listener(&mut self, pause: bool) {
+        if pause == self.listener_paused {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        let r = if pause {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        } else {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            )
+        };
+        match r {
+            Ok(()) => self.listener_paused = pause,
+            Err(e) => tracing::warn!(error = %e, "vsock: epoll_ctl on the listener"),
         }
     }
 
@@ -837,6 +867,7 @@ impl Muxer {
         if rst && guest_knows {
             self.queue_rst(ports);
         }
+        self.pause_listener(false);
     }
 
     fn token(&mut self) -> u64 {

@@ -733,3 +733,41 @@ fn connect_line_parser() {
     assert_eq!(parse_connect(b"CONNECT 4294967296"), None);
     assert_eq!(parse_connect(b"\xff"), None);
 }
+
+#[test]
+fn host_gone_before_guest_answers() {
+    let mut f = Fixture::new();
+    let c = f.client(GUEST_PORT);
+    let (req, _) = f.pkt();
+    assert_eq!(req.op, OP_REQUEST);
+    drop(c);
+    f.mux.process();
+    // The guest accepts, but nobody is there any more: RST.
+    f.send(ghdr(OP_RESPONSE, GUEST_PORT, req.src_port, 0, 0), &[]);
+    let (h, _) = f.pkt();
+    assert_eq!(
+        (h.op, h.src_port, h.dst_port),
+        (OP_RST, req.src_port, GUEST_PORT)
+    );
+    f.assert_quiet();
+}
+
+#[test]
+fn stale_socket_file_is_replaced_and_removed_on_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    std::fs::write(&path, b"stale").unwrap();
+    let mux = Muxer::new(&path, GUEST_CID).expect("replaces the stale file");
+    assert!(UnixStream::connect(&path).is_ok());
+    drop(mux);
+    assert!(!path.exists(), "socket file removed on drop");
+    // A muxer whose file was replaced by a newer one leaves that alone.
+    let old = Muxer::new(&path, GUEST_CID).unwrap();
+    let new = Muxer::new(&path, GUEST_CID).unwrap();
+    drop(old);
+    assert!(
+        UnixStream::connect(&path).is_ok(),
+        "the newer muxer's socket survives"
+    );
+    drop(new);
+}
