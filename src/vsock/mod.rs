@@ -11,7 +11,10 @@
 //! at `uds_path`, writes `CONNECT <port>\n` and reads `OK <host-port>\n`
 //! once the guest accepted on vsock port `<port>`; from then on the stream
 //! carries the connection's bytes both ways. If the guest refuses (RST) the
-//! host stream is closed without `OK`.
+//! host stream is closed without `OK`; so it is when the client sends no
+//! valid line within 5 s or the guest does not answer within 5 s. Closing
+//! the host stream (or `shutdown(Write)`) reaches the guest as a vsock
+//! SHUTDOWN after all earlier bytes; a guest close closes the host stream.
 //!
 //! Port conventions between the host and the stasis agent in the guest:
 //! [`ENVD_PORT`] is the agent's HTTP (envd) API; [`FORWARD_PORT`] is its TCP
