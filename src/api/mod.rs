@@ -6,6 +6,8 @@
 //! - [`store`]: SQLite metadata (`<data-dir>/stasis.db`).
 //! - [`models`]: JSON shapes; [`error`]: the JSON error; [`openapi`]: the
 //!   OpenAPI document.
+//! - [`proxy`]: forwards in-sandbox traffic (`Novita-Sandbox-Id`/`-Port`
+//!   headers or `{port}-{id}.{domain}` hosts) to the sandbox's agent.
 //!
 //! Each running sandbox lives in its own worker process ([`crate::worker`]);
 //! nothing here touches KVM. [`bench`] drives this API in-process and
@@ -16,6 +18,7 @@ pub mod error;
 pub mod manager;
 pub mod models;
 pub mod openapi;
+pub mod proxy;
 pub mod routes;
 pub mod store;
 
@@ -71,6 +74,11 @@ pub struct ServeOptions {
     /// set, the bound address is sent here once the server listens, instead
     /// of being printed on stdout.
     pub on_listen: Option<std::sync::mpsc::Sender<SocketAddr>>,
+    /// When set, `base` and the SDK's default template names boot this Linux
+    /// guest with the agent instead of the built-in test guest.
+    pub linux: Option<manager::LinuxTemplate>,
+    /// Longest wait for a new sandbox's agent to answer `GET /health`.
+    pub agent_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -87,6 +95,8 @@ impl Default for ServeOptions {
             max_inflight: 1024,
             worker_exe: None,
             on_listen: None,
+            linux: None,
+            agent_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -116,6 +126,29 @@ pub struct ServeArgs {
     /// Most sandboxes running at once.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
+    /// Linux kernel (vmlinux or bzImage) for the built-in templates: with
+    /// --rootfs, `base` and `code-interpreter-v1` become Linux guests that
+    /// run the stasis agent.
+    #[arg(long, requires = "rootfs")]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image (ext4 with the agent) for the built-in
+    /// templates; each sandbox gets a copy-on-write disk over it.
+    #[arg(long, requires = "kernel")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel command line of the Linux template.
+    #[arg(long, default_value = manager::LINUX_CMDLINE)]
+    pub cmdline: String,
+    /// Memory of the Linux template, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mb: u64,
+    /// vCPUs of the Linux template.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Seconds a new sandbox's agent may take to answer before the create
+    /// call fails (guests boot in seconds natively, up to a minute or more
+    /// under nested emulation).
+    #[arg(long, default_value_t = 180)]
+    pub agent_timeout: u64,
 }
 
 impl ServeArgs {
@@ -133,6 +166,35 @@ impl ServeArgs {
                 _ => BackendKind::Vm,
             },
         };
+        if self.vcpus == 0 || self.memory_mb == 0 || self.agent_timeout == 0 {
+            return Err(Error::Config(
+                "--vcpus, --memory-mb and --agent-timeout must be positive".into(),
+            ));
+        }
+        let linux = match (self.kernel, self.rootfs) {
+            (Some(kernel), Some(rootfs)) => {
+                for (what, p) in [("kernel", &kernel), ("rootfs", &rootfs)] {
+                    if !p.is_file() {
+                        return Err(Error::Config(format!(
+                            "--{what} {}: not a readable file",
+                            p.display()
+                        )));
+                    }
+                }
+                let abs = |p: PathBuf| {
+                    std::fs::canonicalize(&p)
+                        .map_err(|e| Error::Io(format!("resolve {}", p.display()), e))
+                };
+                Some(manager::LinuxTemplate {
+                    kernel: abs(kernel)?,
+                    rootfs: abs(rootfs)?,
+                    cmdline: self.cmdline,
+                    memory_mb: self.memory_mb,
+                    vcpus: self.vcpus,
+                })
+            }
+            _ => None,
+        };
         Ok(ServeOptions {
             listen: self.listen,
             data_dir: self.data_dir,
@@ -141,6 +203,8 @@ impl ServeArgs {
             retention: Duration::from_secs(self.retention_secs),
             max_timeout: Duration::from_secs(self.max_timeout_secs),
             max_running: self.max_running,
+            linux,
+            agent_timeout: Duration::from_secs(self.agent_timeout),
             ..ServeOptions::default()
         })
     }
@@ -210,6 +274,8 @@ pub async fn serve(
         max_running: opts.max_running,
         max_concurrent_spawns: std::thread::available_parallelism().map_or(4, |n| n.get() * 4),
         worker_exe,
+        linux: opts.linux.clone(),
+        agent_timeout: opts.agent_timeout,
     };
     let mgr = manager::Manager::start(cfg).await?;
     let listener =
