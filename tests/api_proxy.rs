@@ -309,8 +309,11 @@ fn errors_unknown_sandbox_no_agent_bad_headers_dead_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let s = server(&tmp, &[], &[]);
 
+    // Unknown sandboxes: 502 (the SDK's `is_running()` is false on 502; a
+    // 404 from envd would mean a missing file).
     let r = via_headers(&s, "doesnotexist", ENVD, "GET", "/health");
-    r.assert_error(404);
+    r.assert_error(502);
+    assert!(r.body.contains("not found"), "{}", r.body);
     let r = http(
         s.addr,
         "GET",
@@ -318,7 +321,7 @@ fn errors_unknown_sandbox_no_agent_bad_headers_dead_agent() {
         &[("Host", "49983-doesnotexist.example.test")],
         None,
     );
-    r.assert_error(404);
+    r.assert_error(502);
     let r = http(
         s.addr,
         "GET",
@@ -404,7 +407,48 @@ fn pause_closes_connections_stops_the_agent_and_resume_continues() {
         204
     );
     assert!(wait_until(10, || process_dead(pid)), "agent survived kill");
-    via_headers(&s, &id, ENVD, "GET", "/health").assert_error(404);
+    let r = via_headers(&s, &id, ENVD, "GET", "/health");
+    r.assert_error(502);
+    assert!(r.body.contains("it was killed"), "{}", r.body);
+}
+
+#[test]
+fn pause_and_kill_reach_every_process_the_agent_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = server(&tmp, &[], &[]);
+    let id = create_agent(&s);
+    let r = via_headers(&s, &id, ENVD, "GET", "/spawn");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pid_file = s.data_dir.join(format!("sandboxes/{id}/root/spawned.pid"));
+    assert!(wait_until(10, || pid_file.exists()));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // An orphan in its own session, still in the agent's tree.
+    assert!(!process_dead(pid));
+
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
+    assert_eq!(proc_state(pid), Some('T'), "not stopped by the pause");
+    let r = s.post(&format!("/sandboxes/{id}/connect"), json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(
+        wait_until(10, || !matches!(proc_state(pid), Some('T') | None)),
+        "not continued by the resume: {:?}",
+        proc_state(pid)
+    );
+    assert_eq!(
+        s.req("DELETE", &format!("/sandboxes/{id}"), None).status,
+        204
+    );
+    assert!(
+        wait_until(10, || process_dead(pid)),
+        "a process the agent started survived kill"
+    );
 }
 
 #[test]

@@ -641,18 +641,17 @@ impl Manager {
         }
     }
 
-    /// Where traffic for `port` of sandbox `id` goes: 404 if there is no
-    /// such sandbox, 502 if it is paused, busy or has no agent.
+    /// Where traffic for `port` of sandbox `id` goes. Every refusal is a 502
+    /// (what the SDK expects of a sandbox it cannot reach: `is_running()`
+    /// is false on 502, while a 404 from envd means "no such file"), with a
+    /// message saying why: not found, paused, busy, or no agent.
     pub fn proxy_target(&self, id: &str, port: u16) -> Result<proxy::Target, ApiError> {
+        let gateway = |msg: String| ApiError::new(StatusCode::BAD_GATEWAY, msg);
         let e = self.map().get(id).cloned();
-        let Some(e) = e else {
-            return Err(self.not_found(id));
+        let Some(e) = e.filter(|e| !e.rec().gone) else {
+            return Err(gateway(self.not_found(id).message));
         };
         let r = e.rec();
-        let gateway = |msg: String| ApiError::new(StatusCode::BAD_GATEWAY, msg);
-        if r.gone {
-            return Err(self.not_found(id));
-        }
         if r.row.state == RowState::Paused && r.busy != Some("resuming") {
             return Err(gateway(format!(
                 "sandbox {id} is paused: connect to it (Sandbox.connect) to resume it, then retry"

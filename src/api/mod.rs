@@ -79,6 +79,9 @@ pub struct ServeOptions {
     pub linux: Option<manager::LinuxTemplate>,
     /// Longest wait for a new sandbox's agent to answer `GET /health`.
     pub agent_timeout: Duration,
+    /// A second address serving the same routes, for SDKs in debug mode
+    /// (`NOVITA_DEBUG=true` sends envd requests to `localhost:49983`).
+    pub sandbox_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeOptions {
@@ -97,6 +100,7 @@ impl Default for ServeOptions {
             on_listen: None,
             linux: None,
             agent_timeout: Duration::from_secs(180),
+            sandbox_listen: None,
         }
     }
 }
@@ -149,6 +153,10 @@ pub struct ServeArgs {
     /// under nested emulation).
     #[arg(long, default_value_t = 180)]
     pub agent_timeout: u64,
+    /// Also serve on this address (e.g. 127.0.0.1:49983, where SDKs in
+    /// debug mode send in-sandbox requests).
+    #[arg(long)]
+    pub sandbox_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -205,6 +213,7 @@ impl ServeArgs {
             max_running: self.max_running,
             linux,
             agent_timeout: Duration::from_secs(self.agent_timeout),
+            sandbox_listen: self.sandbox_listen,
             ..ServeOptions::default()
         })
     }
@@ -245,8 +254,10 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    if opts.api_key.is_none() && !opts.listen.ip().is_loopback() {
-        return Err(Error::InsecureListen(opts.listen));
+    for addr in std::iter::once(opts.listen).chain(opts.sandbox_listen) {
+        if opts.api_key.is_none() && !addr.ip().is_loopback() {
+            return Err(Error::InsecureListen(addr));
+        }
     }
     if opts.max_running == 0 || opts.max_inflight == 0 {
         return Err(Error::Config(
@@ -283,6 +294,10 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io("reading the bound address".into(), e))?;
+    let sandbox_listener = match opts.sandbox_listen {
+        Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
+        None => None,
+    };
     let app = routes::router(routes::AppState {
         mgr: mgr.clone(),
         api_key: opts.api_key.as_deref().map(Arc::from),
@@ -297,8 +312,27 @@ pub async fn serve(
         let _ = out.flush();
     }
     tracing::info!(%addr, backend = %opts.backend, data_dir = %opts.data_dir.display(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(l) = sandbox_listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
+        }
+        let extra = axum::serve(l, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = extra.await {
+                tracing::error!("second listener failed: {e}");
+            }
+        });
+    }
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!("shutting down: stopping workers");

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// envd version we report. The SDK refuses < 0.1.0 and gates newer features
-/// (recursive watch 0.1.4, metrics 0.1.5, ...) on higher versions; we have no
-/// in-sandbox agent yet, so we claim the minimum.
+/// envd version reported for sandboxes without an agent (the built-in test
+/// guest). The SDK refuses < 0.1.0 and gates newer features (recursive watch
+/// 0.1.4, metrics 0.1.5, ...) on higher versions, so they claim the minimum.
 pub const ENVD_VERSION: &str = "0.1.0";
 /// envd version of sandboxes whose guest runs the stasis agent.
 // TODO(integrate envd): use `crate::envd::VERSION` once src/envd/ lands.

@@ -21,6 +21,13 @@
 //! `X-Access-Token` is passed through). Each running sandbox has a [`Gate`];
 //! pause and kill close it, which aborts every open proxied exchange of that
 //! sandbox (the client sees the connection end with an error).
+//!
+//! Errors are JSON `{"code", "message"}`: 400 for a malformed routing
+//! header; 502 when the sandbox cannot be reached — unknown, paused, being
+//! paused/resumed, no agent, the agent refusing or not answering the
+//! handshake within [`HANDSHAKE_TIMEOUT`], nothing listening on a user port.
+//! 502 is what the SDK expects (`is_running()` is false on 502; envd's own
+//! 404 means a missing file).
 
 use std::future::Future;
 use std::path::Path;

@@ -15,11 +15,13 @@
 //!
 //! Agent templates (a `vsock` socket in the boot config) get a **host agent**
 //! with the fake backend: `stasis-envd --uds <vsock> --root <dir>/root` (the
-//! binary next to this one, or `$STASIS_ENVD_BIN`) in its own process group,
-//! its pid in `<dir>/agent.pid` ([`AGENT_PID_FILE`]). Pause SIGSTOPs the group
-//! (its processes keep their memory) and hands it over to the snapshot; the
-//! worker exits but the stopped group lives on; restore SIGCONTs it; kill
-//! SIGKILLs it. Whoever removes a paused sandbox calls [`kill_host_agent`].
+//! binary next to this one, or `$STASIS_ENVD_BIN`) in its own session, a
+//! child subreaper (so every process it starts stays in its process tree,
+//! whatever sessions or groups they make), its pid in `<dir>/agent.pid`
+//! ([`AGENT_PID_FILE`]). Pause SIGSTOPs the whole tree (its processes keep
+//! their memory) and hands it over to the snapshot; the worker exits but the
+//! stopped tree lives on; restore SIGCONTs it; kill SIGKILLs it. Whoever
+//! removes a paused sandbox calls [`kill_host_agent`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -91,42 +93,127 @@ struct FakeState {
     round: u64,
     acc: u64,
     cmdline: String,
-    /// The stopped host agent's process group, for agent templates.
+    /// The stopped host agent (root of its process tree), for agent templates.
     #[serde(default)]
     agent: Option<AgentState>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct AgentState {
-    pgid: i32,
+    pid: i32,
     vsock: PathBuf,
 }
 
 /// File in the sandbox directory (the vsock socket's directory) holding the
-/// host agent's pid, which is also its process group id.
+/// host agent's pid.
 pub const AGENT_PID_FILE: &str = "agent.pid";
 /// Overrides where the worker finds the host agent binary.
 pub const AGENT_BIN_ENV: &str = "STASIS_ENVD_BIN";
 
-/// A host agent process group run for a fake agent sandbox.
+/// The host agent run for a fake agent sandbox (the root of a process
+/// tree: the agent and every process it started).
 struct HostAgent {
-    pgid: i32,
+    pid: i32,
     vsock: PathBuf,
     /// Set when this worker spawned it (so it can be reaped).
     child: Option<std::process::Child>,
 }
 
-fn signal_group(pgid: i32, sig: libc::c_int) -> std::io::Result<()> {
-    if pgid <= 1 {
+fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
+    if pid <= 1 {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
-    // SAFETY: kill(2) on a process group we started (checked by callers);
-    // touches no memory.
-    if unsafe { libc::kill(-pgid, sig) } == 0 {
+    // SAFETY: kill(2) on a process of a host agent's tree (callers checked
+    // the root's identity); touches no memory.
+    if unsafe { libc::kill(pid, sig) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
+fn all_processes() -> Vec<(i32, i32, char)> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = rest.next()?.chars().next()?;
+            let ppid = rest.next()?.parse().ok()?;
+            Some((pid, ppid, state))
+        })
+        .collect()
+}
+
+/// The processes below `root` (not `root` itself), with their states.
+fn descendants(root: i32) -> Vec<(i32, char)> {
+    let procs = all_processes();
+    let mut out: Vec<(i32, char)> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid, state) in &procs {
+            if ppid == p && pid != root && !out.iter().any(|(q, _)| *q == pid) {
+                out.push((pid, state));
+                frontier.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn is_stopped_or_dead(state: Option<char>) -> bool {
+    matches!(state, None | Some('T' | 't' | 'Z' | 'X'))
+}
+
+/// SIGSTOPs `root`, then its descendants until a scan finds none running
+/// (a stopped process cannot fork, so this converges), and waits (bounded)
+/// until all are stopped.
+fn stop_tree(root: i32) -> Result<(), Error> {
+    signal(root, libc::SIGSTOP).map_err(|e| Error::Io("stopping the host agent".into(), e))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let running: Vec<i32> = descendants(root)
+            .into_iter()
+            .filter(|(_, st)| !is_stopped_or_dead(Some(*st)))
+            .map(|(p, _)| p)
+            .collect();
+        for &p in &running {
+            let _ = signal(p, libc::SIGSTOP);
+        }
+        let root_state = proc_state(root);
+        if matches!(root_state, None | Some('Z' | 'X')) {
+            return Err(Error::Vm("the host agent exited".into()));
+        }
+        if running.is_empty() && is_stopped_or_dead(root_state) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            cont_tree(root);
+            return Err(Error::Vm("the host agent's processes did not stop".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGCONTs `root` and its descendants.
+fn cont_tree(root: i32) {
+    for (p, _) in descendants(root) {
+        let _ = signal(p, libc::SIGCONT);
+    }
+    let _ = signal(root, libc::SIGCONT);
+}
+
+/// Freezes the tree (so nothing forks meanwhile), then SIGKILLs all of it.
+fn kill_tree(root: i32) {
+    let _ = stop_tree(root);
+    for (p, _) in descendants(root) {
+        let _ = signal(p, libc::SIGKILL);
+    }
+    let _ = signal(root, libc::SIGKILL);
 }
 
 /// Whether `pid` runs a host agent serving `vsock` (checked through its
@@ -152,7 +239,7 @@ pub(crate) fn kill_host_agent(vsock: &Path) {
         return;
     };
     if is_host_agent(pid, vsock) {
-        let _ = signal_group(pid, libc::SIGKILL);
+        kill_tree(pid);
     }
 }
 
@@ -222,12 +309,16 @@ impl HostAgent {
             .current_dir(&root);
         // Its own session (and so process group): when this worker exits
         // after a pause, the stopped group must not count as orphaned within
-        // our session, or the kernel would send it SIGHUP + SIGCONT.
-        // SAFETY: setsid is async-signal-safe and touches no memory; it runs
-        // in the forked child before exec.
+        // our session, or the kernel would send it SIGHUP + SIGCONT. A child
+        // subreaper (kept across exec): orphans of its commands stay in its
+        // tree, where pause and kill find them.
+        // SAFETY: setsid and prctl are async-signal-safe and touch no memory;
+        // they run in the forked child before exec.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
+                if libc::setsid() < 0
+                    || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -239,49 +330,32 @@ impl HostAgent {
             .stderr(log2)
             .spawn()
             .map_err(|e| Error::Io(format!("start the host agent {}", exe.display()), e))?;
-        let pgid =
+        let pid =
             i32::try_from(child.id()).map_err(|_| Error::Vm("agent pid out of range".into()))?;
         let agent = HostAgent {
-            pgid,
+            pid,
             vsock: vsock.to_path_buf(),
             child: Some(child),
         };
         let pid_file = dir.join(AGENT_PID_FILE);
-        if let Err(e) = fs::write(&pid_file, format!("{pgid}\n")) {
+        if let Err(e) = fs::write(&pid_file, format!("{pid}\n")) {
             agent.kill();
             return Err(Error::Io(format!("write {}", pid_file.display()), e));
         }
         Ok(agent)
     }
 
-    /// SIGSTOPs the group and waits (bounded) until its leader is stopped.
+    /// Stops the agent and everything it started.
     fn stop(&self) -> Result<(), Error> {
-        signal_group(self.pgid, libc::SIGSTOP)
-            .map_err(|e| Error::Io("stopping the host agent".into(), e))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match proc_state(self.pgid) {
-                Some('T') | Some('t') => return Ok(()),
-                None | Some('Z') | Some('X') => {
-                    return Err(Error::Vm("the host agent exited".into()))
-                }
-                _ => {}
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = signal_group(self.pgid, libc::SIGCONT);
-                return Err(Error::Vm("the host agent did not stop".into()));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        stop_tree(self.pid)
     }
 
-    fn cont(&self) -> Result<(), Error> {
-        signal_group(self.pgid, libc::SIGCONT)
-            .map_err(|e| Error::Io("continuing the host agent".into(), e))
+    fn cont(&self) {
+        cont_tree(self.pid);
     }
 
     fn kill(mut self) {
-        let _ = signal_group(self.pgid, libc::SIGKILL);
+        kill_tree(self.pid);
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -336,18 +410,18 @@ impl FakeVm {
         let agent = match (st.agent, vsock) {
             (None, None) => None,
             (Some(a), Some(v)) if a.vsock == v => {
-                if !is_host_agent(a.pgid, &a.vsock) {
+                if !is_host_agent(a.pid, &a.vsock) {
                     return Err(Error::Vm(format!(
-                        "the sandbox's host agent (process group {}) is gone",
-                        a.pgid
+                        "the sandbox's host agent (pid {}) is gone",
+                        a.pid
                     )));
                 }
                 let agent = HostAgent {
-                    pgid: a.pgid,
+                    pid: a.pid,
                     vsock: a.vsock,
                     child: None,
                 };
-                agent.cont()?;
+                agent.cont();
                 Some(agent)
             }
             (a, v) => {
@@ -411,7 +485,7 @@ impl FakeVm {
             acc: self.shared.acc.load(Ordering::Acquire),
             cmdline: self.cmdline.clone(),
             agent: self.agent.as_ref().map(|a| AgentState {
-                pgid: a.pgid,
+                pid: a.pid,
                 vsock: a.vsock.clone(),
             }),
         };
@@ -473,7 +547,7 @@ impl VmBackend for FakeVm {
                 let acc = self.shared.acc.load(Ordering::Acquire);
                 let agent = self.agent.take();
                 if let Some(a) = &agent {
-                    let _ = a.cont();
+                    a.cont();
                 }
                 let mut again = FakeVm::start(round, acc, self.cmdline.clone());
                 again.agent = agent;

@@ -10,6 +10,9 @@ few test endpoints. One request per connection.
   GET  /headers       the request's headers as JSON
   GET  /stream        chunked, a line every 20 ms, endless
   POST /echo          the request body, echoed chunk by chunk as it arrives
+  GET  /spawn         starts an orphaned process in its own session (like a
+                      daemonized user command); it writes its pid to
+                      spawned.pid in the root dir
 
 STANDIN_MODE=silent: never listens (an agent that never starts).
 """
@@ -26,6 +29,7 @@ ENVD_PORT = 49983
 FORWARD_PORT = 49982
 
 counter = 0
+ROOT = "."
 
 
 def count():
@@ -73,6 +77,13 @@ def serve_http(r, w):
         respond(w, 200, str(counter).encode())
     elif path == "/pid":
         respond(w, 200, str(os.getpid()).encode())
+    elif path == "/spawn":
+        import subprocess
+        subprocess.Popen(
+            ["sh", "-c", "setsid sh -c 'echo $$ > spawned.pid.tmp; mv spawned.pid.tmp spawned.pid; "
+             "while :; do sleep 0.05; done' >/dev/null 2>&1 &"],
+            cwd=ROOT).wait()
+        respond(w, 200, b"spawned")
     elif path == "/headers":
         respond(w, 200, json.dumps(headers).encode(), "application/json")
     elif path == "/stream":
@@ -168,6 +179,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def main():
     args = sys.argv[1:]
     uds = args[args.index("--uds") + 1]
+    global ROOT
+    if "--root" in args:
+        ROOT = args[args.index("--root") + 1]
     if os.environ.get("STANDIN_MODE") == "silent":
         while True:
             time.sleep(3600)
