@@ -527,3 +527,49 @@ fn an_agent_that_never_answers_fails_create_and_leaks_nothing() {
         pids_mentioning(&sandboxes)
     );
 }
+
+#[test]
+fn a_second_listener_serves_debug_mode_sdks() {
+    // NOVITA_DEBUG=true sends envd requests to localhost:49983 (with the
+    // routing headers); `--sandbox-listen` serves them.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = server(&tmp, &["--sandbox-listen", "127.0.0.1:0"], &[]);
+    let mut addr = None;
+    assert!(wait_until(10, || {
+        addr = strip_ansi(&s.log())
+            .lines()
+            .filter(|l| l.contains("also serving"))
+            .find_map(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        addr.is_some()
+    }));
+    let extra = addr.unwrap();
+    let id = create_agent(&s);
+    let r = http(
+        extra,
+        "GET",
+        "/health",
+        &[("Novita-Sandbox-Id", &id), ("Novita-Sandbox-Port", ENVD)],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+/// The log without terminal colour sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
