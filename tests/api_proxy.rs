@@ -573,3 +573,41 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+#[test]
+fn kernel_and_rootfs_make_the_builtin_templates_agent_templates() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The fake backend never boots them, but the server checks they exist.
+    let kernel = tmp.path().join("vmlinux");
+    let rootfs = tmp.path().join("rootfs.ext4");
+    std::fs::write(&kernel, b"kernel").unwrap();
+    std::fs::File::create(&rootfs)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());
+    let s = server(
+        &tmp,
+        &["--kernel", k, "--rootfs", r, "--memory-mb", "256"],
+        &[],
+    );
+    for template in ["base", "code-interpreter-v1"] {
+        let created = s.post("/sandboxes", json!({ "templateID": template }));
+        assert_eq!(created.status, 201, "{}", created.body);
+        assert_eq!(created.json()["envdVersion"], "0.5.7");
+        let id = created.json()["sandboxID"].as_str().unwrap().to_string();
+        let d = s.info(&id).json();
+        assert_eq!(d["memoryMB"], 256);
+        assert_eq!(d["diskSizeMB"], 3);
+        assert_eq!(d["stasis"]["agent"], "ready");
+        assert_eq!(via_headers(&s, &id, ENVD, "GET", "/health").status, 204);
+    }
+
+    // A missing image is a clear startup error.
+    let bad = Server::try_start(
+        &tmp.path().join("data2"),
+        &["--kernel", k, "--rootfs", "/nonexistent/rootfs.ext4"],
+    );
+    let err = bad.err().expect("server started without its rootfs");
+    assert!(err.contains("--rootfs /nonexistent/rootfs.ext4"), "{err}");
+}
