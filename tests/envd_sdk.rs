@@ -81,7 +81,7 @@ fn sdk_commands_and_files_work_against_the_agent() {
 fn connect(path: &str, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(path).expect("connect to the agent's socket");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "CONNECT {port}\n").unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
     let mut ok = [0u8; 9];
     s.read_exact(&mut ok).unwrap();
     assert_eq!(&ok, format!("OK {port}\n").as_bytes());
@@ -129,7 +129,7 @@ fn unix_socket_handshake_serves_envd_and_the_forwarder() {
     let cport = closed.local_addr().unwrap().port();
     drop(closed);
     let mut s = connect(&path, 49982);
-    write!(s, "{cport}\n").unwrap();
+    writeln!(s, "{cport}").unwrap();
     let mut r = String::new();
     s.read_to_string(&mut r).unwrap();
     assert!(r.starts_with("ERR "), "{r}");
