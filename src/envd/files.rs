@@ -198,7 +198,15 @@ where
     .await;
     if res.is_err() {
         drop(f);
-        let _ = tokio::fs::remove_file(path).await;
+        // Free the space a partial regular file holds (never remove a
+        // device or anything else that was there).
+        if tokio::fs::symlink_metadata(path)
+            .await
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+        {
+            let _ = tokio::fs::remove_file(path).await;
+        }
     }
     res
 }

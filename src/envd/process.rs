@@ -728,6 +728,39 @@ mod tests {
         assert_eq!(end.exit_code, 0);
     }
 
+    #[tokio::test]
+    async fn runs_as_the_requested_user_when_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Manager::default());
+        let nobody = User {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: dir.path().to_path_buf(),
+        };
+        let (_, rx) = m
+            .start(
+                req("/bin/sh", &["-c", "id -u; id -g; echo $USER $HOME"]),
+                Spawn {
+                    user: &nobody,
+                    envs: HashMap::new(),
+                },
+            )
+            .unwrap();
+        let (out, _, _, end) = collect(rx).await;
+        // SAFETY: geteuid/getegid have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // Only root can switch users; others run commands as themselves.
+        let (uid, gid) = if euid == 0 {
+            (65534, 65534)
+        } else {
+            (euid, egid)
+        };
+        let want = format!("{uid}\n{gid}\nnobody {}\n", dir.path().display());
+        assert_eq!(String::from_utf8_lossy(&out), want);
+        assert_eq!(end.exit_code, 0);
+    }
+
     #[test]
     fn end_events_read_like_envd() {
         let e = end_event(Ok(std::process::ExitStatus::from_raw(0)));

@@ -155,6 +155,15 @@ def test_missing_files(sbx):
         sbx.files.rename("no/such/file", "x")
 
 
+def test_upload_without_space(sbx):
+    from novita_sandbox.core.exceptions import NotEnoughSpaceException
+
+    # /dev/full fails every write with ENOSPC, like a full disk.
+    with pytest.raises(NotEnoughSpaceException):
+        sbx.files.write("/dev/full", b"x" * 100000)
+    assert os.path.exists("/dev/full")
+
+
 def test_watch_dir_polling(sbx):
     sbx.files.make_dir("w")
     handle = sbx.files.watch_dir("w", recursive=True)
