@@ -22,6 +22,8 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// How many times (100 ms apart) to retry creating a vsock listener.
+const VSOCK_RETRIES: u32 = 100;
 /// Longest handshake line accepted.
 const MAX_LINE: usize = 64;
 
@@ -244,10 +246,30 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
 
 async fn vsock_accept_loop(router: Router, port: u32) -> Result<(), Error> {
     let what = || format!("vsock port {port}");
-    let l = vsock_listener(port).map_err(|source| Error::Listen {
-        what: what(),
-        source,
-    })?;
+    // The vsock transport may come up just after init starts the agent:
+    // retry for a while when the address family isn't there yet.
+    let mut tries = 0;
+    let l = loop {
+        match vsock_listener(port) {
+            Ok(l) => break l,
+            Err(e)
+                if tries < VSOCK_RETRIES
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT | libc::ENODEV | libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(source) => {
+                return Err(Error::Listen {
+                    what: what(),
+                    source,
+                })
+            }
+        }
+    };
     // SAFETY: the OwnedFd is open, owned by the AsyncFd from here on, and
     // always yields the same descriptor.
     let l = unsafe { AsyncFd::register(l) }.map_err(|e| Error::Listen {
