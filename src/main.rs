@@ -235,6 +235,8 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
         mem_bytes: a.mem,
         vcpus: a.vcpus,
         console: a.console.map(Console::File).unwrap_or(Console::Stdout),
+        disk: None,
+        vsock: None,
     };
     let signals = a.snapshot_on_signal.as_ref().map(|_| block_signals());
     let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;

@@ -28,7 +28,7 @@ use serde::Serialize;
 /// Magic bytes at the start of every state file.
 pub const MAGIC: [u8; 8] = *b"STASISSN";
 /// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header (magic, version, body length).
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing checksum.

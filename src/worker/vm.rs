@@ -277,6 +277,8 @@ mod real {
             mem_bytes: cfg.mem_bytes,
             vcpus: cfg.vcpus,
             console: console(&cfg.console),
+            disk: None,
+            vsock: None,
         };
         let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
