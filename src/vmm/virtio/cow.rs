@@ -123,6 +123,15 @@ impl CowDisk {
     /// Opens `base` read-only and the overlay at `overlay`: an existing one
     /// with its map, or a new empty one (with a new map) if neither exists.
     pub fn open(base: &Path, overlay: &Path) -> Result<CowDisk, Error> {
+        Self::open_inner(base, overlay, true)
+    }
+
+    /// Like [`CowDisk::open`], but the overlay must exist (a snapshot's).
+    pub fn open_existing(base: &Path, overlay: &Path) -> Result<CowDisk, Error> {
+        Self::open_inner(base, overlay, false)
+    }
+
+    fn open_inner(base: &Path, overlay: &Path, create: bool) -> Result<CowDisk, Error> {
         let base_file = File::open(base).map_err(io_err("opening base image", base))?;
         let size = base_file
             .metadata()
@@ -130,6 +139,13 @@ impl CowDisk {
             .len();
         let map_file = map_path(overlay);
         let exists = overlay.exists();
+        if !exists && !create {
+            return Err(Error::Io {
+                op: "opening overlay",
+                path: overlay.to_owned(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
         let (overlay_file, map) = if exists {
             if !map_file.exists() {
                 return Err(Error::MissingMap {

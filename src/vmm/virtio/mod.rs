@@ -364,7 +364,7 @@ impl Virtio {
             let bad = |e: String| Error::BadState(format!("device {i}: {e}"));
             let dev = match &d.kind {
                 DeviceKind::Block { base, size } => {
-                    let disk = CowDisk::open(base, &snapshot.join(SNAPSHOT_OVERLAY))?;
+                    let disk = CowDisk::open_existing(base, &snapshot.join(SNAPSHOT_OVERLAY))?;
                     if disk.size() != *size {
                         return Err(Error::BadState(format!(
                             "base image {} is {} bytes now, {size} when the snapshot was taken",
