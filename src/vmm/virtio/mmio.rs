@@ -352,20 +352,18 @@ impl<D: VirtioDevice> Transport<D> {
         let setup = self.status & status::DRIVER_OK == 0;
         match offset {
             0x14 => self.device_features_sel = v,
-            0x20 => {
-                if self.status & status::FEATURES_OK == 0 {
-                    let offered = self.offered();
-                    match self.driver_features_sel {
-                        0 => {
-                            self.acked_features =
-                                (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered)
-                        }
-                        1 => {
-                            self.acked_features = (self.acked_features & 0xffff_ffff)
-                                | ((u64::from(v) << 32) & offered)
-                        }
-                        _ => {}
+            0x20 if self.status & status::FEATURES_OK == 0 => {
+                let offered = self.offered();
+                match self.driver_features_sel {
+                    0 => {
+                        self.acked_features =
+                            (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered)
                     }
+                    1 => {
+                        self.acked_features = (self.acked_features & 0xffff_ffff)
+                            | ((u64::from(v) << 32) & offered)
+                    }
+                    _ => {}
                 }
             }
             0x24 => self.driver_features_sel = v,
