@@ -360,8 +360,8 @@ impl<D: VirtioDevice> Transport<D> {
                             (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered)
                     }
                     1 => {
-                        self.acked_features = (self.acked_features & 0xffff_ffff)
-                            | ((u64::from(v) << 32) & offered)
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | ((u64::from(v) << 32) & offered)
                     }
                     _ => {}
                 }
