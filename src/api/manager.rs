@@ -645,13 +645,28 @@ impl Manager {
     /// (what the SDK expects of a sandbox it cannot reach: `is_running()`
     /// is false on 502, while a 404 from envd means "no such file"), with a
     /// message saying why: not found, paused, busy, or no agent.
-    pub fn proxy_target(&self, id: &str, port: u16) -> Result<proxy::Target, ApiError> {
+    pub fn proxy_target(
+        &self,
+        id: &str,
+        port: u16,
+        token: Option<&str>,
+    ) -> Result<proxy::Target, ApiError> {
         let gateway = |msg: String| ApiError::new(StatusCode::BAD_GATEWAY, msg);
         let e = self.map().get(id).cloned();
         let Some(e) = e.filter(|e| !e.rec().gone) else {
             return Err(gateway(self.not_found(id).message));
         };
         let r = e.rec();
+        if let Some(want) = &r.row.envd_token {
+            if u32::from(port) == crate::vsock::ENVD_PORT && token != Some(want.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "sandbox {id} is secured: envd requests need its access token in X-Access-Token"
+                    ),
+                ));
+            }
+        }
         if r.row.state == RowState::Paused && r.busy != Some("resuming") {
             return Err(gateway(format!(
                 "sandbox {id} is paused: connect to it (Sandbox.connect) to resume it, then retry"
@@ -677,6 +692,17 @@ impl Manager {
         })
     }
 
+    /// The live sandbox whose envd access token is `token`: the SDK's
+    /// `Sandbox.connect(id)` sends envd requests with only that token when
+    /// `NOVITA_SANDBOX_URL` is set. A linear scan; sandboxes per server are
+    /// few.
+    pub fn sandbox_by_envd_token(&self, token: &str) -> Option<String> {
+        self.map().values().find_map(|e| {
+            let r = e.rec();
+            (!r.gone && r.row.envd_token.as_deref() == Some(token)).then(|| e.id.clone())
+        })
+    }
+
     /// Records whether the agent of `id` could be reached (only envd-port
     /// outcomes: a user port that nothing listens on is not the agent's
     /// fault).
@@ -696,6 +722,7 @@ impl Manager {
             template_id: row.template_id.clone(),
             client_id: CLIENT_ID,
             envd_version: envd_version(row),
+            envd_access_token: row.envd_token.clone(),
             alias: row.alias.clone(),
             domain: None,
         }
@@ -835,6 +862,9 @@ impl Manager {
             guest_round,
             worker_pid: Some(worker.pid()),
             agent: template.agent,
+            // Secured on request (the SDK asks by default): envd traffic must
+            // carry this token, and can be routed by it alone.
+            envd_token: (template.agent && req.secure == Some(true)).then(new_envd_token),
         };
         if let Err(e) = self.put_row(row.clone()).await {
             worker.shutdown(SHUTDOWN_GRACE).await;
@@ -1353,6 +1383,12 @@ fn kill_stale_worker(pid: u32, id: &str) {
 
 /// The envd version a sandbox reports: the agent's for agent templates; the
 /// SDK's minimum for the built-in test guest, which has no agent.
+/// A fresh envd access token: 128 random bits, hex.
+fn new_envd_token() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
 fn envd_version(row: &Row) -> &'static str {
     if row.agent {
         AGENT_ENVD_VERSION

@@ -78,6 +78,10 @@ pub struct SandboxOut {
     pub client_id: &'static str,
     #[serde(rename = "envdVersion")]
     pub envd_version: &'static str,
+    /// Token the SDK then sends as `X-Access-Token` with every envd request
+    /// (secured agent sandboxes only).
+    #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     /// Always present; null means "the SDK's configured domain".

@@ -9,7 +9,13 @@
 //!   also carries them, on a lifecycle route: lifecycle paths
 //!   (`/sandboxes...`, `/v2/...`) with the envd port stay with the API;
 //! - otherwise the SDK addresses `https://{port}-{sandboxID}.{domain}`: a
-//!   `Host` whose first label is `{port}-{id}` is routed the same way.
+//!   `Host` whose first label is `{port}-{id}` is routed the same way;
+//! - a sandbox object made by the static `Sandbox.connect(id)` sends neither
+//!   header nor such a host, only `X-Access-Token`: a secured sandbox (the
+//!   SDK's default) is found by that token, for the envd port.
+//!
+//! A secured sandbox's envd port is reached only with its token (401
+//! otherwise); user ports don't need it.
 //!
 //! How: connect to the sandbox's Unix socket (the vsock device's host side,
 //! or the host agent's socket), `CONNECT 49983\n` → `OK <n>\n` for envd;
@@ -436,15 +442,37 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
 /// Middleware in front of the lifecycle API: in-sandbox traffic is
 /// forwarded, everything else goes on to the API.
 pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
         Ok(Some(r)) => r,
-        Ok(None) => return next.run(req).await,
+        Ok(None) => {
+            // No routing headers: a secured sandbox's envd token alone names
+            // it (the SDK's static `Sandbox.connect` sends only the token).
+            let by_token = match &token {
+                Some(t) if !is_lifecycle_path(req.uri().path()) => st.mgr.sandbox_by_envd_token(t),
+                _ => None,
+            };
+            match by_token {
+                Some(sandbox_id) => Route {
+                    sandbox_id,
+                    port: ENVD_PORT as u16,
+                },
+                None => return next.run(req).await,
+            }
+        }
         Err(e) => return e.into_response(),
     };
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let target = match st.mgr.proxy_target(&route.sandbox_id, route.port) {
+    let target = match st
+        .mgr
+        .proxy_target(&route.sandbox_id, route.port, token.as_deref())
+    {
         Ok(t) => t,
         Err(e) => {
             tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), "proxy refused: {}", e.message);

@@ -64,6 +64,8 @@ pub struct Row {
     pub worker_pid: Option<u32>,
     /// The guest runs the stasis agent (reached through its vsock socket).
     pub agent: bool,
+    /// The envd access token (`X-Access-Token`) of a secured agent sandbox.
+    pub envd_token: Option<String>,
 }
 
 /// The SQLite store; cheap to clone.
@@ -102,17 +104,27 @@ impl Store {
                 snapshot_gen INTEGER NOT NULL,
                 guest_round INTEGER,
                 worker_pid INTEGER,
-                agent INTEGER NOT NULL DEFAULT 0
+                agent INTEGER NOT NULL DEFAULT 0,
+                envd_token TEXT
             );",
         )?;
-        // Databases from before agent templates lack the column.
-        let has_agent: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('sandboxes') WHERE name = 'agent'")?
-            .exists([])?;
-        if !has_agent {
-            conn.execute_batch(
+        // Databases from before agent templates lack these columns.
+        for (column, ddl) in [
+            (
+                "agent",
                 "ALTER TABLE sandboxes ADD COLUMN agent INTEGER NOT NULL DEFAULT 0;",
-            )?;
+            ),
+            (
+                "envd_token",
+                "ALTER TABLE sandboxes ADD COLUMN envd_token TEXT;",
+            ),
+        ] {
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('sandboxes') WHERE name = ?1")?
+                .exists([column])?;
+            if !has {
+                conn.execute_batch(ddl)?;
+            }
         }
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
@@ -132,9 +144,9 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes (id, seq, template_id, alias, state, created_ms,
                 started_ms, end_ms, on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb,
-                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid, agent)
+                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19)",
+                ?19, ?20)",
             params![
                 r.id,
                 r.seq,
@@ -155,6 +167,7 @@ impl Store {
                 r.guest_round.map(|g| g as i64),
                 r.worker_pid,
                 r.agent,
+                r.envd_token,
             ],
         )?;
         Ok(())
@@ -183,7 +196,7 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT id, seq, template_id, alias, state, created_ms, started_ms, end_ms,
                 on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb, disk_mb,
-                allow_internet, snapshot_gen, guest_round, worker_pid, agent
+                allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token
              FROM sandboxes ORDER BY seq",
         )?;
         let raw = stmt.query_map([], |r| {
@@ -212,13 +225,26 @@ impl Store {
                 ],
                 r.get::<_, Option<i64>>(16)?,
                 r.get::<_, Option<i64>>(17)?,
-                r.get::<_, bool>(18)?,
+                (r.get::<_, bool>(18)?, r.get::<_, Option<String>>(19)?),
             ))
         })?;
         let mut out = Vec::new();
         for item in raw {
-            let (id, seq, template_id, alias, state, t, flags, metadata, nums, round, pid, agent) =
-                item?;
+            let (
+                id,
+                seq,
+                template_id,
+                alias,
+                state,
+                t,
+                flags,
+                metadata,
+                nums,
+                round,
+                pid,
+                agent_token,
+            ) = item?;
+            let (agent, envd_token) = agent_token;
             let corrupt = |what: String| Error::Corrupt {
                 id: id.clone(),
                 what,
@@ -250,6 +276,7 @@ impl Store {
                 guest_round: round.and_then(|r| u64::try_from(r).ok()),
                 worker_pid: pid.and_then(|p| u32::try_from(p).ok()),
                 agent,
+                envd_token,
             });
         }
         Ok(out)
@@ -281,6 +308,7 @@ mod tests {
             guest_round: Some(99),
             worker_pid: None,
             agent: false,
+            envd_token: Some("tok".into()),
         }
     }
 
@@ -307,7 +335,7 @@ mod tests {
     }
 
     #[test]
-    fn old_database_gains_the_agent_column() {
+    fn old_database_gains_the_agent_and_token_columns() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("stasis.db");
         {
@@ -329,11 +357,14 @@ mod tests {
         let rows = s.load_all().unwrap();
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].agent);
+        assert_eq!(rows[0].envd_token, None);
         let mut r = row("new", 2);
         r.agent = true;
         s.put(&r).unwrap();
         drop(s);
         let rows = Store::open(&path).unwrap().load_all().unwrap();
-        assert!(rows.iter().any(|r| r.id == "new" && r.agent));
+        assert!(rows
+            .iter()
+            .any(|r| r.id == "new" && r.agent && r.envd_token.as_deref() == Some("tok")));
     }
 }

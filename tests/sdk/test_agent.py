@@ -105,3 +105,24 @@ def test_background_process_and_files_survive_pause_and_resume(sandbox):
     pids = [p.pid for p in sandbox.commands.list()]
     assert handle.pid in pids
     assert sandbox.commands.kill(handle.pid)
+
+
+def test_static_connect_reaches_the_sandbox_by_its_envd_token(sandbox, api):
+    """The seed's resume call is the static `Sandbox.connect(id)`. The object
+    it returns sends envd requests with no routing headers, only the
+    sandbox's `X-Access-Token`: the server routes by that token."""
+    sandbox.files.write("static.txt", "kept across the static connect")
+    sandbox.beta_pause()
+    assert Sandbox.get_info(sandbox.sandbox_id).state == SandboxState.PAUSED
+
+    resumed = Sandbox.connect(sandbox.sandbox_id, timeout=120)
+    assert resumed.sandbox_id == sandbox.sandbox_id
+    assert resumed.files.read("static.txt") == "kept across the static connect"
+    r = resumed.commands.run("echo via-token")
+    assert r.stdout == "via-token\n"
+
+    # The envd port of a secured sandbox needs its token.
+    r = api.get("/health", headers={"Novita-Sandbox-Id": sandbox.sandbox_id,
+                                    "Novita-Sandbox-Port": "49983"})
+    assert r.status_code == 401, r.text
+    assert "X-Access-Token" in r.json()["message"]
