@@ -9,6 +9,8 @@
 # on that /dev/kvm.
 #
 # Usage: tests/nested/run-l1.sh STASIS_BIN VMLINUX INITRAMFS
+#        STASIS_L1_SCENARIO=serve STASIS_SERVE_CLIENT=CMD \
+#            tests/nested/run-l1.sh STASIS_BIN VMLINUX ROOTFS_EXT4
 #
 # Scenarios (STASIS_L1_SCENARIO):
 #   boot (default)  `stasis run` the guest to its end; it must print
@@ -30,12 +32,29 @@
 #                   the guest). The consoles are printed with [c1]/[c2]/[c3]
 #                   prefixes, stasis's stderr with [run]/[lazy]/[eager]; the
 #                   scenario's verdict is one line, STASIS-PR-VERDICT PASS|FAIL.
+#   serve           L1 gets a network card (QEMU user networking, 10.0.2.15)
+#                   and runs `stasis serve --listen 0.0.0.0:3000 --data-dir
+#                   /data --kernel /vmlinux --rootfs /rootfs.ext4
+#                   $STASIS_SERVE_ARGS`; the host port STASIS_L1_HOST_PORT
+#                   (default: a free one) is forwarded to it. Once
+#                   http://127.0.0.1:PORT/health answers on the host, the host
+#                   runs `bash -c "$STASIS_SERVE_CLIENT"` with STASIS_L1_URL
+#                   set to that URL; its exit status is the verdict. Then L1
+#                   is stopped. The rootfs image travels sparse (only its
+#                   non-zero blocks are in the L1 initramfs).
 #
 # Exit status: 0 only if the inner run exited with status 0 and the guest
 # printed the scenario's marker (STASIS-LINUX-INIT-OK for boot,
-# STASIS-LINUX-RESUME-OK and STASIS-PR-VERDICT PASS for pause-resume); 1 on a
-# failed run; 2 on a missing prerequisite or bad usage. The L1 console is
-# streamed to stdout; the last lines are a summary starting with "run-l1:".
+# STASIS-LINUX-RESUME-OK and STASIS-PR-VERDICT PASS for pause-resume; for
+# serve: the client exited 0); 1 on a failed run; 2 on a missing
+# prerequisite or bad usage; 3 when the run failed because the emulated
+# machine itself failed, not stasis ("L1 FAULT": L1 never reached its init,
+# QEMU died, the L1 kernel reported a lockup, RCU stall, oops or panic, or L1
+# stopped running, seen by its heartbeat going quiet). QEMU 7.2's TCG with
+# emulated AMD-V does that now and then; callers may retry on 3. The L1
+# console (ttyS0: init and stasis output) is streamed to stdout; the L1
+# kernel's own log (ttyS1) and heartbeat (ttyS2, every 5 s) go to files and
+# are shown at the end; the last lines are a summary starting with "run-l1:".
 #
 # Env:
 #   STASIS_CACHE          cache root (default: $HOME/.cache/stasis)
@@ -50,10 +69,14 @@
 #   STASIS_LOG            passed on to stasis inside L1 (its log filter)
 #   STASIS_L1_QEMU_ARGS   debugging: extra qemu-system-x86_64 arguments (split
 #                         on spaces), e.g. "-monitor unix:/tmp/l1.mon,server,nowait"
-#   STASIS_L1_APPEND      L1 kernel command line ("console=ttyS0 panic=-1 quiet")
+#   STASIS_L1_APPEND      L1 kernel command line ("console=ttyS1 panic=-1 quiet")
 #   STASIS_L1_EXTRA       extra host paths (space separated) copied into L1 at
 #                         the same path, with the libraries `ldd` lists
-#   STASIS_L1_SCENARIO    boot or pause-resume (boot)
+#   STASIS_L1_SCENARIO    boot, pause-resume or serve (boot)
+#   STASIS_SERVE_CLIENT   serve: host command run once the server answers
+#   STASIS_SERVE_ARGS     serve: more `stasis serve` arguments (e.g. --api-key K)
+#   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
+#   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
 #   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
 #   STASIS_PR_EAGER       pause-resume: 1 to also resume eagerly, 0 not to (1)
 #   STASIS_PR_STEP_TIMEOUT pause-resume: limit in seconds for each step (the
@@ -108,7 +131,16 @@ main() {
         [[ "$pr_eager" == [01] ]] || { echo "run-l1: STASIS_PR_EAGER must be 0 or 1" >&2; exit 2; }
         [[ " $inner_cmdline " == *" stasis.test="* ]] || inner_cmdline+=" stasis.test=pause"
         ;;
-    *) echo "run-l1: unknown STASIS_L1_SCENARIO=$scenario (boot, pause-resume)" >&2; exit 2 ;;
+    serve)
+        marker="STASIS-L1-SERVE-STARTED"
+        [[ -n "${STASIS_SERVE_CLIENT:-}" ]] \
+            || { echo "run-l1: serve: STASIS_SERVE_CLIENT (the host command to run) is not set" >&2; exit 2; }
+        ready_timeout="${STASIS_SERVE_READY_TIMEOUT:-300}"
+        [[ "$ready_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "run-l1: STASIS_SERVE_READY_TIMEOUT must be a positive integer" >&2; exit 2; }
+        command -v python3 >/dev/null 2>&1 || prereq "python3 (the serve scenario polls /health with it)"
+        host_port="${STASIS_L1_HOST_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+        ;;
+    *) echo "run-l1: unknown STASIS_L1_SCENARIO=$scenario (boot, pause-resume, serve)" >&2; exit 2 ;;
     esac
 
     # --- host prerequisites --------------------------------------------------
@@ -134,13 +166,18 @@ main() {
     img_sha="$(apt-cache show --no-all-versions "$img_pkg" 2>/dev/null \
         | sed -n 's/^SHA256: //p' | head -n1)"
     [[ -n "$img_sha" ]] || prereq "apt-cache show $img_pkg gives no SHA256"
-    l1k="$cache_root/l1-kernel/${img_sha:0:16}"
+    # KVM for every scenario; virtio-net (PCI) for serve's network card.
+    l1_mods=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd
+        drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_legacy_dev
+        drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci net/core/failover
+        drivers/net/net_failover drivers/net/virtio_net)
+    l1k="$cache_root/l1-kernel/${img_sha:0:16}-$(echo "${l1_mods[*]}" | sha256sum | cut -c1-8)"
     if [[ ! -f "$l1k/.complete" ]]; then
         [[ "${STASIS_NO_APT:-0}" != 1 ]] \
             || prereq "L1 kernel $img_pkg not cached in $l1k and STASIS_NO_APT=1"
         mkdir -p "$cache_root/l1-kernel"
         dl="$(mktemp -d "$cache_root/l1-kernel/dl.XXXXXX")"
-        log "downloading $img_pkg (L1 kernel and kvm modules)"
+        log "downloading $img_pkg (L1 kernel, kvm and virtio-net modules)"
         apt_opts=()
         [[ "$(id -u)" != 0 ]] || apt_opts=(-o APT::Sandbox::User=root)
         (cd "$dl" && apt-get download "${apt_opts[@]}" "$img_pkg" >&2) \
@@ -151,7 +188,7 @@ main() {
         dpkg -x "$deb" "$dl/x"
         mkdir -p "$dl/out"
         cp "$dl"/x/boot/vmlinuz-* "$dl/out/vmlinuz"
-        for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
+        for m in "${l1_mods[@]}"; do
             found=("$dl"/x/lib/modules/*/kernel/"$m".ko*)
             src="${found[0]}"
             [[ -e "$src" ]] || { rm -rf "$dl"; die "$img_pkg has no module $m"; }
@@ -208,14 +245,60 @@ main() {
     for applet in $(/bin/busybox --list); do
         [[ "$applet" == busybox ]] || ln -s busybox "$root/bin/$applet"
     done
-    cp "$l1k"/{irqbypass,kvm,kvm-amd}.ko "$root/l1/"
+    for m in "${l1_mods[@]}"; do
+        cp "$l1k/$(basename "$m").ko" "$root/l1/"
+    done
     # The VMM goes to /stasis; its libraries keep their host paths. A copy without
     # debug info is smaller to load and unpack under TCG.
     copy_with_libs "$stasis_bin"
     mv "$root$stasis_bin" "$root/stasis"
     strip --strip-debug "$root/stasis" 2>/dev/null || true
     cp "$vmlinux" "$root/vmlinux"
-    cp "$initramfs" "$root/initramfs.cpio.gz"
+    if [[ "$scenario" == serve ]]; then
+        # The (mostly empty) rootfs image: only its non-zero 4 KiB blocks, as
+        # /l1/sparse/rootfs/{size,blk.N}; L1 rebuilds it sparse (unsparse).
+        python3 - "$initramfs" "$root/l1/sparse/rootfs" <<'PY' || die "packing $initramfs failed"
+import os, sys
+src, dst = sys.argv[1:]
+os.makedirs(dst)
+B = 4096
+runs = 0
+with open(src, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    with open(os.path.join(dst, "size"), "w") as out:
+        out.write(f"{size}\n")
+
+    def flush(start, chunks):
+        with open(os.path.join(dst, f"blk.{start}"), "wb") as out:
+            out.write(b"".join(chunks))
+
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(f.fileno(), off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after off
+            break
+        hole = os.lseek(f.fileno(), data, os.SEEK_HOLE)
+        first, end = data // B, -(-hole // B)
+        f.seek(first * B)
+        start, chunks = None, []
+        for blk in range(first, end):
+            chunk = f.read(B)
+            if chunk.count(0) != len(chunk):
+                if start is None:
+                    start = blk
+                chunks.append(chunk)
+            elif start is not None:
+                flush(start, chunks)
+                start, chunks = None, []
+        if start is not None:
+            flush(start, chunks)
+        off = end * B
+PY
+        log "rootfs image: $(du -sh --apparent-size "$initramfs" | cut -f1) ($(du -sh "$root/l1/sparse/rootfs" | cut -f1) of it non-zero) from $initramfs"
+    else
+        cp "$initramfs" "$root/initramfs.cpio.gz"
+    fi
     for extra in ${STASIS_L1_EXTRA:-}; do
         [[ -e "$extra" ]] || prereq "STASIS_L1_EXTRA path does not exist: $extra"
         copy_with_libs "$(realpath "$extra")"
@@ -225,6 +308,8 @@ main() {
         run_cmd="$STASIS_L1_COMMAND"
     elif [[ "$scenario" == pause-resume ]]; then
         run_cmd="sh /l1/pause-resume.sh"
+    elif [[ "$scenario" == serve ]]; then
+        run_cmd="sh /l1/serve.sh"
     else
         run_cmd="$(printf '%q ' /stasis run --kernel /vmlinux \
             --initrd /initramfs.cpio.gz --cmdline "$inner_cmdline" --mem "$inner_mem" \
@@ -241,6 +326,7 @@ main() {
         printf 'PR_EAGER=%q\n' "$pr_eager"
         printf 'STEP_TIMEOUT=%q\n' "$step_timeout"
         printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
+        printf 'SERVE_ARGS=%q\n' "${STASIS_SERVE_ARGS:-}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
     } >"$root/l1/params"
 
@@ -442,6 +528,48 @@ say "timing: ${lazy_line:-<no resume line from stasis>}"
 echo "STASIS-PR-VERDICT PASS pause at TICK $last_before (${pause_ms} ms); $lazy_summary; $eager_summary"
 EOF
 
+    # The serve scenario, run by the L1 init in place of `stasis run`.
+    cat >"$root/l1/serve.sh" <<'EOF'
+#!/bin/busybox sh
+# Serve scenario in L1 (tests/nested/run-l1.sh): network, rootfs, server.
+. /l1/params
+say() { echo "serve: $*"; }
+for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
+    failover net_failover virtio_net; do
+    insmod "/l1/$m.ko" || { say "FAIL: insmod $m.ko"; exit 1; }
+done
+n=0
+while ! ip link show eth0 >/dev/null 2>&1; do
+    n=$((n + 1))
+    [ "$n" -lt 100 ] || { say "FAIL: no eth0 10 s after loading virtio_net"; exit 1; }
+    sleep 0.1
+done
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+# unsparse: rebuild the image from its non-zero blocks (see run-l1.sh).
+truncate -s "$(cat /l1/sparse/rootfs/size)" /rootfs.ext4 || { say "FAIL: truncate"; exit 1; }
+for f in /l1/sparse/rootfs/blk.*; do
+    dd if="$f" of=/rootfs.ext4 bs=4096 seek="${f##*.}" conv=notrunc 2>/dev/null \
+        || { say "FAIL: writing $f into /rootfs.ext4"; exit 1; }
+    rm -f "$f"
+done
+say "rootfs: /rootfs.ext4 $(stat -c %s /rootfs.ext4) bytes; memory: $(grep MemFree /proc/meminfo)"
+mkdir -p /data
+set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data --kernel /vmlinux --rootfs /rootfs.ext4
+# shellcheck disable=SC2086 # SERVE_ARGS is a list of words
+set -- "$@" $SERVE_ARGS
+say "starting: $*"
+"$@" &
+pid=$!
+echo "STASIS-L1-SERVE-STARTED pid=$pid at L1 uptime $(cut -d' ' -f1 /proc/uptime)s"
+wait "$pid"
+status=$?
+say "stasis serve exited with status $status"
+exit "$status"
+EOF
+
     cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
 # L1 init (tests/nested/run-l1.sh): load KVM, run the inner VMM, report.
@@ -449,7 +577,10 @@ export PATH=/bin:/usr/bin:/sbin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
+# ttyS0: this init and what it runs; ttyS1: the L1 kernel's log; ttyS2: a
+# heartbeat that shows the host whether L1 still runs.
+exec </dev/ttyS0 >/dev/ttyS0 2>&1
+(while :; do echo "hb $(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS2; sleep 5; done) &
 . /l1/params
 up() { cut -d' ' -f1 /proc/uptime; }
 finish() {
@@ -460,7 +591,7 @@ finish() {
 echo "stasis-l1: init started at L1 uptime $(up)s"
 grep -qw svm /proc/cpuinfo || echo "stasis-l1: WARNING: no svm flag in /proc/cpuinfo"
 for m in irqbypass kvm kvm-amd; do
-    insmod /l1/$m.ko || finish "FAIL insmod $m.ko"
+    insmod "/l1/$m.ko" || finish "FAIL insmod $m.ko"
 done
 [ -c /dev/kvm ] || finish "FAIL no /dev/kvm after loading kvm-amd"
 echo "stasis-l1: /dev/kvm ready at L1 uptime $(up)s"
@@ -488,18 +619,62 @@ EOF
 
     # --- run L1 --------------------------------------------------------------
     console="$work/console.log"
+    kernlog="$work/l1-kernel.log"
+    hb="$work/heartbeat.log"
+    : >"$kernlog"
+    : >"$hb"
     log "booting L1 (qemu TCG, -cpu max, ${l1_mem} MiB, ${l1_smp} vCPU, limit ${l1_timeout}s)"
     qemu_extra=()
     [[ -z "${STASIS_L1_QEMU_ARGS:-}" ]] || read -r -a qemu_extra <<<"$STASIS_L1_QEMU_ARGS"
+    net=()
+    # shellcheck disable=SC2054 # the commas are inside one QEMU argument
+    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+        -device virtio-net-pci,netdev=n0)
+    qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
+        -nographic -no-reboot -nodefaults
+        -serial stdio -serial "file:$kernlog" -serial "file:$hb"
+        -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio"
+        -append "${STASIS_L1_APPEND:-console=ttyS1 panic=-1 quiet}"
+        "${net[@]}" "${qemu_extra[@]}")
     t_start=$SECONDS
+    client_rc=""
     set +e
-    timeout --foreground -k 10 "$l1_timeout" qemu-system-x86_64 \
-        -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp" \
-        -nographic -no-reboot -nodefaults -serial stdio \
-        -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio" \
-        -append "${STASIS_L1_APPEND:-console=ttyS0 panic=-1 quiet}" \
-        "${qemu_extra[@]}" </dev/null 2>&1 | tee "$console"
-    qemu_rc=${PIPESTATUS[0]}
+    if [[ "$scenario" == serve ]]; then
+        timeout -k 10 "$l1_timeout" "${qemu[@]}" </dev/null >"$console" 2>&1 &
+        qpid=$!
+        tail -n +1 -f --pid="$qpid" "$console" &
+        tailpid=$!
+        url="http://127.0.0.1:$host_port"
+        log "serve: waiting up to ${ready_timeout}s for $url/health (L1's port 3000)"
+        ready=0
+        while ((SECONDS - t_start < ready_timeout)) && kill -0 "$qpid" 2>/dev/null; do
+            if python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3).read()' \
+                "$url/health" 2>/dev/null; then
+                ready=1
+                break
+            fi
+            sleep 1
+        done
+        if ((ready)); then
+            log "serve: $url/health answered $((SECONDS - t_start))s after L1 started; client: $STASIS_SERVE_CLIENT"
+            left=$((l1_timeout - (SECONDS - t_start) - 15))
+            ((left > 10)) || left=10
+            STASIS_L1_URL="$url" timeout -k 10 "$left" bash -c "$STASIS_SERVE_CLIENT" </dev/null 2>&1
+            client_rc=$?
+            log "serve: the client exited with status $client_rc"
+        else
+            log "serve: $url/health did not answer within ${ready_timeout}s"
+        fi
+        t_end=$(date +%s)
+        kill "$qpid" 2>/dev/null
+        wait "$qpid"
+        qemu_rc=$?
+        wait "$tailpid"
+    else
+        timeout --foreground -k 10 "$l1_timeout" "${qemu[@]}" </dev/null 2>&1 | tee "$console"
+        qemu_rc=${PIPESTATUS[0]}
+        t_end=$(date +%s)
+    fi
     set -e
     t_total=$((SECONDS - t_start))
 
@@ -515,20 +690,61 @@ EOF
         "$clean" >"$inner"
     marker_line="$(grep -a "$marker" "$inner" | head -n1 || true)"
     verdict_line="$(grep -a '^STASIS-PR-VERDICT ' "$inner" | tail -n1 || true)"
+
+    # Did the emulated machine itself fail? (see "Exit status" above)
+    l1_fault=""
+    kern_bad="$(tr -d '\r' <"$kernlog" | grep -aE 'soft lockup|hard LOCKUP|rcu.*stall|Kernel panic|Oops|general protection fault|BUG: |watchdog: ' | head -n1 || true)"
+    hb_age=$((t_end - $(stat -c %Y "$hb")))
+    if ! grep -aq '^stasis-l1: init started' "$clean"; then
+        l1_fault="L1 never reached its init (qemu exit $qemu_rc)"
+    elif [[ -n "$kern_bad" ]]; then
+        l1_fault="the L1 kernel reported: $kern_bad"
+    elif [[ ! -s "$hb" ]]; then
+        l1_fault="L1 never wrote a heartbeat"
+    elif ((hb_age > 45)); then
+        l1_fault="L1 stopped running: its last heartbeat came ${hb_age}s before the end"
+    elif [[ "$scenario" != serve ]] && ((qemu_rc != 0 && qemu_rc != 124 && qemu_rc != 137)); then
+        l1_fault="QEMU exited with status $qemu_rc"
+    fi
+
+    if [[ -s "$kernlog" ]]; then
+        echo "----- L1 kernel log (ttyS1) -----"
+        tr -d '\r' <"$kernlog" | tail -n 200 | sed 's/^/[L1-kernel] /'
+        echo "----- end of L1 kernel log -----"
+    fi
     qemu_note=""
     ((qemu_rc != 124 && qemu_rc != 137)) || qemu_note=" (hard timeout ${l1_timeout}s)"
+    [[ "$scenario" != serve ]] || qemu_note=" (stopped after the client)"
     echo "run-l1: ===== summary ====="
     echo "run-l1: qemu exit: $qemu_rc$qemu_note"
-    echo "run-l1: L1 result: ${result_line:-<none>}"
-    echo "run-l1: inner exit: ${exit_line:-<none>}"
-    echo "run-l1: inner marker: ${marker_line:-<not seen>}"
+    echo "run-l1: L1 heartbeats: $(wc -l <"$hb"), the last ${hb_age}s before the end: $(tail -n1 "$hb" | tr -d '\r')"
+    echo "run-l1: L1 health: ${l1_fault:-no sign of an L1 fault}"
+    if [[ "$scenario" == serve ]]; then
+        echo "run-l1: server: ${marker_line:-<never started>}"
+        echo "run-l1: client exit: ${client_rc:-<not run: the server never answered /health>}"
+    else
+        echo "run-l1: L1 result: ${result_line:-<none>}"
+        echo "run-l1: inner exit: ${exit_line:-<none>}"
+        echo "run-l1: inner marker: ${marker_line:-<not seen>}"
+    fi
     if [[ "$scenario" == pause-resume ]]; then
         grep -a '^pause-resume: timing: ' "$inner" | sed 's/^/run-l1: /' || true
         echo "run-l1: pause-resume verdict: ${verdict_line:-<none>}"
     fi
     echo "run-l1: total wall time: ${t_total}s"
     fail=""
-    if [[ -z "$result_line" ]]; then
+    if [[ "$scenario" == serve ]]; then
+        serve_fail="$(grep -a '^serve: FAIL' "$inner" | head -n1 || true)"
+        if [[ -n "$serve_fail" ]]; then
+            fail="L1 setup for the server failed: ${serve_fail#serve: }"
+        elif [[ -z "$marker_line" ]]; then
+            fail="L1 never started stasis serve"
+        elif [[ -z "$client_rc" ]]; then
+            fail="the server never answered GET /health through the forwarded port within ${ready_timeout}s"
+        elif [[ "$client_rc" != 0 ]]; then
+            fail="the client exited with status $client_rc"
+        fi
+    elif [[ -z "$result_line" ]]; then
         fail="L1 never reported a result (qemu exit $qemu_rc)"
     elif [[ "$result_line" != "STASIS-L1-RESULT DONE" ]]; then
         fail="L1 setup failed: ${result_line#STASIS-L1-RESULT }"
@@ -539,6 +755,11 @@ EOF
     elif [[ "$scenario" == pause-resume && -z "${STASIS_L1_COMMAND:-}" \
         && "$verdict_line" != "STASIS-PR-VERDICT PASS"* ]]; then
         fail="pause-resume: ${verdict_line:-no verdict from the scenario}"
+    fi
+    if [[ -n "$fail" && -n "$l1_fault" ]]; then
+        echo "run-l1: L1 FAULT: $l1_fault"
+        echo "run-l1: FAIL (L1 fault: the emulated machine failed, not stasis): $fail"
+        exit 3
     fi
     if [[ -n "$fail" ]]; then
         echo "run-l1: FAIL: $fail"
