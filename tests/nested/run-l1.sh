@@ -34,9 +34,9 @@
 #                   scenario's verdict is one line, STASIS-PR-VERDICT PASS|FAIL.
 #   serve           L1 gets a network card (QEMU user networking, 10.0.2.15)
 #                   and runs `stasis serve --listen 0.0.0.0:3000 --data-dir
-#                   /data --kernel /vmlinux --rootfs /rootfs.ext4
-#                   $STASIS_SERVE_ARGS`; the host port STASIS_L1_HOST_PORT
-#                   (default: a free one) is forwarded to it. Once
+#                   /data $STASIS_SERVE_LINUX_ARGS $STASIS_SERVE_ARGS`; the
+#                   host port STASIS_L1_HOST_PORT (default: a free one) is
+#                   forwarded to it. Once
 #                   http://127.0.0.1:PORT/health answers on the host, the host
 #                   runs `bash -c "$STASIS_SERVE_CLIENT"` with STASIS_L1_URL
 #                   set to that URL; its exit status is the verdict. Then L1
@@ -75,6 +75,9 @@
 #   STASIS_L1_SCENARIO    boot, pause-resume or serve (boot)
 #   STASIS_SERVE_CLIENT   serve: host command run once the server answers
 #   STASIS_SERVE_ARGS     serve: more `stasis serve` arguments (e.g. --api-key K)
+#   STASIS_SERVE_LINUX_ARGS serve: the arguments that give the server its
+#                         Linux template ("--kernel /vmlinux --rootfs
+#                         /rootfs.ext4"; empty: only the built-in templates)
 #   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
 #   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
 #   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
@@ -327,6 +330,7 @@ PY
         printf 'STEP_TIMEOUT=%q\n' "$step_timeout"
         printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
         printf 'SERVE_ARGS=%q\n' "${STASIS_SERVE_ARGS:-}"
+        printf 'SERVE_LINUX_ARGS=%q\n' "${STASIS_SERVE_LINUX_ARGS---kernel /vmlinux --rootfs /rootfs.ext4}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
     } >"$root/l1/params"
 
@@ -534,7 +538,7 @@ EOF
 # Serve scenario in L1 (tests/nested/run-l1.sh): network, rootfs, server.
 . /l1/params
 say() { echo "serve: $*"; }
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
     failover net_failover virtio_net; do
     insmod "/l1/$m.ko" || { say "FAIL: insmod $m.ko"; exit 1; }
 done
@@ -557,9 +561,9 @@ for f in /l1/sparse/rootfs/blk.*; do
 done
 say "rootfs: /rootfs.ext4 $(stat -c %s /rootfs.ext4) bytes; memory: $(grep MemFree /proc/meminfo)"
 mkdir -p /data
-set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data --kernel /vmlinux --rootfs /rootfs.ext4
-# shellcheck disable=SC2086 # SERVE_ARGS is a list of words
-set -- "$@" $SERVE_ARGS
+set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
+# shellcheck disable=SC2086 # lists of words
+set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
 say "starting: $*"
 "$@" &
 pid=$!
@@ -695,7 +699,7 @@ EOF
     l1_fault=""
     kern_bad="$(tr -d '\r' <"$kernlog" | grep -aE 'soft lockup|hard LOCKUP|rcu.*stall|Kernel panic|Oops|general protection fault|BUG: |watchdog: ' | head -n1 || true)"
     hb_age=$((t_end - $(stat -c %Y "$hb")))
-    if ! grep -aq '^stasis-l1: init started' "$clean"; then
+    if ! grep -aq 'stasis-l1: init started' "$clean"; then
         l1_fault="L1 never reached its init (qemu exit $qemu_rc)"
     elif [[ -n "$kern_bad" ]]; then
         l1_fault="the L1 kernel reported: $kern_bad"
