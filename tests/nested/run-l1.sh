@@ -643,11 +643,34 @@ EOF
     t_start=$SECONDS
     client_rc=""
     set +e
+    timeout -k 10 "$l1_timeout" "${qemu[@]}" </dev/null >"$console" 2>&1 &
+    qpid=$!
+    tail -n +1 -f --pid="$qpid" "$console" &
+    tailpid=$!
+    # Watchdog: an L1 whose heartbeat goes quiet for a minute (or that wrote
+    # none two minutes after the start) has stopped running; QEMU is stopped
+    # then rather than at the hard timeout.
+    (
+        while kill -0 "$qpid" 2>/dev/null; do
+            now=$(date +%s)
+            if [[ -s "$hb" ]]; then
+                quiet=$((now - $(stat -c %Y "$hb")))
+                limit=60
+            else
+                quiet=$((SECONDS - t_start))
+                limit=120
+            fi
+            if ((quiet > limit)); then
+                echo "run-l1: WATCHDOG: no L1 heartbeat for ${quiet}s: L1 stopped running; stopping QEMU" >&2
+                echo "$quiet" >"$work/watchdog"
+                kill "$qpid" 2>/dev/null
+                break
+            fi
+            sleep 2
+        done
+    ) &
+    wdpid=$!
     if [[ "$scenario" == serve ]]; then
-        timeout -k 10 "$l1_timeout" "${qemu[@]}" </dev/null >"$console" 2>&1 &
-        qpid=$!
-        tail -n +1 -f --pid="$qpid" "$console" &
-        tailpid=$!
         url="http://127.0.0.1:$host_port"
         log "serve: waiting up to ${ready_timeout}s for $url/health (L1's port 3000)"
         ready=0
@@ -673,12 +696,13 @@ EOF
         kill "$qpid" 2>/dev/null
         wait "$qpid"
         qemu_rc=$?
-        wait "$tailpid"
     else
-        timeout --foreground -k 10 "$l1_timeout" "${qemu[@]}" </dev/null 2>&1 | tee "$console"
-        qemu_rc=${PIPESTATUS[0]}
+        wait "$qpid"
+        qemu_rc=$?
         t_end=$(date +%s)
     fi
+    kill "$wdpid" 2>/dev/null
+    wait "$wdpid" "$tailpid"
     set -e
     t_total=$((SECONDS - t_start))
 
@@ -705,6 +729,8 @@ EOF
         l1_fault="the L1 kernel reported: $kern_bad"
     elif [[ ! -s "$hb" ]]; then
         l1_fault="L1 never wrote a heartbeat"
+    elif [[ -f "$work/watchdog" ]]; then
+        l1_fault="L1 stopped running: no heartbeat for $(cat "$work/watchdog")s (the watchdog stopped QEMU)"
     elif ((hb_age > 45)); then
         l1_fault="L1 stopped running: its last heartbeat came ${hb_age}s before the end"
     elif [[ "$scenario" != serve ]] && ((qemu_rc != 0 && qemu_rc != 124 && qemu_rc != 137)); then
