@@ -106,6 +106,8 @@ exec /bin/sh "$@"
 EOF
     chmod 0755 "$root/bin/bash"
     cp "$agent" "$root/usr/local/bin/stasis-envd"
+    # Debug info only makes the image bigger (a script stand-in is left alone).
+    strip --strip-debug "$root/usr/local/bin/stasis-envd" 2>/dev/null || true
     chmod 0755 "$root/usr/local/bin/stasis-envd"
 
     # --- /etc ------------------------------------------------------------------
