@@ -4,10 +4,14 @@
 # busybox-static as its userland, an init that starts the in-guest agent, and
 # the agent binary. Cached by content hash.
 #
-# Usage: rootfs/build-rootfs.sh AGENT_BIN
+# Usage: rootfs/build-rootfs.sh [--python] AGENT_BIN
 #   AGENT_BIN  a statically linked stasis-envd (or, until it exists, any
 #              static stand-in: the image boots without it and init keeps
 #              restarting whatever is at /usr/local/bin/stasis-envd).
+#   --python   the richer template: Debian's python3 and bash (and the
+#              libraries they need) too, from `apt-get download` of the
+#              dependency closure (no maintainer scripts run; needs the apt
+#              lists and the Debian mirror). Busybox fills in the other tools.
 # Env:
 #   STASIS_CACHE            cache root (default: $HOME/.cache/stasis)
 #   STASIS_NO_APT           1: never call apt-get; fail with a hint instead
@@ -15,7 +19,8 @@
 #
 # Output: the last line on stdout is the absolute path of the image, at
 #   $STASIS_CACHE/rootfs/<hash>/rootfs.ext4
-# where <hash> covers this script, busybox, the agent and the free space. The
+# where <hash> covers this script, busybox, the agent, the free space and (with
+# --python) the exact Debian package versions. The
 # image is sparse: it takes little more disk than its contents.
 # Exit status: 0 built or cached, 1 failed, 2 a prerequisite is missing.
 #
@@ -30,8 +35,8 @@
 #     restarts it whenever it exits ("stasis-init: agent exited ...; restart
 #     N" on the console, 1 s apart). As PID 1 it also reaps orphans.
 #   - users: root (0, /root) and user (1000, /home/user, groups user),
-#     shell /bin/sh; /bin/bash is a small wrapper around busybox sh for
-#     callers that insist on bash (`bash -l -c CMD`).
+#     shell /bin/sh. Without --python, /bin/bash is a small wrapper around
+#     busybox sh for callers that insist on bash (`bash -l -c CMD`).
 #   - stasis.init=shell on the kernel command line: a shell on the console
 #     instead of the agent (debugging).
 set -euo pipefail
@@ -50,7 +55,12 @@ prereq() { echo "rootfs/build-rootfs.sh: PREREQUISITE MISSING: $*" >&2; exit 2; 
 # The body is one function so that bash parses it whole before running it:
 # editing this file while it runs cannot derail the run.
 main() {
-    (($# == 1)) || { echo "usage: $0 AGENT_BIN" >&2; exit 2; }
+    python=0
+    if [[ "${1:-}" == --python ]]; then
+        python=1
+        shift
+    fi
+    (($# == 1)) || { echo "usage: $0 [--python] AGENT_BIN" >&2; exit 2; }
     [[ -f "$1" ]] || prereq "no such agent binary: $1"
     agent="$(realpath "$1")"
     free_mib="${STASIS_ROOTFS_FREE_MIB:-512}"
@@ -80,9 +90,27 @@ main() {
                 "(build it with: cargo rustc --release --bin stasis-envd -- -C target-feature=+crt-static)"
     fi
 
+    # --- Debian packages (--python): the dependency closure, as if on an empty system
+    debs=()
+    deb_list=""
+    apt_dir=""
+    trap 'rm -rf "${stage:-}" "$apt_dir"' EXIT
+    if ((python)); then
+        apt_dir="$(mktemp -d "${TMPDIR:-/tmp}/stasis-rootfs-apt.XXXXXX")"
+        mkdir -p "$apt_dir/cache/archives/partial"
+        : >"$apt_dir/status"
+        apt_opts=(-q -y -o "Dir::State::status=$apt_dir/status" -o "Dir::Cache=$apt_dir/cache"
+            -o APT::Install-Recommends=false -o Debug::NoLocking=1)
+        [[ "$(id -u)" != 0 ]] || apt_opts+=(-o APT::Sandbox::User=root)
+        deb_list="$(apt-get install --print-uris "${apt_opts[@]}" python3 bash 2>&1 \
+            | grep "^'" | LC_ALL=C sort)" \
+            || prereq "apt-get cannot resolve python3 and bash (run apt-get update)"
+        [[ -n "$deb_list" ]] || prereq "apt-get lists no packages for python3 and bash (run apt-get update)"
+    fi
+
     # --- cache lookup --------------------------------------------------------
-    hash="$( { sha256sum "$self" "$busybox" "$agent" | cut -d' ' -f1; echo "free=$free_mib"; } \
-        | sha256sum | cut -c1-16)"
+    hash="$( { sha256sum "$self" "$busybox" "$agent" | cut -d' ' -f1; echo "free=$free_mib"
+        echo "$deb_list"; } | sha256sum | cut -c1-16)"
     out_dir="$rcache/$hash"
     out="$out_dir/rootfs.ext4"
     if [[ -s "$out" ]]; then
@@ -94,58 +122,79 @@ main() {
 
     # --- staging tree --------------------------------------------------------
     stage="$(mktemp -d "$rcache/stage.XXXXXX")"
-    trap 'rm -rf "$stage"' EXIT
     root="$stage/root"
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,usr/local/sbin,dev,proc,sys} \
         "$root"/{tmp,run,etc,root,home/user,mnt,var/log,var/tmp,lib}
+    if ((python)); then
+        log "downloading $(wc -l <<<"$deb_list") Debian packages (python3, bash and their dependencies)"
+        (cd "$apt_dir/cache/archives" && apt-get install --download-only "${apt_opts[@]}" python3 bash >&2) \
+            || die "apt-get --download-only python3 bash failed"
+        debs=("$apt_dir"/cache/archives/*.deb)
+        for deb in "${debs[@]}"; do
+            dpkg -x "$deb" "$root" || die "dpkg -x $deb failed"
+        done
+        # The packages' documentation is of no use in a sandbox.
+        rm -rf "$root"/usr/share/{doc,man,info,lintian}
+        log "unpacked ${#debs[@]} packages: $(du -sh "$root" | cut -f1)"
+    fi
+    # Files of ours are written after removing what may be there: a package's
+    # (absolute) symlink must not lead a write out of the staging tree.
+    put() { rm -f "$root/$1" && cat >"$root/$1"; }
+    rm -f "$root/bin/busybox"
     cp "$busybox" "$root/bin/busybox"
-    cat >"$root/bin/bash" <<'EOF'
+    if [[ ! -e "$root/bin/bash" ]]; then
+        put bin/bash <<'EOF'
 #!/bin/sh
 # Not bash: busybox sh, for callers that run `bash -l -c CMD`.
 exec /bin/sh "$@"
 EOF
-    chmod 0755 "$root/bin/bash"
+        chmod 0755 "$root/bin/bash"
+    fi
+    rm -f "$root/usr/local/bin/stasis-envd"
     cp "$agent" "$root/usr/local/bin/stasis-envd"
     # Debug info only makes the image bigger (a script stand-in is left alone).
     strip --strip-debug "$root/usr/local/bin/stasis-envd" 2>/dev/null || true
     chmod 0755 "$root/usr/local/bin/stasis-envd"
 
     # --- /etc ------------------------------------------------------------------
-    echo stasis >"$root/etc/hostname"
-    cat >"$root/etc/hosts" <<'EOF'
+    echo stasis | put etc/hostname
+    put etc/hosts <<'EOF'
 127.0.0.1	localhost
 ::1	localhost ip6-localhost ip6-loopback
 127.0.1.1	stasis
 EOF
-    cat >"$root/etc/passwd" <<'EOF'
+    put etc/passwd <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 user:x:1000:1000:user:/home/user:/bin/sh
 nobody:x:65534:65534:nobody:/nonexistent:/bin/false
 EOF
-    cat >"$root/etc/group" <<'EOF'
+    put etc/group <<'EOF'
 root:x:0:
 tty:x:5:
 user:x:1000:
 nogroup:x:65534:
 EOF
-    cat >"$root/etc/shadow" <<'EOF'
+    put etc/shadow <<'EOF'
 root:*:19000:0:99999:7:::
 user:*:19000:0:99999:7:::
 nobody:*:19000:0:99999:7:::
 EOF
     chmod 0640 "$root/etc/shadow"
-    printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' \
-        >"$root/etc/nsswitch.conf"
-    : >"$root/etc/resolv.conf"
-    cat >"$root/etc/profile" <<'EOF'
+    printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' | put etc/nsswitch.conf
+    put etc/resolv.conf </dev/null
+    put etc/profile <<'EOF'
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LANG=C.UTF-8
 [ -n "$HOME" ] || export HOME=/root
 EOF
-    echo 'stasis sandbox (busybox)' >"$root/etc/issue"
+    if ((python)); then
+        echo 'stasis sandbox (busybox, Debian python3 and bash)' | put etc/issue
+    else
+        echo 'stasis sandbox (busybox)' | put etc/issue
+    fi
 
     # --- init ----------------------------------------------------------------
-    cat >"$root/sbin/init" <<'EOF'
+    put sbin/init <<'EOF'
 #!/bin/busybox sh
 # stasis sandbox init (rootfs/build-rootfs.sh): mount the usual filesystems,
 # then run the agent and restart it whenever it exits. PID 1 never exits.
@@ -212,11 +261,21 @@ EOF
     # ...), except where a file of ours is (sbin/init). Last, and relative: a
     # file written later through an absolute link would land on the host.
     while read -r applet_path; do
-        [[ -e "$root/$applet_path" || -L "$root/$applet_path" ]] && continue
+        name="$(basename "$applet_path")"
+        found=0
+        for d in bin sbin usr/bin usr/sbin; do
+            [[ -e "$root/$d/$name" || -L "$root/$d/$name" ]] && found=1
+        done
+        ((found == 0)) || continue
         mkdir -p "$root/$(dirname "$applet_path")"
         ln -s "$(realpath --relative-to="$root/$(dirname "$applet_path")" "$root/bin/busybox")" \
             "$root/$applet_path"
     done < <("$busybox" --list-full)
+
+    # The dynamic loader's cache, for the Debian libraries (root only: it chroots).
+    if ((python)) && [[ "$(id -u)" == 0 ]]; then
+        ldconfig -r "$root" || die "ldconfig -r $root failed"
+    fi
 
     # --- the image -------------------------------------------------------------
     content_kib="$(du -sk --apparent-size "$root" | cut -f1)"
@@ -241,8 +300,9 @@ EOF
     printf 'sif /tmp mode 041777\nsif /var/tmp mode 041777\nsif /root mode 040700\n' >>"$cmds"
     debugfs -w -f "$cmds" "$img" >"$stage/debugfs.log" 2>&1 \
         || { tail -n 20 "$stage/debugfs.log" >&2; die "debugfs could not set owners"; }
-    if grep -q 'File not found\|Bad\|error' "$stage/debugfs.log"; then
-        grep 'File not found\|Bad\|error' "$stage/debugfs.log" | head -n 10 >&2
+    # Besides its banner and the echo of each command, debugfs prints only errors.
+    if grep -v '^debugfs[ :]' "$stage/debugfs.log" | grep -q .; then
+        grep -v '^debugfs[ :]' "$stage/debugfs.log" | head -n 10 >&2
         die "debugfs reported errors while setting owners"
     fi
     e2fsck -fn "$img" >"$stage/fsck.log" 2>&1 \
@@ -254,6 +314,7 @@ EOF
         echo "busybox $(sha256sum "$busybox" | cut -d' ' -f1)"
         echo "agent $(sha256sum "$agent" | cut -d' ' -f1) $agent"
         echo "size_mib $size_mib"
+        [[ -z "$deb_list" ]] || awk '{ print "deb " $2 }' <<<"$deb_list"
     } >"$out_dir.tmp.$$/manifest"
     rm -rf "$out_dir"
     mv "$out_dir.tmp.$$" "$out_dir"

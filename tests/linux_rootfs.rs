@@ -5,6 +5,9 @@
 //! expects. The agent here is `tests/nested/standin-agent.sh`, which exits
 //! once and then checks the image from inside.
 //!
+//! The same for the richer template (`--python`): Debian's python3, with its
+//! standard library, and bash run as the user.
+//!
 //! The VMM is QEMU's `microvm` machine under TCG (pure emulation): this test
 //! is about the image and the kernel, independent of stasis's devices and of
 //! the host's KVM, and takes seconds. The sandboxes of `stasis serve` boot the
@@ -17,6 +20,7 @@
 mod support;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,6 +38,16 @@ const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfsty
 
 #[test]
 fn rootfs_boots_runs_and_restarts_its_agent() {
+    boot_and_check(false);
+}
+
+/// The richer template: Debian's python3 and bash on top.
+#[test]
+fn python_rootfs_runs_python_and_bash() {
+    boot_and_check(true);
+}
+
+fn boot_and_check(python: bool) {
     if !on_path("qemu-system-x86_64") {
         return prerequisite_missing(
             TEST,
@@ -42,8 +56,12 @@ fn rootfs_boots_runs_and_restarts_its_agent() {
     }
     let standin = repo().join("tests/nested/standin-agent.sh");
     let built = build_artifact("kernel/build.sh", KERNEL_BUILD_LIMIT).and_then(|(k, _)| {
-        build_artifact_with("rootfs/build-rootfs.sh", &[&standin], ROOTFS_BUILD_LIMIT)
-            .map(|(r, _)| (k, r))
+        let args: &[&Path] = if python {
+            &[Path::new("--python"), &standin]
+        } else {
+            &[&standin]
+        };
+        build_artifact_with("rootfs/build-rootfs.sh", args, ROOTFS_BUILD_LIMIT).map(|(r, _)| (k, r))
     });
     let (vmlinux, rootfs) = match built {
         Ok(v) => v,
@@ -150,9 +168,20 @@ fn rootfs_boots_runs_and_restarts_its_agent() {
             fail(&format!("as user, {key} should be {want}: {user}"));
         }
     }
+    let Some(py) = line("STANDIN python ") else {
+        fail("the python check did not run");
+    };
+    let (want_py, want_bash) = if python { ("45", "5") } else { ("", "none") };
+    if python && field(py, "py").as_deref() != Some(want_py) {
+        fail(&format!("python3 should print {want_py} as the user: {py}"));
+    }
+    if field(py, "bashv").as_deref() != Some(want_bash) {
+        fail(&format!("bash's major version should be {want_bash}: {py}"));
+    }
     let _ = writeln!(
         std::io::stderr(),
-        "{TEST}: PASSED in {:.1}s: {init} | {checks}",
+        "{TEST}: PASSED ({}) in {:.1}s: {init} | {checks} | {py}",
+        if python { "--python" } else { "busybox" },
         run.elapsed.as_secs_f64()
     );
 }
