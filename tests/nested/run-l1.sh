@@ -561,6 +561,7 @@ for f in /l1/sparse/rootfs/blk.*; do
 done
 say "rootfs: /rootfs.ext4 $(stat -c %s /rootfs.ext4) bytes; memory: $(grep MemFree /proc/meminfo)"
 mkdir -p /data
+export NO_COLOR=1
 set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
 # shellcheck disable=SC2086 # lists of words
 set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
