@@ -16,6 +16,14 @@
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
+//!
+//! Agent templates (Linux guests with the stasis agent, or the fake backend's
+//! host agent): the sandbox dir holds the vsock socket (`vsock.sock`) and,
+//! for Linux templates, the disk overlay (`disk.overlay`; the VMM keeps the
+//! disk with each snapshot). Create answers only once the agent answers
+//! `GET /health` (bounded by the agent timeout). In-sandbox traffic is
+//! forwarded by [`super::proxy`]; each running incarnation has a
+//! [`Gate`] that pause and kill close, aborting its open connections.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,12 +38,13 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::error::ApiError;
 use super::models::{
     self, rfc3339, ConnectBody, DetailOut, LifecycleOut, ListedOut, NewSandbox, ResumeBody,
-    SandboxOut, StasisOut, CLIENT_ID, ENVD_VERSION,
+    SandboxOut, StasisOut, AGENT_ENVD_VERSION, CLIENT_ID, ENVD_VERSION,
 };
+use super::proxy::{self, Gate};
 use super::store::{Row, RowState, Store};
 use crate::worker::client::WorkerClient;
 use crate::worker::protocol::{
-    BackendKind, BootConfig, ConsoleSpec, KernelSpec, Reply, Request, RestoreModeSpec,
+    BackendKind, BootConfig, ConsoleSpec, DiskSpec, KernelSpec, Reply, Request, RestoreModeSpec,
 };
 use crate::worker::Error as WorkerError;
 
@@ -49,8 +58,28 @@ const MAX_TOMBSTONES: usize = 10_000;
 /// Longest the timer task sleeps without looking (guards against clock jumps).
 const TIMER_MAX_SLEEP: Duration = Duration::from_secs(5);
 
-/// Templates that exist without a file: the built-in test guest.
+/// Templates that exist without a file: the built-in test guest, or the
+/// server's Linux template (`stasis serve --kernel K --rootfs R`).
 pub const BUILTIN_TEMPLATES: [&str; 2] = ["base", "code-interpreter-v1"];
+/// How long `GET /sandboxes/{id}` waits for the agent's health answer.
+const AGENT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Between two health probes while a new sandbox's agent starts.
+const AGENT_POLL: Duration = Duration::from_millis(50);
+/// The vsock socket in a sandbox's directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// The copy-on-write disk overlay in a sandbox's directory.
+pub const DISK_OVERLAY: &str = "disk.overlay";
+
+/// The server's Linux template (`stasis serve --kernel K --rootfs R`): what
+/// `base` and the SDK's default template names boot.
+#[derive(Debug, Clone)]
+pub struct LinuxTemplate {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub cmdline: String,
+    pub memory_mb: u64,
+    pub vcpus: u8,
+}
 
 /// What the manager needs to know from the server's options.
 #[derive(Debug, Clone)]
@@ -63,6 +92,10 @@ pub struct Config {
     pub max_running: usize,
     pub max_concurrent_spawns: usize,
     pub worker_exe: PathBuf,
+    /// Replaces the built-in templates with a Linux guest with the agent.
+    pub linux: Option<LinuxTemplate>,
+    /// Longest wait for a new sandbox's agent to answer.
+    pub agent_timeout: Duration,
 }
 
 struct Rec {
@@ -73,6 +106,10 @@ struct Rec {
     gone: bool,
     expiry_queued: bool,
     snapshot_bytes: Option<u64>,
+    /// Open while running: proxied connections of this incarnation.
+    gate: Option<Arc<Gate>>,
+    /// Why the last proxied connection to the agent failed, until one works.
+    agent_error: Option<String>,
 }
 
 struct Entry {
@@ -105,6 +142,11 @@ struct Template {
     cpu_count: u32,
     memory_mb: u64,
     disk_mb: u64,
+    /// The template's root filesystem image (read-only base of each
+    /// sandbox's copy-on-write disk).
+    rootfs: Option<PathBuf>,
+    /// The guest runs the stasis agent (reached over vsock).
+    agent: bool,
 }
 
 /// `<data-dir>/templates/<name>.json`.
@@ -121,7 +163,19 @@ struct TemplateFile {
     vcpus: u8,
     #[serde(default, rename = "diskSizeMB")]
     disk_size_mb: u64,
+    /// Root filesystem image (ext4), the read-only base of each sandbox's
+    /// copy-on-write disk (`/dev/vda` in the guest).
+    #[serde(default)]
+    rootfs: Option<PathBuf>,
+    /// Whether the guest runs the stasis agent (envd API over vsock).
+    #[serde(default)]
+    agent: bool,
 }
+
+/// Default kernel command line of Linux templates (the VMM appends its
+/// `virtio_mmio.device=` words).
+pub const LINUX_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd root=/dev/vda rw";
 
 /// Why listing was asked for which sandboxes.
 #[derive(Debug, Default)]
@@ -159,11 +213,12 @@ impl Manager {
         // sockaddr_un holds 107 bytes of path.
         let longest_socket = cfg
             .data_dir
-            .join("run")
-            .join(format!("{}.sock", "x".repeat(20)));
+            .join("sandboxes")
+            .join("x".repeat(20))
+            .join(VSOCK_SOCKET);
         if longest_socket.as_os_str().len() > 107 {
             return Err(super::Error::Config(format!(
-                "data dir {} is too long: worker sockets under it would exceed the 107-byte limit of Unix socket paths",
+                "data dir {} is too long: worker and agent sockets under it would exceed the 107-byte limit of Unix socket paths",
                 cfg.data_dir.display()
             )));
         }
@@ -201,6 +256,10 @@ impl Manager {
 
     fn snapshot_dir(&self, id: &str, gen: u64) -> PathBuf {
         self.sandbox_dir(id).join(format!("snapshot-{gen}"))
+    }
+
+    fn vsock_path(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join(VSOCK_SOCKET)
     }
 
     fn console(&self, id: &str) -> ConsoleSpec {
@@ -246,6 +305,7 @@ impl Manager {
             };
             if let Some(why) = why_not {
                 tracing::info!(sandbox = %row.id, "removed at startup: {why}");
+                crate::worker::vm::kill_host_agent(&self.vsock_path(&row.id));
                 self.store.delete(&row.id)?;
                 let _ = std::fs::remove_dir_all(self.sandbox_dir(&row.id));
                 self.tombstone(&row.id, why);
@@ -278,6 +338,8 @@ impl Manager {
                     gone: false,
                     expiry_queued: false,
                     snapshot_bytes,
+                    gate: None,
+                    agent_error: None,
                 }),
             });
             self.map().insert(entry.id.clone(), entry);
@@ -288,6 +350,7 @@ impl Manager {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if models::valid_name(&name, false) && !kept.contains(&name) {
                     tracing::info!(sandbox = %name, "removing orphaned sandbox files");
+                    crate::worker::vm::kill_host_agent(&e.path().join(VSOCK_SOCKET));
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -369,12 +432,19 @@ impl Manager {
             r.gone = true;
             r.slot = None;
             r.busy = Some("removing");
+            if let Some(g) = r.gate.take() {
+                g.close();
+            }
             r.worker.take()
         };
         self.tombstone(&e.id, why);
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
         }
+        // A paused sandbox's host agent (fake backend) has no worker.
+        let vsock = self.vsock_path(&e.id);
+        let _ =
+            tokio::task::spawn_blocking(move || crate::worker::vm::kill_host_agent(&vsock)).await;
         self.delete_row(&e.id).await;
         let dir = self.sandbox_dir(&e.id);
         if let Err(err) = tokio::fs::remove_dir_all(&dir).await {
@@ -439,6 +509,10 @@ impl Manager {
                 } else {
                     KernelSpec::Path(PathBuf::from(f.kernel))
                 };
+                let disk_mb = match &f.rootfs {
+                    Some(r) if f.disk_size_mb == 0 => file_mb(r).await,
+                    _ => f.disk_size_mb,
+                };
                 return Ok(Template {
                     boot: BootConfig {
                         kernel,
@@ -447,14 +521,37 @@ impl Manager {
                         mem_bytes: f.memory_mb.saturating_mul(1 << 20),
                         vcpus: f.vcpus,
                         console: ConsoleSpec::Sink,
+                        disk: None,
+                        vsock: None,
                     },
                     cpu_count: u32::from(f.vcpus),
                     memory_mb: f.memory_mb,
-                    disk_mb: f.disk_size_mb,
+                    disk_mb,
+                    rootfs: f.rootfs,
+                    agent: f.agent,
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(internal(&format!("reading template {name:?}"), e)),
+        }
+        if let (true, Some(l)) = (BUILTIN_TEMPLATES.contains(&name), &self.cfg.linux) {
+            return Ok(Template {
+                boot: BootConfig {
+                    kernel: KernelSpec::Path(l.kernel.clone()),
+                    initrd: None,
+                    cmdline: l.cmdline.clone(),
+                    mem_bytes: l.memory_mb.saturating_mul(1 << 20),
+                    vcpus: l.vcpus,
+                    console: ConsoleSpec::Sink,
+                    disk: None,
+                    vsock: None,
+                },
+                cpu_count: u32::from(l.vcpus),
+                memory_mb: l.memory_mb,
+                disk_mb: file_mb(&l.rootfs).await,
+                rootfs: Some(l.rootfs.clone()),
+                agent: true,
+            });
         }
         if BUILTIN_TEMPLATES.contains(&name) {
             // The built-in test guest on an endless workload whose progress
@@ -474,10 +571,14 @@ impl Manager {
                     mem_bytes: 64 << 20,
                     vcpus: 1,
                     console: ConsoleSpec::Sink,
+                    disk: None,
+                    vsock: None,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
                 disk_mb: 0,
+                rootfs: None,
+                agent: false,
             });
         }
         Err(ApiError::bad_request(format!(
@@ -510,12 +611,91 @@ impl Manager {
         });
     }
 
+    /// Polls the agent's `GET /health` until it answers, the worker dies, or
+    /// the agent timeout passes.
+    async fn wait_for_agent(
+        &self,
+        worker: &WorkerClient,
+        socket: &std::path::Path,
+    ) -> Result<(), String> {
+        let limit = self.cfg.agent_timeout;
+        let deadline = std::time::Instant::now() + limit;
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(why) = worker.exited() {
+                return Err(format!("the VM stopped before its agent answered ({why})"));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no answer to GET /health within {}s (last: {last})",
+                    limit.as_secs_f64()
+                ));
+            }
+            match proxy::probe_health(socket, left.min(Duration::from_secs(5))).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            tokio::time::sleep(AGENT_POLL.min(left)).await;
+        }
+    }
+
+    /// Where traffic for `port` of sandbox `id` goes. Every refusal is a 502
+    /// (what the SDK expects of a sandbox it cannot reach: `is_running()`
+    /// is false on 502, while a 404 from envd means "no such file"), with a
+    /// message saying why: not found, paused, busy, or no agent.
+    pub fn proxy_target(&self, id: &str, port: u16) -> Result<proxy::Target, ApiError> {
+        let gateway = |msg: String| ApiError::new(StatusCode::BAD_GATEWAY, msg);
+        let e = self.map().get(id).cloned();
+        let Some(e) = e.filter(|e| !e.rec().gone) else {
+            return Err(gateway(self.not_found(id).message));
+        };
+        let r = e.rec();
+        if r.row.state == RowState::Paused && r.busy != Some("resuming") {
+            return Err(gateway(format!(
+                "sandbox {id} is paused: connect to it (Sandbox.connect) to resume it, then retry"
+            )));
+        }
+        if let Some(b) = r.busy {
+            return Err(gateway(format!(
+                "sandbox {id} is {b}; port {port} is unreachable until that finishes"
+            )));
+        }
+        if !r.row.agent {
+            return Err(gateway(format!(
+                "sandbox {id} has no agent (template {:?} runs the built-in test guest), so port {port} cannot be reached",
+                r.row.template_id
+            )));
+        }
+        let Some(gate) = r.gate.clone() else {
+            return Err(gateway(format!("sandbox {id} is not running")));
+        };
+        Ok(proxy::Target {
+            socket: self.vsock_path(id),
+            gate,
+        })
+    }
+
+    /// Records whether the agent of `id` could be reached (only envd-port
+    /// outcomes: a user port that nothing listens on is not the agent's
+    /// fault).
+    pub fn agent_reachable(&self, id: &str, port: u16, error: Option<&str>) {
+        if u32::from(port) != crate::vsock::ENVD_PORT {
+            return;
+        }
+        let e = self.map().get(id).cloned();
+        if let Some(e) = e {
+            e.rec().agent_error = error.map(str::to_string);
+        }
+    }
+
     fn sandbox_out(row: &Row) -> SandboxOut {
         SandboxOut {
             sandbox_id: row.id.clone(),
             template_id: row.template_id.clone(),
             client_id: CLIENT_ID,
-            envd_version: ENVD_VERSION,
+            envd_version: envd_version(row),
             alias: row.alias.clone(),
             domain: None,
         }
@@ -537,7 +717,7 @@ impl Manager {
             memory_mb: row.memory_mb,
             disk_size_mb: row.disk_mb,
             state,
-            envd_version: ENVD_VERSION,
+            envd_version: envd_version(row),
             metadata: row.metadata.clone(),
         }
     }
@@ -579,9 +759,23 @@ impl Manager {
             .await
             .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
         template.boot.console = self.console(&id);
+        if let Some(base) = &template.rootfs {
+            template.boot.disk = Some(DiskSpec {
+                base: base.clone(),
+                overlay: dir.join(DISK_OVERLAY),
+            });
+        }
+        let vsock = self.vsock_path(&id);
+        if template.agent {
+            template.boot.vsock = Some(vsock.clone());
+        }
         let fail = |msg: String| {
             let dir = dir.clone();
+            let vsock = vsock.clone();
             async move {
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::worker::vm::kill_host_agent(&vsock))
+                        .await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 ApiError::internal(msg)
             }
@@ -605,6 +799,21 @@ impl Manager {
                 return Err(fail(format!("booting the sandbox failed: {e}")).await);
             }
         };
+        if template.agent {
+            let waited = std::time::Instant::now();
+            if let Err(why) = self.wait_for_agent(&worker, &vsock).await {
+                let tail = console_tail(&dir.join("console.log"), 20);
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                tracing::warn!(sandbox = %id, "agent never answered: {why}");
+                let mut msg =
+                    format!("the sandbox's agent never answered: {why}; the sandbox was removed");
+                if !tail.is_empty() {
+                    msg.push_str(&format!(". Last console lines:\n{tail}"));
+                }
+                return Err(fail(msg).await);
+            }
+            tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
+        }
         let now = now_ms();
         let row = Row {
             id: id.clone(),
@@ -625,6 +834,7 @@ impl Manager {
             snapshot_gen: 0,
             guest_round,
             worker_pid: Some(worker.pid()),
+            agent: template.agent,
         };
         if let Err(e) = self.put_row(row.clone()).await {
             worker.shutdown(SHUTDOWN_GRACE).await;
@@ -642,6 +852,8 @@ impl Manager {
                 gone: false,
                 expiry_queued: false,
                 snapshot_bytes: None,
+                gate: Some(Gate::new()),
+                agent_error: None,
             }),
         });
         self.map().insert(id.clone(), entry.clone());
@@ -675,6 +887,26 @@ impl Manager {
             }
         }
         let running = row.state == RowState::Running;
+        let agent = match (row.agent, row.state, busy) {
+            (false, _, _) => None,
+            (true, RowState::Paused, _) => Some("paused".to_string()),
+            (true, RowState::Running, Some(b)) => Some(b.to_string()),
+            (true, RowState::Running, None) => {
+                let probe = proxy::probe_health(&self.vsock_path(id), AGENT_PROBE_TIMEOUT).await;
+                let mut r = e.rec();
+                match probe {
+                    Ok(()) => {
+                        r.agent_error = None;
+                        Some("ready".to_string())
+                    }
+                    Err(err) => {
+                        let msg = format!("unreachable: {err}");
+                        r.agent_error = Some(msg.clone());
+                        Some(msg)
+                    }
+                }
+            }
+        };
         Ok(DetailOut {
             listed: self.listed_out(&row),
             domain: None,
@@ -697,6 +929,7 @@ impl Manager {
                 created_at: rfc3339(row.created_ms),
                 snapshot_bytes: if running { None } else { snapshot_bytes },
                 busy,
+                agent,
             },
         })
     }
@@ -751,6 +984,10 @@ impl Manager {
         let (worker, gen) = {
             let mut r = e.rec();
             r.busy = Some("pausing");
+            // Open proxied connections end now; new ones are refused.
+            if let Some(g) = r.gate.take() {
+                g.close();
+            }
             (r.worker.clone(), r.row.snapshot_gen + 1)
         };
         let Some(worker) = worker else {
@@ -812,7 +1049,11 @@ impl Manager {
             }
             Err(WorkerError::Remote(msg)) => {
                 // The worker kept the VM running.
-                e.rec().busy = None;
+                {
+                    let mut r = e.rec();
+                    r.busy = None;
+                    r.gate = Some(Gate::new());
+                }
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 tracing::warn!(sandbox = %e.id, "pause failed, still running: {msg}");
                 Err(ApiError::internal(format!(
@@ -858,6 +1099,7 @@ impl Manager {
             snapshot_dir: self.snapshot_dir(&e.id, gen),
             mode: RestoreModeSpec::Lazy,
             console: self.console(&e.id),
+            vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,
@@ -890,6 +1132,8 @@ impl Manager {
             r.slot = Some(slot);
             r.busy = None;
             r.snapshot_bytes = None;
+            r.gate = Some(Gate::new());
+            r.agent_error = None;
         }
         self.watch_worker(e.clone(), worker.clone());
         self.timer.notify_one();
@@ -1105,4 +1349,33 @@ fn kill_stale_worker(pid: u32, id: &str) {
             libc::kill(pid, libc::SIGKILL);
         }
     }
+}
+
+/// The envd version a sandbox reports: the agent's for agent templates; the
+/// SDK's minimum for the built-in test guest, which has no agent.
+fn envd_version(row: &Row) -> &'static str {
+    if row.agent {
+        AGENT_ENVD_VERSION
+    } else {
+        ENVD_VERSION
+    }
+}
+
+/// Size of `path` in MiB (rounded up), 0 if unreadable.
+async fn file_mb(path: &std::path::Path) -> u64 {
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len().div_ceil(1 << 20))
+        .unwrap_or(0)
+}
+
+/// The last lines of a console log, for error messages.
+fn console_tail(path: &std::path::Path, lines: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(4096);
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -6,6 +6,8 @@
 //! - [`store`]: SQLite metadata (`<data-dir>/stasis.db`).
 //! - [`models`]: JSON shapes; [`error`]: the JSON error; [`openapi`]: the
 //!   OpenAPI document.
+//! - [`proxy`]: forwards in-sandbox traffic (`Novita-Sandbox-Id`/`-Port`
+//!   headers or `{port}-{id}.{domain}` hosts) to the sandbox's agent.
 //!
 //! Each running sandbox lives in its own worker process ([`crate::worker`]);
 //! nothing here touches KVM. [`bench`] drives this API in-process and
@@ -16,6 +18,7 @@ pub mod error;
 pub mod manager;
 pub mod models;
 pub mod openapi;
+pub mod proxy;
 pub mod routes;
 pub mod store;
 
@@ -71,6 +74,14 @@ pub struct ServeOptions {
     /// set, the bound address is sent here once the server listens, instead
     /// of being printed on stdout.
     pub on_listen: Option<std::sync::mpsc::Sender<SocketAddr>>,
+    /// When set, `base` and the SDK's default template names boot this Linux
+    /// guest with the agent instead of the built-in test guest.
+    pub linux: Option<manager::LinuxTemplate>,
+    /// Longest wait for a new sandbox's agent to answer `GET /health`.
+    pub agent_timeout: Duration,
+    /// A second address serving the same routes, for SDKs in debug mode
+    /// (`NOVITA_DEBUG=true` sends envd requests to `localhost:49983`).
+    pub sandbox_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeOptions {
@@ -87,6 +98,9 @@ impl Default for ServeOptions {
             max_inflight: 1024,
             worker_exe: None,
             on_listen: None,
+            linux: None,
+            agent_timeout: Duration::from_secs(180),
+            sandbox_listen: None,
         }
     }
 }
@@ -116,6 +130,33 @@ pub struct ServeArgs {
     /// Most sandboxes running at once.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
+    /// Linux kernel (vmlinux or bzImage) for the built-in templates: with
+    /// --rootfs, `base` and `code-interpreter-v1` become Linux guests that
+    /// run the stasis agent.
+    #[arg(long, requires = "rootfs")]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image (ext4 with the agent) for the built-in
+    /// templates; each sandbox gets a copy-on-write disk over it.
+    #[arg(long, requires = "kernel")]
+    pub rootfs: Option<PathBuf>,
+    /// Kernel command line of the Linux template.
+    #[arg(long, default_value = manager::LINUX_CMDLINE)]
+    pub cmdline: String,
+    /// Memory of the Linux template, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mb: u64,
+    /// vCPUs of the Linux template.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Seconds a new sandbox's agent may take to answer before the create
+    /// call fails (guests boot in seconds natively, up to a minute or more
+    /// under nested emulation).
+    #[arg(long, default_value_t = 180)]
+    pub agent_timeout: u64,
+    /// Also serve on this address (e.g. 127.0.0.1:49983, where SDKs in
+    /// debug mode send in-sandbox requests).
+    #[arg(long)]
+    pub sandbox_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -133,6 +174,35 @@ impl ServeArgs {
                 _ => BackendKind::Vm,
             },
         };
+        if self.vcpus == 0 || self.memory_mb == 0 || self.agent_timeout == 0 {
+            return Err(Error::Config(
+                "--vcpus, --memory-mb and --agent-timeout must be positive".into(),
+            ));
+        }
+        let linux = match (self.kernel, self.rootfs) {
+            (Some(kernel), Some(rootfs)) => {
+                for (what, p) in [("kernel", &kernel), ("rootfs", &rootfs)] {
+                    if !p.is_file() {
+                        return Err(Error::Config(format!(
+                            "--{what} {}: not a readable file",
+                            p.display()
+                        )));
+                    }
+                }
+                let abs = |p: PathBuf| {
+                    std::fs::canonicalize(&p)
+                        .map_err(|e| Error::Io(format!("resolve {}", p.display()), e))
+                };
+                Some(manager::LinuxTemplate {
+                    kernel: abs(kernel)?,
+                    rootfs: abs(rootfs)?,
+                    cmdline: self.cmdline,
+                    memory_mb: self.memory_mb,
+                    vcpus: self.vcpus,
+                })
+            }
+            _ => None,
+        };
         Ok(ServeOptions {
             listen: self.listen,
             data_dir: self.data_dir,
@@ -141,6 +211,9 @@ impl ServeArgs {
             retention: Duration::from_secs(self.retention_secs),
             max_timeout: Duration::from_secs(self.max_timeout_secs),
             max_running: self.max_running,
+            linux,
+            agent_timeout: Duration::from_secs(self.agent_timeout),
+            sandbox_listen: self.sandbox_listen,
             ..ServeOptions::default()
         })
     }
@@ -181,8 +254,10 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    if opts.api_key.is_none() && !opts.listen.ip().is_loopback() {
-        return Err(Error::InsecureListen(opts.listen));
+    for addr in std::iter::once(opts.listen).chain(opts.sandbox_listen) {
+        if opts.api_key.is_none() && !addr.ip().is_loopback() {
+            return Err(Error::InsecureListen(addr));
+        }
     }
     if opts.max_running == 0 || opts.max_inflight == 0 {
         return Err(Error::Config(
@@ -210,6 +285,8 @@ pub async fn serve(
         max_running: opts.max_running,
         max_concurrent_spawns: std::thread::available_parallelism().map_or(4, |n| n.get() * 4),
         worker_exe,
+        linux: opts.linux.clone(),
+        agent_timeout: opts.agent_timeout,
     };
     let mgr = manager::Manager::start(cfg).await?;
     let listener =
@@ -217,6 +294,10 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io("reading the bound address".into(), e))?;
+    let sandbox_listener = match opts.sandbox_listen {
+        Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
+        None => None,
+    };
     let app = routes::router(routes::AppState {
         mgr: mgr.clone(),
         api_key: opts.api_key.as_deref().map(Arc::from),
@@ -231,8 +312,27 @@ pub async fn serve(
         let _ = out.flush();
     }
     tracing::info!(%addr, backend = %opts.backend, data_dir = %opts.data_dir.display(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(l) = sandbox_listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
+        }
+        let extra = axum::serve(l, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = extra.await {
+                tracing::error!("second listener failed: {e}");
+            }
+        });
+    }
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!("shutting down: stopping workers");

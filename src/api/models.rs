@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// envd version we report. The SDK refuses < 0.1.0 and gates newer features
-/// (recursive watch 0.1.4, metrics 0.1.5, ...) on higher versions; we have no
-/// in-sandbox agent yet, so we claim the minimum.
+/// envd version reported for sandboxes without an agent (the built-in test
+/// guest). The SDK refuses < 0.1.0 and gates newer features (recursive watch
+/// 0.1.4, metrics 0.1.5, ...) on higher versions, so they claim the minimum.
 pub const ENVD_VERSION: &str = "0.1.0";
+/// envd version of sandboxes whose guest runs the stasis agent.
+// TODO(integrate envd): use `crate::envd::VERSION` once src/envd/ lands.
+pub const AGENT_ENVD_VERSION: &str = "0.5.7";
 /// `clientID` we report (E2B's field; meaningless here).
 pub const CLIENT_ID: &str = "stasis";
 
@@ -140,6 +143,10 @@ pub struct StasisOut {
     pub snapshot_bytes: Option<u64>,
     /// Whether an operation (pause/resume) is in progress.
     pub busy: Option<&'static str>,
+    /// Agent templates: `ready`, `unreachable: <why>` (it does not answer
+    /// `GET /health`), `paused`, or the operation in progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC

@@ -46,6 +46,12 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), limit_and_log))
+        // Outermost: in-sandbox traffic never reaches the API's auth or its
+        // concurrency limit (streams may stay open for long).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::proxy::layer,
+        ))
         .with_state(state)
 }
 

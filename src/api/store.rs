@@ -62,6 +62,8 @@ pub struct Row {
     pub snapshot_gen: u64,
     pub guest_round: Option<u64>,
     pub worker_pid: Option<u32>,
+    /// The guest runs the stasis agent (reached through its vsock socket).
+    pub agent: bool,
 }
 
 /// The SQLite store; cheap to clone.
@@ -99,9 +101,19 @@ impl Store {
                 allow_internet INTEGER NOT NULL,
                 snapshot_gen INTEGER NOT NULL,
                 guest_round INTEGER,
-                worker_pid INTEGER
+                worker_pid INTEGER,
+                agent INTEGER NOT NULL DEFAULT 0
             );",
         )?;
+        // Databases from before agent templates lack the column.
+        let has_agent: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('sandboxes') WHERE name = 'agent'")?
+            .exists([])?;
+        if !has_agent {
+            conn.execute_batch(
+                "ALTER TABLE sandboxes ADD COLUMN agent INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -120,8 +132,9 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes (id, seq, template_id, alias, state, created_ms,
                 started_ms, end_ms, on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb,
-                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid, agent)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                ?19)",
             params![
                 r.id,
                 r.seq,
@@ -141,6 +154,7 @@ impl Store {
                 r.snapshot_gen as i64,
                 r.guest_round.map(|g| g as i64),
                 r.worker_pid,
+                r.agent,
             ],
         )?;
         Ok(())
@@ -169,7 +183,7 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT id, seq, template_id, alias, state, created_ms, started_ms, end_ms,
                 on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb, disk_mb,
-                allow_internet, snapshot_gen, guest_round, worker_pid
+                allow_internet, snapshot_gen, guest_round, worker_pid, agent
              FROM sandboxes ORDER BY seq",
         )?;
         let raw = stmt.query_map([], |r| {
@@ -198,11 +212,13 @@ impl Store {
                 ],
                 r.get::<_, Option<i64>>(16)?,
                 r.get::<_, Option<i64>>(17)?,
+                r.get::<_, bool>(18)?,
             ))
         })?;
         let mut out = Vec::new();
         for item in raw {
-            let (id, seq, template_id, alias, state, t, flags, metadata, nums, round, pid) = item?;
+            let (id, seq, template_id, alias, state, t, flags, metadata, nums, round, pid, agent) =
+                item?;
             let corrupt = |what: String| Error::Corrupt {
                 id: id.clone(),
                 what,
@@ -233,6 +249,7 @@ impl Store {
                 snapshot_gen: u64::try_from(nums[3]).map_err(|e| corrupt(e.to_string()))?,
                 guest_round: round.and_then(|r| u64::try_from(r).ok()),
                 worker_pid: pid.and_then(|p| u32::try_from(p).ok()),
+                agent,
             });
         }
         Ok(out)
@@ -263,6 +280,7 @@ mod tests {
             snapshot_gen: 2,
             guest_round: Some(99),
             worker_pid: None,
+            agent: false,
         }
     }
 
@@ -286,5 +304,36 @@ mod tests {
         assert_eq!(rows[0].state, RowState::Running);
         assert_eq!(rows[0].metadata.get("k").map(String::as_str), Some("v"));
         assert_eq!(s.max_seq().unwrap(), 2);
+    }
+
+    #[test]
+    fn old_database_gains_the_agent_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("stasis.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE sandboxes (id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE,
+                template_id TEXT NOT NULL, alias TEXT, state TEXT NOT NULL,
+                created_ms INTEGER NOT NULL, started_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
+                on_timeout_pause INTEGER NOT NULL, auto_resume INTEGER NOT NULL,
+                metadata TEXT NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
+                disk_mb INTEGER NOT NULL, allow_internet INTEGER NOT NULL,
+                snapshot_gen INTEGER NOT NULL, guest_round INTEGER, worker_pid INTEGER);
+                INSERT INTO sandboxes VALUES ('old', 1, 'base', NULL, 'paused', 1, 2, 3, 0, 0,
+                '{}', 1, 64, 0, 1, 1, NULL, NULL);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let rows = s.load_all().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].agent);
+        let mut r = row("new", 2);
+        r.agent = true;
+        s.put(&r).unwrap();
+        drop(s);
+        let rows = Store::open(&path).unwrap().load_all().unwrap();
+        assert!(rows.iter().any(|r| r.id == "new" && r.agent));
     }
 }

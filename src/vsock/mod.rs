@@ -11,7 +11,10 @@
 //! at `uds_path`, writes `CONNECT <port>\n` and reads `OK <host-port>\n`
 //! once the guest accepted on vsock port `<port>`; from then on the stream
 //! carries the connection's bytes both ways. If the guest refuses (RST) the
-//! host stream is closed without `OK`.
+//! host stream is closed without `OK`; so it is when the client sends no
+//! valid line within 5 s or the guest does not answer within 5 s. Closing
+//! the host stream (or `shutdown(Write)`) reaches the guest as a vsock
+//! SHUTDOWN after all earlier bytes; a guest close closes the host stream.
 //!
 //! Port conventions between the host and the stasis agent in the guest:
 //! [`ENVD_PORT`] is the agent's HTTP (envd) API; [`FORWARD_PORT`] is its TCP
@@ -19,10 +22,17 @@
 //! `127.0.0.1:<tcp-port>` inside the guest and answers `OK\n` (or
 //! `ERR <reason>\n` and closes), then splices bytes.
 //!
-//! STATUS: interface stub; the implementation is being written.
+//! Guest-initiated connections (the guest connects to the host's CID on
+//! port `P`) are forwarded to the Unix socket `<uds_path>_<P>` when one is
+//! listening there, and refused with RST otherwise.
+//!
+//! The per-connection state machine and flow control live in `muxer`;
+//! this file holds the wire format and the constants shared with the
+//! device and the agent.
 
-use std::os::fd::RawFd;
-use std::path::Path;
+mod muxer;
+
+pub use muxer::Muxer;
 
 /// The guest's vsock port of the agent's envd HTTP API.
 pub const ENVD_PORT: u32 = 49983;
@@ -34,6 +44,31 @@ pub const HOST_CID: u64 = 2;
 pub const GUEST_CID: u64 = 3;
 /// Size of a virtio-vsock packet header.
 pub const HDR_LEN: usize = 44;
+
+/// `VIRTIO_VSOCK_TYPE_STREAM`, the only socket type stasis supports.
+pub const TYPE_STREAM: u16 = 1;
+/// Connection request.
+pub const OP_REQUEST: u16 = 1;
+/// Connection accepted.
+pub const OP_RESPONSE: u16 = 2;
+/// Connection refused or torn down.
+pub const OP_RST: u16 = 3;
+/// The sender will not receive (`SHUTDOWN_RCV`) and/or send
+/// (`SHUTDOWN_SEND`) any more.
+pub const OP_SHUTDOWN: u16 = 4;
+/// Stream data.
+pub const OP_RW: u16 = 5;
+/// Unsolicited credit (buf_alloc/fwd_cnt) announcement.
+pub const OP_CREDIT_UPDATE: u16 = 6;
+/// Asks the peer for an `OP_CREDIT_UPDATE`.
+pub const OP_CREDIT_REQUEST: u16 = 7;
+/// `OP_SHUTDOWN` flag: the sender will receive no more data.
+pub const SHUTDOWN_RCV: u32 = 1;
+/// `OP_SHUTDOWN` flag: the sender will send no more data.
+pub const SHUTDOWN_SEND: u32 = 2;
+/// Receive buffer the host advertises per connection (`buf_alloc`): how
+/// many bytes of guest data it buffers when the host program reads slowly.
+pub const BUF_ALLOC: u32 = 256 * 1024;
 
 /// Errors of the vsock backend.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +89,6 @@ pub enum Error {
         /// What failed.
         source: std::io::Error,
     },
-    /// Not implemented yet (interface stub).
-    #[error("vsock backend not implemented yet")]
-    Unimplemented,
 }
 
 /// A virtio-vsock packet header (`struct virtio_vsock_hdr`, little endian).
@@ -116,62 +148,6 @@ impl Header {
         b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
         true
     }
-}
-
-/// Multiplexes guest vsock connections onto host Unix-socket streams.
-///
-/// Single-threaded: the device thread owns it and calls it from its event
-/// loop. All its sockets are non-blocking.
-pub struct Muxer {
-    _private: (),
-}
-
-impl Muxer {
-    /// Listens on `uds_path` (a stale socket file there is replaced) for a
-    /// guest with CID `guest_cid`.
-    pub fn new(uds_path: &Path, guest_cid: u64) -> Result<Muxer, Error> {
-        let _ = (uds_path, guest_cid);
-        Err(Error::Unimplemented)
-    }
-
-    /// The guest's CID.
-    pub fn guest_cid(&self) -> u64 {
-        GUEST_CID
-    }
-
-    /// A packet the guest put on its TX queue. Malformed or unexpected
-    /// packets are answered with RST or dropped, never a panic.
-    pub fn send_pkt(&mut self, hdr: &Header, payload: &[u8]) {
-        let _ = (hdr, payload);
-    }
-
-    /// The next packet for the guest's RX queue. Its payload (at most
-    /// `payload.len()` bytes; `hdr.len` says how many) is written into
-    /// `payload`. `None`: nothing to deliver now.
-    pub fn recv_pkt(&mut self, payload: &mut [u8]) -> Option<Header> {
-        let _ = payload;
-        None
-    }
-
-    /// Whether [`Muxer::recv_pkt`] would return a packet.
-    pub fn has_rx(&self) -> bool {
-        false
-    }
-
-    /// An epoll fd that is readable when [`Muxer::process`] has host-side
-    /// work (a new host connection, host data, a closed host stream).
-    pub fn as_raw_fd(&self) -> RawFd {
-        -1
-    }
-
-    /// Handles host-side events without blocking; afterwards check
-    /// [`Muxer::has_rx`].
-    pub fn process(&mut self) {}
-
-    /// Drops every connection (host streams closed); the listener stays.
-    /// Called on restore, where the device also sends the guest
-    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
-    pub fn reset(&mut self) {}
 }
 
 #[cfg(test)]

@@ -174,6 +174,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             snapshot_dir,
             mode,
             console,
+            vsock,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -182,7 +183,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                     false,
                 );
             }
-            match vm::restore(backend, &snapshot_dir, mode, &console) {
+            match vm::restore(backend, &snapshot_dir, mode, &console, vsock.as_deref()) {
                 Ok(v) => {
                     let guest = v.guest();
                     *slot = Some(v);
@@ -300,6 +301,8 @@ mod tests {
             mem_bytes: 1 << 26,
             vcpus: 1,
             console: ConsoleSpec::Sink,
+            disk: None,
+            vsock: None,
         };
         let rep = roundtrip(
             &mut w,

@@ -64,6 +64,16 @@ pub enum ConsoleSpec {
     File(PathBuf),
 }
 
+/// A copy-on-write disk: a read-only base image and the sandbox's own
+/// overlay file (mirrors `vmm::DiskConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The template's root filesystem image; never written.
+    pub base: PathBuf,
+    /// The sandbox's overlay (created by the VMM if missing).
+    pub overlay: PathBuf,
+}
+
 /// Mirrors `vmm::VmConfig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootConfig {
@@ -73,6 +83,15 @@ pub struct BootConfig {
     pub mem_bytes: u64,
     pub vcpus: u8,
     pub console: ConsoleSpec,
+    /// The root disk, for Linux templates.
+    #[serde(default)]
+    pub disk: Option<DiskSpec>,
+    /// Host side of the guest's vsock device: the Unix socket through which
+    /// the server reaches the agent (`CONNECT <port>` handshake). Set for
+    /// agent templates; with the fake backend the worker then runs the agent
+    /// on the host (`stasis-envd --uds <vsock> --root <dir of vsock>/root`).
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -98,6 +117,9 @@ pub enum Request {
         snapshot_dir: PathBuf,
         mode: RestoreModeSpec,
         console: ConsoleSpec,
+        /// Where the vsock device's Unix socket goes (agent templates).
+        #[serde(default)]
+        vsock: Option<PathBuf>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
@@ -174,6 +196,11 @@ mod tests {
                     mem_bytes: 64 << 20,
                     vcpus: 1,
                     console: ConsoleSpec::File("/tmp/c".into()),
+                    disk: Some(DiskSpec {
+                        base: "/b.img".into(),
+                        overlay: "/o".into(),
+                    }),
+                    vsock: Some("/v.sock".into()),
                 },
             },
         };

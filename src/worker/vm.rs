@@ -12,6 +12,16 @@
 //! The fake understands two extra kernel-command-line words, for tests:
 //! `stasis.fake.pause_ms=N` (pause takes N ms) and `stasis.fake.fail=boot`
 //! (boot fails).
+//!
+//! Agent templates (a `vsock` socket in the boot config) get a **host agent**
+//! with the fake backend: `stasis-envd --uds <vsock> --root <dir>/root` (the
+//! binary next to this one, or `$STASIS_ENVD_BIN`) in its own session, a
+//! child subreaper (so every process it starts stays in its process tree,
+//! whatever sessions or groups they make), its pid in `<dir>/agent.pid`
+//! ([`AGENT_PID_FILE`]). Pause SIGSTOPs the whole tree (its processes keep
+//! their memory) and hands it over to the snapshot; the worker exits but the
+//! stopped tree lives on; restore SIGCONTs it; kill SIGKILLs it. Whoever
+//! removes a paused sandbox calls [`kill_host_agent`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -52,10 +62,11 @@ pub(crate) fn restore(
     dir: &Path,
     mode: RestoreModeSpec,
     console: &ConsoleSpec,
+    vsock: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
     match backend {
-        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir)?)),
-        BackendKind::Vm => real::restore(dir, mode, console),
+        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, vsock)?)),
+        BackendKind::Vm => real::restore(dir, mode, console, vsock),
     }
 }
 
@@ -82,6 +93,273 @@ struct FakeState {
     round: u64,
     acc: u64,
     cmdline: String,
+    /// The stopped host agent (root of its process tree), for agent templates.
+    #[serde(default)]
+    agent: Option<AgentState>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AgentState {
+    pid: i32,
+    vsock: PathBuf,
+}
+
+/// File in the sandbox directory (the vsock socket's directory) holding the
+/// host agent's pid.
+pub const AGENT_PID_FILE: &str = "agent.pid";
+/// Overrides where the worker finds the host agent binary.
+pub const AGENT_BIN_ENV: &str = "STASIS_ENVD_BIN";
+
+/// The host agent run for a fake agent sandbox (the root of a process
+/// tree: the agent and every process it started).
+struct HostAgent {
+    pid: i32,
+    vsock: PathBuf,
+    /// Set when this worker spawned it (so it can be reaped).
+    child: Option<std::process::Child>,
+}
+
+fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
+    if pid <= 1 {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: kill(2) on a process of a host agent's tree (callers checked
+    // the root's identity); touches no memory.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
+fn all_processes() -> Vec<(i32, i32, char)> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = rest.next()?.chars().next()?;
+            let ppid = rest.next()?.parse().ok()?;
+            Some((pid, ppid, state))
+        })
+        .collect()
+}
+
+/// The processes below `root` (not `root` itself), with their states.
+fn descendants(root: i32) -> Vec<(i32, char)> {
+    let procs = all_processes();
+    let mut out: Vec<(i32, char)> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid, state) in &procs {
+            if ppid == p && pid != root && !out.iter().any(|(q, _)| *q == pid) {
+                out.push((pid, state));
+                frontier.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn is_stopped_or_dead(state: Option<char>) -> bool {
+    matches!(state, None | Some('T' | 't' | 'Z' | 'X'))
+}
+
+/// SIGSTOPs `root`, then its descendants until a scan finds none running
+/// (a stopped process cannot fork, so this converges), and waits (bounded)
+/// until all are stopped.
+fn stop_tree(root: i32) -> Result<(), Error> {
+    signal(root, libc::SIGSTOP).map_err(|e| Error::Io("stopping the host agent".into(), e))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let running: Vec<i32> = descendants(root)
+            .into_iter()
+            .filter(|(_, st)| !is_stopped_or_dead(Some(*st)))
+            .map(|(p, _)| p)
+            .collect();
+        for &p in &running {
+            let _ = signal(p, libc::SIGSTOP);
+        }
+        let root_state = proc_state(root);
+        if matches!(root_state, None | Some('Z' | 'X')) {
+            return Err(Error::Vm("the host agent exited".into()));
+        }
+        if running.is_empty() && is_stopped_or_dead(root_state) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            cont_tree(root);
+            return Err(Error::Vm("the host agent's processes did not stop".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGCONTs `root` and its descendants.
+fn cont_tree(root: i32) {
+    for (p, _) in descendants(root) {
+        let _ = signal(p, libc::SIGCONT);
+    }
+    let _ = signal(root, libc::SIGCONT);
+}
+
+/// Freezes the tree (so nothing forks meanwhile), then SIGKILLs all of it.
+fn kill_tree(root: i32) {
+    let _ = stop_tree(root);
+    for (p, _) in descendants(root) {
+        let _ = signal(p, libc::SIGKILL);
+    }
+    let _ = signal(root, libc::SIGKILL);
+}
+
+/// Whether `pid` runs a host agent serving `vsock` (checked through its
+/// command line, so a recycled pid is never signalled).
+pub(crate) fn is_host_agent(pid: i32, vsock: &Path) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = vsock.as_os_str().as_encoded_bytes();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"--uds".as_slice() && w[1] == want)
+}
+
+/// Kills the host agent of the sandbox whose vsock socket is `vsock`, if one
+/// runs (paused or not). Used when a sandbox is removed without a worker.
+pub(crate) fn kill_host_agent(vsock: &Path) {
+    let Some(dir) = vsock.parent() else { return };
+    let Ok(text) = fs::read_to_string(dir.join(AGENT_PID_FILE)) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    if is_host_agent(pid, vsock) {
+        kill_tree(pid);
+    }
+}
+
+/// The process state letter of `pid` (`R`, `S`, `T`, `Z`, ...).
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+fn agent_exe() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let me =
+        std::env::current_exe().map_err(|e| Error::Io("locating the stasis binary".into(), e))?;
+    let exe = me.with_file_name("stasis-envd");
+    if !exe.is_file() {
+        return Err(Error::Vm(format!(
+            "the agent binary {} does not exist (build it with `cargo build --release --bin stasis-envd`, or set {AGENT_BIN_ENV})",
+            exe.display()
+        )));
+    }
+    Ok(exe)
+}
+
+impl HostAgent {
+    fn spawn(vsock: &Path, console: &ConsoleSpec) -> Result<Self, Error> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let dir = vsock
+            .parent()
+            .ok_or_else(|| Error::Vm(format!("vsock path {} has no directory", vsock.display())))?;
+        let root = dir.join("root");
+        fs::create_dir_all(&root)
+            .map_err(|e| Error::Io(format!("create {}", root.display()), e))?;
+        let _ = fs::remove_file(vsock);
+        let log = match console {
+            ConsoleSpec::File(p) => fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(Stdio::from)
+                .map_err(|e| Error::Io(format!("open {}", p.display()), e))?,
+            ConsoleSpec::Stdout => Stdio::inherit(),
+            ConsoleSpec::Sink => Stdio::null(),
+        };
+        let log2 = match console {
+            ConsoleSpec::File(p) => fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .map(Stdio::from)
+                .map_err(|e| Error::Io(format!("open {}", p.display()), e))?,
+            ConsoleSpec::Stdout => Stdio::inherit(),
+            ConsoleSpec::Sink => Stdio::null(),
+        };
+        let exe = agent_exe()?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--uds")
+            .arg(vsock)
+            .arg("--root")
+            .arg(&root)
+            .current_dir(&root);
+        // Its own session (and so process group): when this worker exits
+        // after a pause, the stopped group must not count as orphaned within
+        // our session, or the kernel would send it SIGHUP + SIGCONT. A child
+        // subreaper (kept across exec): orphans of its commands stay in its
+        // tree, where pause and kill find them.
+        // SAFETY: setsid and prctl are async-signal-safe and touch no memory;
+        // they run in the forked child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0
+                    || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| Error::Io(format!("start the host agent {}", exe.display()), e))?;
+        let pid =
+            i32::try_from(child.id()).map_err(|_| Error::Vm("agent pid out of range".into()))?;
+        let agent = HostAgent {
+            pid,
+            vsock: vsock.to_path_buf(),
+            child: Some(child),
+        };
+        let pid_file = dir.join(AGENT_PID_FILE);
+        if let Err(e) = fs::write(&pid_file, format!("{pid}\n")) {
+            agent.kill();
+            return Err(Error::Io(format!("write {}", pid_file.display()), e));
+        }
+        Ok(agent)
+    }
+
+    /// Stops the agent and everything it started.
+    fn stop(&self) -> Result<(), Error> {
+        stop_tree(self.pid)
+    }
+
+    fn cont(&self) {
+        cont_tree(self.pid);
+    }
+
+    fn kill(mut self) {
+        kill_tree(self.pid);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
 }
 
 struct FakeShared {
@@ -90,12 +368,14 @@ struct FakeShared {
     stop: AtomicBool,
 }
 
-/// The fake VM: one thread advancing a counter.
+/// The fake VM: one thread advancing a counter (and, for agent templates,
+/// a host agent).
 pub(crate) struct FakeVm {
     shared: Arc<FakeShared>,
     thread: Option<JoinHandle<()>>,
     cmdline: String,
     pause_delay: Duration,
+    agent: Option<HostAgent>,
 }
 
 fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -112,16 +392,49 @@ impl FakeVm {
         let seed = cmdline_value(&cfg.cmdline, "stasis.seed")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        Ok(Self::start(0, seed, cfg.cmdline.clone()))
+        let agent = match &cfg.vsock {
+            Some(v) => Some(HostAgent::spawn(v, &cfg.console)?),
+            None => None,
+        };
+        let mut vm = Self::start(0, seed, cfg.cmdline.clone());
+        vm.agent = agent;
+        Ok(vm)
     }
 
-    fn restore(dir: &Path) -> Result<Self, Error> {
+    fn restore(dir: &Path, vsock: Option<&Path>) -> Result<Self, Error> {
         let path = dir.join(FAKE_STATE_FILE);
         let bytes =
             fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
         let st: FakeState = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Vm(format!("corrupt fake snapshot {}: {e}", path.display())))?;
-        Ok(Self::start(st.round, st.acc, st.cmdline))
+        let agent = match (st.agent, vsock) {
+            (None, None) => None,
+            (Some(a), Some(v)) if a.vsock == v => {
+                if !is_host_agent(a.pid, &a.vsock) {
+                    return Err(Error::Vm(format!(
+                        "the sandbox's host agent (pid {}) is gone",
+                        a.pid
+                    )));
+                }
+                let agent = HostAgent {
+                    pid: a.pid,
+                    vsock: a.vsock,
+                    child: None,
+                };
+                agent.cont();
+                Some(agent)
+            }
+            (a, v) => {
+                return Err(Error::Vm(format!(
+                    "snapshot agent socket {:?} does not match the requested {:?}",
+                    a.map(|a| a.vsock),
+                    v
+                )))
+            }
+        };
+        let mut vm = Self::start(st.round, st.acc, st.cmdline);
+        vm.agent = agent;
+        Ok(vm)
     }
 
     fn start(round: u64, acc: u64, cmdline: String) -> Self {
@@ -155,6 +468,7 @@ impl FakeVm {
             thread: Some(thread),
             cmdline,
             pause_delay,
+            agent: None,
         }
     }
 
@@ -170,6 +484,10 @@ impl FakeVm {
             round: self.shared.round.load(Ordering::Acquire),
             acc: self.shared.acc.load(Ordering::Acquire),
             cmdline: self.cmdline.clone(),
+            agent: self.agent.as_ref().map(|a| AgentState {
+                pid: a.pid,
+                vsock: a.vsock.clone(),
+            }),
         };
         let mut tmp = dir.as_os_str().to_owned();
         tmp.push(".tmp");
@@ -208,13 +526,31 @@ impl VmBackend for FakeVm {
             std::thread::sleep(self.pause_delay);
         }
         let guest = self.guest();
-        match self.write_snapshot(dir) {
-            Ok(()) => Ok(guest),
+        let stopped = match &self.agent {
+            Some(a) => a.stop(),
+            None => Ok(()),
+        };
+        let written = stopped.and_then(|()| self.write_snapshot(dir));
+        match written {
+            Ok(()) => {
+                // The stopped agent now belongs to the snapshot: dropping or
+                // killing this VM must leave it alone.
+                if let Some(mut a) = self.agent.take() {
+                    // Reaped by init once it exits; never waited for here.
+                    a.child = None;
+                }
+                Ok(guest)
+            }
             Err(e) => {
                 // Keep running, as the real VM resumes on a failed snapshot.
                 let round = self.shared.round.load(Ordering::Acquire);
                 let acc = self.shared.acc.load(Ordering::Acquire);
-                let again = FakeVm::start(round, acc, self.cmdline.clone());
+                let agent = self.agent.take();
+                if let Some(a) = &agent {
+                    a.cont();
+                }
+                let mut again = FakeVm::start(round, acc, self.cmdline.clone());
+                again.agent = agent;
                 *self = again;
                 Err(e)
             }
@@ -237,12 +573,18 @@ impl VmBackend for FakeVm {
 
     fn kill(mut self: Box<Self>) {
         self.stop_thread();
+        if let Some(a) = self.agent.take() {
+            a.kill();
+        }
     }
 }
 
 impl Drop for FakeVm {
     fn drop(&mut self) {
         self.stop_thread();
+        if let Some(a) = self.agent.take() {
+            a.kill();
+        }
     }
 }
 
@@ -253,6 +595,20 @@ mod real {
     use super::{Error, GuestProgress, VmBackend};
     use crate::vmm;
     use crate::worker::protocol::{BootConfig, ConsoleSpec, KernelSpec, RestoreModeSpec};
+
+    /// INTEGRATE(virtio): the VMM's `VmConfig` gains `disk:
+    /// Option<DiskConfig { base, overlay }>` and `vsock: Option<PathBuf>`
+    /// (issue 5). Until that lands, a boot or restore that needs them fails
+    /// clearly instead of starting a VM without its disk or agent socket.
+    fn devices_unsupported(disk: bool, vsock: bool) -> Result<(), Error> {
+        if disk || vsock {
+            return Err(Error::Vm(
+                "this build's VMM has no virtio block/vsock devices yet (needed by agent/Linux templates)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 
     struct RealVm {
         vm: vmm::Vm,
@@ -267,6 +623,9 @@ mod real {
     }
 
     pub(super) fn boot(cfg: &BootConfig) -> Result<Box<dyn VmBackend>, Error> {
+        // INTEGRATE(virtio): pass `cfg.disk` (base, overlay) and `cfg.vsock`
+        // into the VmConfig below and drop this check.
+        devices_unsupported(cfg.disk.is_some(), cfg.vsock.is_some())?;
         let vm_cfg = vmm::VmConfig {
             kernel: match &cfg.kernel {
                 KernelSpec::TestGuest => vmm::Kernel::TestGuest,
@@ -286,7 +645,12 @@ mod real {
         dir: &Path,
         mode: RestoreModeSpec,
         c: &ConsoleSpec,
+        vsock: Option<&Path>,
     ) -> Result<Box<dyn VmBackend>, Error> {
+        // INTEGRATE(virtio): the snapshot carries its disk (the overlay in
+        // or linked into `dir`); point the restored vsock device at `vsock`
+        // (the same per-sandbox path as at boot) and drop this check.
+        devices_unsupported(false, vsock.is_some())?;
         let mode = match mode {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
@@ -343,6 +707,8 @@ mod tests {
             mem_bytes: 64 << 20,
             vcpus: 1,
             console: ConsoleSpec::Sink,
+            disk: None,
+            vsock: None,
         }
     }
 
@@ -373,6 +739,7 @@ mod tests {
             &dir,
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
+            None,
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -400,7 +767,8 @@ mod tests {
             BackendKind::Fake,
             &tmp.path().join("none"),
             RestoreModeSpec::Eager,
-            &ConsoleSpec::Sink
+            &ConsoleSpec::Sink,
+            None,
         )
         .is_err());
     }

@@ -31,6 +31,16 @@ impl Server {
     }
 
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Self::try_start_env(data_dir, extra, &[])
+    }
+
+    /// Like [`Server::try_start`], with extra environment variables (the
+    /// server's workers and host agents inherit them).
+    pub fn try_start_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         std::fs::create_dir_all(data_dir).unwrap();
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, Ordering::Relaxed);
@@ -50,6 +60,7 @@ impl Server {
                 &["--listen", "127.0.0.1:0"][..]
             })
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -157,7 +168,20 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops the server gracefully (its workers stop their VMs and host
+    /// agents), falling back to `kill -9` after a bounded wait.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.kill9();
     }
 }
@@ -204,7 +228,10 @@ pub fn http(
 ) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

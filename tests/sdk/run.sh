@@ -2,6 +2,7 @@
 # Runs the novita-sandbox Python SDK tests (tests/sdk) against a fresh
 # `stasis serve` on a free port with a temporary data dir.
 #   tests/sdk/run.sh [pytest args...]
+#   STASIS_BACKEND=fake tests/sdk/run.sh test_agent.py   # commands/files via the host agent
 # The venv lives in target/sdk-venv (override with STASIS_SDK_VENV) and is
 # created on first use (needs PyPI).
 set -euo pipefail
@@ -28,8 +29,20 @@ BACKEND=${STASIS_BACKEND:-vm}
 
 WORK=$(mktemp -d)
 KEY="sdk-test-$RANDOM$RANDOM"
+# The `agent` template of tests/sdk/test_agent.py: the fake backend's host
+# agent (stasis-envd next to the stasis binary), or a Linux guest with the
+# agent when STASIS_KERNEL and STASIS_ROOTFS are given.
+mkdir -p "$WORK/data/templates"
+if [ -n "${STASIS_KERNEL:-}" ] && [ -n "${STASIS_ROOTFS:-}" ]; then
+  printf '{"kernel": "%s", "rootfs": "%s", "cmdline": "%s", "memoryMB": %s, "vcpus": 1, "agent": true}\n' \
+    "$STASIS_KERNEL" "$STASIS_ROOTFS" \
+    "${STASIS_CMDLINE:-console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd root=/dev/vda rw}" \
+    "${STASIS_MEMORY_MB:-512}" >"$WORK/data/templates/agent.json"
+elif [ "$BACKEND" = fake ]; then
+  echo '{"kernel": "testguest", "memoryMB": 64, "vcpus": 1, "agent": true}' >"$WORK/data/templates/agent.json"
+fi
 "$BIN" serve --listen 127.0.0.1:0 --backend "$BACKEND" --data-dir "$WORK/data" --api-key "$KEY" \
-  >"$WORK/stdout" 2>"$WORK/server.log" &
+  ${STASIS_SERVE_ARGS:-} >"$WORK/stdout" 2>"$WORK/server.log" &
 SERVER=$!
 cleanup() {
   kill "$SERVER" 2>/dev/null || true
@@ -48,5 +61,8 @@ done
 [ -n "$URL" ] || { echo "run.sh: server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 
 cd "$ROOT/tests/sdk"
-NOVITA_API_URL="$URL" NOVITA_API_KEY="$KEY" STASIS_BIN="$BIN" \
+# NOVITA_SANDBOX_URL: in-sandbox (envd) requests go to the server too, with
+# the Novita-Sandbox-Id/-Port headers.
+NOVITA_API_URL="$URL" NOVITA_SANDBOX_URL="$URL" NOVITA_API_KEY="$KEY" STASIS_BIN="$BIN" \
+  STASIS_DATA_DIR="$WORK/data" STASIS_BACKEND="$BACKEND" \
   "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

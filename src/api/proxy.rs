@@ -1,0 +1,584 @@
+//! Routing of in-sandbox traffic: HTTP requests meant for a sandbox's agent
+//! (the envd API) or for any TCP port a process listens on inside it are
+//! forwarded there instead of reaching the lifecycle API.
+//!
+//! Which requests (what the novita-sandbox SDK sends):
+//! - with `NOVITA_SANDBOX_URL` set (and in debug mode), every envd request
+//!   carries `Novita-Sandbox-Id: <id>` and `Novita-Sandbox-Port: 49983`
+//!   (`E2b-Sandbox-Id`/`-Port` are accepted too). The SDK's `connect` call
+//!   also carries them, on a lifecycle route: lifecycle paths
+//!   (`/sandboxes...`, `/v2/...`) with the envd port stay with the API;
+//! - otherwise the SDK addresses `https://{port}-{sandboxID}.{domain}`: a
+//!   `Host` whose first label is `{port}-{id}` is routed the same way.
+//!
+//! How: connect to the sandbox's Unix socket (the vsock device's host side,
+//! or the host agent's socket), `CONNECT 49983\n` → `OK <n>\n` for envd;
+//! for another port `CONNECT 49982\n` → `OK <n>\n`, then `<port>\n` → `OK\n`
+//! (the agent's TCP forwarder). Then HTTP/1.1 over that stream (hyper),
+//! bodies streamed both ways, hop-by-hop headers stripped.
+//!
+//! Proxied traffic needs no API key (the SDK sends none; envd's own
+//! `X-Access-Token` is passed through). Each running sandbox has a [`Gate`];
+//! pause and kill close it, which aborts every open proxied exchange of that
+//! sandbox (the client sees the connection end with an error).
+//!
+//! Errors are JSON `{"code", "message"}`: 400 for a malformed routing
+//! header; 502 when the sandbox cannot be reached — unknown, paused, being
+//! paused/resumed, no agent, the agent refusing or not answering the
+//! handshake within [`HANDSHAKE_TIMEOUT`], nothing listening on a user port.
+//! 502 is what the SDK expects (`is_running()` is false on 502; envd's own
+//! 404 means a missing file).
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body::Frame;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::error::ApiError;
+use super::models;
+use super::routes::AppState;
+use crate::vsock::{ENVD_PORT, FORWARD_PORT};
+
+/// Longest wait for the agent to accept a connection (both handshakes).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest handshake line we read.
+const MAX_LINE: usize = 256;
+
+/// Why reaching a sandbox's agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the sandbox's agent socket {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the sandbox's agent connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the sandbox's agent did not accept the connection within {0:?}")]
+    Timeout(Duration),
+    #[error("the sandbox refused the connection to port {port}: {why}")]
+    Refused { port: u16, why: String },
+    #[error("the sandbox's agent answered {0}")]
+    Unhealthy(String),
+}
+
+/// Open/closed switch for one running incarnation of a sandbox: proxied
+/// exchanges end when it closes.
+#[derive(Debug)]
+pub struct Gate {
+    tx: watch::Sender<bool>,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            tx: watch::channel(false).0,
+        })
+    }
+
+    /// Closes the gate: every exchange through it is aborted.
+    pub fn close(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Completes once the gate is closed.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub sandbox_id: String,
+    pub port: u16,
+}
+
+fn header_str<'a>(h: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| h.get(*n))
+        .map(|v| v.to_str().unwrap_or(""))
+}
+
+fn is_lifecycle_path(path: &str) -> bool {
+    path == "/sandboxes"
+        || path.starts_with("/sandboxes/")
+        || path.starts_with("/v2/")
+        || path == "/openapi.json"
+}
+
+/// `{port}-{id}.rest` (a `:port` suffix allowed) → the route.
+fn route_from_host(host: &str) -> Option<Route> {
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let (label, rest) = host.split_once('.')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let (port, id) = label.split_once('-')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    if port == 0 || !models::valid_name(id, false) {
+        return None;
+    }
+    Some(Route {
+        sandbox_id: id.to_string(),
+        port,
+    })
+}
+
+/// Decides whether `req` is in-sandbox traffic. `Ok(None)`: a lifecycle API
+/// request.
+pub fn route_of(
+    method_path: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<Option<Route>, ApiError> {
+    if let Some(id) = header_str(headers, &["novita-sandbox-id", "e2b-sandbox-id"]) {
+        let port = header_str(headers, &["novita-sandbox-port", "e2b-sandbox-port"]);
+        let port: u16 = match port.map(|p| p.trim().parse::<u16>()) {
+            Some(Ok(p)) if p > 0 => p,
+            Some(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid Novita-Sandbox-Port header {:?}",
+                    port.unwrap_or("")
+                )))
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "Novita-Sandbox-Id needs a Novita-Sandbox-Port header",
+                ))
+            }
+        };
+        if port == ENVD_PORT as u16 && is_lifecycle_path(method_path) {
+            // The SDK's `connect` sends these headers to the lifecycle API.
+            return Ok(None);
+        }
+        return Ok(Some(Route {
+            sandbox_id: id.trim().to_string(),
+            port,
+        }));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    Ok(host.and_then(route_from_host))
+}
+
+/// Reads one `\n`-terminated line byte by byte (so nothing after it is
+/// consumed), at most [`MAX_LINE`] bytes.
+async fn read_line(s: &mut UnixStream) -> Result<String, Error> {
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await? == 0 {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                if line.is_empty() {
+                    "closed without an answer".to_string()
+                } else {
+                    format!("closed after {:?}", String::from_utf8_lossy(&line))
+                },
+            )));
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).trim_end().to_string());
+        }
+        line.push(b[0]);
+        if line.len() > MAX_LINE {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "handshake line too long",
+            )));
+        }
+    }
+}
+
+async fn handshake(socket: &Path, port: u16) -> Result<UnixStream, Error> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| Error::Connect {
+            path: socket.display().to_string(),
+            source: e,
+        })?;
+    let vport = if u32::from(port) == ENVD_PORT {
+        ENVD_PORT
+    } else {
+        FORWARD_PORT
+    };
+    s.write_all(format!("CONNECT {vport}\n").as_bytes()).await?;
+    let ok = read_line(&mut s).await.map_err(|e| match e {
+        Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => Error::Refused {
+            port,
+            why: format!("nothing listens on vsock port {vport} (is the agent running?)"),
+        },
+        other => other,
+    })?;
+    if !ok.starts_with("OK") {
+        return Err(Error::Refused {
+            port,
+            why: format!("unexpected vsock handshake answer {ok:?}"),
+        });
+    }
+    if vport == FORWARD_PORT {
+        s.write_all(format!("{port}\n").as_bytes()).await?;
+        let ans = read_line(&mut s).await?;
+        if ans != "OK" {
+            let why = ans.strip_prefix("ERR").map(str::trim).unwrap_or(&ans);
+            return Err(Error::Refused {
+                port,
+                why: why.to_string(),
+            });
+        }
+    }
+    Ok(s)
+}
+
+/// Connects to `port` inside the sandbox through its agent socket, bounded
+/// by `timeout`.
+pub async fn connect(socket: &Path, port: u16, timeout: Duration) -> Result<UnixStream, Error> {
+    tokio::time::timeout(timeout, handshake(socket, port))
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
+}
+
+/// `GET /health` on the agent's envd port; `Ok` on a 2xx answer.
+pub async fn probe_health(socket: &Path, timeout: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    let mut s = connect(socket, ENVD_PORT as u16, timeout).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let answer = tokio::time::timeout(left, async {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 256];
+        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(head)
+    })
+    .await
+    .map_err(|_| Error::Timeout(timeout))??;
+    let text = String::from_utf8_lossy(&answer);
+    let status_line = text.lines().next().unwrap_or("").to_string();
+    let code = status_line.split_whitespace().nth(1).unwrap_or("");
+    if code.starts_with('2') && status_line.starts_with("HTTP/1.") {
+        Ok(())
+    } else if status_line.is_empty() {
+        Err(Error::Unhealthy("nothing to GET /health".into()))
+    } else {
+        Err(Error::Unhealthy(format!("{status_line:?} to GET /health")))
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+];
+
+/// Removes hop-by-hop headers (those named in `Connection` too); `te` is
+/// kept only as `trailers`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A response body from the agent that fails (aborting the client's
+/// connection) when the sandbox's gate closes.
+struct GatedBody {
+    inner: hyper::body::Incoming,
+    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl http_body::Body for GatedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(
+                "the sandbox was paused or killed; connection closed".into(),
+            )));
+        }
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as Self::Error)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where the manager says a sandbox's traffic goes.
+pub struct Target {
+    pub socket: std::path::PathBuf,
+    pub gate: Arc<Gate>,
+}
+
+fn bad_gateway(msg: impl Into<String>) -> Response {
+    ApiError::new(StatusCode::BAD_GATEWAY, msg).into_response()
+}
+
+/// Forwards `req` to `port` of the sandbox behind `target`.
+pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result<Response, String> {
+    let closed = target.gate.closed();
+    let stream = tokio::select! {
+        s = connect(&target.socket, route.port, HANDSHAKE_TIMEOUT) => s.map_err(|e| e.to_string())?,
+        _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake with the sandbox failed: {e}"))?;
+    let closed = target.gate.closed();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn => {}
+            _ = closed => {}
+        }
+    });
+
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = pq
+        .parse()
+        .map_err(|e| format!("invalid request target: {e}"))?;
+    *req.version_mut() = Version::HTTP_11;
+    let host = req.headers().get(header::HOST).cloned();
+    strip_hop_by_hop(req.headers_mut());
+    if host.is_none() {
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    let closed = target.gate.closed();
+    let resp = tokio::select! {
+        r = sender.send_request(req) => r.map_err(|e| format!("the sandbox closed the connection: {e}"))?,
+        _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
+    };
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = GatedBody {
+        inner: incoming,
+        closed: Box::pin(target.gate.closed()),
+    };
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Middleware in front of the lifecycle API: in-sandbox traffic is
+/// forwarded, everything else goes on to the API.
+pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
+        Ok(Some(r)) => r,
+        Ok(None) => return next.run(req).await,
+        Err(e) => return e.into_response(),
+    };
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let target = match st.mgr.proxy_target(&route.sandbox_id, route.port) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), "proxy refused: {}", e.message);
+            return e.into_response();
+        }
+    };
+    match forward(&target, &route, req).await {
+        Ok(resp) => {
+            st.mgr.agent_reachable(&route.sandbox_id, route.port, None);
+            tracing::info!(
+                sandbox = %route.sandbox_id,
+                port = route.port,
+                %method,
+                path,
+                status = resp.status().as_u16(),
+                ms = started.elapsed().as_millis() as u64,
+                "proxied"
+            );
+            resp
+        }
+        Err(msg) => {
+            st.mgr
+                .agent_reachable(&route.sandbox_id, route.port, Some(&msg));
+            tracing::warn!(sandbox = %route.sandbox_id, port = route.port, %method, path, "proxy failed: {msg}");
+            bad_gateway(format!("sandbox {}: {msg}", route.sandbox_id))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn routes_by_headers_and_host() {
+        let u: Uri = "/files".parse().unwrap();
+        let r = route_of(
+            "/files",
+            &hm(&[
+                ("novita-sandbox-id", "abc"),
+                ("novita-sandbox-port", "49983"),
+            ]),
+            &u,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Some(Route {
+                sandbox_id: "abc".into(),
+                port: 49983
+            })
+        );
+        // The SDK's connect call carries the headers on a lifecycle route.
+        let h = hm(&[
+            ("novita-sandbox-id", "abc"),
+            ("novita-sandbox-port", "49983"),
+        ]);
+        assert_eq!(route_of("/sandboxes/abc/connect", &h, &u).unwrap(), None);
+        // ... but any path goes to a user port.
+        let h = hm(&[
+            ("novita-sandbox-id", "abc"),
+            ("novita-sandbox-port", "8080"),
+        ]);
+        assert_eq!(
+            route_of("/sandboxes", &h, &u).unwrap().map(|r| r.port),
+            Some(8080)
+        );
+        assert!(route_of("/", &hm(&[("novita-sandbox-id", "abc")]), &u).is_err());
+        let h = hm(&[("novita-sandbox-id", "abc"), ("novita-sandbox-port", "x")]);
+        assert!(route_of("/", &h, &u).is_err());
+
+        let h = hm(&[("host", "8080-abc123.sandbox.example.com")]);
+        assert_eq!(
+            route_of("/", &h, &u).unwrap(),
+            Some(Route {
+                sandbox_id: "abc123".into(),
+                port: 8080
+            })
+        );
+        let h = hm(&[("host", "49983-abc.localhost:3000")]);
+        assert_eq!(route_of("/", &h, &u).unwrap().map(|r| r.port), Some(49983));
+        for host in [
+            "127.0.0.1:3000",
+            "localhost:3000",
+            "api.example.com",
+            "8080-abc",
+            "x8080-abc.example.com",
+            "99999-abc.example.com",
+            "0-abc.example.com",
+            "80-a/b.example.com",
+        ] {
+            let h = HeaderMap::from_iter([(header::HOST, HeaderValue::from_str(host).unwrap())]);
+            assert_eq!(route_of("/", &h, &u).unwrap(), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = hm(&[
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("content-type", "application/json"),
+            ("x-access-token", "t"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "te", "x-access-token"]);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[tokio::test]
+    async fn gate_closes_waiters() {
+        let g = Gate::new();
+        let w = g.closed();
+        assert!(!g.is_closed());
+        g.close();
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .unwrap();
+        // Closed before waiting: completes at once.
+        tokio::time::timeout(Duration::from_secs(5), g.closed())
+            .await
+            .unwrap();
+    }
+}
