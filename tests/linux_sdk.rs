@@ -1,8 +1,8 @@
 //! Issue 5's proof through the real `novita-sandbox` SDK: a Linux sandbox
-//! (our kernel, `rootfs/build-rootfs.sh`'s image with the static agent) is
-//! created by `stasis serve`, runs a command, keeps a file and a background
-//! process with an in-memory counter across pause and connect (resume), and
-//! is killed. The SDK side is `tests/nested/test_linux_sdk.py` (pytest, in
+//! (our kernel, `rootfs/build-rootfs.sh --python`'s image with the static
+//! agent) is created by `stasis serve`, runs a command, keeps a file and two
+//! background processes with state in memory (a shell counter and a Python
+//! variable) across pause and connect (resume), and is killed. The SDK side is `tests/nested/test_linux_sdk.py` (pytest, in
 //! the SDK virtualenv `target/sdk-venv`, made on first use); it prints the
 //! pause and resume times as `PROOF:` lines, repeated here at the end.
 //!
@@ -84,7 +84,7 @@ fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
         }
         let client = format!(
             "NOVITA_API_URL=\"$STASIS_L1_URL\" NOVITA_SANDBOX_URL=\"$STASIS_L1_URL\" \
-             NOVITA_API_KEY={API_KEY} PYTHONDONTWRITEBYTECODE=1 exec {pytest}"
+             NOVITA_API_KEY={API_KEY} STASIS_PROOF_PYTHON=1 PYTHONDONTWRITEBYTECODE=1 exec {pytest}"
         );
         let (run, faults) = run_nested(TEST, NESTED_RUN_LIMIT, || {
             let mut cmd = Command::new(repo().join("tests/nested/run-l1.sh"));
@@ -182,7 +182,7 @@ fn build_all() -> Result<Artifacts, Prereq> {
     let (agent, _) = build_artifact("rootfs/build-agent.sh", AGENT_BUILD_LIMIT)?;
     let (rootfs, _) = build_artifact_with(
         "rootfs/build-rootfs.sh",
-        &[agent.as_path()],
+        &[Path::new("--python"), agent.as_path()],
         ROOTFS_BUILD_LIMIT,
     )?;
     Ok(Artifacts {
@@ -267,6 +267,7 @@ fn run_direct(stasis: &Path, a: &Artifacts, pytest: &str) -> Run {
     cmd.env("NOVITA_API_URL", &url)
         .env("NOVITA_SANDBOX_URL", &url)
         .env("NOVITA_API_KEY", API_KEY)
+        .env("STASIS_PROOF_PYTHON", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let run = run_bounded(cmd, DIRECT_RUN_LIMIT);
     let _ = server.kill();

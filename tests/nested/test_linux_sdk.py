@@ -35,6 +35,19 @@ COUNTER_CMD = (
     "n=0; while true; do n=$((n + 1)); echo $n > /tmp/counter.new; "
     "mv /tmp/counter.new /tmp/counter; sleep 0.5; done"
 )
+# The same with a Python variable, where the image has python3 (the
+# `--python` template); STASIS_PROOF_PYTHON=1 makes it required.
+PY_COUNTER = "/tmp/pycounter"
+PY_SCRIPT = """import os, time
+n = 0
+while True:
+    n += 1
+    with open("/tmp/pycounter.new", "w") as f:
+        f.write(str(n))
+    os.replace("/tmp/pycounter.new", "/tmp/pycounter")
+    time.sleep(0.5)
+"""
+REQUIRE_PYTHON = os.environ.get("STASIS_PROOF_PYTHON") == "1"
 
 
 def proof(msg):
@@ -61,18 +74,26 @@ def wait_until(pred, secs, what):
         time.sleep(0.2)
 
 
-def read_counter(sbx):
-    text = sbx.files.read(COUNTER, request_timeout=REQUEST_TIMEOUT).strip()
-    assert text.isdigit(), f"{COUNTER} holds {text!r}, not a number"
+def read_counter(sbx, path=COUNTER):
+    text = sbx.files.read(path, request_timeout=REQUEST_TIMEOUT).strip()
+    assert text.isdigit(), f"{path} holds {text!r}, not a number"
     return int(text)
 
 
-def counter_passes(sbx, value, secs=120):
-    """Waits for the counter to go past value; returns the new value."""
+def counter_passes(sbx, value, path=COUNTER, secs=120):
+    """Waits for the counter in path to go past value; returns the new value."""
     return wait_until(
-        lambda: (lambda v: v if v > value else None)(read_counter(sbx)),
+        lambda: (lambda v: v if v > value else None)(read_counter(sbx, path)),
         secs,
-        f"the counter to go past {value}",
+        f"{path} to go past {value}",
+    )
+
+
+def first_tick(sbx, path):
+    return wait_until(
+        lambda: sbx.files.exists(path, request_timeout=REQUEST_TIMEOUT) and read_counter(sbx, path),
+        120,
+        f"the first tick in {path}",
     )
 
 
@@ -113,13 +134,27 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     handle = sbx.commands.run(COUNTER_CMD, background=True, request_timeout=REQUEST_TIMEOUT)
     pid = handle.pid
     proof(f"background counter started, pid {pid}")
-    first = wait_until(
-        lambda: sbx.files.exists(COUNTER, request_timeout=REQUEST_TIMEOUT) and read_counter(sbx),
-        120,
-        "the counter's first tick",
-    )
+    first = first_tick(sbx, COUNTER)
     before = counter_passes(sbx, first)
     proof(f"counter advancing before the pause: {first} -> {before}")
+
+    has_python = sbx.commands.run("command -v python3 || true",
+                                  request_timeout=REQUEST_TIMEOUT).stdout.strip() != ""
+    assert has_python or not REQUIRE_PYTHON, "STASIS_PROOF_PYTHON=1 but the image has no python3"
+    if has_python:
+        sbx.files.write("/home/user/counter.py", PY_SCRIPT, request_timeout=REQUEST_TIMEOUT)
+        py = sbx.commands.run("python3 /home/user/counter.py", background=True,
+                              request_timeout=REQUEST_TIMEOUT)
+        py_first = first_tick(sbx, PY_COUNTER)
+        py_before = counter_passes(sbx, py_first, PY_COUNTER)
+        proof(f"python variable advancing before the pause (pid {py.pid}): {py_first} -> {py_before}")
+    else:
+        proof("no python3 in this image: the Python-variable check is left out")
+
+    # The values just before the pause.
+    before = read_counter(sbx)
+    if has_python:
+        py_before = read_counter(sbx, PY_COUNTER)
 
     # Pause: the sandbox is listed as paused.
     _, pause_s = timed("pause", lambda: sbx.pause(request_timeout=REQUEST_TIMEOUT))
@@ -154,6 +189,14 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     )
     after = counter_passes(resumed, at_resume)
     proof(f"after the resume: file intact, pid {pid} alive, counter {before} -> {at_resume} -> {after}")
+    if has_python:
+        assert py.pid in [p.pid for p in procs], f"python pid {py.pid} is gone"
+        py_at_resume = read_counter(resumed, PY_COUNTER)
+        assert py_at_resume >= py_before, (
+            f"the Python variable went back from {py_before} to {py_at_resume}"
+        )
+        py_after = counter_passes(resumed, py_at_resume, PY_COUNTER)
+        proof(f"after the resume: python pid {py.pid} alive, n {py_before} -> {py_at_resume} -> {py_after}")
 
     # Commands still run after the resume.
     r = resumed.commands.run("cat /home/user/proof.txt; cat /tmp/counter",
