@@ -42,6 +42,10 @@ enum Cmd {
         /// On SIGUSR1 or SIGTERM, pause the guest into this directory and exit.
         #[arg(long)]
         snapshot_on_signal: Option<PathBuf>,
+        /// Host Unix socket of the vsock device (default: the saved path).
+        /// The disk is the snapshot's overlay, used in place.
+        #[arg(long)]
+        vsock: Option<PathBuf>,
     },
     /// Inspect snapshots.
     Snapshot {
@@ -124,6 +128,18 @@ struct RunArgs {
     /// On SIGUSR1 or SIGTERM, pause the guest into this directory and exit.
     #[arg(long)]
     snapshot_on_signal: Option<PathBuf>,
+    /// Base image of a virtio-blk disk (/dev/vda; put root=/dev/vda in
+    /// --cmdline), never written: writes go to a copy-on-write overlay.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// The disk's overlay file (reused if it exists, with PATH.map);
+    /// without it, a temporary overlay removed at exit.
+    #[arg(long, requires = "disk")]
+    overlay: Option<PathBuf>,
+    /// Give the guest a virtio-vsock device whose host side is this Unix
+    /// socket ("CONNECT <port>\n" reaches guest port <port>).
+    #[arg(long)]
+    vsock: Option<PathBuf>,
 }
 
 /// Parses "512M", "2G", "65536K" or a plain byte count.
@@ -190,7 +206,8 @@ fn main() -> ExitCode {
             vcpus,
             console,
             snapshot_on_signal,
-        } => resume(dir, eager, vcpus, console, snapshot_on_signal),
+            vsock,
+        } => resume(dir, eager, vcpus, console, snapshot_on_signal, vsock),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
         } => snapshot_info(dir),
@@ -235,6 +252,11 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
         mem_bytes: a.mem,
         vcpus: a.vcpus,
         console: a.console.map(Console::File).unwrap_or(Console::Stdout),
+        disk: a.disk.map(|base| stasis::vmm::DiskConfig {
+            base,
+            overlay: a.overlay,
+        }),
+        vsock: a.vsock,
     };
     let signals = a.snapshot_on_signal.as_ref().map(|_| block_signals());
     let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
@@ -304,6 +326,7 @@ fn resume(
     vcpus: Option<u8>,
     console: Option<PathBuf>,
     snapshot_on_signal: Option<PathBuf>,
+    vsock: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
     let signals = snapshot_on_signal.as_ref().map(|_| block_signals());
     let mode = if eager {
@@ -312,7 +335,8 @@ fn resume(
         RestoreMode::Lazy
     };
     let console = console.map(Console::File).unwrap_or(Console::Stdout);
-    let (vm, stats) = Vm::restore(&dir, mode, console, vcpus).map_err(|e| chain(&e))?;
+    let (vm, stats) = Vm::restore_with_vsock(&dir, mode, console, vcpus, vsock.as_deref())
+        .map_err(|e| chain(&e))?;
     eprintln!(
         "stasis: resumed {} ({:?}) in {:.2} ms",
         dir.display(),
@@ -344,6 +368,23 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
         st.memory.working_set.count_ones(),
         mib(st.memory.working_set.count_ones() as u64 * 4096)
     );
+    for d in &st.virtio.devices {
+        use stasis::vmm::virtio::DeviceKind;
+        match &d.kind {
+            DeviceKind::Block { base, size } => println!(
+                "disk:            {} MiB over base {}, overlay {}",
+                size >> 20,
+                base.display(),
+                stasis::vmm::virtio::SNAPSHOT_OVERLAY
+            ),
+            DeviceKind::Vsock { uds, cid } => {
+                println!(
+                    "vsock:           guest CID {cid}, host socket {}",
+                    uds.display()
+                )
+            }
+        }
+    }
     println!("taken at:        {} (unix seconds)", st.created_unix);
     Ok(ExitCode::SUCCESS)
 }

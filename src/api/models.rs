@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 /// 0.1.4, metrics 0.1.5, ...) on higher versions, so they claim the minimum.
 pub const ENVD_VERSION: &str = "0.1.0";
 /// envd version of sandboxes whose guest runs the stasis agent.
-// TODO(integrate envd): use `crate::envd::VERSION` once src/envd/ lands.
-pub const AGENT_ENVD_VERSION: &str = "0.5.7";
+pub const AGENT_ENVD_VERSION: &str = crate::envd::VERSION;
 /// `clientID` we report (E2B's field; meaningless here).
 pub const CLIENT_ID: &str = "stasis";
 

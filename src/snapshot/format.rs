@@ -28,7 +28,7 @@ use serde::Serialize;
 /// Magic bytes at the start of every state file.
 pub const MAGIC: [u8; 8] = *b"STASISSN";
 /// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header (magic, version, body length).
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing checksum.
@@ -288,7 +288,10 @@ mod tests {
     fn round_trip() {
         let bytes = encode(&sample()).unwrap();
         assert_eq!(&bytes[..8], b"STASISSN");
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            FORMAT_VERSION
+        );
         let body_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
         assert_eq!(bytes.len() as u64, 20 + body_len + 8);
         let back: Body = decode(&bytes).unwrap();
@@ -334,14 +337,11 @@ mod tests {
             .contains("not a stasis snapshot"));
 
         let mut b = bytes.clone();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = decode::<Body>(&b).unwrap_err();
         assert!(matches!(
             e,
-            Error::UnsupportedVersion {
-                found: 2,
-                supported: 1
-            }
+            Error::UnsupportedVersion { found, supported: FORMAT_VERSION } if found == FORMAT_VERSION + 1
         ));
 
         let mut b = bytes.clone();

@@ -298,8 +298,11 @@ fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
 }
 
 /// CPUID for vCPU `id` of `count`: the host's supported set with the APIC
-/// id, topology and hypervisor bit fixed up.
+/// id, topology and hypervisor bit fixed up, and TSC-deadline mode
+/// announced when KVM emulates it (KVM_GET_SUPPORTED_CPUID leaves that bit
+/// clear; without it Linux's LAPIC timer calibration fails).
 pub fn cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, Error> {
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -308,6 +311,9 @@ pub fn cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, Error> {
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
                 e.ecx |= 1 << 31; // running under a hypervisor
+                if tsc_deadline {
+                    e.ecx |= 1 << 24; // TSC-deadline LAPIC timer
+                }
                 if count > 1 {
                     e.edx |= 1 << 28; // HTT: several logical processors
                 }

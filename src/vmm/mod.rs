@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mptable;
 pub mod persist;
 pub mod vcpu;
+pub mod virtio;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ pub use boot::Kernel;
 pub use devices::{Console, ConsoleBuffer};
 pub use persist::{PersistError, RestoreMode, RestoreStats, SnapshotStats, VmState};
 pub use vcpu::ExitReason;
+pub use virtio::DiskConfig;
 
 use crate::guest::GuestStatus;
 
@@ -73,6 +75,9 @@ pub enum Error {
     /// Device setup failed.
     #[error(transparent)]
     Devices(#[from] devices::Error),
+    /// A virtio device failed.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// vCPU state save/restore failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
@@ -117,6 +122,11 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Where the serial console goes.
     pub console: Console,
+    /// A virtio-blk disk (copy-on-write over a base image). The caller
+    /// puts `root=/dev/vda` etc. on the command line.
+    pub disk: Option<DiskConfig>,
+    /// A virtio-vsock device whose host side is this Unix socket.
+    pub vsock: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -128,6 +138,8 @@ impl Default for VmConfig {
             mem_bytes: 256 << 20,
             vcpus: 1,
             console: Console::Sink,
+            disk: None,
+            vsock: None,
         }
     }
 }
@@ -177,6 +189,8 @@ pub struct Vm {
     fd: VmFd,
     mem: GuestMemoryMmap,
     devices: Arc<Mutex<devices::Devices>>,
+    /// virtio devices and their thread.
+    virtio: virtio::Virtio,
     pause: Arc<AtomicBool>,
     ctl: Mutex<Control>,
     config: VmConfig,
@@ -235,11 +249,18 @@ impl Vm {
     /// Creates and boots a VM; it is running when this returns.
     pub fn boot(config: VmConfig) -> Result<Vm, Error> {
         let shell = new_shell(config.mem_bytes, config.vcpus)?;
+        let virtio = virtio::Virtio::create(
+            &shell.fd,
+            &shell.mem,
+            config.disk.as_ref(),
+            config.vsock.as_deref(),
+        )?;
+        let cmdline = format!("{}{}", config.cmdline, virtio.cmdline());
         let loaded = boot::load(
             &shell.mem,
             &config.kernel,
             config.initrd.as_deref(),
-            &config.cmdline,
+            &cmdline,
         )?;
         mptable::write(&shell.mem, config.vcpus)?;
         let devices = devices::Devices::new(&config.console, None)?;
@@ -252,13 +273,14 @@ impl Vm {
             boot::setup_vcpu(&shell.kvm, &v, id, config.vcpus, loaded.entry)?;
             fds.push(v);
         }
-        Vm::start(shell, devices, fds, config)
+        Vm::start(shell, devices, virtio, fds, config)
     }
 
     /// Wires devices and starts one thread per vCPU, all running.
     fn start(
         shell: Shell,
         devices: devices::Devices,
+        mut virtio: virtio::Virtio,
         fds: Vec<kvm_ioctls::VcpuFd>,
         config: VmConfig,
     ) -> Result<Vm, Error> {
@@ -267,6 +289,8 @@ impl Vm {
             .register_irqfd(devices.serial_irq(), devices::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
         vcpu::install_kick_handler();
+        virtio.start()?;
+        let bus = virtio.bus();
         let devices = Arc::new(Mutex::new(devices));
         let pause = Arc::new(AtomicBool::new(false));
         let msr_indices = Arc::new(shell.msr_indices);
@@ -278,6 +302,7 @@ impl Vm {
                 id: id as u8,
                 vcpu: v,
                 devices: devices.clone(),
+                mmio: bus.clone(),
                 pause: pause.clone(),
                 cmds: rx,
                 events: ev_tx.clone(),
@@ -300,6 +325,7 @@ impl Vm {
             fd: shell.fd,
             mem: shell.mem,
             devices,
+            virtio,
             pause,
             ctl: Mutex::new(Control {
                 events: ev_rx,
@@ -420,35 +446,45 @@ impl Vm {
     /// Stops every vCPU at a consistent point (outside KVM_RUN, its last
     /// I/O exit completed). No-op if already paused.
     pub fn pause(&mut self) -> Result<(), Error> {
-        let mut c = self.ctl();
-        match c.state {
-            RunState::Paused => return Ok(()),
-            RunState::Exited => {
-                return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+        {
+            let mut c = self.ctl();
+            match c.state {
+                RunState::Paused => return Ok(()),
+                RunState::Exited => {
+                    return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+                }
+                RunState::Running => {}
             }
-            RunState::Running => {}
+            self.stop_vcpus(&mut c)?;
+            if let Some(e) = &c.exit {
+                return Err(Error::Ended(e.clone()));
+            }
+            c.state = RunState::Paused;
         }
-        self.stop_vcpus(&mut c)?;
-        if let Some(e) = &c.exit {
-            return Err(Error::Ended(e.clone()));
-        }
-        c.state = RunState::Paused;
+        // vCPUs are stopped, so no new requests: stop the device thread
+        // between requests and make the disk durable.
+        self.virtio.stop();
         if let Ok(mut d) = self.devices.lock() {
             d.flush();
         }
+        self.virtio.flush()?;
         Ok(())
     }
 
     /// Lets paused vCPUs run again.
     pub fn resume(&mut self) -> Result<(), Error> {
-        let mut c = self.ctl();
-        match c.state {
-            RunState::Running => return Ok(()),
-            RunState::Exited => {
-                return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+        {
+            let c = self.ctl();
+            match c.state {
+                RunState::Running => return Ok(()),
+                RunState::Exited => {
+                    return Err(Error::Ended(c.exit.clone().unwrap_or(ExitReason::Killed)))
+                }
+                RunState::Paused => {}
             }
-            RunState::Paused => {}
         }
+        self.virtio.start()?;
+        let mut c = self.ctl();
         self.pause.store(false, Ordering::SeqCst);
         for h in c.vcpus.iter_mut() {
             if !h.exited && h.cmds.send(vcpu::Cmd::Resume).is_ok() {
@@ -530,6 +566,8 @@ impl Vm {
                 let _ = t.join();
             }
         }
+        drop(c);
+        self.virtio.stop();
     }
 }
 

@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::devices::{Console, Devices, DevicesState};
 use super::vcpu::{self, VcpuState};
+use super::virtio::{self, DeviceKind, DiskConfig, Virtio, VirtioState};
 use super::{kvm_err, memory, new_shell, Error, Kernel, RunState, Vm, VmConfig};
 use crate::snapshot::memfile::{self, MemRegion, MemoryMeta, ReadOpts, WriteOpts};
 use crate::snapshot::uffd::{LazyLoader, LazyOpts, LazyStats};
@@ -70,8 +71,13 @@ pub struct VmState {
     pub pit: kvm_pit_state2,
     /// kvmclock.
     pub clock: kvm_clock_data,
+    /// Host wall-clock time (ns since the Unix epoch) when `clock` was read;
+    /// a restore advances the guest's clock by the time since.
+    pub clock_unix_ns: u64,
     /// Port-I/O devices.
     pub devices: DevicesState,
+    /// virtio devices (the disk's overlay is a file in the snapshot).
+    pub virtio: VirtioState,
     /// Memory file layout, present pages and working set.
     pub memory: MemoryMeta,
 }
@@ -154,6 +160,13 @@ fn direct_io(file: &std::fs::File) {
     }
 }
 
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -231,16 +244,20 @@ impl Vm {
         let ioapic = chip(KVM_IRQCHIP_IOAPIC)?;
         let pit = self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
         let clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        let clock_unix_ns = unix_now_ns();
         let devices = self
             .devices
             .lock()
             .map_err(|_| PersistError::Inconsistent("device lock poisoned".into()))?
             .save();
+        let virtio = self.virtio.save();
         let working_set = self.working_set();
         let state_time = ts.elapsed();
 
         let tm = Instant::now();
         let tmp = TmpDir::create(dir).map_err(PersistError::from)?;
+        // The device thread is stopped (the VM is paused): the disk is quiet.
+        self.virtio.save_disk(tmp.path())?;
         let file = tmp.create_memory_file().map_err(PersistError::from)?;
         direct_io(&file);
         let regions = file_regions(&self.mem);
@@ -280,7 +297,9 @@ impl Vm {
             ioapic,
             pit,
             clock,
+            clock_unix_ns,
             devices,
+            virtio,
             memory: meta,
         };
         let tc = Instant::now();
@@ -299,12 +318,26 @@ impl Vm {
     }
 
     /// Brings a snapshot back as a running VM, in this process.
-    /// `vcpus`, if given, must match the snapshot.
+    /// `vcpus`, if given, must match the snapshot. A vsock device listens
+    /// on the socket path it had when saved.
     pub fn restore(
         dir: &Path,
         mode: RestoreMode,
         console: Console,
         vcpus: Option<u8>,
+    ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_with_vsock(dir, mode, console, vcpus, None)
+    }
+
+    /// [`Vm::restore`], with the vsock device's host socket at `vsock`
+    /// instead of the saved path. The disk is the snapshot's overlay, used
+    /// in place (see [`virtio`]).
+    pub fn restore_with_vsock(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        vsock: Option<&Path>,
     ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
@@ -357,8 +390,11 @@ impl Vm {
             .fd
             .set_pit2(&st.pit)
             .map_err(kvm_err("KVM_SET_PIT2"))?;
+        // The guest's clock moves on by the time it spent on disk: its wall
+        // clock stays right, its monotonic clock jumps by the paused time.
+        let away = unix_now_ns().saturating_sub(st.clock_unix_ns);
         let clock = kvm_clock_data {
-            clock: st.clock.clock,
+            clock: st.clock.clock.saturating_add(away),
             flags: 0,
             ..Default::default()
         };
@@ -384,6 +420,22 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
+        let virtio = Virtio::restore(&shell.fd, &shell.mem, &st.virtio, dir, vsock)?;
+        let mut disk = None;
+        let mut vsock_path = None;
+        for d in &st.virtio.devices {
+            match &d.kind {
+                DeviceKind::Block { base, .. } => {
+                    disk = Some(DiskConfig {
+                        base: base.clone(),
+                        overlay: Some(dir.join(virtio::SNAPSHOT_OVERLAY)),
+                    })
+                }
+                DeviceKind::Vsock { uds, .. } => {
+                    vsock_path = Some(vsock.map(Path::to_owned).unwrap_or_else(|| uds.clone()))
+                }
+            }
+        }
         let config = VmConfig {
             kernel: if st.kernel == "built-in test guest" {
                 Kernel::TestGuest
@@ -395,6 +447,8 @@ impl Vm {
             mem_bytes: st.mem_bytes,
             vcpus: n,
             console,
+            disk,
+            vsock: vsock_path,
         };
         let stats = RestoreStats {
             mode,
@@ -403,7 +457,7 @@ impl Vm {
             working_set_pages: st.memory.working_set.count_ones() as u64,
         };
         let t_vcpus = t0.elapsed();
-        let mut vm = Vm::start(shell, devices, fds, config)?;
+        let mut vm = Vm::start(shell, devices, virtio, fds, config)?;
         if !st.memory.working_set.is_empty() {
             vm.working_set = Some(st.memory.working_set.clone());
         }

@@ -374,6 +374,8 @@ pub struct Thread {
     pub vcpu: VcpuFd,
     /// Shared port-I/O devices.
     pub devices: Arc<Mutex<Devices>>,
+    /// virtio-mmio register windows.
+    pub mmio: super::virtio::Bus,
     /// Set by the VM to ask every vCPU to pause.
     pub pause: Arc<AtomicBool>,
     /// Commands from the VM.
@@ -460,11 +462,15 @@ impl Thread {
                 }
                 None
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
             Ok(VcpuExit::Hlt) => None,
             Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { rip: self.rip() }),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {

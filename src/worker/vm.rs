@@ -596,20 +596,6 @@ mod real {
     use crate::vmm;
     use crate::worker::protocol::{BootConfig, ConsoleSpec, KernelSpec, RestoreModeSpec};
 
-    /// INTEGRATE(virtio): the VMM's `VmConfig` gains `disk:
-    /// Option<DiskConfig { base, overlay }>` and `vsock: Option<PathBuf>`
-    /// (issue 5). Until that lands, a boot or restore that needs them fails
-    /// clearly instead of starting a VM without its disk or agent socket.
-    fn devices_unsupported(disk: bool, vsock: bool) -> Result<(), Error> {
-        if disk || vsock {
-            return Err(Error::Vm(
-                "this build's VMM has no virtio block/vsock devices yet (needed by agent/Linux templates)"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-
     struct RealVm {
         vm: vmm::Vm,
     }
@@ -623,9 +609,6 @@ mod real {
     }
 
     pub(super) fn boot(cfg: &BootConfig) -> Result<Box<dyn VmBackend>, Error> {
-        // INTEGRATE(virtio): pass `cfg.disk` (base, overlay) and `cfg.vsock`
-        // into the VmConfig below and drop this check.
-        devices_unsupported(cfg.disk.is_some(), cfg.vsock.is_some())?;
         let vm_cfg = vmm::VmConfig {
             kernel: match &cfg.kernel {
                 KernelSpec::TestGuest => vmm::Kernel::TestGuest,
@@ -636,6 +619,11 @@ mod real {
             mem_bytes: cfg.mem_bytes,
             vcpus: cfg.vcpus,
             console: console(&cfg.console),
+            disk: cfg.disk.as_ref().map(|d| vmm::virtio::DiskConfig {
+                base: d.base.clone(),
+                overlay: Some(d.overlay.clone()),
+            }),
+            vsock: cfg.vsock.clone(),
         };
         let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
@@ -647,16 +635,14 @@ mod real {
         c: &ConsoleSpec,
         vsock: Option<&Path>,
     ) -> Result<Box<dyn VmBackend>, Error> {
-        // INTEGRATE(virtio): the snapshot carries its disk (the overlay in
-        // or linked into `dir`); point the restored vsock device at `vsock`
-        // (the same per-sandbox path as at boot) and drop this check.
-        devices_unsupported(false, vsock.is_some())?;
+        // The snapshot carries its disk (`disk.overlay` in `dir`, used in
+        // place); the vsock device listens on the sandbox's socket again.
         let mode = match mode {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) =
-            vmm::Vm::restore(dir, mode, console(c), None).map_err(|e| Error::Vm(e.to_string()))?;
+        let (vm, _) = vmm::Vm::restore_with_vsock(dir, mode, console(c), None, vsock)
+            .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
 
