@@ -131,7 +131,9 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     # A file, and a background process whose state lives in its memory.
     sbx.files.write(FILE, FILE_TEXT, request_timeout=REQUEST_TIMEOUT)
     assert sbx.files.read(FILE, request_timeout=REQUEST_TIMEOUT) == FILE_TEXT
-    handle = sbx.commands.run(COUNTER_CMD, background=True, request_timeout=REQUEST_TIMEOUT)
+    # timeout=0: no limit (the agent ends commands after 60 s by default).
+    handle = sbx.commands.run(COUNTER_CMD, background=True, timeout=0,
+                              request_timeout=REQUEST_TIMEOUT)
     pid = handle.pid
     proof(f"background counter started, pid {pid}")
     first = first_tick(sbx, COUNTER)
@@ -143,7 +145,7 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     assert has_python or not REQUIRE_PYTHON, "STASIS_PROOF_PYTHON=1 but the image has no python3"
     if has_python:
         sbx.files.write("/home/user/counter.py", PY_SCRIPT, request_timeout=REQUEST_TIMEOUT)
-        py = sbx.commands.run("python3 /home/user/counter.py", background=True,
+        py = sbx.commands.run("python3 /home/user/counter.py", background=True, timeout=0,
                               request_timeout=REQUEST_TIMEOUT)
         py_first = first_tick(sbx, PY_COUNTER)
         py_before = counter_passes(sbx, py_first, PY_COUNTER)
