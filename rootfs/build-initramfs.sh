@@ -2,10 +2,28 @@
 # Build the stasis minimal guest initramfs (gzip'd newc cpio) from Debian's
 # busybox-static, cached by content hash.
 #
-# The guest's /init mounts proc, sysfs and devtmpfs, prints one line that
-# starts with the marker STASIS-LINUX-INIT-OK, then `reboot -f`. With
-# `reboot=k` on the kernel command line the guest resets through the i8042
-# keyboard controller, which the VMM turns into a clean exit.
+# The guest's /init mounts proc, sysfs and devtmpfs, then does what
+# `stasis.test=` on the kernel command line selects, and ends with
+# `reboot -f`. With `reboot=k` on the kernel command line the guest resets
+# through the i8042 keyboard controller, which the VMM turns into a clean exit.
+#
+#   stasis.test=boot (the default): print one line that starts with the marker
+#     STASIS-LINUX-INIT-OK (uptime, cpus, memory, kernel, virtio devices).
+#   stasis.test=pause: a guest meant to be paused and resumed while it runs.
+#     It writes a 2 MiB random file into a tmpfs, then a background shell keeps
+#     a counter n and a value derived from it, h(n) = (31*h(n-1) + n) mod
+#     1000003 with h(0) = 1, in its memory and prints
+#         TICK <n> h=<h> up=<uptime in 1/100 s> end
+#     every 100 ms until n reaches stasis.ticks (default 150). The init waits
+#     for it, then checks that the counter reached the target with the right h
+#     (recomputed from scratch), that the tmpfs file is still there with the
+#     same content, that uptime never went backwards, advanced by at least the
+#     time slept and had no tick gap over a minute, and that the wall clock did
+#     not go backwards. It prints
+#         STASIS-LINUX-RESUME-OK ticks=<n> h=<h> max_tick_gap_ms=... ...
+#     or STASIS-LINUX-RESUME-FAIL <reason>. Whether a pause happened between
+#     two ticks is for whoever paused it to check (first TICK after the resume
+#     greater than the last one before it; tests/nested/run-l1.sh does this).
 #
 # Usage: rootfs/build-initramfs.sh
 # Env:
@@ -96,11 +114,114 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
-up="$(cut -d' ' -f1 /proc/uptime)"
-cpus="$(grep -c '^processor' /proc/cpuinfo)"
-mem="$(grep '^MemTotal' /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
-virtio="$(ls /sys/bus/virtio/devices 2>/dev/null | tr '\n' ' ')"
-echo "STASIS-LINUX-INIT-OK uptime=${up}s cpus=$cpus mem_kib=$mem kernel=$(uname -r) virtio=[${virtio% }]"
+
+# Parameters with a dot are left to /proc/cmdline by the kernel.
+test_mode=boot
+ticks=150
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    stasis.test=*) test_mode="${arg#stasis.test=}" ;;
+    stasis.ticks=*) ticks="${arg#stasis.ticks=}" ;;
+    esac
+done
+
+# cs=<uptime in 1/100 s>, without forking ("12.05" -> 1205; no octal trap).
+uptime_cs() {
+    read -r up _ </proc/uptime
+    cs=$((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
+# The background counter: all of its state lives in this shell's memory.
+ticker() {
+    n=0
+    h=1
+    maxgap=0
+    back=0
+    uptime_cs
+    prev=$cs
+    while [ "$n" -lt "$ticks" ]; do
+        sleep 0.1
+        n=$((n + 1))
+        h=$(((h * 31 + n) % 1000003))
+        uptime_cs
+        gap=$((cs - prev))
+        [ "$gap" -ge 0 ] || back=$((back + 1))
+        [ "$gap" -le "$maxgap" ] || maxgap=$gap
+        prev=$cs
+        echo "TICK $n h=$h up=$cs end"
+    done
+    echo "$n $h $maxgap $back" >/tmp/ticker.final
+}
+
+pause_test() {
+    case "$ticks" in '' | *[!0-9]*) ticks=150 ;; esac
+    echo "stasis-init: pause test: $ticks ticks of 100 ms; pause and resume me meanwhile"
+    head -c 2097152 /dev/urandom >/tmp/state.bin
+    sum0="$(md5sum </tmp/state.bin | cut -d' ' -f1)"
+    echo "stasis-state $sum0" >/tmp/state.txt
+    uptime_cs
+    up0=$cs
+    date0="$(date +%s)"
+    ticker &
+    wait $!
+    uptime_cs
+    up1=$cs
+    date1="$(date +%s)"
+
+    fail=""
+    fn="" fh="" fmaxgap="" fback=""
+    [ -f /tmp/ticker.final ] && read -r fn fh fmaxgap fback </tmp/ticker.final
+    i=0
+    hh=1
+    while [ "$i" -lt "$ticks" ]; do
+        i=$((i + 1))
+        hh=$(((hh * 31 + i) % 1000003))
+    done
+    sum1="$(md5sum </tmp/state.bin 2>/dev/null | cut -d' ' -f1)"
+    state="$(cat /tmp/state.txt 2>/dev/null)"
+    elapsed=$((up1 - up0))
+    if [ -z "$fn" ]; then
+        fail="the ticker left no final state in /tmp/ticker.final"
+    elif [ "$fn" != "$ticks" ]; then
+        fail="the ticker stopped at n=$fn, not $ticks"
+    elif [ "$fh" != "$hh" ]; then
+        fail="the ticker's h=$fh but h($ticks)=$hh: its memory changed under it"
+    elif [ "$fback" != 0 ]; then
+        fail="uptime went backwards $fback times between ticks"
+    elif [ "$fmaxgap" -gt 6000 ]; then
+        fail="one tick took ${fmaxgap}0 ms of uptime (clock jump?)"
+    elif [ "$elapsed" -lt "$((ticks * 10))" ]; then
+        fail="uptime advanced by ${elapsed}0 ms over $ticks sleeps of 100 ms"
+    elif [ "$date1" -lt "$date0" ]; then
+        fail="the wall clock went backwards: $date0 -> $date1"
+    elif [ "$sum1" != "$sum0" ]; then
+        fail="/tmp/state.bin changed: md5 $sum0 -> ${sum1:-<unreadable>}"
+    elif [ "$state" != "stasis-state $sum0" ]; then
+        fail="/tmp/state.txt changed: '$state'"
+    fi
+    if [ -n "$fail" ]; then
+        echo "STASIS-LINUX-RESUME-FAIL $fail"
+    else
+        echo "STASIS-LINUX-RESUME-OK ticks=$fn h=$fh max_tick_gap_ms=${fmaxgap}0" \
+            "uptime_ms=${up0}0..${up1}0 wall_s=$date0..$date1 tmpfs_md5=$sum1"
+    fi
+}
+
+case "$test_mode" in
+boot)
+    up="$(cut -d' ' -f1 /proc/uptime)"
+    cpus="$(grep -c '^processor' /proc/cpuinfo)"
+    mem="$(grep '^MemTotal' /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
+    virtio="$(ls /sys/bus/virtio/devices 2>/dev/null | tr '\n' ' ')"
+    echo "STASIS-LINUX-INIT-OK uptime=${up}s cpus=$cpus mem_kib=$mem kernel=$(uname -r) virtio=[${virtio% }]"
+    ;;
+pause)
+    pause_test
+    ;;
+*)
+    echo "stasis-init: unknown stasis.test=$test_mode (boot, pause)"
+    ;;
+esac
 reboot -f
 echo "stasis-init: reboot -f returned; halting" >&2
 halt -f

@@ -9,11 +9,52 @@
 # on that /dev/kvm.
 #
 # Usage: tests/nested/run-l1.sh STASIS_BIN VMLINUX INITRAMFS
+#        STASIS_L1_SCENARIO=serve STASIS_SERVE_CLIENT=CMD \
+#            tests/nested/run-l1.sh STASIS_BIN VMLINUX ROOTFS_EXT4
 #
-# Exit status: 0 only if the inner guest printed STASIS-LINUX-INIT-OK and
-# `stasis run` exited with status 0; 1 on a failed run; 2 on a missing
-# prerequisite or bad usage. The L1 console is streamed to stdout; the last
-# lines are a summary starting with "run-l1:".
+# Scenarios (STASIS_L1_SCENARIO):
+#   boot (default)  `stasis run` the guest to its end; it must print
+#                   STASIS-LINUX-INIT-OK.
+#   pause-resume    the guest runs its pause test (`stasis.test=pause` is
+#                   added to its command line unless it has a stasis.test=;
+#                   see rootfs/build-initramfs.sh): `stasis run
+#                   --snapshot-on-signal /snap --console /c1` in the
+#                   background until the guest printed TICK $STASIS_PR_PAUSE_AT,
+#                   SIGUSR1, which must pause it to /snap with exit status 0;
+#                   `stasis snapshot info /snap`; then `stasis resume /snap
+#                   --lazy --console /c2` in a fresh process, and (unless
+#                   STASIS_PR_EAGER=0) `stasis resume /snap --eager --console
+#                   /c3` from the same snapshot. Each resume must exit 0 with
+#                   STASIS-LINUX-RESUME-OK and no second boot in its console,
+#                   its first TICK must be greater than the last TICK before
+#                   the pause, and every TICK line of the run and the resume
+#                   together must count up with the right derived value h (see
+#                   the guest). The consoles are printed with [c1]/[c2]/[c3]
+#                   prefixes, stasis's stderr with [run]/[lazy]/[eager]; the
+#                   scenario's verdict is one line, STASIS-PR-VERDICT PASS|FAIL.
+#   serve           L1 gets a network card (QEMU user networking, 10.0.2.15)
+#                   and runs `stasis serve --listen 0.0.0.0:3000 --data-dir
+#                   /data $STASIS_SERVE_LINUX_ARGS $STASIS_SERVE_ARGS`; the
+#                   host port STASIS_L1_HOST_PORT (default: a free one) is
+#                   forwarded to it. Once
+#                   http://127.0.0.1:PORT/health answers on the host, the host
+#                   runs `bash -c "$STASIS_SERVE_CLIENT"` with STASIS_L1_URL
+#                   set to that URL; its exit status is the verdict. Then L1
+#                   is stopped. The rootfs image travels sparse (only its
+#                   non-zero blocks are in the L1 initramfs).
+#
+# Exit status: 0 only if the inner run exited with status 0 and the guest
+# printed the scenario's marker (STASIS-LINUX-INIT-OK for boot,
+# STASIS-LINUX-RESUME-OK and STASIS-PR-VERDICT PASS for pause-resume; for
+# serve: the client exited 0); 1 on a failed run; 2 on a missing
+# prerequisite or bad usage; 3 when the run failed because the emulated
+# machine itself failed, not stasis ("L1 FAULT": L1 never reached its init,
+# QEMU died, the L1 kernel reported a lockup, RCU stall, oops or panic, or L1
+# stopped running, seen by its heartbeat going quiet). QEMU 7.2's TCG with
+# emulated AMD-V does that now and then; callers may retry on 3. The L1
+# console (ttyS0: init and stasis output) is streamed to stdout; the L1
+# kernel's own log (ttyS1) and heartbeat (ttyS2, every 5 s) go to files and
+# are shown at the end; the last lines are a summary starting with "run-l1:".
 #
 # Env:
 #   STASIS_CACHE          cache root (default: $HOME/.cache/stasis)
@@ -26,16 +67,35 @@
 #   STASIS_INNER_VCPUS    --vcpus for the inner guest (1)
 #   STASIS_INNER_CMDLINE  kernel command line for the inner guest
 #   STASIS_LOG            passed on to stasis inside L1 (its log filter)
+#   STASIS_L1_QEMU_ARGS   debugging: extra qemu-system-x86_64 arguments (split
+#                         on spaces), e.g. "-monitor unix:/tmp/l1.mon,server,nowait"
+#   STASIS_L1_APPEND      L1 kernel command line ("console=ttyS1 panic=-1 quiet")
 #   STASIS_L1_EXTRA       extra host paths (space separated) copied into L1 at
 #                         the same path, with the libraries `ldd` lists
+#   STASIS_L1_SCENARIO    boot, pause-resume or serve (boot)
+#   STASIS_SERVE_CLIENT   serve: host command run once the server answers
+#   STASIS_SERVE_ARGS     serve: more `stasis serve` arguments (e.g. --api-key K)
+#   STASIS_SERVE_LINUX_ARGS serve: the arguments that give the server its
+#                         Linux template ("--kernel /vmlinux --rootfs
+#                         /rootfs.ext4"; empty: only the built-in templates)
+#   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
+#   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
+#   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
+#   STASIS_PR_EAGER       pause-resume: 1 to also resume eagerly, 0 not to (1)
+#   STASIS_PR_STEP_TIMEOUT pause-resume: limit in seconds for each step (the
+#                         run until the pause, each resume) (150). A step past
+#                         it lists stasis's threads and pauses the hung guest
+#                         (SIGUSR1) into /snap (run) or /snap-hung-MODE.
+#   STASIS_PR_ON_HANG     pause-resume, debugging: shell command run in L1 with
+#                         the hung guest's snapshot directory as "$1" (bring a
+#                         tool in with STASIS_L1_EXTRA)
 #   STASIS_L1_COMMAND     debugging stand-in: shell command run in L1 instead
-#                         of `stasis run` (its exit status is reported); the
-#                         marker check still applies unless
+#                         of `stasis run` or the scenario (its exit status is
+#                         reported); the marker check still applies unless
 #                         STASIS_L1_EXPECT_MARKER=0
 set -euo pipefail
 
 cache_root="${STASIS_CACHE:-$HOME/.cache/stasis}"
-marker="STASIS-LINUX-INIT-OK"
 
 log() { echo "run-l1: $*" >&2; }
 prereq() { echo "run-l1: PREREQUISITE MISSING: $*" >&2; exit 2; }
@@ -61,6 +121,30 @@ main() {
     inner_vcpus="${STASIS_INNER_VCPUS:-1}"
     inner_cmdline="${STASIS_INNER_CMDLINE:-console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off}"
     expect_marker="${STASIS_L1_EXPECT_MARKER:-1}"
+    scenario="${STASIS_L1_SCENARIO:-boot}"
+    pause_at="${STASIS_PR_PAUSE_AT:-40}"
+    pr_eager="${STASIS_PR_EAGER:-1}"
+    step_timeout="${STASIS_PR_STEP_TIMEOUT:-150}"
+    case "$scenario" in
+    boot) marker="STASIS-LINUX-INIT-OK" ;;
+    pause-resume)
+        marker="STASIS-LINUX-RESUME-OK"
+        [[ "$pause_at" =~ ^[1-9][0-9]*$ ]] || { echo "run-l1: STASIS_PR_PAUSE_AT must be a positive integer" >&2; exit 2; }
+        [[ "$step_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "run-l1: STASIS_PR_STEP_TIMEOUT must be a positive integer" >&2; exit 2; }
+        [[ "$pr_eager" == [01] ]] || { echo "run-l1: STASIS_PR_EAGER must be 0 or 1" >&2; exit 2; }
+        [[ " $inner_cmdline " == *" stasis.test="* ]] || inner_cmdline+=" stasis.test=pause"
+        ;;
+    serve)
+        marker="STASIS-L1-SERVE-STARTED"
+        [[ -n "${STASIS_SERVE_CLIENT:-}" ]] \
+            || { echo "run-l1: serve: STASIS_SERVE_CLIENT (the host command to run) is not set" >&2; exit 2; }
+        ready_timeout="${STASIS_SERVE_READY_TIMEOUT:-300}"
+        [[ "$ready_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "run-l1: STASIS_SERVE_READY_TIMEOUT must be a positive integer" >&2; exit 2; }
+        command -v python3 >/dev/null 2>&1 || prereq "python3 (the serve scenario polls /health with it)"
+        host_port="${STASIS_L1_HOST_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+        ;;
+    *) echo "run-l1: unknown STASIS_L1_SCENARIO=$scenario (boot, pause-resume, serve)" >&2; exit 2 ;;
+    esac
 
     # --- host prerequisites --------------------------------------------------
     need_pkgs=()
@@ -85,13 +169,18 @@ main() {
     img_sha="$(apt-cache show --no-all-versions "$img_pkg" 2>/dev/null \
         | sed -n 's/^SHA256: //p' | head -n1)"
     [[ -n "$img_sha" ]] || prereq "apt-cache show $img_pkg gives no SHA256"
-    l1k="$cache_root/l1-kernel/${img_sha:0:16}"
+    # KVM for every scenario; virtio-net (PCI) for serve's network card.
+    l1_mods=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd
+        drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_legacy_dev
+        drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci net/core/failover
+        drivers/net/net_failover drivers/net/virtio_net)
+    l1k="$cache_root/l1-kernel/${img_sha:0:16}-$(echo "${l1_mods[*]}" | sha256sum | cut -c1-8)"
     if [[ ! -f "$l1k/.complete" ]]; then
         [[ "${STASIS_NO_APT:-0}" != 1 ]] \
             || prereq "L1 kernel $img_pkg not cached in $l1k and STASIS_NO_APT=1"
         mkdir -p "$cache_root/l1-kernel"
         dl="$(mktemp -d "$cache_root/l1-kernel/dl.XXXXXX")"
-        log "downloading $img_pkg (L1 kernel and kvm modules)"
+        log "downloading $img_pkg (L1 kernel, kvm and virtio-net modules)"
         apt_opts=()
         [[ "$(id -u)" != 0 ]] || apt_opts=(-o APT::Sandbox::User=root)
         (cd "$dl" && apt-get download "${apt_opts[@]}" "$img_pkg" >&2) \
@@ -102,7 +191,7 @@ main() {
         dpkg -x "$deb" "$dl/x"
         mkdir -p "$dl/out"
         cp "$dl"/x/boot/vmlinuz-* "$dl/out/vmlinuz"
-        for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
+        for m in "${l1_mods[@]}"; do
             found=("$dl"/x/lib/modules/*/kernel/"$m".ko*)
             src="${found[0]}"
             [[ -e "$src" ]] || { rm -rf "$dl"; die "$img_pkg has no module $m"; }
@@ -159,14 +248,60 @@ main() {
     for applet in $(/bin/busybox --list); do
         [[ "$applet" == busybox ]] || ln -s busybox "$root/bin/$applet"
     done
-    cp "$l1k"/{irqbypass,kvm,kvm-amd}.ko "$root/l1/"
+    for m in "${l1_mods[@]}"; do
+        cp "$l1k/$(basename "$m").ko" "$root/l1/"
+    done
     # The VMM goes to /stasis; its libraries keep their host paths. A copy without
     # debug info is smaller to load and unpack under TCG.
     copy_with_libs "$stasis_bin"
     mv "$root$stasis_bin" "$root/stasis"
     strip --strip-debug "$root/stasis" 2>/dev/null || true
     cp "$vmlinux" "$root/vmlinux"
-    cp "$initramfs" "$root/initramfs.cpio.gz"
+    if [[ "$scenario" == serve ]]; then
+        # The (mostly empty) rootfs image: only its non-zero 4 KiB blocks, as
+        # /l1/sparse/rootfs/{size,blk.N}; L1 rebuilds it sparse (unsparse).
+        python3 - "$initramfs" "$root/l1/sparse/rootfs" <<'PY' || die "packing $initramfs failed"
+import os, sys
+src, dst = sys.argv[1:]
+os.makedirs(dst)
+B = 4096
+runs = 0
+with open(src, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    with open(os.path.join(dst, "size"), "w") as out:
+        out.write(f"{size}\n")
+
+    def flush(start, chunks):
+        with open(os.path.join(dst, f"blk.{start}"), "wb") as out:
+            out.write(b"".join(chunks))
+
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(f.fileno(), off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after off
+            break
+        hole = os.lseek(f.fileno(), data, os.SEEK_HOLE)
+        first, end = data // B, -(-hole // B)
+        f.seek(first * B)
+        start, chunks = None, []
+        for blk in range(first, end):
+            chunk = f.read(B)
+            if chunk.count(0) != len(chunk):
+                if start is None:
+                    start = blk
+                chunks.append(chunk)
+            elif start is not None:
+                flush(start, chunks)
+                start, chunks = None, []
+        if start is not None:
+            flush(start, chunks)
+        off = end * B
+PY
+        log "rootfs image: $(du -sh --apparent-size "$initramfs" | cut -f1) ($(du -sh "$root/l1/sparse/rootfs" | cut -f1) of it non-zero) from $initramfs"
+    else
+        cp "$initramfs" "$root/initramfs.cpio.gz"
+    fi
     for extra in ${STASIS_L1_EXTRA:-}; do
         [[ -e "$extra" ]] || prereq "STASIS_L1_EXTRA path does not exist: $extra"
         copy_with_libs "$(realpath "$extra")"
@@ -174,6 +309,10 @@ main() {
 
     if [[ -n "${STASIS_L1_COMMAND:-}" ]]; then
         run_cmd="$STASIS_L1_COMMAND"
+    elif [[ "$scenario" == pause-resume ]]; then
+        run_cmd="sh /l1/pause-resume.sh"
+    elif [[ "$scenario" == serve ]]; then
+        run_cmd="sh /l1/serve.sh"
     else
         run_cmd="$(printf '%q ' /stasis run --kernel /vmlinux \
             --initrd /initramfs.cpio.gz --cmdline "$inner_cmdline" --mem "$inner_mem" \
@@ -183,8 +322,258 @@ main() {
     {
         printf 'RUN_CMD=%q\n' "$run_cmd"
         printf 'INNER_TIMEOUT=%q\n' "$inner_timeout"
+        printf 'INNER_CMDLINE=%q\n' "$inner_cmdline"
+        printf 'INNER_MEM=%q\n' "$inner_mem"
+        printf 'INNER_VCPUS=%q\n' "$inner_vcpus"
+        printf 'PAUSE_AT=%q\n' "$pause_at"
+        printf 'PR_EAGER=%q\n' "$pr_eager"
+        printf 'STEP_TIMEOUT=%q\n' "$step_timeout"
+        printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
+        printf 'SERVE_ARGS=%q\n' "${STASIS_SERVE_ARGS:-}"
+        printf 'SERVE_LINUX_ARGS=%q\n' "${STASIS_SERVE_LINUX_ARGS---kernel /vmlinux --rootfs /rootfs.ext4}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
     } >"$root/l1/params"
+
+    # The pause-resume scenario, run by the L1 init in place of `stasis run`.
+    cat >"$root/l1/pause-resume.sh" <<'EOF'
+#!/bin/busybox sh
+# Pause-resume scenario in L1 (tests/nested/run-l1.sh): run, pause to disk
+# on SIGUSR1, resume in a fresh process (lazily, then eagerly), check.
+. /l1/params
+up() { cut -d' ' -f1 /proc/uptime; }
+# ms_since T0: milliseconds of L1 uptime since T0 (as printed by up).
+ms_since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+say() { echo "pause-resume: $*"; }
+verdict_fail() {
+    say "FAIL: $*"
+    echo "STASIS-PR-VERDICT FAIL $*"
+    exit 1
+}
+# show FILE LABEL: print a console or log with a prefix on each line.
+show() {
+    echo "----- $2: $1 -----"
+    [ -f "$1" ] && tr -d '\r' <"$1" | sed "s/^/[$2] /"
+    echo ""
+    echo "----- end of $2 -----"
+}
+# stuck_report LABEL PID FILE: every call (~10 s apart) says how far the step
+# is; when FILE (the console) did not grow since the last call, it also lists
+# the state of PID's threads (state, user and system ticks, where they sleep),
+# which tells a guest that spins (R, ticks growing) from one that waits (S).
+threads() {
+    for t in /proc/"$1"/task/*; do
+        [ -r "$t/stat" ] || continue
+        echo "    $(cat "$t/comm" 2>/dev/null): $(cut -d' ' -f3,14,15 "$t/stat" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+    done
+}
+last_size=-1
+stuck_report() {
+    size="$(wc -c 2>/dev/null <"$3" || echo 0)"
+    say "$1: console $size bytes, last line: $(tr -d '\r' 2>/dev/null <"$3" | tail -n1)"
+    if [ "$size" = "$last_size" ]; then
+        say "$1: no console output for ~10 s; threads of $2 (state utime stime wchan):"
+        threads "$2"
+    fi
+    last_size="$size"
+}
+# on_hang PID DIR: a step ran past its limit. List PID's threads, pause the
+# guest into DIR with SIGUSR1 (its vCPU, irqchip, PIT and serial state then
+# show where it hangs), run STASIS_PR_ON_HANG on DIR if set, and make sure
+# PID is gone.
+on_hang() {
+    say "step limit (${STEP_TIMEOUT}s) reached; threads of $1 (state utime stime wchan):"
+    threads "$1"
+    say "pausing the hung guest into $2 (SIGUSR1) to keep its state"
+    kill -USR1 "$1"
+    n=0
+    while kill -0 "$1" 2>/dev/null && [ "$n" -lt 60 ]; do
+        sleep 0.5
+        n=$((n + 1))
+    done
+    if kill -0 "$1" 2>/dev/null; then
+        say "still running 30 s after SIGUSR1; killing it"
+        kill -KILL "$1"
+    fi
+    [ -f "$2/state.bin" ] || { say "no snapshot of the hung guest in $2"; return; }
+    /stasis snapshot info "$2"
+    if [ -n "${PR_ON_HANG:-}" ]; then
+        say "STASIS_PR_ON_HANG: $PR_ON_HANG $2"
+        sh -c "$PR_ON_HANG \"\$1\"" on-hang "$2"
+    fi
+}
+# ticks FILE: the complete TICK lines of a console (a line cut by the pause,
+# or mixed with a kernel message, does not match and is left out).
+ticks() { tr -d '\r' 2>/dev/null <"$1" | grep -aE '^TICK [0-9]+ h=[0-9]+ up=[0-9]+ end$'; }
+# check_chain: TICK lines on stdin must count up and each carry
+# h(n) = (31*h(n-1) + n) mod 1000003, h(0) = 1; prints the first bad line.
+check_chain() {
+    awk 'BEGIN { n = 0; h = 1; bad = 0 }
+        { k = $2 + 0; v = substr($3, 3) + 0
+          if (k <= n) { if (!bad) print "not counting up after " n ": " $0; bad = 1; next }
+          while (n < k) { n++; h = (h * 31 + n) % 1000003 }
+          if (v != h) { if (!bad) print "h(" k ") should be " h ": " $0; bad = 1 } }
+        END { exit bad }'
+}
+
+rm -rf /snap /snap-hung-lazy /snap-hung-eager /c1 /c2 /c3
+set -- /stasis run --kernel /vmlinux --initrd /initramfs.cpio.gz --cmdline "$INNER_CMDLINE" \
+    --mem "$INNER_MEM" --vcpus "$INNER_VCPUS" --console /c1 --snapshot-on-signal /snap
+say "run: $* (pause at TICK $PAUSE_AT, step limit ${STEP_TIMEOUT}s)"
+t_run="$(up)"
+"$@" 2>/e1 &
+pid=$!
+polls=0
+while ! ticks /c1 | grep -q "^TICK $PAUSE_AT "; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid"
+        rc=$?
+        show /c1 c1
+        show /e1 run
+        verdict_fail "stasis run exited with status $rc before the guest printed TICK $PAUSE_AT"
+    fi
+    if [ "$(ms_since "$t_run")" -gt "$((STEP_TIMEOUT * 1000))" ]; then
+        on_hang "$pid" /snap
+        wait "$pid"
+        show /c1 c1
+        show /e1 run
+        verdict_fail "no TICK $PAUSE_AT within ${STEP_TIMEOUT}s of stasis run"
+    fi
+    # A sign of life every ~10 s, so that a hang shows where it is.
+    polls=$((polls + 1))
+    if [ $((polls % 50)) = 0 ]; then
+        stuck_report "waiting for TICK $PAUSE_AT, $(ms_since "$t_run") ms" "$pid" /c1
+    fi
+    sleep 0.2
+done
+run_ms="$(ms_since "$t_run")"
+say "TICK $PAUSE_AT seen after ${run_ms} ms; pausing the guest (SIGUSR1)"
+t_sig="$(up)"
+kill -USR1 "$pid"
+wait "$pid"
+rc=$?
+pause_ms="$(ms_since "$t_sig")"
+show /c1 c1
+show /e1 run
+[ "$rc" = 0 ] || verdict_fail "stasis run exited with status $rc after SIGUSR1, not 0"
+last_before="$(ticks /c1 | tail -n1 | cut -d' ' -f2)"
+say "guest reached TICK $PAUSE_AT ${run_ms} ms after stasis run started; SIGUSR1 to exit took ${pause_ms} ms; last TICK before the pause: ${last_before:-<none>}"
+[ -n "$last_before" ] || verdict_fail "no complete TICK line before the pause"
+say "snapshot info:"
+/stasis snapshot info /snap || verdict_fail "stasis snapshot info /snap failed"
+ls -ls /snap
+
+# resume MODE CONSOLE LABEL: resume /snap in a fresh process, check the result.
+# Sets first_after and res_ms, res_first_ms (resume to its first TICK).
+resume() {
+    mode="$1" con="$2" label="$3"
+    say "resume ($mode): /stasis resume /snap --$mode --console $con"
+    t_res="$(up)"
+    # With --snapshot-on-signal, a hung guest can be paused to look at it.
+    /stasis resume /snap "--$mode" --console "$con" --snapshot-on-signal "/snap-hung-$label" \
+        2>"/e-$label" &
+    rpid=$!
+    res_first_ms="none"
+    hung=0
+    polls=0
+    last_size=-1
+    while kill -0 "$rpid" 2>/dev/null; do
+        if [ "$res_first_ms" = none ] && [ -f "$con" ] && tr -d '\r' <"$con" | grep -aq '^TICK '; then
+            res_first_ms="$(ms_since "$t_res")"
+        fi
+        elapsed="$(ms_since "$t_res")"
+        if [ "$elapsed" -gt "$((STEP_TIMEOUT * 1000))" ]; then
+            hung=1
+            on_hang "$rpid" "/snap-hung-$label"
+            break
+        fi
+        # A sign of life every ~10 s, so that a hang shows where it is.
+        polls=$((polls + 1))
+        [ $((polls % 50)) != 0 ] || stuck_report "resume ($mode), $elapsed ms" "$rpid" "$con"
+        sleep 0.2
+    done
+    wait "$rpid"
+    rc=$?
+    res_ms="$(ms_since "$t_res")"
+    show "$con" "${con#/}"
+    show "/e-$label" "$label"
+    first_after="$(ticks "$con" | head -n1 | cut -d' ' -f2)"
+    last_after="$(ticks "$con" | tail -n1 | cut -d' ' -f2)"
+    say "resume ($mode): exit status $rc after ${res_ms} ms; first TICK line ${res_first_ms} ms after the start; TICKs ${first_after:-<none>}..${last_after:-<none>}"
+    [ "$hung" = 0 ] || verdict_fail "$mode resume: no end within ${STEP_TIMEOUT}s (guest hung after the resume? last TICK ${last_after:-<none>})"
+    [ "$rc" = 0 ] || verdict_fail "$mode resume: stasis resume exited with status $rc"
+    if tr -d '\r' <"$con" | grep -aq 'Linux version'; then
+        verdict_fail "$mode resume: the guest booted again instead of carrying on"
+    fi
+    okline="$(tr -d '\r' <"$con" | grep -a 'STASIS-LINUX-RESUME-OK' | head -n1)"
+    if [ -z "$okline" ]; then
+        failline="$(tr -d '\r' <"$con" | grep -a 'STASIS-LINUX-RESUME-FAIL' | head -n1)"
+        verdict_fail "$mode resume: the guest did not print STASIS-LINUX-RESUME-OK (${failline:-no verdict from the guest})"
+    fi
+    [ -n "$first_after" ] || verdict_fail "$mode resume: no complete TICK line after the resume"
+    [ "$first_after" -gt "$last_before" ] \
+        || verdict_fail "$mode resume: first TICK after the resume ($first_after) is not greater than the last before the pause ($last_before)"
+    chain="$( { ticks /c1; ticks "$con"; } | check_chain)" \
+        || verdict_fail "$mode resume: TICK lines of the run and the resume do not form one count: $chain"
+    say "resume ($mode): OK: TICK $last_before before the pause, $first_after..$last_after after; guest: $okline"
+}
+
+resume lazy /c2 lazy
+lazy_summary="lazy: exit 0 in ${res_ms} ms, first TICK at ${res_first_ms} ms, TICK $last_before -> $first_after..$last_after"
+eager_summary="eager: not run (STASIS_PR_EAGER=0)"
+if [ "$PR_EAGER" = 1 ]; then
+    resume eager /c3 eager
+    eager_summary="eager: exit 0 in ${res_ms} ms, first TICK at ${res_first_ms} ms, TICK $last_before -> $first_after..$last_after"
+fi
+pause_line="$(grep -a 'stasis: paused into' /e1 | head -n1)"
+lazy_line="$(grep -a 'stasis: resumed' /e-lazy | head -n1)"
+say "timing: run to TICK $PAUSE_AT ${run_ms} ms; SIGUSR1 to exit ${pause_ms} ms; ${pause_line:-<no pause line from stasis>}"
+say "timing: ${lazy_line:-<no resume line from stasis>}"
+[ "$PR_EAGER" != 1 ] || say "timing: $(grep -a 'stasis: resumed' /e-eager | head -n1)"
+echo "STASIS-PR-VERDICT PASS pause at TICK $last_before (${pause_ms} ms); $lazy_summary; $eager_summary"
+EOF
+
+    # The serve scenario, run by the L1 init in place of `stasis run`.
+    cat >"$root/l1/serve.sh" <<'EOF'
+#!/bin/busybox sh
+# Serve scenario in L1 (tests/nested/run-l1.sh): network, rootfs, server.
+. /l1/params
+say() { echo "serve: $*"; }
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
+    failover net_failover virtio_net; do
+    insmod "/l1/$m.ko" || { say "FAIL: insmod $m.ko"; exit 1; }
+done
+n=0
+while ! ip link show eth0 >/dev/null 2>&1; do
+    n=$((n + 1))
+    [ "$n" -lt 100 ] || { say "FAIL: no eth0 10 s after loading virtio_net"; exit 1; }
+    sleep 0.1
+done
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+# unsparse: rebuild the image from its non-zero blocks (see run-l1.sh).
+truncate -s "$(cat /l1/sparse/rootfs/size)" /rootfs.ext4 || { say "FAIL: truncate"; exit 1; }
+for f in /l1/sparse/rootfs/blk.*; do
+    dd if="$f" of=/rootfs.ext4 bs=4096 seek="${f##*.}" conv=notrunc 2>/dev/null \
+        || { say "FAIL: writing $f into /rootfs.ext4"; exit 1; }
+    rm -f "$f"
+done
+say "rootfs: /rootfs.ext4 $(stat -c %s /rootfs.ext4) bytes; memory: $(grep MemFree /proc/meminfo)"
+mkdir -p /data
+export NO_COLOR=1
+set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
+# shellcheck disable=SC2086 # lists of words
+set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
+say "starting: $*"
+"$@" &
+pid=$!
+echo "STASIS-L1-SERVE-STARTED pid=$pid at L1 uptime $(cut -d' ' -f1 /proc/uptime)s"
+wait "$pid"
+status=$?
+say "stasis serve exited with status $status"
+exit "$status"
+EOF
 
     cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
@@ -193,7 +582,10 @@ export PATH=/bin:/usr/bin:/sbin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
+# ttyS0: this init and what it runs; ttyS1: the L1 kernel's log; ttyS2: a
+# heartbeat that shows the host whether L1 still runs.
+exec </dev/ttyS0 >/dev/ttyS0 2>&1
+(while :; do echo "hb $(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS2; sleep 5; done) &
 . /l1/params
 up() { cut -d' ' -f1 /proc/uptime; }
 finish() {
@@ -204,7 +596,7 @@ finish() {
 echo "stasis-l1: init started at L1 uptime $(up)s"
 grep -qw svm /proc/cpuinfo || echo "stasis-l1: WARNING: no svm flag in /proc/cpuinfo"
 for m in irqbypass kvm kvm-amd; do
-    insmod /l1/$m.ko || finish "FAIL insmod $m.ko"
+    insmod "/l1/$m.ko" || finish "FAIL insmod $m.ko"
 done
 [ -c /dev/kvm ] || finish "FAIL no /dev/kvm after loading kvm-amd"
 echo "stasis-l1: /dev/kvm ready at L1 uptime $(up)s"
@@ -232,16 +624,86 @@ EOF
 
     # --- run L1 --------------------------------------------------------------
     console="$work/console.log"
+    kernlog="$work/l1-kernel.log"
+    hb="$work/heartbeat.log"
+    : >"$kernlog"
+    : >"$hb"
     log "booting L1 (qemu TCG, -cpu max, ${l1_mem} MiB, ${l1_smp} vCPU, limit ${l1_timeout}s)"
+    qemu_extra=()
+    [[ -z "${STASIS_L1_QEMU_ARGS:-}" ]] || read -r -a qemu_extra <<<"$STASIS_L1_QEMU_ARGS"
+    net=()
+    # shellcheck disable=SC2054 # the commas are inside one QEMU argument
+    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+        -device virtio-net-pci,netdev=n0)
+    qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
+        -nographic -no-reboot -nodefaults
+        -serial stdio -serial "file:$kernlog" -serial "file:$hb"
+        -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio"
+        -append "${STASIS_L1_APPEND:-console=ttyS1 panic=-1 quiet}"
+        "${net[@]}" "${qemu_extra[@]}")
     t_start=$SECONDS
+    client_rc=""
     set +e
-    timeout --foreground -k 10 "$l1_timeout" qemu-system-x86_64 \
-        -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp" \
-        -nographic -no-reboot -nodefaults -serial stdio \
-        -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio" \
-        -append "console=ttyS0 panic=-1 quiet" \
-        </dev/null 2>&1 | tee "$console"
-    qemu_rc=${PIPESTATUS[0]}
+    timeout -k 10 "$l1_timeout" "${qemu[@]}" </dev/null >"$console" 2>&1 &
+    qpid=$!
+    tail -n +1 -f --pid="$qpid" "$console" &
+    tailpid=$!
+    # Watchdog: an L1 whose heartbeat goes quiet for a minute (or that wrote
+    # none two minutes after the start) has stopped running; QEMU is stopped
+    # then rather than at the hard timeout.
+    (
+        while kill -0 "$qpid" 2>/dev/null; do
+            now=$(date +%s)
+            if [[ -s "$hb" ]]; then
+                quiet=$((now - $(stat -c %Y "$hb")))
+                limit=60
+            else
+                quiet=$((SECONDS - t_start))
+                limit=120
+            fi
+            if ((quiet > limit)); then
+                echo "run-l1: WATCHDOG: no L1 heartbeat for ${quiet}s: L1 stopped running; stopping QEMU" >&2
+                echo "$quiet" >"$work/watchdog"
+                kill "$qpid" 2>/dev/null
+                break
+            fi
+            sleep 2
+        done
+    ) &
+    wdpid=$!
+    if [[ "$scenario" == serve ]]; then
+        url="http://127.0.0.1:$host_port"
+        log "serve: waiting up to ${ready_timeout}s for $url/health (L1's port 3000)"
+        ready=0
+        while ((SECONDS - t_start < ready_timeout)) && kill -0 "$qpid" 2>/dev/null; do
+            if python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3).read()' \
+                "$url/health" 2>/dev/null; then
+                ready=1
+                break
+            fi
+            sleep 1
+        done
+        if ((ready)); then
+            log "serve: $url/health answered $((SECONDS - t_start))s after L1 started; client: $STASIS_SERVE_CLIENT"
+            left=$((l1_timeout - (SECONDS - t_start) - 15))
+            ((left > 10)) || left=10
+            STASIS_L1_URL="$url" timeout -k 10 "$left" bash -c "$STASIS_SERVE_CLIENT" </dev/null 2>&1
+            client_rc=$?
+            log "serve: the client exited with status $client_rc"
+        else
+            log "serve: $url/health did not answer within ${ready_timeout}s"
+        fi
+        t_end=$(date +%s)
+        kill "$qpid" 2>/dev/null
+        wait "$qpid"
+        qemu_rc=$?
+    else
+        wait "$qpid"
+        qemu_rc=$?
+        t_end=$(date +%s)
+    fi
+    kill "$wdpid" 2>/dev/null
+    wait "$wdpid" "$tailpid"
     set -e
     t_total=$((SECONDS - t_start))
 
@@ -252,25 +714,83 @@ EOF
     exit_line="$(grep -a '^STASIS-L1-EXIT ' "$clean" | tail -n1 || true)"
     result_line="$(grep -a '^STASIS-L1-RESULT ' "$clean" | tail -n1 || true)"
     # The marker counts only inside the inner VMM's output.
-    marker_line="$(sed -n '/^stasis-l1: ----- inner output begins/,/^stasis-l1: ----- inner output ends/p' \
-        "$clean" | grep -a "$marker" | head -n1 || true)"
+    inner="$work/inner.clean"
+    sed -n '/^stasis-l1: ----- inner output begins/,/^stasis-l1: ----- inner output ends/p' \
+        "$clean" >"$inner"
+    marker_line="$(grep -a "$marker" "$inner" | head -n1 || true)"
+    verdict_line="$(grep -a '^STASIS-PR-VERDICT ' "$inner" | tail -n1 || true)"
+
+    # Did the emulated machine itself fail? (see "Exit status" above)
+    l1_fault=""
+    kern_bad="$(tr -d '\r' <"$kernlog" | grep -aE 'soft lockup|hard LOCKUP|rcu.*stall|Kernel panic|Oops|general protection fault|BUG: |watchdog: ' | head -n1 || true)"
+    hb_age=$((t_end - $(stat -c %Y "$hb")))
+    if ! grep -aq 'stasis-l1: init started' "$clean"; then
+        l1_fault="L1 never reached its init (qemu exit $qemu_rc)"
+    elif [[ -n "$kern_bad" ]]; then
+        l1_fault="the L1 kernel reported: $kern_bad"
+    elif [[ ! -s "$hb" ]]; then
+        l1_fault="L1 never wrote a heartbeat"
+    elif [[ -f "$work/watchdog" ]]; then
+        l1_fault="L1 stopped running: no heartbeat for $(cat "$work/watchdog")s (the watchdog stopped QEMU)"
+    elif ((hb_age > 45)); then
+        l1_fault="L1 stopped running: its last heartbeat came ${hb_age}s before the end"
+    elif [[ "$scenario" != serve ]] && ((qemu_rc != 0 && qemu_rc != 124 && qemu_rc != 137)); then
+        l1_fault="QEMU exited with status $qemu_rc"
+    fi
+
+    if [[ -s "$kernlog" ]]; then
+        echo "----- L1 kernel log (ttyS1) -----"
+        tr -d '\r' <"$kernlog" | tail -n 200 | sed 's/^/[L1-kernel] /'
+        echo "----- end of L1 kernel log -----"
+    fi
     qemu_note=""
     ((qemu_rc != 124 && qemu_rc != 137)) || qemu_note=" (hard timeout ${l1_timeout}s)"
+    [[ "$scenario" != serve ]] || qemu_note=" (stopped after the client)"
     echo "run-l1: ===== summary ====="
     echo "run-l1: qemu exit: $qemu_rc$qemu_note"
-    echo "run-l1: L1 result: ${result_line:-<none>}"
-    echo "run-l1: inner exit: ${exit_line:-<none>}"
-    echo "run-l1: inner marker: ${marker_line:-<not seen>}"
+    echo "run-l1: L1 heartbeats: $(wc -l <"$hb"), the last ${hb_age}s before the end: $(tail -n1 "$hb" | tr -d '\r')"
+    echo "run-l1: L1 health: ${l1_fault:-no sign of an L1 fault}"
+    if [[ "$scenario" == serve ]]; then
+        echo "run-l1: server: ${marker_line:-<never started>}"
+        echo "run-l1: client exit: ${client_rc:-<not run: the server never answered /health>}"
+    else
+        echo "run-l1: L1 result: ${result_line:-<none>}"
+        echo "run-l1: inner exit: ${exit_line:-<none>}"
+        echo "run-l1: inner marker: ${marker_line:-<not seen>}"
+    fi
+    if [[ "$scenario" == pause-resume ]]; then
+        grep -a '^pause-resume: timing: ' "$inner" | sed 's/^/run-l1: /' || true
+        echo "run-l1: pause-resume verdict: ${verdict_line:-<none>}"
+    fi
     echo "run-l1: total wall time: ${t_total}s"
     fail=""
-    if [[ -z "$result_line" ]]; then
+    if [[ "$scenario" == serve ]]; then
+        serve_fail="$(grep -a '^serve: FAIL' "$inner" | head -n1 || true)"
+        if [[ -n "$serve_fail" ]]; then
+            fail="L1 setup for the server failed: ${serve_fail#serve: }"
+        elif [[ -z "$marker_line" ]]; then
+            fail="L1 never started stasis serve"
+        elif [[ -z "$client_rc" ]]; then
+            fail="the server never answered GET /health through the forwarded port within ${ready_timeout}s"
+        elif [[ "$client_rc" != 0 ]]; then
+            fail="the client exited with status $client_rc"
+        fi
+    elif [[ -z "$result_line" ]]; then
         fail="L1 never reported a result (qemu exit $qemu_rc)"
     elif [[ "$result_line" != "STASIS-L1-RESULT DONE" ]]; then
         fail="L1 setup failed: ${result_line#STASIS-L1-RESULT }"
     elif [[ "$exit_line" != "STASIS-L1-EXIT status=0 "* ]]; then
         fail="inner VMM did not exit cleanly: ${exit_line:-<no exit line>}"
     elif [[ "$expect_marker" == 1 && -z "$marker_line" ]]; then
-        fail="the inner guest never printed the init marker"
+        fail="the inner guest never printed $marker"
+    elif [[ "$scenario" == pause-resume && -z "${STASIS_L1_COMMAND:-}" \
+        && "$verdict_line" != "STASIS-PR-VERDICT PASS"* ]]; then
+        fail="pause-resume: ${verdict_line:-no verdict from the scenario}"
+    fi
+    if [[ -n "$fail" && -n "$l1_fault" ]]; then
+        echo "run-l1: L1 FAULT: $l1_fault"
+        echo "run-l1: FAIL (L1 fault: the emulated machine failed, not stasis): $fail"
+        exit 3
     fi
     if [[ -n "$fail" ]]; then
         echo "run-l1: FAIL: $fail"

@@ -1,0 +1,281 @@
+//! Issue 5's proof through the real `novita-sandbox` SDK: a Linux sandbox
+//! (our kernel, `rootfs/build-rootfs.sh --python`'s image with the static
+//! agent) is created by `stasis serve`, runs a command, keeps a file and two
+//! background processes with state in memory (a shell counter and a Python
+//! variable) across pause and connect (resume), and is killed. The SDK side is `tests/nested/test_linux_sdk.py` (pytest, in
+//! the SDK virtualenv `target/sdk-venv`, made on first use); it prints the
+//! pause and resume times as `PROOF:` lines, repeated here at the end.
+//!
+//! Route: on a host whose KVM runs ring 0 natively (`STASIS_NATIVE_KVM=1`),
+//! the server runs here. Otherwise (our machines, docs/host-kvm.md) it runs
+//! inside the emulated machine of `tests/nested/run-l1.sh`'s `serve` scenario,
+//! whose port is forwarded to this host; an L1 fault (the emulated machine
+//! failing, exit status 3) is retried, loudly.
+//!
+//! The test never passes without the proof having run: a missing
+//! prerequisite fails it unless `STASIS_ALLOW_SKIP=1` (then a loud
+//! `SKIPPED (not passed)` banner).
+
+#[path = "nested/support.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::{
+    build_artifact, build_artifact_with, host_runs_ring0_natively, l1_fault_reason, on_path,
+    prerequisite_missing, repo, run_bounded, run_nested, tail, Prereq, Run, L1_ATTEMPTS,
+    L1_FAULT_EXIT, PREREQ_EXIT,
+};
+
+const TEST: &str = "linux_sdk";
+/// The SDK release the proof speaks (as tests/sdk/run.sh).
+const SDK_VERSION: &str = "2.1.1";
+const API_KEY: &str = "linux-sdk-proof";
+
+const KERNEL_BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
+/// A first static build compiles every dependency again (its own target dir).
+const AGENT_BUILD_LIMIT: Duration = Duration::from_secs(30 * 60);
+const ROOTFS_BUILD_LIMIT: Duration = Duration::from_secs(5 * 60);
+const VENV_LIMIT: Duration = Duration::from_secs(10 * 60);
+/// Nested: L1's hard limit, and the server's inside it. A passing run takes
+/// a few minutes (each guest boot and resume is slow under emulation).
+const SERVE_L1_LIMIT_S: u64 = 900;
+const SERVE_INNER_LIMIT_S: u64 = 870;
+const SERVE_L1_MEM_MIB: u32 = 3072;
+/// Outer bound of one nested attempt (room for the L1 kernel download).
+const NESTED_RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// Direct: the server's start, and the whole pytest run.
+const DIRECT_SERVER_START: Duration = Duration::from_secs(60);
+const DIRECT_RUN_LIMIT: Duration = Duration::from_secs(10 * 60);
+
+#[test]
+fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
+    let started = Instant::now();
+    let stasis = Path::new(env!("CARGO_BIN_EXE_stasis"));
+    let artifacts = match build_all() {
+        Ok(a) => a,
+        Err(Prereq(reason)) => return prerequisite_missing(TEST, &reason),
+    };
+    let pytest = format!(
+        "{} -m pytest -q -s -p no:cacheprovider {}",
+        sh_quote(&artifacts.python),
+        sh_quote(&repo().join("tests/nested/test_linux_sdk.py"))
+    );
+
+    let (route, run) = if host_runs_ring0_natively() {
+        if !Path::new("/dev/kvm").exists() {
+            return prerequisite_missing(TEST, "STASIS_NATIVE_KVM=1 but /dev/kvm does not exist");
+        }
+        (
+            "direct on /dev/kvm".to_owned(),
+            run_direct(stasis, &artifacts, &pytest),
+        )
+    } else {
+        if !on_path("qemu-system-x86_64") {
+            return prerequisite_missing(
+                TEST,
+                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86); it runs \
+                 the server in nested emulation on this host",
+            );
+        }
+        let client = format!(
+            "NOVITA_API_URL=\"$STASIS_L1_URL\" NOVITA_SANDBOX_URL=\"$STASIS_L1_URL\" \
+             NOVITA_API_KEY={API_KEY} STASIS_PROOF_PYTHON=1 PYTHONDONTWRITEBYTECODE=1 exec {pytest}"
+        );
+        let (run, faults) = run_nested(TEST, NESTED_RUN_LIMIT, || {
+            let mut cmd = Command::new(repo().join("tests/nested/run-l1.sh"));
+            cmd.arg(stasis)
+                .arg(&artifacts.vmlinux)
+                .arg(&artifacts.rootfs)
+                .env("STASIS_L1_SCENARIO", "serve")
+                .env("STASIS_SERVE_ARGS", format!("--api-key {API_KEY}"))
+                .env("STASIS_SERVE_CLIENT", &client)
+                .env("STASIS_L1_TIMEOUT", SERVE_L1_LIMIT_S.to_string())
+                .env("STASIS_INNER_TIMEOUT", SERVE_INNER_LIMIT_S.to_string())
+                .env("STASIS_L1_MEM", SERVE_L1_MEM_MIB.to_string());
+            cmd
+        });
+        let code = run.status.and_then(|s| s.code());
+        if code == Some(PREREQ_EXIT) {
+            return prerequisite_missing(
+                TEST,
+                &format!(
+                    "tests/nested/run-l1.sh reported a missing prerequisite:\n{}",
+                    tail(&run.output, 20)
+                ),
+            );
+        }
+        if code == Some(L1_FAULT_EXIT) {
+            panic!(
+                "\n==== {TEST}: NOT TESTED: all {L1_ATTEMPTS} nested attempts hit an L1 fault \
+                 (the emulated machine failed, not stasis): {faults:?}, last: {} ====\n{}\n",
+                l1_fault_reason(&run),
+                run.output
+            );
+        }
+        let route = if faults.is_empty() {
+            "nested (stasis serve inside QEMU TCG with emulated AMD-V)".to_owned()
+        } else {
+            format!(
+                "nested (stasis serve inside QEMU TCG with emulated AMD-V), after {} L1 \
+                 fault(s): {faults:?}",
+                faults.len()
+            )
+        };
+        (route, run)
+    };
+
+    let proof: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("PROOF: "))
+        .collect();
+    let problem = if run.timed_out {
+        Some(format!("timed out after {:?} and was killed", run.elapsed))
+    } else if !run.status.is_some_and(|s| s.success()) {
+        Some(format!(
+            "the proof failed ({}); {}",
+            support::describe(run.status),
+            run.output
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("run-l1: FAIL"))
+                .unwrap_or("see the output")
+        ))
+    } else if !run.output.contains(" passed") || run.output.contains(" skipped") {
+        Some("pytest did not report the proof as passed (or skipped part of it)".to_owned())
+    } else if !proof.iter().any(|l| l.starts_with("PROOF: SUMMARY")) {
+        Some("the proof never printed its PROOF: SUMMARY line".to_owned())
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        panic!(
+            "\n==== {TEST} ({route}) FAILED: {problem} ====\nkernel: {}\nrootfs: {}\n\
+             ---- output ----\n{}\n---- end of output ----\n",
+            artifacts.vmlinux.display(),
+            artifacts.rootfs.display(),
+            run.output
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{TEST}: PASSED ({route}) in {:.1}s total; the SDK's view:\n  {}",
+        started.elapsed().as_secs_f64(),
+        proof.join("\n  ")
+    );
+}
+
+struct Artifacts {
+    vmlinux: PathBuf,
+    rootfs: PathBuf,
+    /// The SDK virtualenv's python (with novita_sandbox and pytest).
+    python: PathBuf,
+}
+
+fn build_all() -> Result<Artifacts, Prereq> {
+    let (vmlinux, _) = build_artifact("kernel/build.sh", KERNEL_BUILD_LIMIT)?;
+    let (agent, _) = build_artifact("rootfs/build-agent.sh", AGENT_BUILD_LIMIT)?;
+    let (rootfs, _) = build_artifact_with(
+        "rootfs/build-rootfs.sh",
+        &[Path::new("--python"), agent.as_path()],
+        ROOTFS_BUILD_LIMIT,
+    )?;
+    Ok(Artifacts {
+        vmlinux,
+        rootfs,
+        python: sdk_python()?,
+    })
+}
+
+/// target/sdk-venv (STASIS_SDK_VENV), made as tests/sdk/run.sh makes it when
+/// it lacks the SDK or pytest.
+fn sdk_python() -> Result<PathBuf, Prereq> {
+    let venv = std::env::var_os("STASIS_SDK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/sdk-venv"));
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import novita_sandbox, pytest"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready() {
+        return Ok(python);
+    }
+    let mut make = Command::new("bash");
+    make.arg("-c").arg(format!(
+        "python3 -m venv {v} && {v}/bin/pip install --quiet novita-sandbox=={SDK_VERSION} pytest",
+        v = sh_quote(&venv)
+    ));
+    let run = run_bounded(make, VENV_LIMIT);
+    if !run.status.is_some_and(|s| s.success()) || !ready() {
+        return Err(Prereq(format!(
+            "the SDK virtualenv {} could not be made (python3-venv and PyPI needed):\n{}",
+            venv.display(),
+            tail(&run.output, 20)
+        )));
+    }
+    Ok(python)
+}
+
+/// The direct route: `stasis serve` with the Linux template on this host.
+fn run_direct(stasis: &Path, a: &Artifacts, pytest: &str) -> Run {
+    let data = tempfile::tempdir().expect("creating a data dir");
+    let mut server = Command::new(stasis)
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--kernel")
+        .arg(&a.vmlinux)
+        .arg("--rootfs")
+        .arg(&a.rootfs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting stasis serve");
+    // Its first stdout line says where it listens.
+    let (tx, rx) = mpsc::channel();
+    let stdout = server.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("stasis: listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let url = match rx.recv_timeout(DIRECT_SERVER_START) {
+        Ok(url) => url,
+        Err(_) => {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!(
+                "{TEST}: stasis serve did not say where it listens within {DIRECT_SERVER_START:?}"
+            );
+        }
+    };
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(format!("exec {pytest}"));
+    cmd.env("NOVITA_API_URL", &url)
+        .env("NOVITA_SANDBOX_URL", &url)
+        .env("NOVITA_API_KEY", API_KEY)
+        .env("STASIS_PROOF_PYTHON", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let run = run_bounded(cmd, DIRECT_RUN_LIMIT);
+    let _ = server.kill();
+    let _ = server.wait();
+    run
+}
+
+/// Single-quotes a path for `bash -c`.
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
