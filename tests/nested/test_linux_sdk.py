@@ -166,12 +166,12 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     assert info.state == SandboxState.PAUSED, info
     proof(f"listed as paused: {sbx.sandbox_id}")
 
-    # Connect resumes it. (The instance method: with NOVITA_SANDBOX_URL set,
-    # the SDK 2.1.1's static `Sandbox.connect(id)` returns an object whose
-    # agent requests lack the Novita-Sandbox-Id/-Port routing headers.)
+    # Connect resumes it: the seed's static `Sandbox.connect(id)`. The object
+    # it returns sends agent requests with only the sandbox's envd access
+    # token (no routing headers); the server routes them by that token.
     resumed, resume_s = timed(
         "resume (connect)",
-        lambda: sbx.connect(timeout=3600, request_timeout=REQUEST_TIMEOUT),
+        lambda: Sandbox.connect(sbx.sandbox_id, timeout=3600, request_timeout=REQUEST_TIMEOUT),
     )
     assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
     _, first_after_s = timed(
