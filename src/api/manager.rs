@@ -692,6 +692,35 @@ impl Manager {
         })
     }
 
+    /// Traffic for a paused sandbox created with `autoResume` resumes it
+    /// (as `connect` with the default timeout would), if the request may
+    /// reach it at all (a secured sandbox's envd port needs its token).
+    /// `Ok(true)`: it was resumed here.
+    pub async fn auto_resume(
+        self: &Arc<Self>,
+        id: &str,
+        port: u16,
+        token: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        let Some(e) = self.map().get(id).cloned() else {
+            return Ok(false);
+        };
+        {
+            let r = e.rec();
+            if r.gone || r.row.state != RowState::Paused || !r.row.auto_resume {
+                return Ok(false);
+            }
+            if let Some(want) = &r.row.envd_token {
+                if u32::from(port) == crate::vsock::ENVD_PORT && token != Some(want.as_str()) {
+                    return Ok(false);
+                }
+            }
+        }
+        tracing::info!(sandbox = %id, port, "auto-resume on traffic");
+        let (resumed, _) = self.connect(id, ConnectBody::default()).await?;
+        Ok(resumed)
+    }
+
     /// The live sandbox whose envd access token is `token`: the SDK's
     /// `Sandbox.connect(id)` sends envd requests with only that token when
     /// `NOVITA_SANDBOX_URL` is set. A linear scan; sandboxes per server are
@@ -840,6 +869,16 @@ impl Manager {
                 return Err(fail(msg).await);
             }
             tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
+            if let Some(envs) = req.env_vars.as_ref().filter(|e| !e.is_empty()) {
+                if let Err(why) = proxy::init_env_vars(&vsock, envs, proxy::HANDSHAKE_TIMEOUT).await
+                {
+                    worker.shutdown(SHUTDOWN_GRACE).await;
+                    return Err(fail(format!(
+                        "the sandbox's agent refused its envVars: {why}; the sandbox was removed"
+                    ))
+                    .await);
+                }
+            }
         }
         let now = now_ms();
         let row = Row {

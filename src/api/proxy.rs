@@ -277,12 +277,48 @@ pub async fn connect(socket: &Path, port: u16, timeout: Duration) -> Result<Unix
 
 /// `GET /health` on the agent's envd port; `Ok` on a 2xx answer.
 pub async fn probe_health(socket: &Path, timeout: Duration) -> Result<(), Error> {
+    agent_request(socket, "GET", "/health", None, timeout).await
+}
+
+/// `POST /init {"envVars": ..}` on the agent's envd port: variables every
+/// later process of the sandbox gets (the create call's `envVars`).
+pub async fn init_env_vars(
+    socket: &Path,
+    env_vars: &std::collections::BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let body = serde_json::json!({ "envVars": env_vars }).to_string();
+    agent_request(socket, "POST", "/init", Some(body.as_bytes()), timeout).await
+}
+
+/// One small HTTP/1.1 request to the agent's envd port; `Ok` on a 2xx
+/// answer (only the status line is read).
+async fn agent_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    json_body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(socket, ENVD_PORT as u16, timeout).await?;
     let left = deadline.saturating_duration_since(Instant::now());
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")
+            .into_bytes();
+    if let Some(b) = json_body {
+        request.extend_from_slice(
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+            .as_bytes(),
+        );
+    }
+    request.extend_from_slice(b"\r\n");
+    request.extend_from_slice(json_body.unwrap_or_default());
     let answer = tokio::time::timeout(left, async {
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
+        s.write_all(&request).await?;
         let mut head = Vec::new();
         let mut buf = [0u8; 256];
         while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
@@ -302,9 +338,11 @@ pub async fn probe_health(socket: &Path, timeout: Duration) -> Result<(), Error>
     if code.starts_with('2') && status_line.starts_with("HTTP/1.") {
         Ok(())
     } else if status_line.is_empty() {
-        Err(Error::Unhealthy("nothing to GET /health".into()))
+        Err(Error::Unhealthy(format!("no answer to {method} {path}")))
     } else {
-        Err(Error::Unhealthy(format!("{status_line:?} to GET /health")))
+        Err(Error::Unhealthy(format!(
+            "{status_line:?} to {method} {path}"
+        )))
     }
 }
 
@@ -469,6 +507,14 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // A paused sandbox created with autoResume wakes up for its traffic.
+    if let Err(e) = st
+        .mgr
+        .auto_resume(&route.sandbox_id, route.port, token.as_deref())
+        .await
+    {
+        return e.into_response();
+    }
     let target = match st
         .mgr
         .proxy_target(&route.sandbox_id, route.port, token.as_deref())

@@ -126,3 +126,38 @@ def test_static_connect_reaches_the_sandbox_by_its_envd_token(sandbox, api):
                                     "Novita-Sandbox-Port": "49983"})
     assert r.status_code == 401, r.text
     assert "X-Access-Token" in r.json()["message"]
+
+
+def test_create_envs_reach_every_command():
+    sbx = Sandbox.create(template=TEMPLATE, timeout=300,
+                         envs={"STASIS_GREETING": "hi from create", "STASIS_N": "7"})
+    try:
+        r = sbx.commands.run('echo "$STASIS_GREETING/$STASIS_N"')
+        assert r.stdout == "hi from create/7\n"
+        # Per-command envs add to (and override) the sandbox's.
+        r = sbx.commands.run('echo "$STASIS_GREETING/$STASIS_N"', envs={"STASIS_N": "8"})
+        assert r.stdout == "hi from create/8\n"
+    finally:
+        sbx.kill()
+
+
+def test_traffic_resumes_a_paused_auto_resume_sandbox():
+    sbx = Sandbox.create(template=TEMPLATE, timeout=300,
+                         lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        sbx.files.write("auto.txt", "still here")
+        sbx.beta_pause()
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+        # No connect: the request itself wakes the sandbox.
+        assert sbx.files.read("auto.txt") == "still here"
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+    finally:
+        sbx.kill()
+
+
+def test_traffic_does_not_resume_a_plain_paused_sandbox(sandbox):
+    sandbox.beta_pause()
+    with pytest.raises(Exception) as e:
+        sandbox.files.read("anything.txt")
+    assert "paused" in str(e.value)
+    assert Sandbox.get_info(sandbox.sandbox_id).state == SandboxState.PAUSED
