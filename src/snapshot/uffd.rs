@@ -194,6 +194,12 @@ pub struct LazyStats {
     /// Hole pages filled with zeros on a fault.
     pub pages_zero_filled: AtomicU64,
     /// Copies that found the page already in place (`EEXIST`).
+    ///
+    /// Such a copy marks the page filled at once (it may have been put
+    /// there outside the loader), so completion can be seen a moment before
+    /// the thread whose copy won has added its page to `pages_demand` /
+    /// `pages_prefetched`: right after completion those two may lag by the
+    /// pages still being counted.
     pub pages_already_filled: AtomicU64,
     /// Bytes copied from the memory file into guest memory.
     pub bytes_copied: AtomicU64,
@@ -1590,10 +1596,17 @@ mod tests {
         loader.wait_complete().unwrap();
         let st = loader.stats();
         let present = img.meta.present.count_ones() as u64;
-        assert_eq!(
-            st.pages_demand.load(Ordering::Relaxed) + st.pages_prefetched.load(Ordering::Relaxed),
-            present
-        );
+        // The winner of a race counts its page just after the loser's EEXIST
+        // may have completed the load (see `pages_already_filled`): wait for
+        // the counters to settle, bounded.
+        let counted = || {
+            st.pages_demand.load(Ordering::Relaxed) + st.pages_prefetched.load(Ordering::Relaxed)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while counted() < present && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(counted(), present);
         assert_eq!(
             st.bytes_copied.load(Ordering::Relaxed),
             present * PAGE_SIZE as u64
