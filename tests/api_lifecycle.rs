@@ -431,3 +431,48 @@ async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, body:
     }
     panic!("request {method} {path} failed: {last}");
 }
+
+#[test]
+fn graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&data(&tmp), &[]);
+    let ids: Vec<String> = (0..2)
+        .map(|_| s.create(json!({"templateID": "base"})))
+        .collect();
+    for id in &ids {
+        assert!(wait_until(20, || s.round(id) > 2));
+    }
+    let pids: Vec<i32> = ids.iter().map(|id| s.worker_pid(id).unwrap()).collect();
+    let before: Vec<u64> = ids.iter().map(|id| s.round(id)).collect();
+    assert!(s.terminate().success(), "{}", s.log());
+    for pid in &pids {
+        assert!(
+            wait_until(20, || process_dead(*pid)),
+            "worker {pid} outlived the server"
+        );
+    }
+
+    let s2 = Server::start(&data(&tmp), &[]);
+    for (id, at_least) in ids.iter().zip(&before) {
+        let d = s2.info(id).json();
+        assert_eq!(d["state"], "paused", "{d}");
+        let at_pause = s2.round(id);
+        assert!(
+            at_pause >= *at_least,
+            "round went back: {at_least} -> {at_pause}"
+        );
+        let r = s2.post(&format!("/sandboxes/{id}/connect"), json!({}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert!(wait_until(20, || s2.round(id) > at_pause));
+    }
+}
+
+#[test]
+fn shutdown_pause_secs_zero_drops_running_sandboxes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&data(&tmp), &["--shutdown-pause-secs", "0"]);
+    let id = s.create(json!({"templateID": "base"}));
+    assert!(s.terminate().success(), "{}", s.log());
+    let s2 = Server::start(&data(&tmp), &[]);
+    s2.info(&id).assert_error(404);
+}

@@ -1299,10 +1299,53 @@ impl Manager {
         Ok(())
     }
 
-    /// Stops every worker (server shutdown). Their sandboxes are reported
-    /// gone by the next server, like after a crash.
-    pub async fn shutdown(&self) {
+    /// Server shutdown: pauses every running sandbox, all at once, for at
+    /// most `pause_within` (the next server lists them as paused and can
+    /// resume them), then stops every worker left. Sandboxes not paused in
+    /// time are reported gone by the next server, like after a crash.
+    pub async fn shutdown(self: &Arc<Self>, pause_within: Duration) {
         let entries: Vec<Arc<Entry>> = self.map().values().cloned().collect();
+        if !pause_within.is_zero() {
+            let deadline = tokio::time::Instant::now() + pause_within;
+            let mut pauses = Vec::new();
+            for e in entries.iter().cloned() {
+                let running = {
+                    let r = e.rec();
+                    !r.gone && r.row.state == RowState::Running && r.worker.is_some()
+                };
+                if !running {
+                    continue;
+                }
+                let mgr = self.clone();
+                pauses.push(tokio::spawn(async move {
+                    let paused = tokio::time::timeout_at(deadline, async {
+                        let _g = e.op.lock().await;
+                        let still_running = {
+                            let r = e.rec();
+                            !r.gone && r.row.state == RowState::Running && r.worker.is_some()
+                        };
+                        if still_running {
+                            mgr.do_pause(&e).await
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .await;
+                    match paused {
+                        Ok(Ok(())) => tracing::info!(sandbox = %e.id, "paused for shutdown"),
+                        Ok(Err(err)) => {
+                            tracing::warn!(sandbox = %e.id, "pause for shutdown failed: {}", err.message)
+                        }
+                        Err(_) => {
+                            tracing::warn!(sandbox = %e.id, "not paused before the shutdown deadline")
+                        }
+                    }
+                }));
+            }
+            for t in pauses {
+                let _ = t.await;
+            }
+        }
         let mut tasks = Vec::new();
         for e in entries {
             let w = e.rec().worker.clone();

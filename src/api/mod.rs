@@ -82,6 +82,10 @@ pub struct ServeOptions {
     /// A second address serving the same routes, for SDKs in debug mode
     /// (`NOVITA_DEBUG=true` sends envd requests to `localhost:49983`).
     pub sandbox_listen: Option<SocketAddr>,
+    /// On a graceful shutdown, running sandboxes are paused (and so survive
+    /// the restart) within this long; the rest are stopped. Zero: stop them
+    /// all at once, as after a crash.
+    pub shutdown_pause: Duration,
 }
 
 impl Default for ServeOptions {
@@ -101,6 +105,7 @@ impl Default for ServeOptions {
             linux: None,
             agent_timeout: Duration::from_secs(180),
             sandbox_listen: None,
+            shutdown_pause: Duration::from_secs(60),
         }
     }
 }
@@ -157,6 +162,11 @@ pub struct ServeArgs {
     /// debug mode send in-sandbox requests).
     #[arg(long)]
     pub sandbox_listen: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, pause running sandboxes (they are listed as paused
+    /// after the restart) for at most this many seconds, then stop the rest;
+    /// 0 stops them all at once (they are lost, as after a crash).
+    #[arg(long, default_value_t = 60)]
+    pub shutdown_pause_secs: u64,
 }
 
 impl ServeArgs {
@@ -214,6 +224,7 @@ impl ServeArgs {
             linux,
             agent_timeout: Duration::from_secs(self.agent_timeout),
             sandbox_listen: self.sandbox_listen,
+            shutdown_pause: Duration::from_secs(self.shutdown_pause_secs),
             ..ServeOptions::default()
         })
     }
@@ -249,7 +260,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Runs the server until `shutdown` completes. Must run in a multi-threaded
-/// tokio runtime. On shutdown every worker is stopped.
+/// tokio runtime. On shutdown running sandboxes are paused (within
+/// `opts.shutdown_pause`) and every worker is stopped.
 pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -335,8 +347,11 @@ pub async fn serve(
         .with_graceful_shutdown(stopped(stop_rx))
         .await
         .map_err(|e| Error::Io("serving".into(), e));
-    tracing::info!("shutting down: stopping workers");
-    mgr.shutdown().await;
+    tracing::info!(
+        pause_within_s = opts.shutdown_pause.as_secs(),
+        "shutting down: pausing running sandboxes, then stopping workers"
+    );
+    mgr.shutdown(opts.shutdown_pause).await;
     served
 }
 
