@@ -657,15 +657,13 @@ impl Manager {
             return Err(gateway(self.not_found(id).message));
         };
         let r = e.rec();
-        if let Some(want) = &r.row.envd_token {
-            if u32::from(port) == crate::vsock::ENVD_PORT && token != Some(want.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    format!(
-                        "sandbox {id} is secured: envd requests need its access token in X-Access-Token"
-                    ),
-                ));
-            }
+        if !envd_token_ok(&r.row, port, token) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "sandbox {id} is secured: envd requests need its access token in X-Access-Token"
+                ),
+            ));
         }
         if r.row.state == RowState::Paused && r.busy != Some("resuming") {
             return Err(gateway(format!(
@@ -707,13 +705,12 @@ impl Manager {
         };
         {
             let r = e.rec();
-            if r.gone || r.row.state != RowState::Paused || !r.row.auto_resume {
+            if r.gone
+                || r.row.state != RowState::Paused
+                || !r.row.auto_resume
+                || !envd_token_ok(&r.row, port, token)
+            {
                 return Ok(false);
-            }
-            if let Some(want) = &r.row.envd_token {
-                if u32::from(port) == crate::vsock::ENVD_PORT && token != Some(want.as_str()) {
-                    return Ok(false);
-                }
             }
         }
         tracing::info!(sandbox = %id, port, "auto-resume on traffic");
@@ -1465,6 +1462,16 @@ fn kill_stale_worker(pid: u32, id: &str) {
 
 /// The envd version a sandbox reports: the agent's for agent templates; the
 /// SDK's minimum for the built-in test guest, which has no agent.
+/// Whether a request for `port` of this sandbox may pass: a secured
+/// sandbox's envd port needs its token; other ports and unsecured sandboxes
+/// need none.
+fn envd_token_ok(row: &Row, port: u16, token: Option<&str>) -> bool {
+    match &row.envd_token {
+        Some(want) => u32::from(port) != crate::vsock::ENVD_PORT || token == Some(want.as_str()),
+        None => true,
+    }
+}
+
 /// A fresh envd access token: 128 random bits, hex.
 fn new_envd_token() -> String {
     let bits: u128 = rand::random();

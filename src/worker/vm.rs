@@ -281,25 +281,20 @@ impl HostAgent {
         fs::create_dir_all(&root)
             .map_err(|e| Error::Io(format!("create {}", root.display()), e))?;
         let _ = fs::remove_file(vsock);
-        let log = match console {
-            ConsoleSpec::File(p) => fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map(Stdio::from)
-                .map_err(|e| Error::Io(format!("open {}", p.display()), e))?,
-            ConsoleSpec::Stdout => Stdio::inherit(),
-            ConsoleSpec::Sink => Stdio::null(),
+        // The agent's stdout and stderr both go to the console.
+        let open_log = || -> Result<Stdio, Error> {
+            Ok(match console {
+                ConsoleSpec::File(p) => fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map(Stdio::from)
+                    .map_err(|e| Error::Io(format!("open {}", p.display()), e))?,
+                ConsoleSpec::Stdout => Stdio::inherit(),
+                ConsoleSpec::Sink => Stdio::null(),
+            })
         };
-        let log2 = match console {
-            ConsoleSpec::File(p) => fs::OpenOptions::new()
-                .append(true)
-                .open(p)
-                .map(Stdio::from)
-                .map_err(|e| Error::Io(format!("open {}", p.display()), e))?,
-            ConsoleSpec::Stdout => Stdio::inherit(),
-            ConsoleSpec::Sink => Stdio::null(),
-        };
+        let (log, log2) = (open_log()?, open_log()?);
         let exe = agent_exe()?;
         let mut cmd = Command::new(&exe);
         cmd.arg("--uds")
