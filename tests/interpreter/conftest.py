@@ -36,6 +36,11 @@ def _wait_port(port, proc, limit=60.0):
 
 @pytest.fixture(scope="session")
 def server():
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+        raise RuntimeError(f"port {PORT} is already in use: the tests would talk to someone else's server")
+    except OSError:
+        pass
     home = tempfile.mkdtemp(prefix="stasis-interp-home-")
     log = open(os.path.join(home, "server.log"), "w")
     env = dict(os.environ, HOME=home)
