@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,71 @@
+#!/bin/bash
+# stasis sandbox init for the Debian images (rootfs/build-image.sh), PID 1:
+# mounts the usual filesystems, then runs the agent (and, in the
+# code-interpreter image, the code-interpreter server on port 49999 as
+# `user`), restarting each whenever it exits. PID 1 never exits.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8 TERM=linux
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+grep -q " /dev devtmpfs " /proc/mounts || mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -o remount,rw / || echo "stasis-init: WARNING: cannot remount / read-write"
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=0755 tmpfs /run
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
+hostname -F /etc/hostname
+ip link set lo up || echo "stasis-init: WARNING: cannot bring up lo"
+
+mode=agent
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    stasis.init=*) mode="${arg#stasis.init=}" ;;
+    esac
+done
+
+agent=/usr/local/bin/stasis-envd
+interpreter=/usr/local/lib/stasis/stasis_interpreter.py
+up="$(cut -d' ' -f1 /proc/uptime)"
+echo "STASIS-ROOTFS-INIT-OK uptime=${up}s root=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3,4 | tr ' ' ,)" \
+    "cpus=$(grep -c '^processor' /proc/cpuinfo) agent=$([ -x "$agent" ] && echo present || echo missing)" \
+    "interpreter=$([ -f "$interpreter" ] && echo present || echo absent)"
+
+if [ "$mode" = shell ]; then
+    echo "stasis-init: stasis.init=shell: a shell on the console instead of the agent"
+    while true; do
+        setsid -c /bin/bash -l
+    done
+fi
+
+# supervise NAME CMD...: runs CMD, restarts it 1 s after it exits.
+supervise() {
+    local name=$1 restarts=0 status
+    shift
+    while true; do
+        (cd / && exec "$@") &
+        echo "stasis-init: $name started (pid $!)"
+        wait $!
+        status=$?
+        restarts=$((restarts + 1))
+        echo "stasis-init: $name exited with status $status at uptime $(cut -d' ' -f1 /proc/uptime)s; restart $restarts in 1 s"
+        sleep 1
+    done
+}
+
+supervise agent "$agent" --vsock &
+if [ -f "$interpreter" ]; then
+    supervise interpreter setpriv --reuid=1000 --regid=1000 --init-groups --reset-env \
+        env HOME=/home/user USER=user LANG=C.UTF-8 \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        python3 "$interpreter" --cwd /home/user &
+fi
+# PID 1 reaps orphans while it waits.
+while true; do
+    wait
+done
