@@ -26,6 +26,10 @@ struct Args {
     /// The user of requests that name none (default: `user` if it exists, else `root`).
     #[arg(long)]
     default_user: Option<String>,
+    /// Host mode: also run the code-interpreter server (port 49999 of the
+    /// forwarder) with this Python, which needs jupyter-client and ipykernel.
+    #[arg(long, value_name = "PYTHON")]
+    interpreter: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,10 @@ fn main() -> ExitCode {
         eprintln!("stasis-envd: --root is for host mode (--uds/--tcp) only");
         return ExitCode::from(2);
     }
+    if args.vsock && args.interpreter.is_some() {
+        eprintln!("stasis-envd: --interpreter is for host mode (--uds/--tcp) only; in a guest, init runs it");
+        return ExitCode::from(2);
+    }
     let cfg = envd::Config {
         host_mode: !args.vsock,
         root: args.root.clone(),
@@ -62,6 +70,22 @@ fn main() -> ExitCode {
         }
     };
     let router = envd::router(envd::Agent::new(cfg));
+    if let Some(python) = args.interpreter.clone() {
+        let cwd = args
+            .root
+            .clone()
+            .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
+        let dir = match &args.uds {
+            Some(p) => p.parent().map_or_else(|| cwd.clone(), |d| d.to_path_buf()),
+            None => std::env::temp_dir(),
+        };
+        rt.spawn(async move {
+            if let Err(e) = envd::interpreter::supervise(python, dir, cwd).await {
+                tracing::error!("{e}");
+                eprintln!("stasis-envd: ERROR: {e}");
+            }
+        });
+    }
     let res = rt.block_on(async move {
         let vsock = async {
             if args.vsock {

@@ -92,6 +92,23 @@ pub fn parse_connect(line: &str) -> Option<u32> {
         .ok()
 }
 
+/// Ports the forwarder sends elsewhere (host mode: each sandbox's
+/// code-interpreter server listens on its own port, see
+/// [`super::interpreter`]).
+static PORT_MAP: std::sync::RwLock<Vec<(u16, u16)>> = std::sync::RwLock::new(Vec::new());
+
+/// From now on, the forwarder connects `from` to `to`.
+pub fn map_port(from: u16, to: u16) {
+    let mut m = PORT_MAP.write().unwrap_or_else(|e| e.into_inner());
+    m.retain(|(f, _)| *f != from);
+    m.push((from, to));
+}
+
+fn mapped_port(port: u16) -> u16 {
+    let m = PORT_MAP.read().unwrap_or_else(|e| e.into_inner());
+    m.iter().find(|(f, _)| *f == port).map_or(port, |(_, t)| *t)
+}
+
 /// The TCP forwarder on one connection.
 pub async fn forward<S>(mut s: S)
 where
@@ -113,6 +130,7 @@ where
             return;
         }
     };
+    let port = mapped_port(port);
     let mut tcp = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
         Ok(t) => t,
         Err(e) => {

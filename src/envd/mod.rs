@@ -19,6 +19,7 @@ pub mod connect;
 mod fdio;
 pub mod files;
 pub mod filesystem;
+pub mod interpreter;
 pub mod listen;
 pub mod process;
 pub mod users;
