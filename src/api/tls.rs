@@ -96,7 +96,9 @@ pub fn validate_domain(domain: &str) -> Result<(), Error> {
         if label.is_empty() || label.len() > 63 {
             return bad("each dot-separated label must be 1 to 63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             || label.starts_with('-')
             || label.ends_with('-')
         {
@@ -264,7 +266,16 @@ mod tests {
         for ok in ["sandbox.test", "localhost", "a-b.c9.example"] {
             validate_domain(ok).unwrap();
         }
-        for bad in ["", "a..b", "-a.b", "a-.b", "a b", "*.x", "x/y", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "*.x",
+            "x/y",
+            &"a".repeat(64),
+        ] {
             assert!(validate_domain(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -275,7 +286,10 @@ mod tests {
         let tls_dir = dir.path().join("tls");
         let t1 = load("sandbox.test", &CertSource::OwnCa(tls_dir.clone())).unwrap();
         let ca1 = fs::read(tls_dir.join(CA_CERT)).unwrap();
-        let mode = fs::metadata(tls_dir.join(CA_KEY)).unwrap().permissions().mode();
+        let mode = fs::metadata(tls_dir.join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(t1.ca_file.as_deref(), Some(tls_dir.join(CA_CERT).as_path()));
         // A second start, for another domain, keeps the CA.
