@@ -59,7 +59,10 @@ fn create_get_pause_connect_kill() {
     // The fake's snapshot is one small file: apparent size = its length.
     let d = s.info(&id).json();
     let state = std::fs::metadata(snapshot_dir(&s, &id).join("fake-vm.json")).unwrap();
-    assert_eq!(d["stasis"]["snapshotApparentBytes"].as_u64(), Some(state.len()));
+    assert_eq!(
+        d["stasis"]["snapshotApparentBytes"].as_u64(),
+        Some(state.len())
+    );
     // Timeout of a paused sandbox: 409.
     s.post(&format!("/sandboxes/{id}/timeout"), json!({"timeout": 10}))
         .assert_error(409);

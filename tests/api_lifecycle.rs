@@ -120,7 +120,10 @@ fn timeout_expiry_kills(b: Backend) {
         "{}",
         r.body
     );
-    assert!(wait_until(20, || process_dead(pid)), "worker {pid} outlived the kill");
+    assert!(
+        wait_until(20, || process_dead(pid)),
+        "worker {pid} outlived the kill"
+    );
     let dir = s.data_dir.join("sandboxes").join(&id);
     assert!(wait_until(20, || !dir.exists()));
     s.post(&format!("/sandboxes/{id}/connect"), json!({}))
@@ -332,7 +335,9 @@ fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
 
 #[test]
 fn vm_restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
-    if Backend::Vm.available("vm_restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans") {
+    if Backend::Vm
+        .available("vm_restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans")
+    {
         restart_after_kill9(Backend::Vm, 2, 1);
     }
 }
@@ -391,7 +396,9 @@ fn graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
 
 #[test]
 fn vm_graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
-    if Backend::Vm.available("vm_graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart") {
+    if Backend::Vm
+        .available("vm_graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart")
+    {
         graceful_drain(Backend::Vm, 2);
     }
 }

@@ -944,10 +944,7 @@ impl Manager {
         if row.state == RowState::Paused {
             // The guest's own state: what its snapshot holds, not the round
             // stored when it was paused.
-            let (backend, dir) = (
-                self.cfg.backend,
-                self.snapshot_dir(id, row.snapshot_gen),
-            );
+            let (backend, dir) = (self.cfg.backend, self.snapshot_dir(id, row.snapshot_gen));
             guest_round = tokio::task::spawn_blocking(move || snapshot_guest(backend, &dir))
                 .await
                 .ok()

@@ -688,7 +688,9 @@ mod real {
         let file_offset = ranges
             .iter()
             .zip(&st.memory.regions)
-            .find(|(&(gpa, len), &(_, flen))| addr >= gpa && end <= gpa.saturating_add(len.min(flen)))
+            .find(|(&(gpa, len), &(_, flen))| {
+                addr >= gpa && end <= gpa.saturating_add(len.min(flen))
+            })
             .map(|(&(gpa, _), &(off, _))| off + (addr - gpa))?;
         let file = snap.open_memory().ok()?;
         file.read_exact_at(&mut page, file_offset).ok()?;

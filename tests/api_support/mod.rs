@@ -379,7 +379,8 @@ pub fn round_in_snapshot(dir: &Path) -> Option<u64> {
     }
     let f = std::fs::File::open(dir.join("memory.bin")).ok()?;
     let mut page = [0u8; 40];
-    f.read_exact_at(&mut page, stasis::guest::STATUS_ADDR).ok()?;
+    f.read_exact_at(&mut page, stasis::guest::STATUS_ADDR)
+        .ok()?;
     stasis::guest::GuestStatus::parse(&page).map(|g| g.round)
 }
 
@@ -401,14 +402,20 @@ pub fn check_paused(s: &Server, id: &str, worker_pid: Option<i32>) -> u64 {
     }
     let dir = snapshot_dir(s, id);
     let (allocated, apparent) = files_usage(&dir);
-    assert_eq!(d["stasis"]["snapshotBytes"].as_u64(), Some(allocated), "{d}");
+    assert_eq!(
+        d["stasis"]["snapshotBytes"].as_u64(),
+        Some(allocated),
+        "{d}"
+    );
     assert_eq!(
         d["stasis"]["snapshotApparentBytes"].as_u64(),
         Some(apparent),
         "{d}"
     );
     assert!(allocated > 0, "{d}");
-    let round = d["stasis"]["guestRound"].as_u64().expect("guestRound while paused");
+    let round = d["stasis"]["guestRound"]
+        .as_u64()
+        .expect("guestRound while paused");
     assert_eq!(d["stasis"]["pausedAtRound"].as_u64(), Some(round), "{d}");
     assert_eq!(round_in_snapshot(&dir), Some(round), "{}", dir.display());
     round
