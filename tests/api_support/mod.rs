@@ -1,6 +1,7 @@
 //! Shared helpers for the API integration tests: start `stasis serve` (fake
-//! backend) as a subprocess on an ephemeral port, a tiny HTTP/1.1 client,
-//! and polling with a bounded deadline.
+//! backend unless `--backend` is given) as a subprocess on an ephemeral
+//! port, a tiny HTTP/1.1 client, polling with a bounded deadline, and checks
+//! of a paused sandbox against its snapshot files.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
