@@ -4,7 +4,7 @@
 mod api_support;
 mod common;
 
-use api_support::{http, list_all, process_dead, wait_until, Server};
+use api_support::{check_paused, http, list_all, process_dead, snapshot_dir, wait_until, Server};
 use serde_json::{json, Value};
 
 fn server() -> (tempfile::TempDir, Server) {
@@ -51,18 +51,18 @@ fn create_get_pause_connect_kill() {
     assert_eq!(r.status, 204, "{}", r.body);
     s.post(&format!("/sandboxes/{id}/pause"), json!({}))
         .assert_error(409);
-    let d = s.info(&id).json();
-    assert_eq!(d["state"], "paused");
-    assert!(d["stasis"]["workerPid"].is_null());
-    assert!(d["stasis"]["snapshotBytes"].as_u64().unwrap() > 0);
-    assert!(
-        wait_until(20, || process_dead(pid)),
-        "worker {pid} outlived the pause"
-    );
-    let paused_round = d["stasis"]["guestRound"].as_u64().unwrap();
+    // Paused: no worker, the snapshot's sizes are its files', and the
+    // guest's own state (read from the snapshot, by the server and by this
+    // test) is the round the worker reported when it stopped it.
+    let paused_round = check_paused(&s, &id, Some(pid));
     assert!(paused_round > r0);
-    // A paused guest does not advance.
-    assert_eq!(s.round(&id), paused_round);
+    // The fake's snapshot is one small file: apparent size = its length.
+    let d = s.info(&id).json();
+    let state = std::fs::metadata(snapshot_dir(&s, &id).join("fake-vm.json")).unwrap();
+    assert_eq!(
+        d["stasis"]["snapshotApparentBytes"].as_u64(),
+        Some(state.len())
+    );
     // Timeout of a paused sandbox: 409.
     s.post(&format!("/sandboxes/{id}/timeout"), json!({"timeout": 10}))
         .assert_error(409);
@@ -80,17 +80,18 @@ fn create_get_pause_connect_kill() {
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 30}));
     assert_eq!(r.status, 200, "{}", r.body);
 
-    // Kill running: 204, then 404 everywhere.
+    // Kill running: 204, its (new) worker is gone, then 404 everywhere.
+    let pid = s.worker_pid(&id).expect("the resumed sandbox's worker");
+    assert!(!process_dead(pid));
     assert_eq!(
         s.req("DELETE", &format!("/sandboxes/{id}"), None).status,
         204
     );
-    let pid = {
-        let r = s.info(&id);
-        r.assert_error(404);
-        pid
-    };
-    let _ = pid;
+    assert!(
+        wait_until(20, || process_dead(pid)),
+        "worker {pid} outlived the kill"
+    );
+    s.info(&id).assert_error(404);
     s.req("DELETE", &format!("/sandboxes/{id}"), None)
         .assert_error(404);
     s.post(&format!("/sandboxes/{id}/pause"), json!({}))
@@ -492,14 +493,23 @@ fn vm_backend_pauses_and_resumes_a_real_guest() {
         "guest made no progress: {}",
         s.log()
     );
+    let pid = s.worker_pid(&id).unwrap();
     let r = s.post(&format!("/sandboxes/{id}/pause"), json!({}));
     assert_eq!(r.status, 204, "pause: {} / log: {}", r.body, s.log());
+    // Paused: its worker (and VM) gone; the round in its snapshot's memory
+    // (read by the server and by this test) is the round the worker read
+    // from the stopped guest; the sizes are the snapshot files'.
+    let paused_at = check_paused(&s, &id, Some(pid));
     let d = s.info(&id).json();
-    assert_eq!(d["state"], "paused", "{d}");
-    let paused_at = d["stasis"]["guestRound"]
-        .as_u64()
-        .expect("round recorded at pause");
-    // While paused it is listed as paused and its round doesn't move.
+    let (allocated, apparent) = (
+        d["stasis"]["snapshotBytes"].as_u64().unwrap(),
+        d["stasis"]["snapshotApparentBytes"].as_u64().unwrap(),
+    );
+    // The memory file is sparse: its length is the guest's 64 MiB, its
+    // allocation only the pages the guest touched.
+    assert!(apparent >= 64 << 20, "{d}");
+    assert!(allocated < apparent, "{d}");
+    eprintln!("snapshot of a 64 MiB test guest: {allocated} bytes allocated, {apparent} apparent");
     let (paused, _) = list_all(&s, "state=paused", 100);
     assert!(paused.iter().any(|x| x["sandboxID"] == id.as_str()));
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 60}));
@@ -516,11 +526,12 @@ fn vm_backend_pauses_and_resumes_a_real_guest() {
         s.log()
     );
     // Again, to pause a lazily restored guest.
+    let pid = s.worker_pid(&id).unwrap();
     assert_eq!(
         s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
         204
     );
-    let again = s.info(&id).json()["stasis"]["guestRound"].as_u64().unwrap();
+    let again = check_paused(&s, &id, Some(pid));
     assert!(again > paused_at);
     assert_eq!(
         s.post(&format!("/sandboxes/{id}/connect"), json!({}))

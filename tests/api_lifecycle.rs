@@ -1,27 +1,118 @@
 //! Lifecycle behaviour over time and under load: timeout expiry (kill and
-//! auto-pause), retention, restart safety (kill -9), concurrency.
+//! auto-pause), retention, restart safety (kill -9), graceful drain,
+//! concurrency.
+//!
+//! The time-based and restart scenarios run on both backends: the fake one
+//! (no KVM) and the VM backend with the built-in test guest (`base`: an
+//! endless workload whose round the guest publishes in its memory and the
+//! API reports as `stasis.guestRound`). The `vm_*` tests need /dev/kvm and
+//! fail loudly without it (or print a "SKIPPED (not passed)" banner with
+//! STASIS_ALLOW_SKIP=1).
 
 mod api_support;
+mod common;
 
 use std::sync::Arc;
 use std::thread;
 
-use api_support::{list_all, process_dead, wait_until, Server};
+use api_support::{check_paused, list_all, process_dead, wait_until, Server};
 use serde_json::json;
 
 fn data(tmp: &tempfile::TempDir) -> std::path::PathBuf {
     tmp.path().join("data")
 }
 
-#[test]
-fn timeout_expiry_kills() {
+/// Which backend a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Fake,
+    Vm,
+}
+
+impl Backend {
+    /// Whether the scenario can run here: the VM backend needs KVM (a loud
+    /// failure without it, unless STASIS_ALLOW_SKIP=1).
+    fn available(self, test: &str) -> bool {
+        match self {
+            Backend::Fake => true,
+            Backend::Vm => common::kvm_or_skip(test),
+        }
+    }
+
+    /// Starts a server on `tmp`'s data dir with this backend and `extra`.
+    fn start(self, tmp: &tempfile::TempDir, extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = match self {
+            Backend::Fake => vec![],
+            Backend::Vm => vec!["--backend", "vm"],
+        };
+        args.extend_from_slice(extra);
+        Server::start(&data(tmp), &args)
+    }
+
+    /// A sandbox timeout (s) long enough for the guest to publish a round
+    /// before it fires.
+    fn short_timeout(self) -> u64 {
+        match self {
+            Backend::Fake => 1,
+            Backend::Vm => 3,
+        }
+    }
+
+    /// Retention (s) for the retention scenario: long enough to create and
+    /// pause two sandboxes before it ends.
+    fn retention(self) -> u64 {
+        match self {
+            Backend::Fake => 3,
+            Backend::Vm => 10,
+        }
+    }
+
+    /// Bound (s) on waiting for guest progress: real guests share two busy
+    /// cores with everything else.
+    fn patience(self) -> u64 {
+        match self {
+            Backend::Fake => 20,
+            Backend::Vm => 90,
+        }
+    }
+}
+
+/// Waits until the guest has published round `min` or more; returns it.
+fn wait_round(s: &Server, id: &str, min: u64, b: Backend) -> u64 {
+    let mut last = None;
+    assert!(
+        wait_until(b.patience(), || {
+            last = s.round_opt(id);
+            last.is_some_and(|r| r >= min)
+        }),
+        "{id}: guest round {last:?}, waited for {min}; log:\n{}",
+        s.log()
+    );
+    last.unwrap()
+}
+
+/// Connects to a paused sandbox and checks that its guest goes on from
+/// `at_pause`: its round at resume is at least that, then it advances.
+fn resume_and_check(s: &Server, id: &str, at_pause: u64, b: Backend) {
+    let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
+    assert_eq!(r.status, 201, "{id}: {} / log:\n{}", r.body, s.log());
+    let first = s.round(id);
+    assert!(
+        first >= at_pause,
+        "{id} resumed at round {first}, paused at {at_pause}"
+    );
+    wait_round(s, id, at_pause + 3, b);
+}
+
+fn timeout_expiry_kills(b: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(&data(&tmp), &[]);
-    let id = s.create(json!({"templateID": "base", "timeout": 1}));
+    let s = b.start(&tmp, &[]);
+    let id = s.create(json!({"templateID": "base", "timeout": b.short_timeout()}));
     let pid = s.worker_pid(&id).unwrap();
     assert!(
-        wait_until(30, || s.info(&id).status == 404),
-        "not killed at timeout"
+        wait_until(b.patience(), || s.info(&id).status == 404),
+        "not killed at timeout; log:\n{}",
+        s.log()
     );
     let r = s.info(&id);
     assert!(
@@ -29,7 +120,10 @@ fn timeout_expiry_kills() {
         "{}",
         r.body
     );
-    assert!(wait_until(20, || process_dead(pid)));
+    assert!(
+        wait_until(20, || process_dead(pid)),
+        "worker {pid} outlived the kill"
+    );
     let dir = s.data_dir.join("sandboxes").join(&id);
     assert!(wait_until(20, || !dir.exists()));
     s.post(&format!("/sandboxes/{id}/connect"), json!({}))
@@ -37,41 +131,63 @@ fn timeout_expiry_kills() {
 }
 
 #[test]
-fn timeout_expiry_auto_pauses_and_resumes_where_it_was() {
+fn timeout_expiry_kills_fake() {
+    timeout_expiry_kills(Backend::Fake);
+}
+
+#[test]
+fn vm_timeout_expiry_kills() {
+    if Backend::Vm.available("vm_timeout_expiry_kills") {
+        timeout_expiry_kills(Backend::Vm);
+    }
+}
+
+fn timeout_expiry_auto_pauses(b: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Server::start(&data(&tmp), &[]);
-    let a = s.create(json!({"templateID": "base", "timeout": 1, "autoPause": true}));
-    let b = s.create(json!({"templateID": "base", "timeout": 1, "lifecycle": {"onTimeout": "pause", "autoResume": false}}));
-    for id in [&a, &b] {
+    let s = b.start(&tmp, &[]);
+    let t = b.short_timeout();
+    let a = s.create(json!({"templateID": "base", "timeout": t, "autoPause": true}));
+    let c = s.create(json!({"templateID": "base", "timeout": t, "lifecycle": {"onTimeout": "pause", "autoResume": false}}));
+    let pids = [s.worker_pid(&a).unwrap(), s.worker_pid(&c).unwrap()];
+    for (id, pid) in [&a, &c].into_iter().zip(pids) {
         assert!(
-            wait_until(30, || s.info(id).json()["state"] == "paused"),
-            "{id} not auto-paused"
+            wait_until(b.patience(), || s.info(id).json()["state"] == "paused"),
+            "{id} not auto-paused; log:\n{}",
+            s.log()
         );
         let d = s.info(id).json();
         assert_eq!(d["lifecycle"]["onTimeout"], "pause");
-        let at_pause = d["stasis"]["guestRound"].as_u64().unwrap();
-        let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        assert!(s.round(id) >= at_pause);
-        assert!(wait_until(20, || s.round(id) > at_pause + 3));
+        let at_pause = check_paused(&s, id, Some(pid));
+        resume_and_check(&s, id, at_pause, b);
     }
 }
 
 #[test]
-fn retention_deletes_paused_sandboxes() {
+fn timeout_expiry_auto_pauses_and_resumes_where_it_was() {
+    timeout_expiry_auto_pauses(Backend::Fake);
+}
+
+#[test]
+fn vm_timeout_expiry_auto_pauses_and_resumes_where_it_was() {
+    if Backend::Vm.available("vm_timeout_expiry_auto_pauses_and_resumes_where_it_was") {
+        timeout_expiry_auto_pauses(Backend::Vm);
+    }
+}
+
+fn retention_deletes_paused_sandboxes(b: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start(&data(&tmp), &["--retention-secs", "3"]);
+    let retention = b.retention();
+    let retention_arg = retention.to_string();
+    let mut s = b.start(&tmp, &["--retention-secs", &retention_arg]);
     let a = s.create(json!({"templateID": "base"}));
-    let b = s.create(json!({"templateID": "base"}));
-    for id in [&a, &b] {
-        assert_eq!(
-            s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
-            204
-        );
+    let c = s.create(json!({"templateID": "base"}));
+    for id in [&a, &c] {
+        let r = s.post(&format!("/sandboxes/{id}/pause"), json!({}));
+        assert_eq!(r.status, 204, "{} / log:\n{}", r.body, s.log());
     }
     let d = s.info(&a).json();
     assert_eq!(d["state"], "paused");
-    // endAt of a paused sandbox = retention end = creation + 3 s.
+    // endAt of a paused sandbox = retention end = creation + retention.
     let created = d["stasis"]["createdAt"].as_str().unwrap();
     let end = d["endAt"].as_str().unwrap();
     assert_ne!(created, end);
@@ -79,7 +195,7 @@ fn retention_deletes_paused_sandboxes() {
 
     // While the server runs: deleted with its files, then 404 for every call.
     assert!(
-        wait_until(30, || s.info(&a).status == 404),
+        wait_until(retention + 30, || s.info(&a).status == 404),
         "retention did not expire"
     );
     s.post(&format!("/sandboxes/{a}/connect"), json!({}))
@@ -90,7 +206,7 @@ fn retention_deletes_paused_sandboxes() {
         .assert_error(404);
     let dir = s.data_dir.join("sandboxes").join(&a);
     assert!(wait_until(20, || !dir.exists()));
-    // `b` was created just after `a`: its retention may end a moment later.
+    // `c` was created just after `a`: its retention may end a moment later.
     assert!(
         wait_until(30, || list_all(&s, "", 10).0.is_empty()),
         "retention did not expire the second sandbox"
@@ -105,10 +221,10 @@ fn retention_deletes_paused_sandboxes() {
     s.kill9();
     let cdir = s.data_dir.join("sandboxes").join(&c);
     let created = std::fs::metadata(&cdir).unwrap().modified().unwrap();
-    assert!(wait_until(30, || created
+    assert!(wait_until(retention + 30, || created
         .elapsed()
-        .is_ok_and(|e| e.as_secs() >= 4)));
-    let s2 = Server::start(&data(&tmp), &["--retention-secs", "3"]);
+        .is_ok_and(|e| e.as_secs() > retention)));
+    let s2 = b.start(&tmp, &["--retention-secs", &retention_arg]);
     s2.info(&c).assert_error(404);
     s2.post(&format!("/sandboxes/{c}/connect"), json!({}))
         .assert_error(404);
@@ -117,23 +233,41 @@ fn retention_deletes_paused_sandboxes() {
 }
 
 #[test]
-fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
+fn retention_deletes_paused_sandboxes_fake() {
+    retention_deletes_paused_sandboxes(Backend::Fake);
+}
+
+#[test]
+fn vm_retention_deletes_paused_sandboxes() {
+    if Backend::Vm.available("vm_retention_deletes_paused_sandboxes") {
+        retention_deletes_paused_sandboxes(Backend::Vm);
+    }
+}
+
+/// kill -9 of the server with `n_paused` paused and `n_running` running
+/// sandboxes, then a restart: the paused ones come back and resume with
+/// their guest going on from its round at pause; the running ones are
+/// reported gone ("running when the server stopped") with their files
+/// removed; no worker outlives the server.
+fn restart_after_kill9(b: Backend, n_paused: usize, n_running: usize) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start(&data(&tmp), &[]);
-    let paused: Vec<String> = (0..3)
+    let mut s = b.start(&tmp, &[]);
+    let paused: Vec<String> = (0..n_paused)
         .map(|_| s.create(json!({"templateID": "base", "metadata": {"k": "v"}})))
         .collect();
-    let running: Vec<String> = (0..2)
+    let running: Vec<String> = (0..n_running)
         .map(|_| s.create(json!({"templateID": "base"})))
         .collect();
     let mut rounds = Vec::new();
     for id in &paused {
-        assert!(wait_until(20, || s.round(id) > 2));
-        assert_eq!(
-            s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
-            204
-        );
-        rounds.push(s.round(id));
+        wait_round(&s, id, 3, b);
+        let pid = s.worker_pid(id);
+        let r = s.post(&format!("/sandboxes/{id}/pause"), json!({}));
+        assert_eq!(r.status, 204, "{} / log:\n{}", r.body, s.log());
+        rounds.push(check_paused(&s, id, pid));
+    }
+    for id in &running {
+        wait_round(&s, id, 1, b);
     }
     let pids: Vec<i32> = running.iter().map(|id| s.worker_pid(id).unwrap()).collect();
 
@@ -146,7 +280,7 @@ fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
         );
     }
 
-    let s2 = Server::start(&data(&tmp), &[]);
+    let s2 = b.start(&tmp, &[]);
     let (listed, _) = list_all(&s2, "", 2);
     let mut ids: Vec<String> = listed
         .iter()
@@ -168,20 +302,20 @@ fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
             .contains("running when the server stopped"));
         assert!(!s2.data_dir.join("sandboxes").join(id).exists());
     }
-    // Each paused one resumes where it was.
+    // Each paused one is still at its round (in its snapshot) and resumes
+    // from there.
     for (id, at_pause) in paused.iter().zip(&rounds) {
-        assert_eq!(s2.round(id), *at_pause);
-        let r = s2.post(&format!("/sandboxes/{id}/connect"), json!({}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        assert!(s2.round(id) >= *at_pause);
-        assert!(wait_until(20, || s2.round(id) > at_pause + 3));
+        assert_eq!(check_paused(&s2, id, None), *at_pause);
+        resume_and_check(&s2, id, *at_pause, b);
     }
     // And can be paused again (a new snapshot generation) and killed.
     let id = &paused[0];
+    let pid = s2.worker_pid(id);
     assert_eq!(
         s2.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
         204
     );
+    assert!(check_paused(&s2, id, pid) > rounds[0]);
     let snaps: Vec<_> = std::fs::read_dir(s2.data_dir.join("sandboxes").join(id))
         .unwrap()
         .flatten()
@@ -192,6 +326,81 @@ fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
         s2.req("DELETE", &format!("/sandboxes/{id}"), None).status,
         204
     );
+}
+
+#[test]
+fn restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
+    restart_after_kill9(Backend::Fake, 3, 2);
+}
+
+#[test]
+fn vm_restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans() {
+    if Backend::Vm
+        .available("vm_restart_after_kill9_keeps_paused_drops_running_and_leaves_no_orphans")
+    {
+        restart_after_kill9(Backend::Vm, 2, 1);
+    }
+}
+
+/// SIGTERM drains: every running sandbox is paused (the already paused one
+/// stays as it was), the server exits cleanly, no worker outlives it; the
+/// restarted server lists them all as paused and each resumes with its
+/// guest going on.
+fn graceful_drain(b: Backend, n_running: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = b.start(&tmp, &[]);
+    let was_paused = s.create(json!({"templateID": "base"}));
+    wait_round(&s, &was_paused, 3, b);
+    let pid = s.worker_pid(&was_paused);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{was_paused}/pause"), json!({}))
+            .status,
+        204
+    );
+    let paused_round = check_paused(&s, &was_paused, pid);
+    let ids: Vec<String> = (0..n_running)
+        .map(|_| s.create(json!({"templateID": "base"})))
+        .collect();
+    for id in &ids {
+        wait_round(&s, id, 3, b);
+    }
+    let pids: Vec<i32> = ids.iter().map(|id| s.worker_pid(id).unwrap()).collect();
+    let before: Vec<u64> = ids.iter().map(|id| s.round(id)).collect();
+    let st = s.terminate();
+    assert!(st.success(), "{st:?}\n{}", s.log());
+    for pid in &pids {
+        assert!(
+            wait_until(20, || process_dead(*pid)),
+            "worker {pid} outlived the server"
+        );
+    }
+
+    let s2 = b.start(&tmp, &[]);
+    assert_eq!(list_all(&s2, "state=paused", 100).0.len(), n_running + 1);
+    assert_eq!(check_paused(&s2, &was_paused, None), paused_round);
+    resume_and_check(&s2, &was_paused, paused_round, b);
+    for (id, at_least) in ids.iter().zip(&before) {
+        let at_pause = check_paused(&s2, id, None);
+        assert!(
+            at_pause >= *at_least,
+            "{id}: round went back: {at_least} -> {at_pause}"
+        );
+        resume_and_check(&s2, id, at_pause, b);
+    }
+}
+
+#[test]
+fn graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
+    graceful_drain(Backend::Fake, 2);
+}
+
+#[test]
+fn vm_graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
+    if Backend::Vm
+        .available("vm_graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart")
+    {
+        graceful_drain(Backend::Vm, 2);
+    }
 }
 
 #[test]
@@ -430,41 +639,6 @@ async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, body:
         }
     }
     panic!("request {method} {path} failed: {last}");
-}
-
-#[test]
-fn graceful_shutdown_pauses_running_sandboxes_and_they_resume_after_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::start(&data(&tmp), &[]);
-    let ids: Vec<String> = (0..2)
-        .map(|_| s.create(json!({"templateID": "base"})))
-        .collect();
-    for id in &ids {
-        assert!(wait_until(20, || s.round(id) > 2));
-    }
-    let pids: Vec<i32> = ids.iter().map(|id| s.worker_pid(id).unwrap()).collect();
-    let before: Vec<u64> = ids.iter().map(|id| s.round(id)).collect();
-    assert!(s.terminate().success(), "{}", s.log());
-    for pid in &pids {
-        assert!(
-            wait_until(20, || process_dead(*pid)),
-            "worker {pid} outlived the server"
-        );
-    }
-
-    let s2 = Server::start(&data(&tmp), &[]);
-    for (id, at_least) in ids.iter().zip(&before) {
-        let d = s2.info(id).json();
-        assert_eq!(d["state"], "paused", "{d}");
-        let at_pause = s2.round(id);
-        assert!(
-            at_pause >= *at_least,
-            "round went back: {at_least} -> {at_pause}"
-        );
-        let r = s2.post(&format!("/sandboxes/{id}/connect"), json!({}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        assert!(wait_until(20, || s2.round(id) > at_pause));
-    }
 }
 
 #[test]

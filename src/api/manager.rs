@@ -46,6 +46,7 @@ use crate::worker::client::WorkerClient;
 use crate::worker::protocol::{
     BackendKind, BootConfig, ConsoleSpec, DiskSpec, KernelSpec, Reply, Request, RestoreModeSpec,
 };
+use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -105,7 +106,8 @@ struct Rec {
     slot: Option<OwnedSemaphorePermit>,
     gone: bool,
     expiry_queued: bool,
-    snapshot_bytes: Option<u64>,
+    /// While paused: what the current snapshot takes on disk.
+    snapshot_usage: Option<DirUsage>,
     /// Open while running: proxied connections of this incarnation.
     gate: Option<Arc<Gate>>,
     /// Why the last proxied connection to the agent failed, until one works.
@@ -322,9 +324,7 @@ impl Manager {
                     }
                 }
             }
-            let snapshot_bytes = Some(crate::worker::vm::dir_bytes(
-                &self.snapshot_dir(&row.id, row.snapshot_gen),
-            ));
+            let snapshot_usage = Some(dir_usage(&self.snapshot_dir(&row.id, row.snapshot_gen)));
             tracing::info!(sandbox = %row.id, "recovered paused sandbox");
             kept.insert(row.id.clone());
             let entry = Arc::new(Entry {
@@ -337,7 +337,7 @@ impl Manager {
                     slot: None,
                     gone: false,
                     expiry_queued: false,
-                    snapshot_bytes,
+                    snapshot_usage,
                     gate: None,
                     agent_error: None,
                 }),
@@ -917,7 +917,7 @@ impl Manager {
                 slot: Some(slot),
                 gone: false,
                 expiry_queued: false,
-                snapshot_bytes: None,
+                snapshot_usage: None,
                 gate: Some(Gate::new()),
                 agent_error: None,
             }),
@@ -932,15 +932,25 @@ impl Manager {
     /// `GET /sandboxes/{id}`.
     pub async fn get(&self, id: &str) -> Result<DetailOut, ApiError> {
         let e = self.entry(id)?;
-        let (row, busy, worker, snapshot_bytes) = {
+        let (row, busy, worker, snapshot_usage) = {
             let r = e.rec();
             if r.gone || (r.row.state == RowState::Paused && now_ms() >= self.retention_end(&r.row))
             {
                 return Err(self.not_found(id));
             }
-            (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_bytes)
+            (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_usage)
         };
         let mut guest_round = row.guest_round;
+        if row.state == RowState::Paused {
+            // The guest's own state: what its snapshot holds, not the round
+            // stored when it was paused.
+            let (backend, dir) = (self.cfg.backend, self.snapshot_dir(id, row.snapshot_gen));
+            guest_round = tokio::task::spawn_blocking(move || snapshot_guest(backend, &dir))
+                .await
+                .ok()
+                .flatten()
+                .map(|g| g.round);
+        }
         if let (RowState::Running, None, Some(w)) = (row.state, busy, &worker) {
             if let Ok(Reply::Status { guest: Some(g), .. }) =
                 w.request(Request::Status, STATUS_TIMEOUT).await
@@ -987,13 +997,15 @@ impl Manager {
             },
             stasis: StasisOut {
                 guest_round,
+                paused_at_round: if running { None } else { row.guest_round },
                 worker_pid: if running {
                     worker.map(|w| w.pid())
                 } else {
                     None
                 },
                 created_at: rfc3339(row.created_ms),
-                snapshot_bytes: if running { None } else { snapshot_bytes },
+                snapshot_bytes: snapshot_usage.filter(|_| !running).map(|u| u.allocated),
+                snapshot_apparent_bytes: snapshot_usage.filter(|_| !running).map(|u| u.apparent),
                 busy,
                 agent,
             },
@@ -1095,6 +1107,10 @@ impl Manager {
                     row.guest_round = Some(g.round);
                 }
                 let saved = self.put_row(row.clone()).await;
+                let usage_dir = dir.clone();
+                let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
+                    .await
+                    .unwrap_or_default();
                 if old > 0 {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
                 }
@@ -1102,12 +1118,13 @@ impl Manager {
                     let mut r = e.rec();
                     r.row = row;
                     r.busy = None;
-                    r.snapshot_bytes = Some(snapshot_bytes);
+                    r.snapshot_usage = Some(usage);
                 }
                 self.timer.notify_one();
                 tracing::info!(
                     sandbox = %e.id,
                     snapshot_bytes,
+                    apparent_bytes = usage.apparent,
                     ms = started.elapsed().as_millis() as u64,
                     "sandbox paused"
                 );
@@ -1197,7 +1214,7 @@ impl Manager {
             r.worker = Some(worker.clone());
             r.slot = Some(slot);
             r.busy = None;
-            r.snapshot_bytes = None;
+            r.snapshot_usage = None;
             r.gate = Some(Gate::new());
             r.agent_error = None;
         }

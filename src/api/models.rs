@@ -135,15 +135,24 @@ pub struct LifecycleOut {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StasisOut {
-    /// Progress of the test guest: live while running, as of the pause while
-    /// paused.
+    /// Progress of the test guest, read from the guest itself: from the
+    /// running VM, or while paused from its snapshot (the status page in the
+    /// saved memory the guest resumes with), never from a stored value.
     pub guest_round: Option<u64>,
+    /// The round the worker read from the stopped guest when it paused it
+    /// (stored with the sandbox); while paused, `guestRound` must equal it.
+    pub paused_at_round: Option<u64>,
     /// Pid of the worker process running the VM, while running.
     pub worker_pid: Option<u32>,
     /// When the sandbox was first created (retention counts from here).
     pub created_at: String,
-    /// Size of the current snapshot, while paused.
+    /// While paused: bytes the current snapshot's files take on disk
+    /// (allocated blocks, `st_blocks` × 512; holes in the sparse memory file
+    /// cost nothing).
     pub snapshot_bytes: Option<u64>,
+    /// While paused: the apparent size of the snapshot's files (sum of
+    /// their lengths; the memory file counts as the guest's whole RAM).
+    pub snapshot_apparent_bytes: Option<u64>,
     /// Whether an operation (pause/resume) is in progress.
     pub busy: Option<&'static str>,
     /// Agent templates: `ready`, `unreachable: <why>` (it does not answer

@@ -79,10 +79,12 @@ pub fn document() -> Value {
                     "allowInternetAccess": { "type": "boolean" },
                     "lifecycle": r("Lifecycle"),
                     "stasis": { "type": "object", "properties": {
-                        "guestRound": { "type": "integer", "nullable": true },
+                        "guestRound": { "type": "integer", "nullable": true, "description": "the test guest's round, read from the guest: from the running VM, or while paused from the status page in its snapshot's memory" },
+                        "pausedAtRound": { "type": "integer", "nullable": true, "description": "the round the worker read from the stopped guest at its last pause" },
                         "workerPid": { "type": "integer", "nullable": true },
                         "createdAt": { "type": "string", "format": "date-time" },
-                        "snapshotBytes": { "type": "integer", "nullable": true },
+                        "snapshotBytes": { "type": "integer", "nullable": true, "description": "while paused: bytes allocated on disk to the snapshot's files (st_blocks * 512; holes in the sparse memory file cost nothing)" },
+                        "snapshotApparentBytes": { "type": "integer", "nullable": true, "description": "while paused: the apparent size of the snapshot's files (sum of their lengths)" },
                         "busy": { "type": "string", "nullable": true } } } } } ] }
             }
         },

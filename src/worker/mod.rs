@@ -203,7 +203,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                     if let Some(v) = slot.take() {
                         v.kill();
                     }
-                    let snapshot_bytes = vm::dir_bytes(&snapshot_dir);
+                    let snapshot_bytes = vm::dir_usage(&snapshot_dir).allocated;
                     (
                         Reply::Paused {
                             snapshot_bytes,

@@ -70,18 +70,68 @@ pub(crate) fn restore(
     }
 }
 
-/// Total size of the regular files under `dir` (the snapshot's footprint).
-pub(crate) fn dir_bytes(dir: &Path) -> u64 {
+/// What a snapshot directory's regular files take, counted two ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirUsage {
+    /// Bytes the filesystem allocated to them (`st_blocks` × 512): what
+    /// the snapshot costs on disk. A sparse memory file's holes (pages that
+    /// were zero or never touched) cost nothing.
+    pub allocated: u64,
+    /// The sum of their lengths (`st_size`): a sparse memory file counts
+    /// as the guest's whole RAM.
+    pub apparent: u64,
+}
+
+impl std::ops::Add for DirUsage {
+    type Output = DirUsage;
+    fn add(self, o: DirUsage) -> DirUsage {
+        DirUsage {
+            allocated: self.allocated.saturating_add(o.allocated),
+            apparent: self.apparent.saturating_add(o.apparent),
+        }
+    }
+}
+
+/// [`DirUsage`] of the regular files under `dir` (recursively; symbolic
+/// links are not followed). A missing directory uses nothing.
+pub fn dir_usage(dir: &Path) -> DirUsage {
+    use std::os::unix::fs::MetadataExt;
     let Ok(rd) = fs::read_dir(dir) else {
-        return 0;
+        return DirUsage::default();
     };
     rd.flatten()
         .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
+            Ok(t) if t.is_dir() => dir_usage(&e.path()),
+            Ok(t) if t.is_file() => e
+                .metadata()
+                .map(|m| DirUsage {
+                    allocated: m.blocks().saturating_mul(512),
+                    apparent: m.len(),
+                })
+                .unwrap_or_default(),
+            _ => DirUsage::default(),
         })
-        .sum()
+        .fold(DirUsage::default(), |a, b| a + b)
+}
+
+/// The guest's progress as its snapshot in `dir` holds it: the test
+/// guest's status page read from the snapshot's memory file (the memory the
+/// guest resumes with), or the fake guest's saved counter. `None` when the
+/// snapshot has none (a guest that publishes no status page, such as
+/// Linux) or cannot be read. This is how a paused sandbox's round is known
+/// without trusting a value stored at pause time.
+pub fn snapshot_guest(backend: BackendKind, dir: &Path) -> Option<GuestProgress> {
+    match backend {
+        BackendKind::Fake => {
+            let bytes = fs::read(dir.join(FAKE_STATE_FILE)).ok()?;
+            let st: FakeState = serde_json::from_slice(&bytes).ok()?;
+            Some(GuestProgress {
+                round: st.round,
+                acc: st.acc,
+            })
+        }
+        BackendKind::Vm => real::snapshot_guest(dir),
+    }
 }
 
 const FAKE_STATE_FILE: &str = "fake-vm.json";
@@ -624,6 +674,32 @@ mod real {
         Ok(Box::new(RealVm { vm }))
     }
 
+    /// Reads the status page at [`crate::guest::STATUS_ADDR`] from the
+    /// snapshot's memory file, through the layout its `state.bin` records.
+    pub(super) fn snapshot_guest(dir: &Path) -> Option<GuestProgress> {
+        use std::os::unix::fs::FileExt;
+        let snap = crate::snapshot::SnapshotDir::open(dir).ok()?;
+        let st: vmm::VmState = snap.load_state().ok()?;
+        let ranges = vmm::memory::ram_ranges(st.mem_bytes).ok()?;
+        let addr = crate::guest::STATUS_ADDR;
+        let mut page = [0u8; 40];
+        let end = addr + page.len() as u64;
+        // Regions lie back to back in the file, in guest-address order.
+        let file_offset = ranges
+            .iter()
+            .zip(&st.memory.regions)
+            .find(|(&(gpa, len), &(_, flen))| {
+                addr >= gpa && end <= gpa.saturating_add(len.min(flen))
+            })
+            .map(|(&(gpa, _), &(off, _))| off + (addr - gpa))?;
+        let file = snap.open_memory().ok()?;
+        file.read_exact_at(&mut page, file_offset).ok()?;
+        crate::guest::GuestStatus::parse(&page).map(|g| GuestProgress {
+            round: g.round,
+            acc: g.acc,
+        })
+    }
+
     pub(super) fn restore(
         dir: &Path,
         mode: RestoreModeSpec,
@@ -714,7 +790,15 @@ mod tests {
         let at_pause = vm.pause_and_snapshot(&dir).unwrap().unwrap();
         vm.kill();
         assert!(dir.join(FAKE_STATE_FILE).exists());
-        assert!(dir_bytes(&dir) > 0);
+        let usage = dir_usage(&dir);
+        let len = fs::metadata(dir.join(FAKE_STATE_FILE)).unwrap().len();
+        assert_eq!(usage.apparent, len);
+        assert!(usage.allocated > 0);
+        assert_eq!(
+            snapshot_guest(BackendKind::Fake, &dir).map(|g| g.round),
+            Some(at_pause.round),
+            "the snapshot holds the round the pause reported"
+        );
         let vm2 = restore(
             BackendKind::Fake,
             &dir,

@@ -1,6 +1,7 @@
 //! Shared helpers for the API integration tests: start `stasis serve` (fake
-//! backend) as a subprocess on an ephemeral port, a tiny HTTP/1.1 client,
-//! and polling with a bounded deadline.
+//! backend unless `--backend` is given) as a subprocess on an ephemeral
+//! port, a tiny HTTP/1.1 client, polling with a bounded deadline, and checks
+//! of a paused sandbox against its snapshot files.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -335,4 +336,88 @@ pub fn list_all(s: &Server, query: &str, limit: usize) -> (Vec<Value>, usize) {
         }
         assert!(pages < 10_000, "pagination does not end");
     }
+}
+
+/// The directory of a paused sandbox's current snapshot
+/// (`<data>/sandboxes/<id>/snapshot-<gen>`; exactly one exists while paused).
+pub fn snapshot_dir(s: &Server, id: &str) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(s.data_dir.join("sandboxes").join(id))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "snapshot dirs of {id}: {dirs:?}");
+    dirs.into_iter().next().unwrap()
+}
+
+/// `(allocated, apparent)` bytes of the regular files under `dir`, from the
+/// filesystem: `st_blocks * 512` and `st_size`.
+pub fn files_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            let (a, b) = files_usage(&e.path());
+            total = (total.0 + a, total.1 + b);
+        } else if m.is_file() {
+            total = (total.0 + m.blocks() * 512, total.1 + m.len());
+        }
+    }
+    total
+}
+
+/// The guest round a snapshot holds, read by the test itself: the fake
+/// guest's state file, or the test guest's status page in `memory.bin` (the
+/// guest's RAM regions back to back from guest address 0, so the page at
+/// 0x5000 is at file offset 0x5000).
+pub fn round_in_snapshot(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    if let Ok(bytes) = std::fs::read(dir.join("fake-vm.json")) {
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        return v["round"].as_u64();
+    }
+    let f = std::fs::File::open(dir.join("memory.bin")).ok()?;
+    let mut page = [0u8; 40];
+    f.read_exact_at(&mut page, stasis::guest::STATUS_ADDR)
+        .ok()?;
+    stasis::guest::GuestStatus::parse(&page).map(|g| g.round)
+}
+
+/// Checks a paused sandbox against its files: `snapshotBytes` and
+/// `snapshotApparentBytes` equal what the filesystem reports for the
+/// snapshot's files; the worker is gone; `guestRound` (read by the server
+/// from the snapshot) equals both the round the worker reported at pause
+/// (`pausedAtRound`) and the round the test reads from the snapshot itself.
+/// Returns that round.
+pub fn check_paused(s: &Server, id: &str, worker_pid: Option<i32>) -> u64 {
+    let d = s.info(id).json();
+    assert_eq!(d["state"], "paused", "{d}");
+    assert!(d["stasis"]["workerPid"].is_null(), "{d}");
+    if let Some(pid) = worker_pid {
+        assert!(
+            wait_until(20, || process_dead(pid)),
+            "worker {pid} outlived the pause"
+        );
+    }
+    let dir = snapshot_dir(s, id);
+    let (allocated, apparent) = files_usage(&dir);
+    assert_eq!(
+        d["stasis"]["snapshotBytes"].as_u64(),
+        Some(allocated),
+        "{d}"
+    );
+    assert_eq!(
+        d["stasis"]["snapshotApparentBytes"].as_u64(),
+        Some(apparent),
+        "{d}"
+    );
+    assert!(allocated > 0, "{d}");
+    let round = d["stasis"]["guestRound"]
+        .as_u64()
+        .expect("guestRound while paused");
+    assert_eq!(d["stasis"]["pausedAtRound"].as_u64(), Some(round), "{d}");
+    assert_eq!(round_in_snapshot(&dir), Some(round), "{}", dir.display());
+    round
 }

@@ -2,6 +2,7 @@
 NOVITA_API_URL / NOVITA_API_KEY; tests that need a differently configured
 server (short retention) start their own from STASIS_BIN."""
 
+import gc
 import os
 import subprocess
 import tempfile
@@ -16,6 +17,28 @@ def _require(var):
     if not value:
         pytest.exit(f"{var} is not set: run tests/sdk/run.sh", returncode=2)
     return value
+
+
+@pytest.fixture(autouse=True)
+def no_collection_inside_the_sdk():
+    """Cyclic garbage collection only between tests.
+
+    A server-stream generator the SDK leaves behind (a background command's
+    event stream, `call_server_stream`) sits in a reference cycle; if the
+    collector finalizes it while this thread is inside httpcore's
+    `ConnectionPool.handle_request` (holding the pool's non-reentrant lock),
+    the generator's close takes that lock again and the test hangs for ever
+    (seen: 1 run in 4 under load, a futex wait with no request sent; gdb's
+    py-bt shows `Garbage-collecting` -> `PoolByteStream.close` ->
+    `_optional_thread_lock`). Collecting here, between tests, where no lock
+    is held, closes such streams safely."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,36 @@
 # `stasis serve` on a free port with a temporary data dir.
 #   tests/sdk/run.sh [pytest args...]
 #   STASIS_BACKEND=fake tests/sdk/run.sh test_agent.py   # commands/files via the host agent
+#   tests/sdk/run.sh --venv-only    # only make sure the venv exists; print its path
 # The venv lives in target/sdk-venv (override with STASIS_SDK_VENV) and is
-# created on first use (needs PyPI).
+# created on first use (needs PyPI), once: test binaries that run in
+# parallel (tests/sdk.rs, tests/envd_sdk.rs through tests/envd/run.sh) take
+# an exclusive lock (flock on "$VENV.lock") around the check-and-create, so
+# one creates it and the others wait and reuse it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${STASIS_SDK_VENV:-$ROOT/target/sdk-venv}
 SDK_VERSION=${NOVITA_SANDBOX_VERSION:-2.1.1}
 
-if ! "$VENV/bin/python" -c "import novita_sandbox, pytest" 2>/dev/null; then
-  echo "run.sh: creating $VENV (novita-sandbox==$SDK_VERSION, pytest)" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "novita-sandbox==$SDK_VERSION" pytest
+venv_ready() { "$VENV/bin/python" -c "import novita_sandbox, pytest" 2>/dev/null; }
+if ! venv_ready; then
+  mkdir -p "$(dirname "$VENV")"
+  (
+    flock -x 9
+    # Checked again under the lock: another run may have made it meanwhile.
+    if ! venv_ready; then
+      echo "run.sh: creating $VENV (novita-sandbox==$SDK_VERSION, pytest)" >&2
+      # --clear: a half-made venv (an interrupted earlier run) starts over.
+      python3 -m venv --clear "$VENV"
+      "$VENV/bin/pip" install --quiet "novita-sandbox==$SDK_VERSION" pytest
+    fi
+  ) 9>"$VENV.lock"
+  venv_ready || { echo "run.sh: $VENV is not usable" >&2; exit 1; }
+fi
+if [ "${1:-}" = --venv-only ]; then
+  echo "$VENV"
+  exit 0
 fi
 
 # STASIS_BIN: a built binary (the Rust wrapper test passes its own);

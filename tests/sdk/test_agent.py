@@ -105,6 +105,9 @@ def test_background_process_and_files_survive_pause_and_resume(sandbox):
     pids = [p.pid for p in sandbox.commands.list()]
     assert handle.pid in pids
     assert sandbox.commands.kill(handle.pid)
+    # Close its event stream now rather than leave it to the collector (see
+    # conftest.no_collection_inside_the_sdk).
+    handle.disconnect()
 
 
 def test_static_connect_reaches_the_sandbox_by_its_envd_token(sandbox, api):

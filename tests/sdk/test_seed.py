@@ -18,6 +18,16 @@ from novita_sandbox.core import (
 from conftest import guest_round, wait_until
 
 
+def _alive(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _now():
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -38,10 +48,17 @@ def test_pausing_sandbox():
 def test_resuming_sandbox_continues_where_it_was(api):
     sandbox = Sandbox.create()
     wait_until(lambda: guest_round(api, sandbox.sandbox_id) > 5, what="guest progress")
+    worker = api.get(f"/sandboxes/{sandbox.sandbox_id}").json()["stasis"]["workerPid"]
     sandbox.beta_pause()
-    at_pause = guest_round(api, sandbox.sandbox_id)
-    # Paused: no progress.
-    assert guest_round(api, sandbox.sandbox_id) == at_pause
+    # Paused: no progress. The worker (and its VM) is gone, and the round
+    # the server reads from the guest's memory in the snapshot is the round
+    # the worker read from the stopped guest at pause.
+    stasis = api.get(f"/sandboxes/{sandbox.sandbox_id}").json()["stasis"]
+    assert stasis["workerPid"] is None
+    wait_until(lambda: not _alive(worker), what=f"worker {worker} to exit")
+    at_pause = stasis["guestRound"]
+    assert at_pause is not None and at_pause > 5, stasis
+    assert stasis["pausedAtRound"] == at_pause, stasis
 
     resumed_sandbox = sandbox.connect()
     print("Sandbox resumed", resumed_sandbox.sandbox_id)
