@@ -197,7 +197,10 @@ fn corrupted_overlay_data_stops_the_restored_vm_eager_lazy_and_fresh_process() {
             &["resume", copy.to_str().unwrap(), flag],
             Duration::from_secs(180),
         );
-        assert!(!ok, "stasis resume {flag} of a corrupted overlay succeeded: {err}");
+        assert!(
+            !ok,
+            "stasis resume {flag} of a corrupted overlay succeeded: {err}"
+        );
         assert!(err.contains("disk data corrupted"), "{flag}: {err}");
         assert_corrupt_block(&err, &copy.join(SNAPSHOT_OVERLAY));
     }
@@ -300,7 +303,12 @@ fn a_snapshot_is_immutable_when_the_vm_runs_on() {
     copy_dir(&snap, &copy);
     let snap2 = dir.join("snap2");
     let mut child = Command::new(BIN)
-        .args(["resume", copy.to_str().unwrap(), "--lazy", "--snapshot-on-signal"])
+        .args([
+            "resume",
+            copy.to_str().unwrap(),
+            "--lazy",
+            "--snapshot-on-signal",
+        ])
         .arg(&snap2)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -316,10 +324,11 @@ fn a_snapshot_is_immutable_when_the_vm_runs_on() {
             l.push('\n');
         }
     });
-    common::wait_for(Duration::from_secs(120), "the fresh process to resume", || {
-        log.lock().unwrap().contains("stasis: resumed")
-            || child.try_wait().unwrap().is_some()
-    });
+    common::wait_for(
+        Duration::from_secs(120),
+        "the fresh process to resume",
+        || log.lock().unwrap().contains("stasis: resumed") || child.try_wait().unwrap().is_some(),
+    );
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
     assert_eq!(rc, 0);

@@ -222,5 +222,8 @@ fn bad_disk_input_is_a_clear_error() {
     // A base image that changed size.
     std::fs::write(dir.join("base.img"), vec![0u8; 4096]).unwrap();
     let e = restore_err(&snap);
-    assert!(e.contains("is 1048576 bytes, but its base image is 4096"), "{e}");
+    assert!(
+        e.contains("is 1048576 bytes, but its base image is 4096"),
+        "{e}"
+    );
 }

@@ -263,12 +263,7 @@ impl Block {
         }
     }
 
-    fn read(
-        &mut self,
-        mut pos: u64,
-        data: &[Desc],
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), ReqError> {
+    fn read(&mut self, mut pos: u64, data: &[Desc], mem: &GuestMemoryMmap) -> Result<(), ReqError> {
         for d in data {
             let mut off = 0u64;
             while off < u64::from(d.len) {

@@ -965,7 +965,12 @@ mod tests {
         }
         let disk = CowDisk::open(&b, &ov).unwrap();
         assert_eq!(disk.verify_all().unwrap(), 4);
-        for (off, len) in [(0usize, want.len()), (99, 3), (4095, 2), (5 * 4096 + 50, 50)] {
+        for (off, len) in [
+            (0usize, want.len()),
+            (99, 3),
+            (4095, 2),
+            (5 * 4096 + 50, 50),
+        ] {
             let mut got = vec![0u8; len];
             disk.read_at(off as u64, &mut got).unwrap();
             assert_eq!(got, want[off..off + len], "{off}+{len}");
@@ -987,7 +992,9 @@ mod tests {
         f.write_all_at(&[byte[0] ^ 0x20], 4096 + 17).unwrap();
         let mut disk = CowDisk::open(&b, &ov).unwrap();
         let is_corrupt_at = |e: Error, want: u64| match e {
-            Error::Corrupt { offset, ref path, .. } if offset == want && path == &ov => {
+            Error::Corrupt {
+                offset, ref path, ..
+            } if offset == want && path == &ov => {
                 let m = e.to_string();
                 assert!(m.contains("offset 4096") && m.contains("checksum"), "{m}");
             }
@@ -1025,7 +1032,10 @@ mod tests {
         v1.extend_from_slice(&c.to_le_bytes());
         fs::write(map_path(&ov), &v1).unwrap();
         let e = CowDisk::open(&b, &ov).unwrap_err().to_string();
-        assert!(e.contains("version 1") && e.contains("without data checksums"), "{e}");
+        assert!(
+            e.contains("version 1") && e.contains("without data checksums"),
+            "{e}"
+        );
         // A checksum missing from a version-2 map.
         let mut v2 = v1.clone();
         v2[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
