@@ -3,7 +3,8 @@
 //! into a snapshot that carries the disk's overlay and map, and restores
 //! from it eagerly and lazily, in this process and in a fresh one, with its
 //! workload finishing with the model's checksum. Bad disk input in a
-//! snapshot is a clear error. (The guest's own use of the devices needs
+//! snapshot is a clear, specific error (corrupted overlay data and the
+//! snapshot's immutability: tests/disk_integrity.rs). (The guest's own use of the devices needs
 //! Linux: see the manual nested-emulation run in the issue report.)
 
 mod common;
@@ -201,15 +202,28 @@ fn bad_disk_input_is_a_clear_error() {
     b[n / 2] ^= 0xff;
     std::fs::write(&map, b).unwrap();
     let e = restore_err(&c1);
-    assert!(e.contains("checksum"), "{e}");
+    let want = format!(
+        "disk allocation map {} is invalid: checksum mismatch",
+        map.display()
+    );
+    assert!(e.contains(&want), "{e}");
     // A missing overlay.
     let c2 = dir.join("no-overlay");
     copy_dir(&snap, &c2);
     std::fs::remove_file(c2.join(SNAPSHOT_OVERLAY)).unwrap();
     let e = restore_err(&c2);
-    assert!(e.contains("overlay"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "opening overlay {}",
+            c2.join(SNAPSHOT_OVERLAY).display()
+        )),
+        "{e}"
+    );
     // A base image that changed size.
     std::fs::write(dir.join("base.img"), vec![0u8; 4096]).unwrap();
     let e = restore_err(&snap);
-    assert!(e.contains("bytes"), "{e}");
+    assert!(
+        e.contains("is 1048576 bytes, but its base image is 4096"),
+        "{e}"
+    );
 }

@@ -289,12 +289,16 @@ impl Vm {
             .register_irqfd(devices.serial_irq(), devices::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
         vcpu::install_kick_handler();
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let fault_tx = ev_tx.clone();
+        virtio.on_disk_fault(move || {
+            let _ = fault_tx.send(vcpu::Event::DeviceFault);
+        });
         virtio.start()?;
         let bus = virtio.bus();
         let devices = Arc::new(Mutex::new(devices));
         let pause = Arc::new(AtomicBool::new(false));
         let msr_indices = Arc::new(shell.msr_indices);
-        let (ev_tx, ev_rx) = mpsc::channel();
         let mut vcpus = Vec::new();
         for (id, v) in fds.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -360,24 +364,29 @@ impl Vm {
     }
 
     /// Handles pending vCPU events, and ends the VM if its lazy loader
-    /// failed: its memory can no longer be trusted, so it must not run on.
+    /// failed (its memory can no longer be trusted, so it must not run on)
+    /// or its disk's data failed a checksum.
     fn poll(&self, c: &mut Control) {
         Self::drain(c, &self.pause, None);
         if c.exit.is_some() {
             return;
         }
-        if let Some(err) = self.lazy.as_ref().and_then(|l| l.error()) {
+        let fault = if let Some(err) = self.lazy.as_ref().and_then(|l| l.error()) {
             tracing::error!("lazy restore failed, stopping the VM: {err}");
-            if self.stop_vcpus(c).is_err() {
-                tracing::error!("vCPUs did not stop after the lazy loader failed");
-            }
-            if c.exit.is_none() {
-                c.exit = Some(ExitReason::Error(format!(
-                    "guest memory could not be restored: {err}"
-                )));
-            }
-            c.state = RunState::Exited;
+            format!("guest memory could not be restored: {err}")
+        } else if let Some(err) = self.virtio.disk_fault() {
+            tracing::error!("disk data corrupted, stopping the VM: {err}");
+            format!("disk data corrupted: {err}")
+        } else {
+            return;
+        };
+        if self.stop_vcpus(c).is_err() {
+            tracing::error!("vCPUs did not stop after a fault");
         }
+        if c.exit.is_none() {
+            c.exit = Some(ExitReason::Error(fault));
+        }
+        c.state = RunState::Exited;
     }
 
     /// Handles vCPU events; waits up to `timeout` for the first one.
@@ -400,6 +409,8 @@ impl Vm {
             seen = true;
             match ev {
                 vcpu::Event::Paused(id) => c.vcpus[id as usize].running = false,
+                // Seen by the caller's next poll.
+                vcpu::Event::DeviceFault => {}
                 vcpu::Event::Exited(id, reason) => {
                     let h = &mut c.vcpus[id as usize];
                     h.running = false;
@@ -542,6 +553,13 @@ impl Vm {
             .read_slice(&mut page, GuestAddress(crate::guest::STATUS_ADDR))
             .ok()?;
         GuestStatus::parse(&page)
+    }
+
+    /// Runs `f` on the VM's disk between two virtio-blk requests (`None`:
+    /// no disk). For tests and tools: writes go through the same path as
+    /// the guest's.
+    pub fn with_disk<R>(&self, f: impl FnOnce(&mut virtio::cow::CowDisk) -> R) -> Option<R> {
+        self.virtio.with_disk(f)
     }
 
     /// Stops the VM for good.

@@ -333,6 +333,9 @@ pub enum Event {
     Paused(u8),
     /// The guest ended (or failed); the thread waits for `Stop`.
     Exited(u8, ExitReason),
+    /// Not from a vCPU: a device recorded an integrity error (the disk's
+    /// `DiskFault`); wakes the VM's waiter, which then stops the VM.
+    DeviceFault,
 }
 
 thread_local! {

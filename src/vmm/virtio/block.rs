@@ -9,11 +9,19 @@
 //! outside guest memory, sectors past the end) completes with
 //! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP` (or, with no status byte to
 //! write, a used length of 0); none of it panics.
+//!
+//! Disk data that fails its checksum ([`cow::Error::Corrupt`]) also
+//! completes with `VIRTIO_BLK_S_IOERR`, is logged, and is recorded in the
+//! device's [`DiskFault`], whose first error ends the VM (`Vm` polls it and
+//! is woken by its notifier): a guest is never served wrong disk data, and
+//! corruption is never only a guest-visible I/O error.
+
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::cow::CowDisk;
+use super::cow::{self, CowDisk};
 use super::mmio::{read_config_bytes, VirtioDevice};
 
 /// Virtio device ID of a block device.
@@ -45,12 +53,70 @@ const ID_LEN: usize = 20;
 /// Largest copy between the disk and guest memory in one step.
 const CHUNK: usize = 1 << 20;
 
+/// The first disk-integrity error of a VM, with whom to tell. Shared by
+/// the block device and the background check of its overlay.
+#[derive(Default)]
+pub struct DiskFault {
+    first: Mutex<Option<String>>,
+    notify: Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+impl DiskFault {
+    /// Records `e` (logged; only the first is kept) and calls the notifier.
+    pub fn record(&self, e: &cow::Error) {
+        let msg = e.to_string();
+        tracing::error!("virtio-blk: {msg}");
+        {
+            let mut f = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_some() {
+                return;
+            }
+            *f = Some(msg);
+        }
+        if let Some(n) = &*self.notify.lock().unwrap_or_else(|p| p.into_inner()) {
+            n();
+        }
+    }
+
+    /// The first recorded error.
+    pub fn get(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Calls `f` (from the recording thread) when an error is recorded.
+    pub fn set_notify(&self, f: Box<dyn Fn() + Send>) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+}
+
+/// Why a read or write request failed.
+enum ReqError {
+    Disk(cow::Error),
+    Guest(String),
+}
+
+impl std::fmt::Display for ReqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqError::Disk(e) => write!(f, "{e}"),
+            ReqError::Guest(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<&str> for ReqError {
+    fn from(s: &str) -> Self {
+        ReqError::Guest(s.to_owned())
+    }
+}
+
 /// A virtio-blk device.
 pub struct Block {
     disk: CowDisk,
     config: [u8; 16],
     id: [u8; ID_LEN],
     buf: Vec<u8>,
+    fault: Arc<DiskFault>,
 }
 
 impl Block {
@@ -68,7 +134,13 @@ impl Block {
             config,
             id,
             buf: Vec::new(),
+            fault: Arc::default(),
         }
+    }
+
+    /// Where this device records disk-integrity errors.
+    pub fn fault(&self) -> &Arc<DiskFault> {
+        &self.fault
     }
 
     /// The disk.
@@ -157,6 +229,10 @@ impl Block {
                 match r {
                     Ok(()) if kind == T_IN => (S_OK, total as u32),
                     Ok(()) => (S_OK, 0),
+                    Err(ReqError::Disk(e @ cow::Error::Corrupt { .. })) => {
+                        self.fault.record(&e);
+                        (S_IOERR, 0)
+                    }
                     Err(e) => {
                         tracing::warn!("virtio-blk: {e}");
                         (S_IOERR, 0)
@@ -187,7 +263,7 @@ impl Block {
         }
     }
 
-    fn read(&mut self, mut pos: u64, data: &[Desc], mem: &GuestMemoryMmap) -> Result<(), String> {
+    fn read(&mut self, mut pos: u64, data: &[Desc], mem: &GuestMemoryMmap) -> Result<(), ReqError> {
         for d in data {
             let mut off = 0u64;
             while off < u64::from(d.len) {
@@ -195,10 +271,10 @@ impl Block {
                 self.buf.resize(n, 0);
                 self.disk
                     .read_at(pos, &mut self.buf[..n])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ReqError::Disk)?;
                 let at = d.addr.checked_add(off).ok_or("address overflow")?;
                 mem.write_slice(&self.buf[..n], GuestAddress(at))
-                    .map_err(|e| format!("read buffer at {at:#x}: {e}"))?;
+                    .map_err(|e| ReqError::Guest(format!("read buffer at {at:#x}: {e}")))?;
                 off += n as u64;
                 pos += n as u64;
             }
@@ -206,7 +282,12 @@ impl Block {
         Ok(())
     }
 
-    fn write(&mut self, mut pos: u64, data: &[Desc], mem: &GuestMemoryMmap) -> Result<(), String> {
+    fn write(
+        &mut self,
+        mut pos: u64,
+        data: &[Desc],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), ReqError> {
         for d in data {
             let mut off = 0u64;
             while off < u64::from(d.len) {
@@ -214,10 +295,10 @@ impl Block {
                 self.buf.resize(n, 0);
                 let at = d.addr.checked_add(off).ok_or("address overflow")?;
                 mem.read_slice(&mut self.buf[..n], GuestAddress(at))
-                    .map_err(|e| format!("write buffer at {at:#x}: {e}"))?;
+                    .map_err(|e| ReqError::Guest(format!("write buffer at {at:#x}: {e}")))?;
                 self.disk
                     .write_at(pos, &self.buf[..n])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ReqError::Disk)?;
                 off += n as u64;
                 pos += n as u64;
             }
@@ -398,6 +479,54 @@ mod tests {
         assert_eq!(used[8].1, 0);
         // Nothing was written to the disk.
         assert_eq!(blk.disk().allocated_blocks(), 0);
+    }
+
+    #[test]
+    fn corrupted_overlay_data_fails_the_read_and_records_the_fault() {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (d, mem, mut blk) = setup();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        blk.fault().set_notify(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        blk.disk_mut().write_at(4096, &[0x5a; 8192]).unwrap();
+        blk.disk_mut().flush().unwrap();
+        // Flip one byte of the second written block behind the disk's back.
+        let ov = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(d.path().join("ov"))
+            .unwrap();
+        ov.write_all_at(&[0xa5], 8192 + 100).unwrap();
+        let ring = TestRing::new(&mem);
+        let mut q = ring.queue();
+        // Sectors 16..24 (the bad block), then 8..16 (a good one).
+        header(&mem, 0x10_0000, T_IN, 16);
+        ring.add(&Chain(vec![
+            (0x10_0000, 16, R),
+            (0x30_0000, 4096, W),
+            (0x10_1000, 1, W),
+        ]));
+        header(&mem, 0x10_0100, T_IN, 8);
+        ring.add(&Chain(vec![
+            (0x10_0100, 16, R),
+            (0x31_0000, 4096, W),
+            (0x10_1001, 1, W),
+        ]));
+        assert!(blk.process(&mut q, &mem));
+        assert_eq!(status(&mem, 0x10_1000), S_IOERR);
+        assert_eq!(status(&mem, 0x10_1001), S_OK);
+        let mut good = vec![0u8; 4096];
+        mem.read_slice(&mut good, GuestAddress(0x31_0000)).unwrap();
+        assert!(good.iter().all(|&b| b == 0x5a));
+        let f = blk.fault().get().expect("fault recorded");
+        assert!(
+            f.contains("/ov is corrupted") && f.contains("block at offset 8192"),
+            "{f}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

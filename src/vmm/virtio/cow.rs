@@ -9,33 +9,57 @@
 //! disk is a `set_len` on an empty file (milliseconds, whatever the base's
 //! size), and its space grows only with the blocks written.
 //!
+//! Integrity: every written block has a CRC32C, kept in memory, updated on
+//! every write and stored in the map. Every read of an overlay block checks
+//! it; a mismatch is [`Error::Corrupt`], naming the overlay and the block's
+//! offset (virtio-blk fails the request and stops the VM, see
+//! [`super::block`]). [`CowDisk::scrub_step`] checks all written blocks
+//! (the devices run it in the background after opening an existing
+//! overlay, so a corrupted block is found even if the guest never reads
+//! it).
+//!
 //! The map is persisted (written to a temporary file, fsynced, renamed over
-//! the old one) on every guest flush that follows a write to a new block,
-//! on [`CowDisk::flush`] and when the disk is dropped. A map is a checksummed
-//! little-endian file: magic `STASISCW`, version, block size, disk size,
-//! word count, the bitmap words, CRC-64/XZ; anything else is a clear error.
+//! the old one) on every guest flush that follows a write, on
+//! [`CowDisk::flush`] and when the disk is dropped; the overlay's data is
+//! fdatasynced first. A map is a checksummed little-endian file: magic
+//! `STASISCW`, version 2, block size, disk size, word count, the bitmap
+//! words, one CRC32C per set bit (in block order), CRC-64/XZ of all that;
+//! anything else (version 1 too: it had no data checksums) is a clear
+//! error. A crash between a data write and the next flush can leave blocks
+//! whose data is newer than their stored checksum: they read as corrupted,
+//! never as silently wrong data.
 //!
 //! Snapshots: [`CowDisk::save_into`] puts the overlay into a snapshot
 //! directory as a reflink (independent copy) where the filesystem can, else
-//! as a hard link (the snapshot and the running disk then share the
-//! overlay's data: the snapshot is the disk's state as long as the VM does
-//! not run on, which is how pause works: the worker exits after it), else a
-//! sparse copy (across filesystems). The map is always written fresh.
+//! as a hard link, else (across filesystems) a copy of the written blocks.
+//! The map is always written fresh. A snapshot is immutable whatever the VM
+//! does next: after a hard link the live disk is marked shared, and before
+//! its next data write it copies its written blocks into a new file
+//! (`copy_file_range`, cost proportional to the blocks written, paid only
+//! by a VM that writes after a snapshot) and renames it over the live
+//! overlay's path; the snapshot keeps the old inode.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::snapshot::PageBitmap;
 
 /// Granularity of the allocation map.
 pub const BLOCK: u64 = 4096;
 const MAGIC: &[u8; 8] = b"STASISCW";
-const MAP_VERSION: u32 = 1;
+/// Version 2: the map carries a CRC32C per written block (version 1 did
+/// not).
+const MAP_VERSION: u32 = 2;
 const MAP_HEADER: usize = 32;
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+const CRC32C: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
+/// Largest read of one scrub step (a bounded time under the device lock).
+const SCRUB_BYTES: usize = 1 << 20;
 
 /// Errors of the copy-on-write disk.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +82,23 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// An overlay block's data does not match its checksum.
+    #[error(
+        "disk overlay {path} is corrupted: the {len}-byte block at offset {offset} \
+         does not match its checksum (stored {expected:#010x}, read {found:#010x})"
+    )]
+    Corrupt {
+        /// The overlay.
+        path: PathBuf,
+        /// Byte offset of the block in the overlay (and on the disk).
+        offset: u64,
+        /// The block's length.
+        len: usize,
+        /// The checksum in the map.
+        expected: u32,
+        /// The checksum of what was read.
+        found: u32,
     },
     /// An overlay exists but its map does not (or the reverse).
     #[error("overlay {overlay} has no allocation map {map}: it cannot be used (delete it to start a fresh overlay)")]
@@ -104,6 +145,36 @@ pub fn map_path(overlay: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// CRC-32C (Castagnoli) of `data`: the CPU's `crc32` instruction where it
+/// has SSE4.2, else a slice-by-16 table.
+pub fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE4.2, the only requirement of the
+        // function (checked just above).
+        return unsafe { crc32c_sse42(data) };
+    }
+    CRC32C.checksum(data)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+fn crc32c_sse42(data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    let mut crc = u64::from(u32::MAX);
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(b));
+    }
+    let mut crc = crc as u32;
+    for &b in words.remainder() {
+        crc = _mm_crc32_u8(crc, b);
+    }
+    !crc
+}
+
 /// A base image with its overlay.
 #[derive(Debug)]
 pub struct CowDisk {
@@ -113,10 +184,24 @@ pub struct CowDisk {
     overlay_path: PathBuf,
     size: u64,
     map: PageBitmap,
-    /// The map changed since it was last persisted.
+    /// CRC32C of each block's overlay data (0 for blocks not written).
+    crcs: Vec<u32>,
+    /// The map or the checksums changed since they were last persisted.
     map_dirty: bool,
     /// Data was written since the last fdatasync.
     data_dirty: bool,
+    /// The overlay's inode is also a snapshot's (hard link): copy it away
+    /// before the next data write.
+    shared: bool,
+}
+
+/// What [`CowDisk::unshare`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnshareStats {
+    /// Blocks copied.
+    pub blocks: usize,
+    /// How long the copy (with its fdatasync and the rename) took.
+    pub elapsed: std::time::Duration,
 }
 
 impl CowDisk {
@@ -146,7 +231,7 @@ impl CowDisk {
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         }
-        let (overlay_file, map) = if exists {
+        let (overlay_file, map, crcs) = if exists {
             if !map_file.exists() {
                 return Err(Error::MissingMap {
                     overlay: overlay.to_owned(),
@@ -169,8 +254,8 @@ impl CowDisk {
                     found,
                 });
             }
-            let map = read_map(&map_file, size)?;
-            (f, map)
+            let (map, crcs) = read_map(&map_file, size)?;
+            (f, map, crcs)
         } else {
             let f = File::options()
                 .read(true)
@@ -179,7 +264,7 @@ impl CowDisk {
                 .open(overlay)
                 .map_err(io_err("creating overlay", overlay))?;
             f.set_len(size).map_err(io_err("sizing overlay", overlay))?;
-            (f, PageBitmap::new(blocks(size)))
+            (f, PageBitmap::new(blocks(size)), vec![0; blocks(size)])
         };
         let disk = CowDisk {
             base: base_file,
@@ -188,8 +273,10 @@ impl CowDisk {
             overlay_path: overlay.to_owned(),
             size,
             map,
+            crcs,
             map_dirty: false,
             data_dirty: false,
+            shared: false,
         };
         if !exists {
             disk.write_map_to(&map_file)?;
@@ -217,6 +304,12 @@ impl CowDisk {
         self.map.count_ones()
     }
 
+    /// Whether the overlay's data is shared with a snapshot (hard link)
+    /// and will be copied away before the next write.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<(), Error> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
@@ -228,7 +321,13 @@ impl CowDisk {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Byte range of block `b` (the last block may be short).
+    fn block_range(&self, b: u64) -> (u64, u64) {
+        (b * BLOCK, ((b + 1) * BLOCK).min(self.size))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; overlay blocks are checked
+    /// against their checksums ([`Error::Corrupt`]).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.check(offset, buf.len())?;
         let mut done = 0usize;
@@ -246,9 +345,7 @@ impl CowDisk {
             let n = (run_end - pos) as usize;
             let chunk = &mut buf[done..done + n];
             if allocated {
-                self.overlay
-                    .read_exact_at(chunk, pos)
-                    .map_err(io_err("reading overlay", &self.overlay_path))?;
+                self.read_verified(pos, chunk)?;
             } else {
                 self.base
                     .read_exact_at(chunk, pos)
@@ -259,43 +356,130 @@ impl CowDisk {
         Ok(())
     }
 
+    /// Reads `buf` at `pos` from the overlay (all its blocks written),
+    /// checking every block it touches (whole blocks are read to do so).
+    fn read_verified(&self, pos: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let end = pos + buf.len() as u64;
+        let first = pos / BLOCK;
+        let (bs, be) = (first * BLOCK, (end.div_ceil(BLOCK) * BLOCK).min(self.size));
+        if bs == pos && be == end {
+            self.overlay
+                .read_exact_at(buf, pos)
+                .map_err(io_err("reading overlay", &self.overlay_path))?;
+            return self.verify(first, buf);
+        }
+        let mut whole = vec![0u8; (be - bs) as usize];
+        self.overlay
+            .read_exact_at(&mut whole, bs)
+            .map_err(io_err("reading overlay", &self.overlay_path))?;
+        self.verify(first, &whole)?;
+        let o = (pos - bs) as usize;
+        buf.copy_from_slice(&whole[o..o + buf.len()]);
+        Ok(())
+    }
+
+    /// Checks `data`, whole blocks starting at block `first`.
+    fn verify(&self, first: u64, data: &[u8]) -> Result<(), Error> {
+        for (i, blk) in data.chunks(BLOCK as usize).enumerate() {
+            let b = first + i as u64;
+            let expected = self.crcs[b as usize];
+            let found = crc32c(blk);
+            if found != expected {
+                return Err(Error::Corrupt {
+                    path: self.overlay_path.clone(),
+                    offset: b * BLOCK,
+                    len: blk.len(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks up to about 1 MiB of written blocks from block `from` on;
+    /// returns where to go on (`None`: all checked). Used to check a whole
+    /// overlay in bounded steps.
+    pub fn scrub_step(&self, from: usize) -> Result<Option<usize>, Error> {
+        let Some(start) = self.map.next_one(from) else {
+            return Ok(None);
+        };
+        let max_blocks = SCRUB_BYTES / BLOCK as usize;
+        let end = self.map.next_zero(start).min(start + max_blocks);
+        let (bs, _) = self.block_range(start as u64);
+        let (_, be) = self.block_range(end as u64 - 1);
+        let mut buf = vec![0u8; (be - bs) as usize];
+        self.overlay
+            .read_exact_at(&mut buf, bs)
+            .map_err(io_err("reading overlay", &self.overlay_path))?;
+        self.verify(start as u64, &buf)?;
+        Ok(Some(end))
+    }
+
+    /// Checks every written block (see [`CowDisk::scrub_step`]); returns
+    /// how many were checked.
+    pub fn verify_all(&self) -> Result<usize, Error> {
+        let mut pos = 0;
+        while let Some(next) = self.scrub_step(pos)? {
+            pos = next;
+        }
+        Ok(self.allocated_blocks())
+    }
+
     /// Writes `buf` at `offset` into the overlay.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Error> {
         self.check(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
         }
-        let end = offset + buf.len() as u64;
-        // Partial blocks at either end that are not allocated yet: fill the
-        // overlay's copy from the base first.
-        let first = offset / BLOCK;
-        let last = (end - 1) / BLOCK;
-        for b in [first, last] {
-            let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.size));
-            let partial = offset > bs || end < be;
-            if partial && !self.map.get(b as usize) {
-                let mut tmp = vec![0u8; (be - bs) as usize];
-                self.base
-                    .read_exact_at(&mut tmp, bs)
-                    .map_err(io_err("reading base image", &self.base_path))?;
+        self.unshare()?;
+        let mut pos = offset;
+        let mut src = buf;
+        while !src.is_empty() {
+            let b = pos / BLOCK;
+            let (bs, be) = self.block_range(b);
+            let end = pos + src.len() as u64;
+            // Whole blocks from here: up to the last block boundary, or the
+            // end of the disk.
+            let whole_end = if end == self.size {
+                end
+            } else {
+                end / BLOCK * BLOCK
+            };
+            if pos == bs && whole_end > pos {
+                let n = (whole_end - pos) as usize;
                 self.overlay
-                    .write_all_at(&tmp, bs)
+                    .write_all_at(&src[..n], pos)
                     .map_err(io_err("writing overlay", &self.overlay_path))?;
-                self.map.set(b as usize);
-                self.map_dirty = true;
+                for (i, blk) in src[..n].chunks(BLOCK as usize).enumerate() {
+                    self.set_block(b as usize + i, crc32c(blk));
+                }
+                pos += n as u64;
+                src = &src[n..];
+                continue;
             }
-        }
-        self.overlay
-            .write_all_at(buf, offset)
-            .map_err(io_err("writing overlay", &self.overlay_path))?;
-        for b in first..=last {
-            if !self.map.get(b as usize) {
-                self.map.set(b as usize);
-                self.map_dirty = true;
-            }
+            // A partial block: merge with its current content (checked, if
+            // it is the overlay's) and write it whole.
+            let mut whole = vec![0u8; (be - bs) as usize];
+            self.read_at(bs, &mut whole)?;
+            let o = (pos - bs) as usize;
+            let n = (whole.len() - o).min(src.len());
+            whole[o..o + n].copy_from_slice(&src[..n]);
+            self.overlay
+                .write_all_at(&whole, bs)
+                .map_err(io_err("writing overlay", &self.overlay_path))?;
+            self.set_block(b as usize, crc32c(&whole));
+            pos += n as u64;
+            src = &src[n..];
         }
         self.data_dirty = true;
         Ok(())
+    }
+
+    fn set_block(&mut self, b: usize, crc: u32) {
+        self.map.set(b);
+        self.crcs[b] = crc;
+        self.map_dirty = true;
     }
 
     /// Makes everything written so far durable: the overlay's data
@@ -316,7 +500,8 @@ impl CowDisk {
 
     fn map_bytes(&self) -> Vec<u8> {
         let words = self.map.words();
-        let mut out = Vec::with_capacity(MAP_HEADER + words.len() * 8 + 8);
+        let n = self.map.count_ones();
+        let mut out = Vec::with_capacity(MAP_HEADER + words.len() * 8 + n * 4 + 8);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&MAP_VERSION.to_le_bytes());
         out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
@@ -324,6 +509,9 @@ impl CowDisk {
         out.extend_from_slice(&(words.len() as u64).to_le_bytes());
         for w in words {
             out.extend_from_slice(&w.to_le_bytes());
+        }
+        for b in self.map.iter_ones() {
+            out.extend_from_slice(&self.crcs[b].to_le_bytes());
         }
         let crc = CRC64.checksum(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -344,21 +532,96 @@ impl CowDisk {
     }
 
     /// Puts this disk's current state into `dir` as `<name>` (overlay) and
-    /// `<name>.map`: flushes, then reflinks, hard-links or sparse-copies
-    /// the overlay (see the module doc). Returns how it was stored.
+    /// `<name>.map`: flushes, then reflinks, hard-links or copies the
+    /// overlay (see the module doc). Returns how it was stored. After a
+    /// hard link the disk copies its overlay away before its next write,
+    /// so the snapshot never changes.
     pub fn save_into(&mut self, dir: &Path, name: &str) -> Result<&'static str, Error> {
         self.flush()?;
         let dst = dir.join(name);
         let how = if reflink(&self.overlay, &dst).is_ok() {
             "reflink"
         } else if fs::hard_link(&self.overlay_path, &dst).is_ok() {
+            self.shared = true;
             "hard link"
         } else {
-            sparse_copy(&self.overlay, &self.overlay_path, &dst, self.size)?;
+            let out = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&dst)
+                .map_err(io_err("creating", &dst))?;
+            self.copy_blocks_to(&out, &dst)?;
+            out.sync_all().map_err(io_err("syncing", &dst))?;
             "copy"
         };
         self.write_map_to(&map_path(&dst))?;
         Ok(how)
+    }
+
+    /// Copies the written blocks into `out` (sized like the overlay,
+    /// sparse elsewhere).
+    fn copy_blocks_to(&self, out: &File, out_path: &Path) -> Result<(), Error> {
+        out.set_len(self.size).map_err(io_err("sizing", out_path))?;
+        for (s, e) in self.map.iter_runs() {
+            let (bs, _) = self.block_range(s as u64);
+            let (_, be) = self.block_range(e as u64 - 1);
+            copy_range(&self.overlay, out, bs, be - bs).map_err(|source| Error::Io {
+                op: "copying overlay blocks to",
+                path: out_path.to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// If the overlay's data is shared with a snapshot, copies the written
+    /// blocks into a new file and renames it over the overlay's path, so
+    /// that writes from now on leave the snapshot alone. Returns what it
+    /// copied (`None`: nothing was shared).
+    pub fn unshare(&mut self) -> Result<Option<UnshareStats>, Error> {
+        if !self.shared {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let mut tmp = self.overlay_path.as_os_str().to_owned();
+        tmp.push(format!(".unshare-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("creating", &tmp))?;
+        let copied = self
+            .copy_blocks_to(&out, &tmp)
+            .and_then(|()| out.sync_data().map_err(io_err("syncing", &tmp)))
+            .and_then(|()| {
+                fs::rename(&tmp, &self.overlay_path)
+                    .map_err(io_err("renaming the copied overlay to", &self.overlay_path))
+            });
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Some(parent) = self.overlay_path.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        self.overlay = out;
+        self.shared = false;
+        let stats = UnshareStats {
+            blocks: self.allocated_blocks(),
+            elapsed: t.elapsed(),
+        };
+        tracing::info!(
+            overlay = %self.overlay_path.display(),
+            blocks = stats.blocks,
+            ms = stats.elapsed.as_secs_f64() * 1e3,
+            "disk overlay copied away from the snapshot sharing it before the first write after the snapshot"
+        );
+        Ok(Some(stats))
     }
 }
 
@@ -374,8 +637,9 @@ fn blocks(size: u64) -> usize {
     size.div_ceil(BLOCK) as usize
 }
 
-/// Reads and checks a map file for a disk of `size` bytes.
-pub fn read_map(path: &Path, size: u64) -> Result<PageBitmap, Error> {
+/// Reads and checks a map file for a disk of `size` bytes: the allocation
+/// bitmap and each block's CRC32C (0 for blocks not written).
+pub fn read_map(path: &Path, size: u64) -> Result<(PageBitmap, Vec<u32>), Error> {
     let bytes = fs::read(path).map_err(io_err("reading", path))?;
     let bad = |why: String| Error::BadMap {
         path: path.to_owned(),
@@ -394,23 +658,42 @@ pub fn read_map(path: &Path, size: u64) -> Result<PageBitmap, Error> {
         b.copy_from_slice(&bytes[o..o + 8]);
         u64::from_le_bytes(b)
     };
-    if u32_at(8) != MAP_VERSION {
-        return Err(bad(format!("unsupported version {}", u32_at(8))));
+    match u32_at(8) {
+        MAP_VERSION => {}
+        1 => {
+            return Err(bad(format!(
+                "version 1 (an older stasis, without data checksums); this stasis reads version \
+                 {MAP_VERSION} only"
+            )))
+        }
+        v => return Err(bad(format!("unsupported version {v}"))),
+    }
+    // The checksum is the file's last 8 bytes whatever its layout: check
+    // it before trusting any count.
+    let crc_off = bytes.len() - 8;
+    if CRC64.checksum(&bytes[..crc_off]) != u64_at(crc_off) {
+        return Err(bad("checksum mismatch (corrupted or truncated)".into()));
     }
     if u64::from(u32_at(12)) != BLOCK {
         return Err(bad(format!("block size {} (expected {BLOCK})", u32_at(12))));
     }
     let words = u64_at(24);
-    let expected_len = (words as u128) * 8 + MAP_HEADER as u128 + 8;
-    if expected_len != bytes.len() as u128 {
+    let words_end = (words as u128) * 8 + MAP_HEADER as u128;
+    if words_end + 8 > bytes.len() as u128 {
         return Err(bad(format!(
-            "truncated or padded: {} bytes for {words} words",
+            "truncated: {} bytes for {words} words",
             bytes.len()
         )));
     }
-    let crc_off = bytes.len() - 8;
-    if CRC64.checksum(&bytes[..crc_off]) != u64_at(crc_off) {
-        return Err(bad("checksum mismatch (corrupted)".into()));
+    let words_end = words_end as usize;
+    let ones: u128 = (0..words as usize)
+        .map(|i| u128::from(u64_at(MAP_HEADER + 8 * i).count_ones()))
+        .sum();
+    if words_end as u128 + ones * 4 + 8 != bytes.len() as u128 {
+        return Err(bad(format!(
+            "truncated or padded: {} bytes for {words} words and {ones} block checksums",
+            bytes.len()
+        )));
     }
     if u64_at(16) != size {
         return Err(bad(format!(
@@ -421,8 +704,57 @@ pub fn read_map(path: &Path, size: u64) -> Result<PageBitmap, Error> {
     let w: Vec<u64> = (0..words as usize)
         .map(|i| u64_at(MAP_HEADER + 8 * i))
         .collect();
-    PageBitmap::from_words(blocks(size), w)
-        .ok_or_else(|| bad("word count does not match the disk size".into()))
+    let map = PageBitmap::from_words(blocks(size), w)
+        .ok_or_else(|| bad("word count does not match the disk size".into()))?;
+    if map.count_ones() as u128 != ones {
+        return Err(bad("blocks marked written past the end of the disk".into()));
+    }
+    let mut crcs = vec![0u32; blocks(size)];
+    for (i, b) in map.iter_ones().enumerate() {
+        crcs[b] = u32_at(words_end + 4 * i);
+    }
+    Ok((map, crcs))
+}
+
+/// Copies `len` bytes at `off` from `src` to the same offset in `dst`:
+/// `copy_file_range` (in the kernel; a reflink where the filesystem can),
+/// else read and write.
+fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut a = (off + done) as i64;
+        let mut b = a;
+        let want = ((len - done) as usize).min(1 << 30);
+        // SAFETY: both descriptors are open files we own; the offsets are
+        // valid pointers to locals that live across the call.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, want, 0)
+        };
+        if n > 0 {
+            done += n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source ended early",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => break,
+            _ => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; (len - done).min(1 << 20) as usize];
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off + done)?;
+        dst.write_all_at(&buf[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// FICLONE: an independent copy sharing extents (btrfs, XFS).
@@ -439,41 +771,6 @@ fn reflink(src: &File, dst: &Path) -> io::Result<()> {
     drop(out);
     let _ = fs::remove_file(dst);
     Err(e)
-}
-
-/// Copies only the data extents of `src` (SEEK_DATA/SEEK_HOLE).
-fn sparse_copy(src: &File, src_path: &Path, dst: &Path, size: u64) -> Result<(), Error> {
-    let out = File::options()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .map_err(io_err("creating", dst))?;
-    out.set_len(size).map_err(io_err("sizing", dst))?;
-    let fd = src.as_raw_fd();
-    let mut pos: i64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    while (pos as u64) < size {
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data past pos
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { size as i64 } else { hole };
-        let mut off = data as u64;
-        while off < hole as u64 {
-            let n = ((hole as u64 - off) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], off)
-                .map_err(io_err("reading overlay", src_path))?;
-            out.write_all_at(&buf[..n], off)
-                .map_err(io_err("writing", dst))?;
-            off += n as u64;
-        }
-        pos = hole;
-    }
-    out.sync_all().map_err(io_err("syncing", dst))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -587,37 +884,167 @@ mod tests {
     fn save_into_keeps_the_state_at_save_time() {
         let d = tempfile::tempdir().unwrap();
         let b = base(d.path(), 64 * 1024);
-        let mut disk = CowDisk::open(&b, &d.path().join("ov")).unwrap();
+        let ov = d.path().join("ov");
+        let mut disk = CowDisk::open(&b, &ov).unwrap();
         disk.write_at(0, b"one").unwrap();
         let snap = d.path().join("snap");
         fs::create_dir(&snap).unwrap();
-        disk.save_into(&snap, "disk").unwrap();
-        // A block first written after the save is not in the saved map.
+        let how = disk.save_into(&snap, "disk").unwrap();
+        // The running disk overwrites the saved block and writes a new one.
+        disk.write_at(0, b"ONE").unwrap();
         disk.write_at(8192, b"two").unwrap();
         disk.flush().unwrap();
+        if how == "hard link" {
+            assert!(!disk.is_shared());
+            use std::os::unix::fs::MetadataExt;
+            assert_ne!(
+                fs::metadata(&ov).unwrap().ino(),
+                fs::metadata(snap.join("disk")).unwrap().ino(),
+                "the live overlay still shares the snapshot's inode"
+            );
+        }
         let saved = CowDisk::open(&b, &snap.join("disk")).unwrap();
+        assert_eq!(saved.verify_all().unwrap(), 1);
         let mut buf = [0u8; 3];
         saved.read_at(0, &mut buf).unwrap();
-        assert_eq!(&buf, b"one");
+        assert_eq!(&buf, b"one", "stored as {how}");
         saved.read_at(8192, &mut buf).unwrap();
         assert_eq!(buf, [8192 % 251, 8193 % 251, 8194 % 251].map(|x| x as u8));
-        let mut sc = snap.clone();
-        sc.set_file_name("copy");
-        fs::create_dir(&sc).unwrap();
-        sparse_copy(
-            &saved.overlay,
-            &snap.join("disk"),
-            &sc.join("disk"),
-            saved.size,
-        )
-        .unwrap();
-        let mut a = vec![0u8; 64 * 1024];
-        let mut c = vec![0u8; 64 * 1024];
-        saved.overlay.read_exact_at(&mut a, 0).unwrap();
-        File::open(sc.join("disk"))
-            .unwrap()
-            .read_exact_at(&mut c, 0)
+        // The live disk has its new content.
+        let mut live = [0u8; 3];
+        disk.read_at(0, &mut live).unwrap();
+        assert_eq!(&live, b"ONE");
+        // The copy used across filesystems holds the same data.
+        let c = d.path().join("copy");
+        let out = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&c)
             .unwrap();
-        assert_eq!(a, c);
+        saved.copy_blocks_to(&out, &c).unwrap();
+        let mut a = vec![0u8; 64 * 1024];
+        let mut cc = vec![0u8; 64 * 1024];
+        saved.overlay.read_exact_at(&mut a, 0).unwrap();
+        File::open(&c).unwrap().read_exact_at(&mut cc, 0).unwrap();
+        assert_eq!(a, cc);
+    }
+
+    #[test]
+    fn crc32c_matches_the_reference() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(CRC32C.checksum(b"123456789"), 0xe306_9283);
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for n in [0, 1, 7, 8, 9, 4095, 4096, 5000] {
+            assert_eq!(crc32c(&data[..n]), CRC32C.checksum(&data[..n]), "{n}");
+        }
+    }
+
+    #[test]
+    fn unaligned_writes_keep_checksums_across_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        // A size that is not a multiple of the block.
+        let b = base(d.path(), 5 * 4096 + 100);
+        let ov = d.path().join("ov");
+        let orig = fs::read(&b).unwrap();
+        let mut want = orig.clone();
+        {
+            let mut disk = CowDisk::open(&b, &ov).unwrap();
+            for (off, len, v) in [
+                (100u64, 50usize, 1u8),
+                (4000, 5000, 2),
+                (4096, 4096, 3),
+                (5 * 4096 + 10, 90, 4),
+                (130, 10, 5),
+            ] {
+                disk.write_at(off, &vec![v; len]).unwrap();
+                want[off as usize..off as usize + len].fill(v);
+            }
+            let mut all = vec![0u8; want.len()];
+            disk.read_at(0, &mut all).unwrap();
+            assert_eq!(all, want);
+        }
+        let disk = CowDisk::open(&b, &ov).unwrap();
+        assert_eq!(disk.verify_all().unwrap(), 4);
+        for (off, len) in [
+            (0usize, want.len()),
+            (99, 3),
+            (4095, 2),
+            (5 * 4096 + 50, 50),
+        ] {
+            let mut got = vec![0u8; len];
+            disk.read_at(off as u64, &mut got).unwrap();
+            assert_eq!(got, want[off..off + len], "{off}+{len}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_overlay_byte_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path(), 64 * 1024);
+        let ov = d.path().join("ov");
+        {
+            let mut disk = CowDisk::open(&b, &ov).unwrap();
+            disk.write_at(0, &[7u8; 3 * 4096]).unwrap();
+        }
+        let f = File::options().read(true).write(true).open(&ov).unwrap();
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, 4096 + 17).unwrap();
+        f.write_all_at(&[byte[0] ^ 0x20], 4096 + 17).unwrap();
+        let mut disk = CowDisk::open(&b, &ov).unwrap();
+        let is_corrupt_at = |e: Error, want: u64| match e {
+            Error::Corrupt {
+                offset, ref path, ..
+            } if offset == want && path == &ov => {
+                let m = e.to_string();
+                assert!(m.contains("offset 4096") && m.contains("checksum"), "{m}");
+            }
+            e => panic!("expected corruption at {want}, got {e}"),
+        };
+        // Any read touching the block fails; others do not.
+        let mut buf = [0u8; 10];
+        is_corrupt_at(disk.read_at(4096 + 100, &mut buf).unwrap_err(), 4096);
+        is_corrupt_at(disk.read_at(4090, &mut buf).unwrap_err(), 4096);
+        disk.read_at(0, &mut buf).unwrap();
+        disk.read_at(8192, &mut buf).unwrap();
+        is_corrupt_at(disk.verify_all().unwrap_err(), 4096);
+        // A partial write would merge with bad data: refused.
+        is_corrupt_at(disk.write_at(4096 + 1, b"x").unwrap_err(), 4096);
+        // A whole-block write replaces it.
+        disk.write_at(4096, &[9u8; 4096]).unwrap();
+        assert_eq!(disk.verify_all().unwrap(), 3);
+    }
+
+    #[test]
+    fn an_old_version_map_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path(), 64 * 1024);
+        let ov = d.path().join("ov");
+        drop(CowDisk::open(&b, &ov).unwrap());
+        // A version-1 map: header and words, no block checksums.
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+        v1.extend_from_slice(&(64u64 * 1024).to_le_bytes());
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        let c = CRC64.checksum(&v1);
+        v1.extend_from_slice(&c.to_le_bytes());
+        fs::write(map_path(&ov), &v1).unwrap();
+        let e = CowDisk::open(&b, &ov).unwrap_err().to_string();
+        assert!(
+            e.contains("version 1") && e.contains("without data checksums"),
+            "{e}"
+        );
+        // A checksum missing from a version-2 map.
+        let mut v2 = v1.clone();
+        v2[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
+        let n = v2.len() - 8;
+        v2.truncate(n);
+        let c = CRC64.checksum(&v2);
+        v2.extend_from_slice(&c.to_le_bytes());
+        fs::write(map_path(&ov), &v2).unwrap();
+        let e = CowDisk::open(&b, &ov).unwrap_err().to_string();
+        assert!(e.contains("block checksums"), "{e}");
     }
 }

@@ -24,8 +24,18 @@
 //! in place: a restored VM writes to the snapshot's overlay, so a snapshot
 //! is resumed once (what the API does: the next pause writes a new snapshot
 //! and removes the old one). To resume one snapshot several times, copy its
-//! directory first. The vsock device comes back with no connections: the
+//! directory first. A VM that runs on after a snapshot never changes it
+//! (the disk copies a hard-linked overlay away before its next write, see
+//! [`cow`]). The vsock device comes back with no connections: the
 //! multiplexer is reset and the guest gets a transport-reset event.
+//!
+//! Disk integrity: when an existing overlay is opened (a restore, or a
+//! reused `--overlay`), a background thread checks every written block
+//! against its checksum, in 1 MiB steps under the device's lock (so never
+//! against a half-done write). Its first mismatch, or one found by a guest
+//! read, is the VM's [`block::DiskFault`]: [`Virtio::disk_fault`] reports
+//! it and the notifier given to [`Virtio::on_disk_fault`] is called, and
+//! the VM stops with that error.
 
 pub mod block;
 pub mod cow;
@@ -33,6 +43,7 @@ pub mod mmio;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -42,7 +53,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::block::Block;
+use self::block::{Block, DiskFault};
 use self::cow::CowDisk;
 use self::mmio::{Interrupt, Transport, TransportState};
 use self::vsock::Vsock;
@@ -298,6 +309,25 @@ pub struct Virtio {
     /// A temporary overlay to remove with the VM.
     temp_overlay: Option<PathBuf>,
     running: Option<Running>,
+    /// The disk's integrity errors.
+    disk_fault: Option<Arc<DiskFault>>,
+    /// The background check of an existing overlay.
+    scrub: Scrub,
+}
+
+/// The background check of an overlay's written blocks.
+#[derive(Default)]
+enum Scrub {
+    /// Nothing to check.
+    #[default]
+    None,
+    /// To start with the device thread.
+    Pending,
+    /// Running (or done).
+    Started {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<()>,
+    },
 }
 
 impl Virtio {
@@ -309,6 +339,8 @@ impl Virtio {
             vsock_uds: None,
             temp_overlay: None,
             running: None,
+            disk_fault: None,
+            scrub: Scrub::None,
         }
     }
 
@@ -330,8 +362,13 @@ impl Virtio {
             if temp {
                 v.temp_overlay = Some(overlay);
             }
+            if disk.allocated_blocks() > 0 {
+                v.scrub = Scrub::Pending;
+            }
             let irq = Interrupt::new().map_err(sys("an interrupt eventfd"))?;
-            v.add(vm, Device::Block(Transport::new(Block::new(disk), irq)))?;
+            let blk = Block::new(disk);
+            v.disk_fault = Some(blk.fault().clone());
+            v.add(vm, Device::Block(Transport::new(blk, irq)))?;
         }
         if let Some(uds) = vsock_uds {
             let muxer = Muxer::new(uds, crate::vsock::GUEST_CID)?;
@@ -374,10 +411,12 @@ impl Virtio {
                             disk.size()
                         )));
                     }
-                    Device::Block(
-                        Transport::restore(Block::new(disk), interrupt, &d.transport)
-                            .map_err(bad)?,
-                    )
+                    if disk.allocated_blocks() > 0 {
+                        v.scrub = Scrub::Pending;
+                    }
+                    let blk = Block::new(disk);
+                    v.disk_fault = Some(blk.fault().clone());
+                    Device::Block(Transport::restore(blk, interrupt, &d.transport).map_err(bad)?)
                 }
                 DeviceKind::Vsock { cid, uds: saved } => {
                     let uds = vsock_uds
@@ -474,6 +513,53 @@ impl Virtio {
         Ok(())
     }
 
+    /// The first disk-integrity error (a block that failed its checksum,
+    /// read by the guest or found by the background check), if any.
+    pub fn disk_fault(&self) -> Option<String> {
+        self.disk_fault.as_ref().and_then(|f| f.get())
+    }
+
+    /// Calls `f` (from a device or checking thread) when the disk records
+    /// an integrity error.
+    pub fn on_disk_fault(&self, f: impl Fn() + Send + 'static) {
+        if let Some(fault) = &self.disk_fault {
+            fault.set_notify(Box::new(f));
+        }
+    }
+
+    /// Runs `f` on the disk between two requests (`None`: no disk).
+    pub fn with_disk<R>(&self, f: impl FnOnce(&mut CowDisk) -> R) -> Option<R> {
+        for s in &self.slots {
+            if let Device::Block(t) = &mut *lock(&s.dev) {
+                return Some(f(t.device.disk_mut()));
+            }
+        }
+        None
+    }
+
+    /// Starts the background check of the overlay's written blocks.
+    fn start_scrub(&mut self) -> Result<(), Error> {
+        let Some(fault) = self.disk_fault.clone() else {
+            return Ok(());
+        };
+        let Some(dev) = self
+            .slots
+            .iter()
+            .find(|s| matches!(&*lock(&s.dev), Device::Block(_)))
+            .map(|s| s.dev.clone())
+        else {
+            return Ok(());
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("disk-check".into())
+            .spawn(move || scrub_thread(dev, fault, stop2))
+            .map_err(sys("the disk check thread"))?;
+        self.scrub = Scrub::Started { stop, thread };
+        Ok(())
+    }
+
     /// Makes the disk's writes durable.
     pub fn flush(&self) -> Result<(), Error> {
         for s in &self.slots {
@@ -488,6 +574,9 @@ impl Virtio {
     pub fn start(&mut self) -> Result<(), Error> {
         if self.slots.is_empty() || self.running.is_some() {
             return Ok(());
+        }
+        if matches!(self.scrub, Scrub::Pending) {
+            self.start_scrub()?;
         }
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(sys("the stop eventfd"))?;
         let epoll = Epoll::new().map_err(sys("an epoll instance"))?;
@@ -544,6 +633,12 @@ impl Virtio {
 impl Drop for Virtio {
     fn drop(&mut self) {
         self.stop();
+        if let Scrub::Started { stop, thread } = std::mem::take(&mut self.scrub) {
+            stop.store(true, Ordering::Relaxed);
+            if thread.join().is_err() {
+                tracing::error!("virtio: the disk check thread panicked");
+            }
+        }
         // Close the disk before removing a temporary overlay.
         self.slots.clear();
         if let Some(p) = self.temp_overlay.take() {
@@ -575,6 +670,37 @@ fn token(dev: usize, q: usize) -> u64 {
 }
 
 type ThreadDevices = Vec<(Arc<Mutex<Device>>, Vec<EventFd>)>;
+
+/// Checks every written block of the block device's overlay, one step at a
+/// time under the device lock; records the first mismatch in `fault`.
+fn scrub_thread(dev: Arc<Mutex<Device>>, fault: Arc<DiskFault>, stop: Arc<AtomicBool>) {
+    let t = std::time::Instant::now();
+    let mut pos = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let step = match &*lock(&dev) {
+            Device::Block(b) => b.device.disk().scrub_step(pos),
+            Device::Vsock(_) => return,
+        };
+        match step {
+            Ok(Some(next)) => pos = next,
+            Ok(None) => {
+                tracing::debug!(
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "disk overlay: every written block matches its checksum"
+                );
+                return;
+            }
+            Err(e @ cow::Error::Corrupt { .. }) => {
+                fault.record(&e);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("disk overlay check stopped: {e}");
+                return;
+            }
+        }
+    }
+}
 
 /// The device thread: processes every queue once, then serves events until
 /// told to stop.
