@@ -4,7 +4,12 @@
 //! (tests/interpreter, pytest): results and rich outputs, streams, errors,
 //! contexts (python and bash), env vars, timeouts that interrupt the kernel,
 //! client disconnects, a crashing kernel, 20 MiB of stdout, bad input.
-//! No KVM needed. The venv comes from PyPI (see tests/interpreter/run.sh).
+//! Then (tests/interpreter/sdk) the seed's persistence flow written with
+//! `run_code`, through the real Python and JS SDKs against `stasis serve
+//! --backend fake --domain sandbox.test --tls-listen ...`: the SDKs reach
+//! the interpreter at `https://49999-{id}.sandbox.test` exactly as a
+//! self-hosted user's code does (only DNS is stood in for). No KVM needed.
+//! The venv and the JS SDK come from PyPI and npm (tests/interpreter/run.sh).
 
 use std::process::Command;
 
@@ -13,6 +18,7 @@ fn sdk_run_code_against_the_interpreter_server() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interpreter/run.sh");
     let out = Command::new("bash")
         .arg(script)
+        .env("STASIS_BIN", env!("CARGO_BIN_EXE_stasis"))
         .output()
         .expect("run tests/interpreter/run.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

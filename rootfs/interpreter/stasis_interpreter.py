@@ -207,10 +207,11 @@ class PythonContext:
 
     def _silent(self, code: str) -> None:
         """Runs bookkeeping code (env vars) without output or history."""
-        msg_id = self.kc.execute(code, silent=True, store_history=False)
+        msg_id = self.kc.execute(code, silent=True, store_history=False, stop_on_error=False)
         self._wait_reply(msg_id, None)
 
-    def _wait_reply(self, msg_id: str, sink: Sink | None) -> None:
+    def _wait_reply(self, msg_id: str, sink: Sink | None) -> dict:
+        """The shell reply to `msg_id` (its content)."""
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -222,7 +223,7 @@ class PythonContext:
                     raise ApiError(500, "the kernel did not answer")
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
-                return
+                return reply.get("content", {})
 
     def execute(self, code: str, env_vars: dict | None, sink: Sink) -> None:
         if not self.alive():
@@ -247,7 +248,10 @@ class PythonContext:
                 )
 
     def _run(self, code: str, sink: Sink) -> None:
-        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False)
+        # stop_on_error=False: with the default, ipykernel aborts requests
+        # that reach it just after a failed one (an interrupted execution is
+        # one), and the next call would silently return nothing.
+        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
         interrupted = False
         while True:
             try:
@@ -294,11 +298,16 @@ class PythonContext:
                 out = {"type": "number_of_executions",
                        "execution_count": content.get("execution_count")}
             elif kind == "status" and content.get("execution_state") == "idle":
-                # Collect the shell reply so the channel does not fill up.
+                # Collect the shell reply (so the channel does not fill up);
+                # an aborted request ran nothing and must not look like a
+                # silent success.
                 try:
-                    self._wait_reply(msg_id, None)
+                    reply = self._wait_reply(msg_id, None)
                 except ApiError:
-                    pass
+                    reply = {}
+                if reply.get("status") == "aborted" and not interrupted:
+                    sink.send({"type": "error", "name": "ExecutionAborted",
+                               "value": "the kernel aborted this execution", "traceback": ""})
                 return
             if out is not None and not interrupted:
                 try:

@@ -62,6 +62,8 @@ const TIMER_MAX_SLEEP: Duration = Duration::from_secs(5);
 /// Templates that exist without a file: the built-in test guest, or the
 /// server's Linux template (`stasis serve --kernel K --rootfs R`).
 pub const BUILTIN_TEMPLATES: [&str; 2] = ["base", "code-interpreter-v1"];
+/// The code interpreter's port in a sandbox (the SDK's `JUPYTER_PORT`).
+pub const JUPYTER_PORT: u16 = 49999;
 /// How long `GET /sandboxes/{id}` waits for the agent's health answer.
 const AGENT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Between two health probes while a new sandbox's agent starts.
@@ -77,6 +79,9 @@ pub const DISK_OVERLAY: &str = "disk.overlay";
 pub struct LinuxTemplate {
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
+    /// The code-interpreter image (`rootfs/build-image.sh
+    /// --code-interpreter`) for `code-interpreter-v1`; default: `rootfs`.
+    pub interpreter_rootfs: Option<PathBuf>,
     pub cmdline: String,
     pub memory_mb: u64,
     pub vcpus: u8,
@@ -97,6 +102,12 @@ pub struct Config {
     pub linux: Option<LinuxTemplate>,
     /// Longest wait for a new sandbox's agent to answer.
     pub agent_timeout: Duration,
+    /// Returned as `domain` by create/connect/get: the SDK then addresses a
+    /// sandbox's ports at `{port}-{id}.{domain}`.
+    pub domain: Option<String>,
+    /// Fake backend: the Python that runs the code-interpreter server of
+    /// templates with `"interpreter": true` (needs jupyter-client, ipykernel).
+    pub interpreter_python: String,
 }
 
 struct Rec {
@@ -149,6 +160,9 @@ struct Template {
     rootfs: Option<PathBuf>,
     /// The guest runs the stasis agent (reached over vsock).
     agent: bool,
+    /// The sandbox serves the code interpreter on port 49999 (in a Linux
+    /// guest its image's init runs it; the fake backend's host agent runs it).
+    interpreter: bool,
 }
 
 /// `<data-dir>/templates/<name>.json`.
@@ -172,6 +186,9 @@ struct TemplateFile {
     /// Whether the guest runs the stasis agent (envd API over vsock).
     #[serde(default)]
     agent: bool,
+    /// Whether the sandbox serves the code interpreter (port 49999).
+    #[serde(default)]
+    interpreter: bool,
 }
 
 /// Default kernel command line of Linux templates (the VMM appends its
@@ -523,18 +540,24 @@ impl Manager {
                         console: ConsoleSpec::Sink,
                         disk: None,
                         vsock: None,
+                        interpreter: None,
                     },
                     cpu_count: u32::from(f.vcpus),
                     memory_mb: f.memory_mb,
                     disk_mb,
                     rootfs: f.rootfs,
                     agent: f.agent,
+                    interpreter: f.interpreter && f.agent,
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(internal(&format!("reading template {name:?}"), e)),
         }
         if let (true, Some(l)) = (BUILTIN_TEMPLATES.contains(&name), &self.cfg.linux) {
+            let rootfs = match (&l.interpreter_rootfs, name) {
+                (Some(r), "code-interpreter-v1") => r,
+                _ => &l.rootfs,
+            };
             return Ok(Template {
                 boot: BootConfig {
                     kernel: KernelSpec::Path(l.kernel.clone()),
@@ -545,12 +568,14 @@ impl Manager {
                     console: ConsoleSpec::Sink,
                     disk: None,
                     vsock: None,
+                    interpreter: None,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
-                disk_mb: file_mb(&l.rootfs).await,
-                rootfs: Some(l.rootfs.clone()),
+                disk_mb: file_mb(rootfs).await,
+                rootfs: Some(rootfs.clone()),
                 agent: true,
+                interpreter: name == "code-interpreter-v1",
             });
         }
         if BUILTIN_TEMPLATES.contains(&name) {
@@ -573,12 +598,14 @@ impl Manager {
                     console: ConsoleSpec::Sink,
                     disk: None,
                     vsock: None,
+                    interpreter: None,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
                 disk_mb: 0,
                 rootfs: None,
                 agent: false,
+                interpreter: false,
             });
         }
         Err(ApiError::bad_request(format!(
@@ -617,6 +644,7 @@ impl Manager {
         &self,
         worker: &WorkerClient,
         socket: &std::path::Path,
+        interpreter: bool,
     ) -> Result<(), String> {
         let limit = self.cfg.agent_timeout;
         let deadline = std::time::Instant::now() + limit;
@@ -632,9 +660,23 @@ impl Manager {
                     limit.as_secs_f64()
                 ));
             }
-            match proxy::probe_health(socket, left.min(Duration::from_secs(5))).await {
+            // The agent first; then, for code-interpreter sandboxes, the
+            // interpreter, so the first run_code finds it listening.
+            let probe = async {
+                let t = left.min(Duration::from_secs(5));
+                proxy::probe_health(socket, crate::vsock::ENVD_PORT as u16, t)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if interpreter {
+                    proxy::probe_health(socket, JUPYTER_PORT, t)
+                        .await
+                        .map_err(|e| format!("the agent answers; the code interpreter: {e}"))?;
+                }
+                Ok::<(), String>(())
+            };
+            match probe.await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = e.to_string(),
+                Err(e) => last = e,
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             tokio::time::sleep(AGENT_POLL.min(left)).await;
@@ -742,7 +784,7 @@ impl Manager {
         }
     }
 
-    fn sandbox_out(row: &Row) -> SandboxOut {
+    fn sandbox_out(&self, row: &Row) -> SandboxOut {
         SandboxOut {
             sandbox_id: row.id.clone(),
             template_id: row.template_id.clone(),
@@ -750,7 +792,7 @@ impl Manager {
             envd_version: envd_version(row),
             envd_access_token: row.envd_token.clone(),
             alias: row.alias.clone(),
-            domain: None,
+            domain: self.cfg.domain.clone(),
         }
     }
 
@@ -822,6 +864,9 @@ impl Manager {
         if template.agent {
             template.boot.vsock = Some(vsock.clone());
         }
+        if template.interpreter && self.cfg.backend == BackendKind::Fake {
+            template.boot.interpreter = Some(self.cfg.interpreter_python.clone());
+        }
         let fail = |msg: String| {
             let dir = dir.clone();
             let vsock = vsock.clone();
@@ -854,7 +899,10 @@ impl Manager {
         };
         if template.agent {
             let waited = std::time::Instant::now();
-            if let Err(why) = self.wait_for_agent(&worker, &vsock).await {
+            if let Err(why) = self
+                .wait_for_agent(&worker, &vsock, template.interpreter)
+                .await
+            {
                 let tail = console_tail(&dir.join("console.log"), 20);
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 tracing::warn!(sandbox = %id, "agent never answered: {why}");
@@ -906,7 +954,7 @@ impl Manager {
             worker.shutdown(SHUTDOWN_GRACE).await;
             return Err(fail(e.message).await);
         }
-        let out = Self::sandbox_out(&row);
+        let out = self.sandbox_out(&row);
         let entry = Arc::new(Entry {
             id: id.clone(),
             op: tokio::sync::Mutex::new(()),
@@ -968,7 +1016,12 @@ impl Manager {
             (true, RowState::Paused, _) => Some("paused".to_string()),
             (true, RowState::Running, Some(b)) => Some(b.to_string()),
             (true, RowState::Running, None) => {
-                let probe = proxy::probe_health(&self.vsock_path(id), AGENT_PROBE_TIMEOUT).await;
+                let probe = proxy::probe_health(
+                    &self.vsock_path(id),
+                    crate::vsock::ENVD_PORT as u16,
+                    AGENT_PROBE_TIMEOUT,
+                )
+                .await;
                 let mut r = e.rec();
                 match probe {
                     Ok(()) => {
@@ -985,7 +1038,7 @@ impl Manager {
         };
         Ok(DetailOut {
             listed: self.listed_out(&row),
-            domain: None,
+            domain: self.cfg.domain.clone(),
             allow_internet_access: row.allow_internet,
             lifecycle: LifecycleOut {
                 on_timeout: if row.on_timeout_pause {
@@ -1251,11 +1304,11 @@ impl Manager {
                     self.timer.notify_one();
                     tracing::info!(sandbox = %id, timeout_s = timeout, "timeout extended by connect");
                 }
-                Ok((false, Self::sandbox_out(&e.rec().row)))
+                Ok((false, self.sandbox_out(&e.rec().row)))
             }
             RowState::Paused => {
                 let row = self.do_resume(&e, timeout).await?;
-                Ok((true, Self::sandbox_out(&row)))
+                Ok((true, self.sandbox_out(&row)))
             }
         }
     }
@@ -1279,7 +1332,7 @@ impl Manager {
             e.rec().row.on_timeout_pause = p;
         }
         let row = self.do_resume(&e, timeout).await?;
-        Ok(Self::sandbox_out(&row))
+        Ok(self.sandbox_out(&row))
     }
 
     /// `POST /sandboxes/{id}/timeout`.

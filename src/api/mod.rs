@@ -87,6 +87,16 @@ pub struct ServeOptions {
     /// the restart) within this long; the rest are stopped. Zero: stop them
     /// all at once, as after a crash.
     pub shutdown_pause: Duration,
+    /// Sandbox domain: returned as `domain` by create/connect, so the SDK
+    /// addresses sandbox ports at `{port}-{id}.{domain}`.
+    pub domain: Option<String>,
+    /// Serve the same routes over TLS here (with a certificate for the
+    /// domain and `*.domain`); needs `domain`.
+    pub tls_listen: Option<SocketAddr>,
+    /// Where the TLS certificate comes from.
+    pub tls_source: Option<tls::CertSource>,
+    /// Fake backend: the Python that runs code-interpreter servers.
+    pub interpreter_python: String,
 }
 
 impl Default for ServeOptions {
@@ -107,6 +117,10 @@ impl Default for ServeOptions {
             agent_timeout: Duration::from_secs(180),
             sandbox_listen: None,
             shutdown_pause: Duration::from_secs(60),
+            domain: None,
+            tls_listen: None,
+            tls_source: None,
+            interpreter_python: "python3".into(),
         }
     }
 }
@@ -168,6 +182,29 @@ pub struct ServeArgs {
     /// 0 stops them all at once (they are lost, as after a crash).
     #[arg(long, default_value_t = 60)]
     pub shutdown_pause_secs: u64,
+    /// Code-interpreter image for `code-interpreter-v1` (rootfs/build-image.sh
+    /// --code-interpreter); default: --rootfs.
+    #[arg(long, requires = "rootfs")]
+    pub interpreter_rootfs: Option<PathBuf>,
+    /// Sandbox domain D: sandboxes' ports are `{port}-{id}.D` (a wildcard DNS
+    /// record `*.D` must point at this server); returned as `domain`.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Serve over TLS on this address too (SDKs use https for sandbox
+    /// ports), with a certificate for D and *.D; needs --domain.
+    #[arg(long, requires = "domain")]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for D and *.D (default: issued by stasis's own
+    /// CA, <data-dir>/tls/ca.pem, which clients must trust).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Fake backend: the Python (with jupyter-client and ipykernel) that runs
+    /// the code-interpreter server of `"interpreter": true` templates.
+    #[arg(long, default_value = "python3")]
+    pub interpreter_python: String,
 }
 
 impl ServeArgs {
@@ -204,9 +241,20 @@ impl ServeArgs {
                     std::fs::canonicalize(&p)
                         .map_err(|e| Error::Io(format!("resolve {}", p.display()), e))
                 };
+                let interpreter_rootfs = match self.interpreter_rootfs {
+                    Some(p) if !p.is_file() => {
+                        return Err(Error::Config(format!(
+                            "--interpreter-rootfs {}: not a readable file",
+                            p.display()
+                        )))
+                    }
+                    Some(p) => Some(abs(p)?),
+                    None => None,
+                };
                 Some(manager::LinuxTemplate {
                     kernel: abs(kernel)?,
                     rootfs: abs(rootfs)?,
+                    interpreter_rootfs,
                     cmdline: self.cmdline,
                     memory_mb: self.memory_mb,
                     vcpus: self.vcpus,
@@ -214,7 +262,20 @@ impl ServeArgs {
             }
             _ => None,
         };
+        if let Some(d) = &self.domain {
+            tls::validate_domain(d).map_err(|e| Error::Config(e.to_string()))?;
+        }
+        let tls_source = self
+            .tls_listen
+            .map(|_| match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => tls::CertSource::Files { cert, key },
+                _ => tls::CertSource::OwnCa(self.data_dir.join("tls")),
+            });
         Ok(ServeOptions {
+            domain: self.domain,
+            tls_listen: self.tls_listen,
+            tls_source,
+            interpreter_python: self.interpreter_python,
             listen: self.listen,
             data_dir: self.data_dir,
             api_key,
@@ -300,6 +361,8 @@ pub async fn serve(
         worker_exe,
         linux: opts.linux.clone(),
         agent_timeout: opts.agent_timeout,
+        domain: opts.domain.clone(),
+        interpreter_python: opts.interpreter_python.clone(),
     };
     let mgr = manager::Manager::start(cfg).await?;
     let listener =
@@ -344,6 +407,30 @@ pub async fn serve(
             }
         });
     }
+    if let (Some(a), Some(src), Some(domain)) = (opts.tls_listen, &opts.tls_source, &opts.domain) {
+        let tls = tls::load(domain, src).map_err(|e| Error::Config(e.to_string()))?;
+        let l = listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?;
+        let bound = l
+            .local_addr()
+            .map_err(|e| Error::Io("reading the bound address".into(), e))?;
+        let ca = tls
+            .ca_file
+            .as_ref()
+            .map(|p| format!(" (clients trust {})", p.display()))
+            .unwrap_or_default();
+        if opts.on_listen.is_none() {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "stasis: listening on https://{bound} for *.{domain}{ca}"
+            );
+            let _ = out.flush();
+        }
+        tracing::info!(addr = %bound, %domain, "serving TLS{ca}");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
+        tokio::spawn(serve_tls(l, acceptor, app.clone(), stop_rx.clone()));
+    }
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stopped(stop_rx))
         .await
@@ -354,6 +441,53 @@ pub async fn serve(
     );
     mgr.shutdown(opts.shutdown_pause).await;
     served
+}
+
+/// Longest time a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` over TLS on `listener` until `stop` turns true.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors or similar: let connections close.
+                    tracing::warn!("TLS accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!("TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .with_upgrades()
+                .await
+            {
+                tracing::debug!("TLS connection: {e}");
+            }
+        });
+    }
 }
 
 /// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.

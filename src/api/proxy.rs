@@ -275,9 +275,10 @@ pub async fn connect(socket: &Path, port: u16, timeout: Duration) -> Result<Unix
         .map_err(|_| Error::Timeout(timeout))?
 }
 
-/// `GET /health` on the agent's envd port; `Ok` on a 2xx answer.
-pub async fn probe_health(socket: &Path, timeout: Duration) -> Result<(), Error> {
-    agent_request(socket, "GET", "/health", None, timeout).await
+/// `GET /health` on `port` inside the sandbox (the agent's envd port, or a
+/// service such as the code interpreter); `Ok` on a 2xx answer.
+pub async fn probe_health(socket: &Path, port: u16, timeout: Duration) -> Result<(), Error> {
+    agent_request(socket, port, "GET", "/health", None, timeout).await
 }
 
 /// `POST /init {"envVars": ..}` on the agent's envd port: variables every
@@ -288,20 +289,29 @@ pub async fn init_env_vars(
     timeout: Duration,
 ) -> Result<(), Error> {
     let body = serde_json::json!({ "envVars": env_vars }).to_string();
-    agent_request(socket, "POST", "/init", Some(body.as_bytes()), timeout).await
+    agent_request(
+        socket,
+        ENVD_PORT as u16,
+        "POST",
+        "/init",
+        Some(body.as_bytes()),
+        timeout,
+    )
+    .await
 }
 
-/// One small HTTP/1.1 request to the agent's envd port; `Ok` on a 2xx
+/// One small HTTP/1.1 request to `port` in the sandbox; `Ok` on a 2xx
 /// answer (only the status line is read).
 async fn agent_request(
     socket: &Path,
+    port: u16,
     method: &str,
     path: &str,
     json_body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
-    let mut s = connect(socket, ENVD_PORT as u16, timeout).await?;
+    let mut s = connect(socket, port, timeout).await?;
     let left = deadline.saturating_duration_since(Instant::now());
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")

@@ -303,6 +303,7 @@ mod tests {
             console: ConsoleSpec::Sink,
             disk: None,
             vsock: None,
+            interpreter: None,
         };
         let rep = roundtrip(
             &mut w,

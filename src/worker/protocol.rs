@@ -92,6 +92,11 @@ pub struct BootConfig {
     /// on the host (`stasis-envd --uds <vsock> --root <dir of vsock>/root`).
     #[serde(default)]
     pub vsock: Option<PathBuf>,
+    /// Fake backend: the host agent also runs the code-interpreter server
+    /// with this Python (`stasis-envd --interpreter PYTHON`). Linux guests
+    /// run it from their image's init instead.
+    #[serde(default)]
+    pub interpreter: Option<String>,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -201,6 +206,7 @@ mod tests {
                         overlay: "/o".into(),
                     }),
                     vsock: Some("/v.sock".into()),
+                    interpreter: None,
                 },
             },
         };

@@ -321,7 +321,11 @@ fn agent_exe() -> Result<PathBuf, Error> {
 }
 
 impl HostAgent {
-    fn spawn(vsock: &Path, console: &ConsoleSpec) -> Result<Self, Error> {
+    fn spawn(
+        vsock: &Path,
+        console: &ConsoleSpec,
+        interpreter: Option<&str>,
+    ) -> Result<Self, Error> {
         use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
         let dir = vsock
@@ -352,6 +356,9 @@ impl HostAgent {
             .arg("--root")
             .arg(&root)
             .current_dir(&root);
+        if let Some(python) = interpreter {
+            cmd.arg("--interpreter").arg(python);
+        }
         // Its own session (and so process group): when this worker exits
         // after a pause, the stopped group must not count as orphaned within
         // our session, or the kernel would send it SIGHUP + SIGCONT. A child
@@ -438,7 +445,11 @@ impl FakeVm {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let agent = match &cfg.vsock {
-            Some(v) => Some(HostAgent::spawn(v, &cfg.console)?),
+            Some(v) => Some(HostAgent::spawn(
+                v,
+                &cfg.console,
+                cfg.interpreter.as_deref(),
+            )?),
             None => None,
         };
         let mut vm = Self::start(0, seed, cfg.cmdline.clone());
@@ -766,6 +777,7 @@ mod tests {
             console: ConsoleSpec::Sink,
             disk: None,
             vsock: None,
+            interpreter: None,
         }
     }
 

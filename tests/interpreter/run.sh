@@ -10,18 +10,33 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${STASIS_INTERPRETER_VENV:-$ROOT/target/interpreter-venv}
 SDK_VERSION=${NOVITA_SANDBOX_VERSION:-2.1.1}
-PKGS=("novita-sandbox==$SDK_VERSION" pytest "jupyter-client==7.4.9" "ipykernel==6.17.0" matplotlib)
+PKGS=("novita-sandbox==$SDK_VERSION" pytest "jupyter-client==7.4.9" "ipykernel==6.17.0" matplotlib pandas)
 
 mkdir -p "$(dirname "$VENV")"
 exec 9>"$VENV.lock"
 flock 9
-if ! "$VENV/bin/python" -c "import novita_sandbox, pytest, jupyter_client, ipykernel, matplotlib" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import novita_sandbox, pytest, jupyter_client, ipykernel, matplotlib, pandas" 2>/dev/null; then
   echo "run.sh: creating $VENV (${PKGS[*]})" >&2
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "${PKGS[@]}"
 fi
 flock -u 9
+
+# The JS SDK (npm), for the JS flow of tests/interpreter/sdk.
+JS=${STASIS_JS_SDK_DIR:-$ROOT/target/js-sdk}
+exec 7>"$JS.lock"
+flock 7
+if [ ! -f "$JS/node_modules/novita-sandbox/package.json" ] \
+   || ! grep -q "\"version\": \"$SDK_VERSION\"" "$JS/node_modules/novita-sandbox/package.json"; then
+  command -v npm >/dev/null || { echo "run.sh: npm is missing (apt-get install nodejs npm)" >&2; exit 1; }
+  echo "run.sh: installing novita-sandbox@$SDK_VERSION (npm) into $JS" >&2
+  mkdir -p "$JS"
+  (cd "$JS" && { [ -f package.json ] || echo '{"private": true}' >package.json; } \
+     && npm install --silent --no-audit --no-fund "novita-sandbox@$SDK_VERSION" >&2)
+fi
+flock -u 7
+export STASIS_JS_SDK_DIR=$JS
 
 # The SDK addresses the server at localhost:49999 (its JUPYTER_PORT, debug
 # mode): runs from several checkouts on one machine take turns.
