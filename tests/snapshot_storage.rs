@@ -70,7 +70,7 @@ fn pause_then_resume_eager_and_lazy() {
     (0..LEN / PAGE_SIZE).step_by(3).for_each(|p| ws.set(p));
     let state = VmState {
         vcpus: vec![[1, 2, 3, 4]],
-        memory: MemoryMeta::new(&regions, rep.present, ws).unwrap(),
+        memory: MemoryMeta::new(&regions, rep.present, rep.sums, ws).unwrap(),
     };
     tmp.write_state(&state).unwrap();
     drop(mf);
