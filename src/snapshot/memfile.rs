@@ -1055,6 +1055,58 @@ pub fn write_rate_probe(
     })
 }
 
+/// Writes `bytes` of fully touched, non-zero memory to a new file in `dir`
+/// the way a pause does (O_DIRECT where the filesystem allows it, fsync),
+/// with or without the per-page checksums; returns the call's report. For
+/// `stasis bench`, to measure what the checksums cost a pause.
+pub fn pause_write_probe(
+    bytes: usize,
+    dir: &std::path::Path,
+    checksums: bool,
+) -> Result<MemWriteReport> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = bytes.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+    let path = dir.join(format!("stasis-pause-probe-{}", std::process::id()));
+    let err = |op| {
+        let file = path.display().to_string();
+        move |source| Error::Io {
+            op,
+            file,
+            offset: 0,
+            len: bytes as u64,
+            source,
+        }
+    };
+    let m = AnonMapping::new(bytes).map_err(err("mapping probe memory for"))?;
+    for p in 0..bytes / PAGE_SIZE {
+        // SAFETY: in-bounds writes to our own fresh mapping.
+        unsafe {
+            std::ptr::write_bytes(m.addr().add(p * PAGE_SIZE), (p % 251 + 1) as u8, PAGE_SIZE)
+        };
+    }
+    let open = |direct: bool| {
+        let mut o = File::options();
+        o.read(true).write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(&path)
+    };
+    let f = open(true)
+        .or_else(|_| open(false))
+        .map_err(err("creating"))?;
+    let _ = std::fs::remove_file(&path);
+    write_memory(
+        &f,
+        &[m.region(0)],
+        &WriteOpts {
+            fsync: true,
+            checksums,
+            ..WriteOpts::default()
+        },
+    )
+}
+
 /// An anonymous private mapping, unmapped on drop (tests and probes).
 #[derive(Debug)]
 pub struct AnonMapping {
