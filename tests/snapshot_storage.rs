@@ -32,7 +32,7 @@ fn uffd_available() -> bool {
     match stasis::snapshot::uffd_sys::Uffd::create(false) {
         Ok(_) => true,
         Err(e) if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") => {
-            eprintln!("SKIPPED: userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1");
+            eprintln!("\n*** SKIPPED (not passed): userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1 ***\n");
             false
         }
         Err(e) => panic!("userfaultfd unavailable ({e}); set STASIS_ALLOW_SKIP=1 to skip"),

@@ -1460,7 +1460,7 @@ mod tests {
         match Uffd::create(false) {
             Ok(_) => true,
             Err(e) if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") => {
-                eprintln!("SKIPPED: userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1");
+                eprintln!("\n*** SKIPPED (not passed): userfaultfd unavailable ({e}); STASIS_ALLOW_SKIP=1 ***\n");
                 false
             }
             Err(e) => panic!(
