@@ -215,7 +215,11 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
         let r = crate::snapshot::memfile::pause_write_probe(probe_bytes, dir, sums)
             .map_err(|e| Error::Guest(format!("write probe: {e}")))?;
         let ms = r.elapsed.as_secs_f64() * 1e3;
-        let best = if sums { &mut with_sums } else { &mut without_sums };
+        let best = if sums {
+            &mut with_sums
+        } else {
+            &mut without_sums
+        };
         *best = best.min(ms);
     }
     let write_gbps = st.bytes_written as f64 / st.memory_time.as_secs_f64() / 1e9;
@@ -230,9 +234,9 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
     let first_round = t_round - t;
     let ws = vm.wait_working_set()?.unwrap_or_default();
     let all = vm.wait_memory_complete()?.unwrap_or_default();
-    let timeout_wakes = vm
-        .lazy_stats()
-        .map_or(0, |l| l.timeout_wakes.load(std::sync::atomic::Ordering::Relaxed));
+    let timeout_wakes = vm.lazy_stats().map_or(0, |l| {
+        l.timeout_wakes.load(std::sync::atomic::Ordering::Relaxed)
+    });
     drop(vm);
     let _ = std::fs::remove_dir_all(&snap);
 

@@ -484,7 +484,6 @@ fn untouched_memory_costs_nothing_to_store() {
     wait_round(&vm2, vm.guest_status().unwrap().round);
 }
 
-
 /// The working set as the README states it: the pages a lazily resumed
 /// guest faulted on before they were brought in, accumulated across
 /// restores. Across two lazy restores (and an eager one), each snapshot's
@@ -546,7 +545,10 @@ fn a_lazily_restored_guest_records_its_working_set_for_next_time() {
         } else {
             prev.or(&demanded).unwrap()
         };
-        assert_eq!(ws, want, "restore {i}: working set is not previous + demanded");
+        assert_eq!(
+            ws, want,
+            "restore {i}: working set is not previous + demanded"
+        );
         prev = ws;
     }
     // An eager restore demands nothing: the set carries over unchanged.
@@ -675,8 +677,14 @@ fn corrupted_memory_is_a_clear_error_eager_lazy_and_info() {
                     con.as_os_str(),
                 ])
             };
-            assert!(!ok, "{kind} {mode}: corrupted snapshot accepted; stderr:\n{err}");
-            assert!(err.contains(&want), "{kind} {mode}: want {want:?} in:\n{err}");
+            assert!(
+                !ok,
+                "{kind} {mode}: corrupted snapshot accepted; stderr:\n{err}"
+            );
+            assert!(
+                err.contains(&want),
+                "{kind} {mode}: want {want:?} in:\n{err}"
+            );
             if mode != "info" {
                 let text = std::fs::read_to_string(&con).unwrap_or_default();
                 assert_eq!(

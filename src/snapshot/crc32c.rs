@@ -37,27 +37,25 @@ pub fn pages4(p: [&[u8; PAGE]; 4]) -> [u32; 4] {
     p.map(|x| TABLE.checksum(x))
 }
 
+fn as_page(c: &[u8]) -> &[u8; PAGE] {
+    c.try_into().expect("whole pages")
+}
+
 /// Checksums of the consecutive 4 KiB pages of `data` (whose length is a
 /// multiple of 4096), appended to `out`.
 pub fn pages_into(data: &[u8], out: &mut Vec<u32>) {
     debug_assert!(data.len().is_multiple_of(PAGE));
-    let mut chunks = data.chunks_exact(PAGE).map(|c| -> &[u8; PAGE] {
-        c.try_into().expect("chunks_exact yields whole pages")
-    });
-    loop {
-        let (Some(a), Some(b), Some(c), Some(d)) =
-            (chunks.next(), chunks.next(), chunks.next(), chunks.next())
-        else {
-            break;
-        };
-        out.extend_from_slice(&pages4([a, b, c, d]));
+    let mut groups = data.chunks_exact(4 * PAGE);
+    for g in &mut groups {
+        out.extend_from_slice(&pages4([
+            as_page(&g[..PAGE]),
+            as_page(&g[PAGE..2 * PAGE]),
+            as_page(&g[2 * PAGE..3 * PAGE]),
+            as_page(&g[3 * PAGE..]),
+        ]));
     }
-    // The remainder (0-3 pages) was partly consumed by the failed tuple;
-    // recompute from the end.
-    let whole = data.len() / PAGE;
-    let rest = whole % 4;
-    for i in whole - rest..whole {
-        out.push(checksum(&data[i * PAGE..(i + 1) * PAGE]));
+    for p in groups.remainder().chunks_exact(PAGE) {
+        out.push(checksum(p));
     }
 }
 
@@ -115,7 +113,11 @@ mod tests {
         pages_into(&pages, &mut sums);
         assert_eq!(sums.len(), 7);
         for (i, s) in sums.iter().enumerate() {
-            assert_eq!(*s, TABLE.checksum(&pages[i * PAGE..(i + 1) * PAGE]), "page {i}");
+            assert_eq!(
+                *s,
+                TABLE.checksum(&pages[i * PAGE..(i + 1) * PAGE]),
+                "page {i}"
+            );
         }
         assert_eq!(checksum(&pages[..13]), TABLE.checksum(&pages[..13]));
     }

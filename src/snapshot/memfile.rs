@@ -324,20 +324,24 @@ pub fn verify_holes(file: &File, meta: &MemoryMeta) -> Result<u64> {
     while off < total {
         // SAFETY: lseek on our own descriptor; no memory is passed.
         let d = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
-        if d < 0 {
+        let (d, h) = if d < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after `off`
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // no data after `off`
+                // No SEEK_DATA on this filesystem: treat the rest as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => (off as i64, total as i64),
+                _ => return Err(io_err("seeking data in", file, off, 0)(e)),
             }
-            return Err(io_err("seeking data in", file, off, 0)(e));
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h < 0 {
-            return Err(io_err("seeking a hole in", file, d as u64, 0)(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        } else {
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+            if h < 0 {
+                return Err(io_err("seeking a hole in", file, d as u64, 0)(
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            (d, h)
+        };
         let (d, h) = ((d as u64).min(total), (h as u64).min(total));
         let (p0, p1) = ((d >> PAGE_SHIFT) as usize, (h as usize).div_ceil(PAGE_SIZE));
         let mut p = p0;
@@ -384,7 +388,15 @@ pub fn verify_file(file: &File, meta: &MemoryMeta) -> Result<u64> {
             let b = (a + buf.len() / PAGE_SIZE).min(e);
             let data = &mut buf[..(b - a) * PAGE_SIZE];
             read_exact_at(file, data, (a as u64) << PAGE_SHIFT)?;
-            verify_run(file, &meta.present, &meta.sums, &index, a, data, &mut scratch)?;
+            verify_run(
+                file,
+                &meta.present,
+                &meta.sums,
+                &index,
+                a,
+                data,
+                &mut scratch,
+            )?;
             n += (b - a) as u64;
             a = b;
         }
@@ -1293,9 +1305,17 @@ mod tests {
 
         let rep = write_memory(&f, &regions, &WriteOpts::default()).unwrap();
         assert_eq!(rep.sums.len(), expect_present.count_ones());
-        let meta =
-            MemoryMeta::new(&regions, expect_present.clone(), rep.sums, PageBitmap::new(0)).unwrap();
-        assert_eq!(verify_file(&f, &meta).unwrap(), meta.present.count_ones() as u64);
+        let meta = MemoryMeta::new(
+            &regions,
+            expect_present.clone(),
+            rep.sums,
+            PageBitmap::new(0),
+        )
+        .unwrap();
+        assert_eq!(
+            verify_file(&f, &meta).unwrap(),
+            meta.present.count_ones() as u64
+        );
         let (c, d) = (
             AnonMapping::new(len / 4).unwrap(),
             AnonMapping::new(len - len / 4).unwrap(),
@@ -1381,7 +1401,11 @@ mod tests {
         assert!(bad.validate().is_err());
         let mut bad = meta.clone();
         bad.sums.push(1);
-        assert!(bad.validate().unwrap_err().to_string().contains("2 page checksums for 1 present pages"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("2 page checksums for 1 present pages"));
     }
 
     /// One flipped byte in a present page, or data in a hole, is an error
@@ -1409,14 +1433,17 @@ mod tests {
             .open(&path)
             .unwrap();
         let rep = write_memory(&f, &[m.region(0)], &WriteOpts::default()).unwrap();
-        let meta = MemoryMeta::new(&[m.region(0)], rep.present, rep.sums, PageBitmap::new(0))
-            .unwrap();
+        let meta =
+            MemoryMeta::new(&[m.region(0)], rep.present, rep.sums, PageBitmap::new(0)).unwrap();
         let eager = |meta: &MemoryMeta| {
             let d = AnonMapping::new(pages * PAGE_SIZE).unwrap();
             read_memory_eager(&f, &[d.region(0)], meta, &ReadOpts::default()).map(|_| ())
         };
         eager(&meta).unwrap();
-        assert_eq!(verify_file(&f, &meta).unwrap(), meta.present.count_ones() as u64);
+        assert_eq!(
+            verify_file(&f, &meta).unwrap(),
+            meta.present.count_ones() as u64
+        );
 
         // Flip one byte in the middle of present page 301.
         let p = 301;
@@ -1431,8 +1458,14 @@ mod tests {
             p * PAGE_SIZE,
             p * PAGE_SIZE
         );
-        for e in [eager(&meta).unwrap_err(), verify_file(&f, &meta).unwrap_err()] {
-            assert!(matches!(e, Error::ChecksumMismatch { offset, .. } if offset == (p * PAGE_SIZE) as u64), "{e}");
+        for e in [
+            eager(&meta).unwrap_err(),
+            verify_file(&f, &meta).unwrap_err(),
+        ] {
+            assert!(
+                matches!(e, Error::ChecksumMismatch { offset, .. } if offset == (p * PAGE_SIZE) as u64),
+                "{e}"
+            );
             assert!(e.to_string().contains(&want), "{e}");
         }
         f.write_all_at(&b, off).unwrap();
@@ -1448,7 +1481,10 @@ mod tests {
             h * PAGE_SIZE,
             h * PAGE_SIZE
         );
-        for e in [eager(&meta).unwrap_err(), verify_file(&f, &meta).unwrap_err()] {
+        for e in [
+            eager(&meta).unwrap_err(),
+            verify_file(&f, &meta).unwrap_err(),
+        ] {
             assert!(e.to_string().contains(&want), "{e}");
         }
         // A hole made allocated but still zero is fine.

@@ -972,9 +972,7 @@ impl Shared {
                     // Regions were unregistered (complete or stopped). A
                     // faulter whose message we read may have queued after
                     // the unregister's wake: wake the rest of the range.
-                    let _ = self
-                        .uffd
-                        .wake((dst0 + off) as *mut libc::c_void, len - off);
+                    let _ = self.uffd.wake((dst0 + off) as *mut libc::c_void, len - off);
                     return Ok(());
                 }
                 Err(source) => {
@@ -1022,7 +1020,14 @@ impl Shared {
     /// Copies pages `s..e` (at most `buf.pages()`): reads them from the
     /// file into `buf`, verifies their checksums, then `UFFDIO_COPY`s from
     /// `buf`, so what the guest gets is what was verified.
-    fn copy_run(&self, r: &MemRegion, s: usize, e: usize, who: Who, buf: &mut CopyBuf) -> Result<()> {
+    fn copy_run(
+        &self,
+        r: &MemRegion,
+        s: usize,
+        e: usize,
+        who: Who,
+        buf: &mut CopyBuf,
+    ) -> Result<()> {
         if self.failed() {
             return Ok(());
         }
@@ -1449,8 +1454,8 @@ pub fn fill_rate_probe(bytes: usize, dir: &Path) -> Result<FillProbe> {
 mod tests {
     use super::*;
     use crate::snapshot::memfile::{write_memory, WriteOpts};
-    use std::sync::mpsc;
     use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
 
     const MIB: usize = 1 << 20;
 
@@ -1913,7 +1918,11 @@ mod tests {
             let img = make_image(&[2 * MIB], |_| false);
             let p = img.meta.present.iter_ones().nth(100).unwrap();
             let off = (p * PAGE_SIZE + 77) as u64;
-            let f = File::options().read(true).write(true).open(&img.path).unwrap();
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .open(&img.path)
+                .unwrap();
             let mut b = [0u8; 1];
             f.read_exact_at(&mut b, off).unwrap();
             f.write_all_at(&[!b[0]], off).unwrap();
@@ -1975,7 +1984,13 @@ mod tests {
         let src = AnonMapping::new(PAGE_SIZE).unwrap();
         // SAFETY: in-bounds write to our own buffer.
         unsafe { (src.addr() as *mut u64).write(42) };
-        ioctl_fill(uffd.as_raw_fd(), m.addr() as usize, Some(src.addr()), PAGE_SIZE).unwrap();
+        ioctl_fill(
+            uffd.as_raw_fd(),
+            m.addr() as usize,
+            Some(src.addr()),
+            PAGE_SIZE,
+        )
+        .unwrap();
         assert_eq!(rx.recv().unwrap(), 42);
         h.join().unwrap();
         wait_for("the thread to be gone", || in_userfault(tid).is_none());
@@ -2023,7 +2038,8 @@ mod tests {
                 for t in 0..8u64 {
                     let regions = &regions;
                     s.spawn(move || {
-                        let mut x = seed ^ (iter << 32) ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        let mut x =
+                            seed ^ (iter << 32) ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                         for _ in 0..1500 {
                             let p = (xorshift(&mut x) % total as u64) as usize;
                             if x & 1 == 0 {
@@ -2088,7 +2104,10 @@ mod tests {
         loader.shared.mark_filled(b, b + 1);
         let zero = AnonMapping::new(PAGE_SIZE).unwrap();
         let mut buf = CopyBuf::new(PAGE_SIZE).unwrap();
-        loader.shared.on_fault(baddr, false, &zero, &mut buf).unwrap();
+        loader
+            .shared
+            .on_fault(baddr, false, &zero, &mut buf)
+            .unwrap();
         let d = loader.demanded();
         assert_eq!(d.iter_ones().collect::<Vec<_>>(), vec![a]);
         loader.stop();

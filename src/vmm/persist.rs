@@ -292,9 +292,8 @@ impl Vm {
             threads = report.threads,
             "memory file written"
         );
-        let meta =
-            MemoryMeta::new(&regions, report.present, report.sums, working_set)
-                .map_err(PersistError::from)?;
+        let meta = MemoryMeta::new(&regions, report.present, report.sums, working_set)
+            .map_err(PersistError::from)?;
         let memory_time = tm.elapsed();
         let working_set_pages = meta.working_set.count_ones() as u64;
         let state = VmState {
