@@ -71,6 +71,19 @@ pub struct CaseResult {
     pub first_round_after_resume_ms: f64,
     /// first_round_after_resume / steady_round.
     pub slowdown: f64,
+    /// The memory file was written with O_DIRECT.
+    pub direct_io: bool,
+    /// Time spent computing page checksums during the pause (summed over
+    /// writer threads, which interleave it with their writes) (ms).
+    pub pause_hash_ms: f64,
+    /// Same run, same disk: writing as many bytes as the pause wrote, the
+    /// way a pause does, with page checksums: best of two (ms).
+    pub probe_with_sums_ms: f64,
+    /// The same without page checksums: best of two (ms).
+    pub probe_without_sums_ms: f64,
+    /// Lazy restore: faulting threads found stalled and woken by the
+    /// loader's idle timeout (a lost wake-up; must be 0).
+    pub timeout_wakes: u64,
 }
 
 /// What to measure.
@@ -194,6 +207,21 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
     let pause = t.elapsed();
     drop(vm);
     let raw = raw_write_rate(dir, st.bytes_written.max(64 << 20))?;
+    // What the checksums cost a pause: the pause's write, with and without
+    // them, alternated, best of two each.
+    let (mut with_sums, mut without_sums) = (f64::MAX, f64::MAX);
+    let probe_bytes = (st.bytes_written.max(4096)) as usize;
+    for sums in [true, false, true, false] {
+        let r = crate::snapshot::memfile::pause_write_probe(probe_bytes, dir, sums)
+            .map_err(|e| Error::Guest(format!("write probe: {e}")))?;
+        let ms = r.elapsed.as_secs_f64() * 1e3;
+        let best = if sums {
+            &mut with_sums
+        } else {
+            &mut without_sums
+        };
+        *best = best.min(ms);
+    }
     let write_gbps = st.bytes_written as f64 / st.memory_time.as_secs_f64() / 1e9;
 
     // Eager restore, for comparison.
@@ -206,6 +234,9 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
     let first_round = t_round - t;
     let ws = vm.wait_working_set()?.unwrap_or_default();
     let all = vm.wait_memory_complete()?.unwrap_or_default();
+    let timeout_wakes = vm.lazy_stats().map_or(0, |l| {
+        l.timeout_wakes.load(std::sync::atomic::Ordering::Relaxed)
+    });
     drop(vm);
     let _ = std::fs::remove_dir_all(&snap);
 
@@ -233,6 +264,11 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
         steady_round_ms: steady,
         first_round_after_resume_ms: ms(first_round),
         slowdown: ms(first_round) / steady,
+        direct_io: st.direct_io,
+        pause_hash_ms: ms(st.hash_time),
+        probe_with_sums_ms: with_sums,
+        probe_without_sums_ms: without_sums,
+        timeout_wakes,
     })
 }
 
@@ -274,6 +310,17 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.steady_round_ms,
                 r.first_round_after_resume_ms,
                 r.slowdown
+            );
+            let _ = writeln!(
+                out,
+                "{:>16}   checksums: {:.1} ms hashing in the pause ({} write{}); same write with / without checksums: {:.1} / {:.1} ms; lazy faulters woken by timeout: {}",
+                "",
+                r.pause_hash_ms,
+                if r.direct_io { "O_DIRECT" } else { "buffered" },
+                if r.direct_io { "" } else { ", O_DIRECT unavailable" },
+                r.probe_with_sums_ms,
+                r.probe_without_sums_ms,
+                r.timeout_wakes
             );
             let _ = out.flush();
             rows.push(r);

@@ -343,16 +343,31 @@ fn resume(
         stats.mode,
         stats.to_running.as_secs_f64() * 1e3
     );
-    supervise(vm, snapshot_on_signal, signals)
+    let lazy = vm.lazy_stats();
+    let res = supervise(vm, snapshot_on_signal, signals);
+    if let Some(l) = lazy {
+        use std::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "stasis: lazy loader: {} faults, {} pages on demand, {} prefetched, {} verified, {} faulters woken by the timeout",
+            l.faults.load(Relaxed),
+            l.pages_demand.load(Relaxed),
+            l.pages_prefetched.load(Relaxed),
+            l.pages_verified.load(Relaxed),
+            l.timeout_wakes.load(Relaxed)
+        );
+    }
+    res
 }
 
 fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
-    let (st, on_disk) = stasis::vmm::persist::inspect(&dir).map_err(|e| chain(&e))?;
+    let (st, found) = stasis::vmm::persist::inspect(&dir).map_err(|e| chain(&e))?;
+    let on_disk = found.allocated;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("snapshot:        {}", dir.display());
     println!(
-        "format version:  {} (state checksum OK, memory file length OK)",
-        stasis::snapshot::format::FORMAT_VERSION
+        "format version:  {} (state checksum OK, memory file length OK, memory checksums OK ({} pages), holes OK)",
+        stasis::snapshot::format::FORMAT_VERSION,
+        found.pages_verified
     );
     println!("kernel:          {}", st.kernel);
     println!("cmdline:         {}", st.cmdline);

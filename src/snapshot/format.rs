@@ -16,6 +16,10 @@
 //! the body length, so no length field can make it allocate more than the
 //! file holds. This module owns only the envelope; what goes in the body is
 //! the VMM's business.
+//!
+//! Versions: 3 added a CRC32C per present memory page to the body's memory
+//! metadata; 2 had none. A build reads only its own version: an older
+//! snapshot is refused with [`Error::UnsupportedVersion`].
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -28,7 +32,7 @@ use serde::Serialize;
 /// Magic bytes at the start of every state file.
 pub const MAGIC: [u8; 8] = *b"STASISSN";
 /// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Size of the fixed header (magic, version, body length).
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing checksum.

@@ -9,6 +9,17 @@
 //! ([`MemoryMeta`], embedded by the VMM in `state.bin`) and the bulk I/O;
 //! lazy restore lives in [`super::uffd`].
 //!
+//! **Checksums**: every present page has a CRC32C ([`super::crc32c`]),
+//! computed by the writer from guest memory right before the page is
+//! written and stored in [`MemoryMeta::sums`] (so in `state.bin`, under its
+//! CRC-64). Every reader verifies them before guest memory is used: the
+//! eager reader per run it reads, the lazy loader per run before
+//! `UFFDIO_COPY`, [`verify_file`] (for `snapshot info`) all of them. A hole
+//! must read as zero: [`verify_holes`] checks that no page the metadata
+//! calls a hole holds non-zero data in the file. A mismatch is
+//! [`Error::ChecksumMismatch`] / [`Error::HoleNotZero`], naming the file and
+//! the offset of the page.
+//!
 //! Residency is taken from `/proc/self/pagemap` (present or swapped), not
 //! `mincore()`: `mincore` reports a swapped-out anonymous page as absent,
 //! which would silently drop its contents from the snapshot. Either way,
@@ -70,6 +81,26 @@ pub enum Error {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// A present page's content does not match its stored checksum.
+    #[error("memory file {file}: checksum mismatch in the page at offset {offset:#x} ({offset}): stored CRC32C {stored:#010x}, computed {computed:#010x}")]
+    ChecksumMismatch {
+        /// The file.
+        file: String,
+        /// Offset of the page in the file.
+        offset: u64,
+        /// Checksum in the snapshot's metadata.
+        stored: u32,
+        /// Checksum of the data read.
+        computed: u32,
+    },
+    /// A page the metadata calls a hole holds non-zero data in the file.
+    #[error("memory file {file}: the page at offset {offset:#x} ({offset}) is a hole in the snapshot's metadata but holds non-zero data")]
+    HoleNotZero {
+        /// The file.
+        file: String,
+        /// Offset of the page in the file.
+        offset: u64,
     },
     /// Reading `/proc/self/pagemap` failed.
     #[error("reading /proc/self/pagemap for guest memory at {addr:#x}")]
@@ -212,6 +243,166 @@ pub struct MemoryMeta {
     pub working_set: PageBitmap,
     /// Bytes of data in the file (`present.count_ones() * PAGE_SIZE`).
     pub bytes_stored: u64,
+    /// CRC32C of each present page, in file order (one per set bit of
+    /// `present`).
+    pub sums: Vec<u32>,
+}
+
+/// Finds a present page's checksum in [`MemoryMeta::sums`]: the number of
+/// present pages before each bitmap word.
+#[derive(Debug, Clone)]
+pub(crate) struct SumIndex {
+    rank: Vec<usize>,
+}
+
+impl SumIndex {
+    pub(crate) fn new(present: &PageBitmap) -> SumIndex {
+        let mut acc = 0;
+        let rank = present
+            .words()
+            .iter()
+            .map(|w| {
+                let r = acc;
+                acc += w.count_ones() as usize;
+                r
+            })
+            .collect();
+        SumIndex { rank }
+    }
+
+    /// Index in `sums` of page `p` (which must be present).
+    pub(crate) fn index(&self, present: &PageBitmap, p: usize) -> usize {
+        let w = present.words()[p / 64];
+        self.rank[p / 64] + (w & ((1u64 << (p % 64)) - 1)).count_ones() as usize
+    }
+}
+
+/// Checks the present pages `s..s + data.len() / PAGE_SIZE` (all present,
+/// consecutive), held in `data`, against their checksums.
+pub(crate) fn verify_run(
+    file: &File,
+    present: &PageBitmap,
+    sums: &[u32],
+    index: &SumIndex,
+    s: usize,
+    data: &[u8],
+    scratch: &mut Vec<u32>,
+) -> Result<()> {
+    scratch.clear();
+    super::crc32c::pages_into(data, scratch);
+    let first = index.index(present, s);
+    let want = sums.get(first..first + scratch.len()).ok_or_else(|| {
+        Error::Layout(format!(
+            "checksums end before page {} ({} stored)",
+            s + scratch.len(),
+            sums.len()
+        ))
+    })?;
+    for (i, (&got, &stored)) in scratch.iter().zip(want).enumerate() {
+        if got != stored {
+            return Err(Error::ChecksumMismatch {
+                file: file_name(file),
+                offset: ((s + i) as u64) << PAGE_SHIFT,
+                stored,
+                computed: got,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every page `meta` calls a hole reads as zero in `file`.
+/// Only the file's data extents (`SEEK_DATA`/`SEEK_HOLE`) are read, so for
+/// a sparse file as the writer makes it this costs a few `lseek`s; a copy
+/// that filled the holes in is read in full. Returns the hole pages read.
+pub fn verify_holes(file: &File, meta: &MemoryMeta) -> Result<u64> {
+    let fd = file.as_raw_fd();
+    let total = meta.total_bytes;
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 64 * PAGE_SIZE];
+    let mut checked = 0;
+    while off < total {
+        // SAFETY: lseek on our own descriptor; no memory is passed.
+        let d = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        let (d, h) = if d < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // no data after `off`
+                // No SEEK_DATA on this filesystem: treat the rest as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => (off as i64, total as i64),
+                _ => return Err(io_err("seeking data in", file, off, 0)(e)),
+            }
+        } else {
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+            if h < 0 {
+                return Err(io_err("seeking a hole in", file, d as u64, 0)(
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            (d, h)
+        };
+        let (d, h) = ((d as u64).min(total), (h as u64).min(total));
+        let (p0, p1) = ((d >> PAGE_SHIFT) as usize, (h as usize).div_ceil(PAGE_SIZE));
+        let mut p = p0;
+        while p < p1 {
+            if meta.present.get(p) {
+                p += 1;
+                continue;
+            }
+            // A run of hole pages inside a data extent: must be zero.
+            let mut e = p + 1;
+            while e < p1 && !meta.present.get(e) && e - p < 64 {
+                e += 1;
+            }
+            let b = &mut buf[..(e - p) * PAGE_SIZE];
+            read_exact_at(file, b, (p as u64) << PAGE_SHIFT)?;
+            for (i, pg) in b.chunks_exact(PAGE_SIZE).enumerate() {
+                if pg.iter().any(|&x| x != 0) {
+                    return Err(Error::HoleNotZero {
+                        file: file_name(file),
+                        offset: ((p + i) as u64) << PAGE_SHIFT,
+                    });
+                }
+            }
+            checked += (e - p) as u64;
+            p = e;
+        }
+        off = h.max(d + 1);
+    }
+    Ok(checked)
+}
+
+/// Verifies a whole memory file against `meta`: its length, every present
+/// page's checksum and that holes are zero. Returns the pages checked.
+pub fn verify_file(file: &File, meta: &MemoryMeta) -> Result<u64> {
+    meta.validate()?;
+    meta.check_file(file)?;
+    let index = SumIndex::new(&meta.present);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut scratch = Vec::new();
+    let mut n = 0;
+    for (s, e) in meta.present.iter_runs() {
+        let mut a = s;
+        while a < e {
+            let b = (a + buf.len() / PAGE_SIZE).min(e);
+            let data = &mut buf[..(b - a) * PAGE_SIZE];
+            read_exact_at(file, data, (a as u64) << PAGE_SHIFT)?;
+            verify_run(
+                file,
+                &meta.present,
+                &meta.sums,
+                &index,
+                a,
+                data,
+                &mut scratch,
+            )?;
+            n += (b - a) as u64;
+            a = b;
+        }
+    }
+    verify_holes(file, meta)?;
+    Ok(n)
 }
 
 impl MemoryMeta {
@@ -220,6 +411,7 @@ impl MemoryMeta {
     pub fn new(
         regions: &[MemRegion],
         present: PageBitmap,
+        sums: Vec<u32>,
         working_set: PageBitmap,
     ) -> Result<Self> {
         let total_bytes = check_layout(regions)?;
@@ -232,6 +424,7 @@ impl MemoryMeta {
             bytes_stored: (present.count_ones() * PAGE_SIZE) as u64,
             present,
             working_set,
+            sums,
         };
         meta.validate()?;
         Ok(meta)
@@ -289,6 +482,13 @@ impl MemoryMeta {
                 self.present.count_ones()
             ));
         }
+        if self.sums.len() != self.present.count_ones() {
+            return bad(format!(
+                "{} page checksums for {} present pages",
+                self.sums.len(),
+                self.present.count_ones()
+            ));
+        }
         Ok(())
     }
 
@@ -332,6 +532,9 @@ pub struct WriteOpts {
     pub fsync: bool,
     /// Largest single `pwrite` (runs of data pages are coalesced up to this).
     pub max_write: usize,
+    /// Compute each present page's CRC32C (needed for a snapshot; off only
+    /// to measure what the checksums cost).
+    pub checksums: bool,
 }
 
 impl Default for WriteOpts {
@@ -340,6 +543,7 @@ impl Default for WriteOpts {
             threads: 0,
             fsync: false,
             max_write: 4 << 20,
+            checksums: true,
         }
     }
 }
@@ -351,6 +555,11 @@ pub struct MemWriteReport {
     pub present: PageBitmap,
     /// Bytes written (`present.count_ones() * PAGE_SIZE`).
     pub bytes_written: u64,
+    /// CRC32C of each present page in file order (empty if
+    /// `WriteOpts::checksums` was off).
+    pub sums: Vec<u32>,
+    /// Time spent computing checksums, summed over threads.
+    pub hash_time: Duration,
     /// Pages in the layout.
     pub pages_scanned: u64,
     /// Pages resident (present or swapped) in the mappings.
@@ -395,6 +604,8 @@ unsafe fn is_zero_page(p: *const u8) -> bool {
 #[derive(Default)]
 struct SliceResult {
     words: Vec<u64>,
+    sums: Vec<u32>,
+    hash: Duration,
     bytes: u64,
     resident: u64,
     zero: u64,
@@ -443,7 +654,10 @@ pub fn write_memory(
                 let p0 = (t * words_per * 64).min(total_pages);
                 let p1 = ((t + 1) * words_per * 64).min(total_pages);
                 let pagemap = &pagemap;
-                s.spawn(move || write_slice(file, pagemap, regions, p0, p1, max_write_pages))
+                let checksums = opts.checksums;
+                s.spawn(move || {
+                    write_slice(file, pagemap, regions, p0, p1, max_write_pages, checksums)
+                })
             })
             .collect();
         handles
@@ -456,6 +670,8 @@ pub fn write_memory(
     let mut report = MemWriteReport {
         present: PageBitmap::default(),
         bytes_written: 0,
+        sums: Vec::new(),
+        hash_time: Duration::ZERO,
         pages_scanned: total_pages as u64,
         pages_resident: 0,
         pages_zero: 0,
@@ -468,6 +684,8 @@ pub fn write_memory(
     for r in results {
         let r = r?;
         words.extend_from_slice(&r.words);
+        report.sums.extend_from_slice(&r.sums);
+        report.hash_time += r.hash;
         report.bytes_written += r.bytes;
         report.pages_resident += r.resident;
         report.pages_zero += r.zero;
@@ -495,6 +713,7 @@ fn write_slice(
     p0: usize,
     p1: usize,
     max_write_pages: usize,
+    checksums: bool,
 ) -> Result<SliceResult> {
     let mut res = SliceResult {
         words: vec![0; (p1 - p0).div_ceil(64)],
@@ -544,33 +763,88 @@ fn write_slice(
                 }
             }
             res.scan += t.elapsed();
-            let t = Instant::now();
-            for &(s, e) in &runs {
-                res.bytes += write_run(file, r, s, e)?;
-            }
-            res.write += t.elapsed();
+            write_batch(file, r, &runs, checksums, &mut res)?;
             page += n;
         }
-        if let Some((s, e)) = run {
-            let t = Instant::now();
-            res.bytes += write_run(file, r, s, e)?;
-            res.write += t.elapsed();
+        if let Some(last) = run {
+            write_batch(file, r, &[last], checksums, &mut res)?;
         }
     }
     Ok(res)
 }
 
+/// Batches at least this many pages are hashed on a helper thread while
+/// they are written (smaller ones inline: a thread costs more).
+const PARALLEL_HASH_PAGES: usize = 256;
+
+/// Writes `runs` (global pages, in file order, inside region `r`) and
+/// appends their checksums to `res.sums` in the same order. The checksums
+/// are computed by a helper thread *while* this thread writes (an O_DIRECT
+/// `pwrite` waits for the disk with the CPU idle), so hashing does not
+/// slow the pause below the disk's rate.
+fn write_batch(
+    file: &File,
+    r: &MemRegion,
+    runs: &[(usize, usize)],
+    checksums: bool,
+    res: &mut SliceResult,
+) -> Result<()> {
+    let pages: usize = runs.iter().map(|&(s, e)| e - s).sum();
+    if pages == 0 {
+        return Ok(());
+    }
+    let hash_runs = move || {
+        let t = Instant::now();
+        let mut sums = Vec::with_capacity(pages);
+        for &(s, e) in runs {
+            super::crc32c::pages_into(run_bytes(r, s, e), &mut sums);
+        }
+        (sums, t.elapsed())
+    };
+    let write_runs = |res: &mut SliceResult| -> Result<()> {
+        let t = Instant::now();
+        for &(s, e) in runs {
+            res.bytes += write_run(file, r, s, e)?;
+        }
+        res.write += t.elapsed();
+        Ok(())
+    };
+    let (sums, hash) = if !checksums {
+        write_runs(res)?;
+        (Vec::new(), Duration::ZERO)
+    } else if pages < PARALLEL_HASH_PAGES {
+        let h = hash_runs();
+        write_runs(res)?;
+        h
+    } else {
+        std::thread::scope(|sc| -> Result<(Vec<u32>, Duration)> {
+            let h = sc.spawn(hash_runs);
+            let w = write_runs(res);
+            let h = h.join().expect("checksum thread panicked");
+            w.map(|()| h)
+        })?
+    };
+    res.sums.extend_from_slice(&sums);
+    res.hash += hash;
+    Ok(())
+}
+
+/// The bytes of global pages `s..e` of region `r`.
+fn run_bytes(r: &MemRegion, s: usize, e: usize) -> &[u8] {
+    let addr = r.host_addr + ((s - r.first_page()) << PAGE_SHIFT);
+    // SAFETY: pages s..e are inside region `r`, readable per the MemRegion
+    // contract and not written while the writer runs (only read, by the
+    // writer and the checksum thread).
+    unsafe { std::slice::from_raw_parts(addr as *const u8, (e - s) << PAGE_SHIFT) }
+}
+
 /// Writes global pages `s..e` of region `r` to the file.
 fn write_run(file: &File, r: &MemRegion, s: usize, e: usize) -> Result<u64> {
     let off = (s as u64) << PAGE_SHIFT;
-    let len = (e - s) << PAGE_SHIFT;
-    let addr = r.host_addr + ((s - r.first_page()) << PAGE_SHIFT);
-    // SAFETY: pages s..e are inside region `r` (readable per the MemRegion
-    // contract, not written concurrently) and resident.
-    let buf = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    let buf = run_bytes(r, s, e);
     file.write_all_at(buf, off)
-        .map_err(io_err("writing", file, off, len as u64))?;
-    Ok(len as u64)
+        .map_err(io_err("writing", file, off, buf.len() as u64))?;
+    Ok(buf.len() as u64)
 }
 
 /// Reads the pagemap entries of `out.len()` pages starting at `addr`.
@@ -643,9 +917,10 @@ pub(crate) fn present_runs(
 }
 
 /// Restores guest memory by reading every present range of `file` into the
-/// mappings with large `pread`s; holes are left untouched (fresh anonymous
-/// memory reads as zero). Checks the regions against `meta` and the file's
-/// length against `meta.total_bytes` first.
+/// mappings with large `pread`s, verifying each run's page checksums right
+/// after it is read; holes are left untouched (fresh anonymous memory reads
+/// as zero) after [`verify_holes`]. Checks the regions against `meta` and
+/// the file's length against `meta.total_bytes` first.
 pub fn read_memory_eager(
     file: &File,
     regions: &[MemRegion],
@@ -655,6 +930,8 @@ pub fn read_memory_eager(
     let start = Instant::now();
     meta.check_regions(regions)?;
     meta.check_file(file)?;
+    verify_holes(file, meta)?;
+    let index = SumIndex::new(&meta.present);
     let runs = present_runs(&meta.present, regions, (opts.max_read / PAGE_SIZE).max(1));
     let total_pages: usize = runs.iter().map(|&(s, e)| e - s).sum();
     let threads = default_threads(opts.threads)
@@ -678,7 +955,10 @@ pub fn read_memory_eager(
     let results: Vec<Result<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = groups
             .iter()
-            .map(|g| s.spawn(move || read_runs(file, regions, g)))
+            .map(|g| {
+                let index = &index;
+                s.spawn(move || read_runs(file, regions, meta, index, g))
+            })
             .collect();
         handles
             .into_iter()
@@ -703,8 +983,15 @@ pub(crate) fn region_of(regions: &[MemRegion], page: usize) -> Option<&MemRegion
         .find(|r| page >= r.first_page() && page < r.first_page() + r.pages())
 }
 
-fn read_runs(file: &File, regions: &[MemRegion], runs: &[(usize, usize)]) -> Result<u64> {
+fn read_runs(
+    file: &File,
+    regions: &[MemRegion],
+    meta: &MemoryMeta,
+    index: &SumIndex,
+    runs: &[(usize, usize)],
+) -> Result<u64> {
     let mut n = 0;
+    let mut scratch = Vec::new();
     for &(s, e) in runs {
         let r = region_of(regions, s).expect("runs come from the regions");
         let off = (s as u64) << PAGE_SHIFT;
@@ -714,6 +1001,9 @@ fn read_runs(file: &File, regions: &[MemRegion], runs: &[(usize, usize)]) -> Res
         // MemRegion contract, and nothing else accesses them during restore.
         let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
         read_exact_at(file, buf, off)?;
+        // Verified while the run is still in the cache; on a mismatch the
+        // restore fails before any vCPU exists.
+        verify_run(file, &meta.present, &meta.sums, index, s, buf, &mut scratch)?;
         n += len as u64;
     }
     Ok(n)
@@ -815,6 +1105,58 @@ pub fn write_rate_probe(
         gb_per_s,
         raw_gb_per_s,
     })
+}
+
+/// Writes `bytes` of fully touched, non-zero memory to a new file in `dir`
+/// the way a pause does (O_DIRECT where the filesystem allows it, fsync),
+/// with or without the per-page checksums; returns the call's report. For
+/// `stasis bench`, to measure what the checksums cost a pause.
+pub fn pause_write_probe(
+    bytes: usize,
+    dir: &std::path::Path,
+    checksums: bool,
+) -> Result<MemWriteReport> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = bytes.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+    let path = dir.join(format!("stasis-pause-probe-{}", std::process::id()));
+    let err = |op| {
+        let file = path.display().to_string();
+        move |source| Error::Io {
+            op,
+            file,
+            offset: 0,
+            len: bytes as u64,
+            source,
+        }
+    };
+    let m = AnonMapping::new(bytes).map_err(err("mapping probe memory for"))?;
+    for p in 0..bytes / PAGE_SIZE {
+        // SAFETY: in-bounds writes to our own fresh mapping.
+        unsafe {
+            std::ptr::write_bytes(m.addr().add(p * PAGE_SIZE), (p % 251 + 1) as u8, PAGE_SIZE)
+        };
+    }
+    let open = |direct: bool| {
+        let mut o = File::options();
+        o.read(true).write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(&path)
+    };
+    let f = open(true)
+        .or_else(|_| open(false))
+        .map_err(err("creating"))?;
+    let _ = std::fs::remove_file(&path);
+    write_memory(
+        &f,
+        &[m.region(0)],
+        &WriteOpts {
+            fsync: true,
+            checksums,
+            ..WriteOpts::default()
+        },
+    )
 }
 
 /// An anonymous private mapping, unmapped on drop (tests and probes).
@@ -975,6 +1317,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
+        let mut sums: Option<Vec<u32>> = None;
         for threads in [1, 2, 3] {
             let rep = write_memory(
                 &f,
@@ -983,10 +1326,13 @@ mod tests {
                     threads,
                     fsync: true,
                     max_write: 256 * 1024,
+                    ..WriteOpts::default()
                 },
             )
             .unwrap();
             assert_eq!(rep.present, expect_present);
+            // Checksums do not depend on how the work was split.
+            assert_eq!(sums.get_or_insert_with(|| rep.sums.clone()), &rep.sums);
             let data_pages = expect_present.count_ones() as u64;
             assert_eq!(rep.bytes_written, data_pages * PAGE_SIZE as u64);
             assert_eq!(rep.pages_scanned, pages as u64);
@@ -997,7 +1343,19 @@ mod tests {
             assert_eq!(data_extents(&f, len as u64), data_pages * PAGE_SIZE as u64);
         }
 
-        let meta = MemoryMeta::new(&regions, expect_present.clone(), PageBitmap::new(0)).unwrap();
+        let rep = write_memory(&f, &regions, &WriteOpts::default()).unwrap();
+        assert_eq!(rep.sums.len(), expect_present.count_ones());
+        let meta = MemoryMeta::new(
+            &regions,
+            expect_present.clone(),
+            rep.sums,
+            PageBitmap::new(0),
+        )
+        .unwrap();
+        assert_eq!(
+            verify_file(&f, &meta).unwrap(),
+            meta.present.count_ones() as u64
+        );
         let (c, d) = (
             AnonMapping::new(len / 4).unwrap(),
             AnonMapping::new(len - len / 4).unwrap(),
@@ -1054,7 +1412,7 @@ mod tests {
         let regions = [m.region(0)];
         let mut present = PageBitmap::new(256);
         present.set(3);
-        let meta = MemoryMeta::new(&regions, present, PageBitmap::new(0)).unwrap();
+        let meta = MemoryMeta::new(&regions, present, vec![0], PageBitmap::new(0)).unwrap();
         let f = tempfile::tempfile().unwrap();
         f.set_len(MIB as u64 - 4096).unwrap();
         let e = read_memory_eager(&f, &regions, &meta, &ReadOpts::default()).unwrap_err();
@@ -1081,5 +1439,97 @@ mod tests {
         let mut bad = meta.clone();
         bad.present = PageBitmap::new(255);
         assert!(bad.validate().is_err());
+        let mut bad = meta.clone();
+        bad.sums.push(1);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("2 page checksums for 1 present pages"));
+    }
+
+    /// One flipped byte in a present page, or data in a hole, is an error
+    /// naming the file and the page's offset, for the eager reader and for
+    /// the whole-file check; the untouched file passes both.
+    #[test]
+    fn corruption_is_detected_with_its_offset() {
+        let pages = 512;
+        let m = AnonMapping::new(pages * PAGE_SIZE).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in (0..pages).filter(|p| p % 3 != 0) {
+            fill_page(&mut page, p);
+            // SAFETY: in-bounds write to the test's own mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(page.as_ptr(), m.addr().add(p * PAGE_SIZE), PAGE_SIZE)
+            };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let rep = write_memory(&f, &[m.region(0)], &WriteOpts::default()).unwrap();
+        let meta =
+            MemoryMeta::new(&[m.region(0)], rep.present, rep.sums, PageBitmap::new(0)).unwrap();
+        let eager = |meta: &MemoryMeta| {
+            let d = AnonMapping::new(pages * PAGE_SIZE).unwrap();
+            read_memory_eager(&f, &[d.region(0)], meta, &ReadOpts::default()).map(|_| ())
+        };
+        eager(&meta).unwrap();
+        assert_eq!(
+            verify_file(&f, &meta).unwrap(),
+            meta.present.count_ones() as u64
+        );
+
+        // Flip one byte in the middle of present page 301.
+        let p = 301;
+        assert!(meta.present.get(p));
+        let off = (p * PAGE_SIZE + 1234) as u64;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, off).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
+        let want = format!(
+            "memory file {}: checksum mismatch in the page at offset {:#x} ({})",
+            path.display(),
+            p * PAGE_SIZE,
+            p * PAGE_SIZE
+        );
+        for e in [
+            eager(&meta).unwrap_err(),
+            verify_file(&f, &meta).unwrap_err(),
+        ] {
+            assert!(
+                matches!(e, Error::ChecksumMismatch { offset, .. } if offset == (p * PAGE_SIZE) as u64),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+        f.write_all_at(&b, off).unwrap();
+        eager(&meta).unwrap();
+
+        // Data written into hole page 300.
+        let h = 300;
+        assert!(!meta.present.get(h));
+        f.write_all_at(&[7], (h * PAGE_SIZE + 9) as u64).unwrap();
+        let want = format!(
+            "memory file {}: the page at offset {:#x} ({}) is a hole",
+            path.display(),
+            h * PAGE_SIZE,
+            h * PAGE_SIZE
+        );
+        for e in [
+            eager(&meta).unwrap_err(),
+            verify_file(&f, &meta).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+        // A hole made allocated but still zero is fine.
+        f.write_all_at(&[0], (h * PAGE_SIZE + 9) as u64).unwrap();
+        eager(&meta).unwrap();
+        assert!(verify_holes(&f, &meta).unwrap() >= 1);
     }
 }

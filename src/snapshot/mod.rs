@@ -13,6 +13,7 @@
 //! [`SnapshotDir::open`] checks that a directory is a snapshot.
 
 pub mod bitmap;
+pub mod crc32c;
 pub mod format;
 pub mod memfile;
 pub mod uffd;

@@ -15,6 +15,9 @@ const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// `UFFD_FEATURE_THREAD_ID`: page-fault messages carry the faulting
+/// thread's id.
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 /// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
@@ -74,11 +77,13 @@ pub struct Fault {
     pub addr: u64,
     /// A write fault.
     pub write: bool,
+    /// The faulting thread's id (0 if the kernel did not report it).
+    pub tid: u32,
 }
 
 /// A userfaultfd descriptor.
 #[derive(Debug)]
-pub struct Uffd(OwnedFd);
+pub struct Uffd(OwnedFd, bool);
 
 fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
     // SAFETY: every caller passes the request's matching `#[repr(C)]`
@@ -97,6 +102,22 @@ impl Uffd {
     /// of user space (KVM's accesses to guest memory), which needs root
     /// (CAP_SYS_PTRACE) or access to /dev/userfaultfd.
     pub fn create(user_mode_only: bool) -> io::Result<Uffd> {
+        match Self::create_with(user_mode_only, UFFD_FEATURE_THREAD_ID) {
+            Ok(u) => Ok(u),
+            // A kernel without thread ids in fault messages.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Self::create_with(user_mode_only, 0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True if fault messages carry the faulting thread's id.
+    pub fn has_thread_ids(&self) -> bool {
+        self.1
+    }
+
+    fn create_with(user_mode_only: bool, features: u64) -> io::Result<Uffd> {
         let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         if user_mode_only {
             flags |= UFFD_USER_MODE_ONLY;
@@ -127,11 +148,11 @@ impl Uffd {
         };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
-        Ok(Uffd(fd))
+        Ok(Uffd(fd, features & UFFD_FEATURE_THREAD_ID != 0))
     }
 
     /// Registers `[addr, addr+len)` in MISSING mode; returns the mask of
@@ -190,6 +211,7 @@ impl Uffd {
                 out.push(Fault {
                     addr: m.address,
                     write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    tid: if self.1 { m.ptid as u32 } else { 0 },
                 });
             }
         }

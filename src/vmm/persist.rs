@@ -101,6 +101,11 @@ pub struct SnapshotStats {
     pub bytes_written: u64,
     /// Pages in the working set.
     pub working_set_pages: u64,
+    /// The memory file was written with O_DIRECT.
+    pub direct_io: bool,
+    /// Computing the per-page checksums (summed over writer threads; they
+    /// run interleaved with the writes, inside `memory_time`).
+    pub hash_time: Duration,
     /// Waiting for a lazily restored VM's memory to be complete first.
     pub lazy_wait: Duration,
     /// Saving vCPU, VM and device state.
@@ -146,8 +151,9 @@ fn file_regions(mem: &GuestMemoryMmap) -> Vec<MemRegion> {
 /// guest pages go from guest memory straight to the disk, without first
 /// allocating and filling page-cache pages (several times faster here, and
 /// the fsync has little left to do). Filesystems without O_DIRECT (tmpfs)
-/// keep buffered writes. All writes are page-aligned, as O_DIRECT requires.
-fn direct_io(file: &std::fs::File) {
+/// keep buffered writes (logged at warn). All writes are page-aligned, as
+/// O_DIRECT requires. Returns whether O_DIRECT is on.
+fn direct_io(file: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
@@ -156,8 +162,13 @@ fn direct_io(file: &std::fs::File) {
         fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_DIRECT) == 0
     };
     if !ok {
-        tracing::debug!("memory file: O_DIRECT not available, writing through the page cache");
+        tracing::warn!(
+            file = %memfile::file_name(file),
+            error = %std::io::Error::last_os_error(),
+            "memory file: O_DIRECT not available on this filesystem, writing through the page cache"
+        );
     }
+    ok
 }
 
 fn unix_now_ns() -> u64 {
@@ -259,7 +270,7 @@ impl Vm {
         // The device thread is stopped (the VM is paused): the disk is quiet.
         self.virtio.save_disk(tmp.path())?;
         let file = tmp.create_memory_file().map_err(PersistError::from)?;
-        direct_io(&file);
+        let direct = direct_io(&file);
         let regions = file_regions(&self.mem);
         let report = memfile::write_memory(
             &file,
@@ -272,6 +283,8 @@ impl Vm {
         .map_err(PersistError::from)?;
         tracing::debug!(
             scan = ?report.scan_time,
+            hash = ?report.hash_time,
+            direct_io = direct,
             write = ?report.write_time,
             fsync = ?report.fsync_time,
             elapsed = ?report.elapsed,
@@ -279,8 +292,8 @@ impl Vm {
             threads = report.threads,
             "memory file written"
         );
-        let meta =
-            MemoryMeta::new(&regions, report.present, working_set).map_err(PersistError::from)?;
+        let meta = MemoryMeta::new(&regions, report.present, report.sums, working_set)
+            .map_err(PersistError::from)?;
         let memory_time = tm.elapsed();
         let working_set_pages = meta.working_set.count_ones() as u64;
         let state = VmState {
@@ -309,6 +322,8 @@ impl Vm {
             mem_bytes: self.config.mem_bytes,
             bytes_written: report.bytes_written,
             working_set_pages,
+            direct_io: direct,
+            hash_time: report.hash_time,
             lazy_wait,
             state_time,
             memory_time,
@@ -479,6 +494,13 @@ impl Vm {
         ))
     }
 
+    /// Pages the guest demanded (faulted on before they were brought in)
+    /// since its lazy restore; `None` if it was not restored lazily. The
+    /// next snapshot's working set is these plus the one restored from.
+    pub fn lazy_demanded(&self) -> Option<PageBitmap> {
+        self.lazy.as_ref().map(|l| l.demanded())
+    }
+
     /// Counters of the lazy loader, for a VM restored lazily.
     pub fn lazy_stats(&self) -> Option<Arc<LazyStats>> {
         self.lazy.as_ref().map(|l| l.stats().clone())
@@ -502,15 +524,32 @@ impl Vm {
     }
 }
 
-/// Reads a snapshot's state without restoring it (for `snapshot info`).
-pub fn inspect(dir: &Path) -> Result<(VmState, u64), Error> {
+/// What [`inspect`] found besides the state.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// Bytes the memory file has allocated on disk (`st_blocks * 512`).
+    pub allocated: u64,
+    /// Present pages whose checksum was verified (all of them).
+    pub pages_verified: u64,
+}
+
+/// Reads a snapshot's state without restoring it and verifies its memory
+/// file completely: length, every present page's checksum, holes zero (for
+/// `snapshot info`).
+pub fn inspect(dir: &Path) -> Result<(VmState, Inspection), Error> {
     let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
     let st: VmState = snap.load_state().map_err(PersistError::from)?;
     let file = snap.open_memory().map_err(PersistError::from)?;
-    st.memory.check_file(&file).map_err(PersistError::from)?;
+    let pages_verified = memfile::verify_file(&file, &st.memory).map_err(PersistError::from)?;
     let len = file
         .metadata()
         .map_err(|e| PersistError::Inconsistent(format!("memory file: {e}")))?;
     use std::os::unix::fs::MetadataExt;
-    Ok((st, len.blocks() * 512))
+    Ok((
+        st,
+        Inspection {
+            allocated: len.blocks() * 512,
+            pages_verified,
+        },
+    ))
 }
