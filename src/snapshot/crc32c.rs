@@ -119,6 +119,12 @@ mod tests {
                 "page {i}"
             );
         }
-        assert_eq!(checksum(&pages[..13]), TABLE.checksum(&pages[..13]));
+        for n in [0, 1, 7, 8, 9, 13, 4095, 4097, 5000] {
+            assert_eq!(
+                checksum(&pages[..n]),
+                TABLE.checksum(&pages[..n]),
+                "{n} bytes"
+            );
+        }
     }
 }

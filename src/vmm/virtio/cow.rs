@@ -56,8 +56,6 @@ const MAGIC: &[u8; 8] = b"STASISCW";
 const MAP_VERSION: u32 = 2;
 const MAP_HEADER: usize = 32;
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
-const CRC32C: crc::Crc<u32, crc::Table<16>> =
-    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 /// Largest read of one scrub step (a bounded time under the device lock).
 const SCRUB_BYTES: usize = 1 << 20;
 
@@ -145,34 +143,10 @@ pub fn map_path(overlay: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// CRC-32C (Castagnoli) of `data`: the CPU's `crc32` instruction where it
-/// has SSE4.2, else a slice-by-16 table.
+/// CRC-32C (Castagnoli) of `data`, shared with the memory file's page
+/// checksums.
 pub fn crc32c(data: &[u8]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("sse4.2") {
-        // SAFETY: the CPU supports SSE4.2, the only requirement of the
-        // function (checked just above).
-        return unsafe { crc32c_sse42(data) };
-    }
-    CRC32C.checksum(data)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.2")]
-fn crc32c_sse42(data: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
-    let mut crc = u64::from(u32::MAX);
-    let mut words = data.chunks_exact(8);
-    for w in &mut words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        crc = _mm_crc32_u64(crc, u64::from_le_bytes(b));
-    }
-    let mut crc = crc as u32;
-    for &b in words.remainder() {
-        crc = _mm_crc32_u8(crc, b);
-    }
-    !crc
+    crate::snapshot::crc32c::checksum(data)
 }
 
 /// A base image with its overlay.
@@ -927,16 +901,6 @@ mod tests {
         saved.overlay.read_exact_at(&mut a, 0).unwrap();
         File::open(&c).unwrap().read_exact_at(&mut cc, 0).unwrap();
         assert_eq!(a, cc);
-    }
-
-    #[test]
-    fn crc32c_matches_the_reference() {
-        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
-        assert_eq!(CRC32C.checksum(b"123456789"), 0xe306_9283);
-        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        for n in [0, 1, 7, 8, 9, 4095, 4096, 5000] {
-            assert_eq!(crc32c(&data[..n]), CRC32C.checksum(&data[..n]), "{n}");
-        }
     }
 
     #[test]
