@@ -386,12 +386,19 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
     for d in &st.virtio.devices {
         use stasis::vmm::virtio::DeviceKind;
         match &d.kind {
-            DeviceKind::Block { base, size } => println!(
-                "disk:            {} MiB over base {}, overlay {}",
-                size >> 20,
-                base.display(),
-                stasis::vmm::virtio::SNAPSHOT_OVERLAY
-            ),
+            DeviceKind::Block { base, size } => {
+                // Every written block of the overlay against its checksum.
+                let overlay = dir.join(stasis::vmm::virtio::SNAPSHOT_OVERLAY);
+                let blocks = stasis::vmm::virtio::cow::CowDisk::open_existing(base, &overlay)
+                    .and_then(|d| d.verify_all())
+                    .map_err(|e| chain(&e))?;
+                println!(
+                    "disk:            {} MiB over base {}, overlay {} ({blocks} written blocks, checksums OK)",
+                    size >> 20,
+                    base.display(),
+                    stasis::vmm::virtio::SNAPSHOT_OVERLAY
+                )
+            }
             DeviceKind::Vsock { uds, cid } => {
                 println!(
                     "vsock:           guest CID {cid}, host socket {}",
