@@ -35,6 +35,7 @@
 //! 502 is what the SDK expects (`is_running()` is false on 502; envd's own
 //! 404 means a missing file).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -44,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -57,6 +58,7 @@ use tokio::sync::watch;
 use super::error::ApiError;
 use super::models;
 use super::routes::AppState;
+use crate::envd::files;
 use crate::vsock::{ENVD_PORT, FORWARD_PORT};
 
 /// Longest wait for the agent to accept a connection (both handshakes).
@@ -280,14 +282,21 @@ pub async fn probe_health(socket: &Path, timeout: Duration) -> Result<(), Error>
     agent_request(socket, "GET", "/health", None, timeout).await
 }
 
-/// `POST /init {"envVars": ..}` on the agent's envd port: variables every
-/// later process of the sandbox gets (the create call's `envVars`).
-pub async fn init_env_vars(
+/// `POST /init {"envVars": .., "accessToken": ..}` on the agent's envd
+/// port: variables every later process of the sandbox gets (the create
+/// call's `envVars`) and, for a secured sandbox, its envd access token
+/// (the agent then checks it and signed file URLs itself).
+pub async fn init_agent(
     socket: &Path,
     env_vars: &std::collections::BTreeMap<String, String>,
+    access_token: Option<&str>,
     timeout: Duration,
 ) -> Result<(), Error> {
-    let body = serde_json::json!({ "envVars": env_vars }).to_string();
+    let mut body = serde_json::json!({ "envVars": env_vars });
+    if let Some(t) = access_token {
+        body["accessToken"] = serde_json::Value::String(t.to_string());
+    }
+    let body = body.to_string();
     agent_request(socket, "POST", "/init", Some(body.as_bytes()), timeout).await
 }
 
@@ -426,6 +435,27 @@ pub struct Target {
     pub gate: Arc<Gate>,
 }
 
+fn unauthorized(msg: &str) -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response()
+}
+
+/// A `GET`/`POST /files` request carrying a `signature` query parameter
+/// (a signed file URL): its query and operation.
+fn signed_files_request(req: &Request) -> Option<(HashMap<String, String>, files::Op)> {
+    if req.uri().path() != "/files" {
+        return None;
+    }
+    let op = match *req.method() {
+        Method::GET | Method::HEAD => files::Op::Read,
+        Method::POST => files::Op::Write,
+        _ => return None,
+    };
+    let q = axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .ok()?
+        .0;
+    q.contains_key("signature").then_some((q, op))
+}
+
 fn bad_gateway(msg: impl Into<String>) -> Response {
     ApiError::new(StatusCode::BAD_GATEWAY, msg).into_response()
 }
@@ -485,25 +515,67 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let signed = signed_files_request(&req);
     let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
         Ok(Some(r)) => r,
         Ok(None) => {
             // No routing headers: a secured sandbox's envd token alone names
-            // it (the SDK's static `Sandbox.connect` sends only the token).
+            // it (the SDK's static `Sandbox.connect` sends only the token),
+            // and so does the signature of a signed file URL.
             let by_token = match &token {
                 Some(t) if !is_lifecycle_path(req.uri().path()) => st.mgr.sandbox_by_envd_token(t),
                 _ => None,
             };
-            match by_token {
+            let by_signature = || {
+                let (q, op) = signed.as_ref()?;
+                st.mgr.envd_tokens().into_iter().find_map(|(id, t)| {
+                    files::verify_signature(q, *op, &t, 0, false)
+                        .is_ok()
+                        .then_some(id)
+                })
+            };
+            match by_token.or_else(by_signature) {
                 Some(sandbox_id) => Route {
                     sandbox_id,
                     port: ENVD_PORT as u16,
                 },
+                None if signed.is_some() => {
+                    // A signed URL that no sandbox's token made.
+                    return unauthorized("invalid signature");
+                }
                 None => return next.run(req).await,
             }
         }
         Err(e) => return e.into_response(),
     };
+    // A secured sandbox's envd port takes a signed file URL instead of the
+    // token: a valid, unexpired signature made with its token passes (the
+    // agent checks it again); a bad one is answered with envd's message.
+    let mut token = token;
+    if u32::from(route.port) == ENVD_PORT && req.uri().path() == "/files" {
+        let real = st
+            .mgr
+            .envd_tokens()
+            .into_iter()
+            .find_map(|(id, t)| (id == route.sandbox_id).then_some(t));
+        if let Some(real) = real {
+            let header_ok = token.as_deref().is_some_and(|t| files::ct_eq(t, &real));
+            if !header_ok && token.is_none() {
+                let checked = match &signed {
+                    Some((q, op)) => {
+                        files::verify_signature(q, *op, &real, files::unix_now(), true)
+                    }
+                    None => Err(files::Error::Unauthorized(
+                        "missing signature query parameter".into(),
+                    )),
+                };
+                match checked {
+                    Ok(()) => token = Some(real),
+                    Err(e) => return e.into_response(),
+                }
+            }
+        }
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();

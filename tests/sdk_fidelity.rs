@@ -1,0 +1,50 @@
+//! SDK fidelity (issue 15) through the real `novita-sandbox` SDK against
+//! `stasis serve --backend fake` (no KVM needed): runs
+//! `tests/sdk_fidelity/run.sh`, which makes the shared SDK virtualenv on
+//! first use.
+//! - `test_files.py`: agent behaviours as E2B's envd (remove of a missing
+//!   path, entry fields, gzip both ways, malformed gzip);
+//! - `test_signed_urls.py`: signed file URLs (valid, expired, tampered,
+//!   missing) in both addressing forms.
+
+use std::path::Path;
+use std::process::Command;
+
+fn run_fidelity(test_file: &str) {
+    let agent = Path::new(env!("CARGO_BIN_EXE_stasis")).with_file_name("stasis-envd");
+    assert!(
+        agent.is_file(),
+        "the agent binary {} is missing (cargo build --release --bin stasis-envd)",
+        agent.display()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_fidelity/run.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(test_file)
+        .env("STASIS_BIN", env!("CARGO_BIN_EXE_stasis"))
+        .output()
+        .expect("run tests/sdk_fidelity/run.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK fidelity tests {test_file} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains(" passed"), "pytest ran no tests:\n{stdout}");
+    assert!(
+        !stdout.contains(" skipped"),
+        "some SDK fidelity tests were skipped:\n{stdout}"
+    );
+}
+
+#[test]
+fn sdk_agent_behaves_as_envd() {
+    run_fidelity("test_files.py");
+}
+
+#[test]
+fn sdk_signed_file_urls() {
+    run_fidelity("test_signed_urls.py");
+}
