@@ -5,7 +5,9 @@
 //! - `test_files.py`: agent behaviours as E2B's envd (remove of a missing
 //!   path, entry fields, gzip both ways, malformed gzip);
 //! - `test_signed_urls.py`: signed file URLs (valid, expired, tampered,
-//!   missing) in both addressing forms.
+//!   missing) in both addressing forms;
+//! - `test_proxy.py`: header case/order and hop-by-hop fields through the
+//!   proxy, a WebSocket echo server in the sandbox reached through it.
 
 use std::path::Path;
 use std::process::Command;
@@ -47,4 +49,9 @@ fn sdk_agent_behaves_as_envd() {
 #[test]
 fn sdk_signed_file_urls() {
     run_fidelity("test_signed_urls.py");
+}
+
+#[test]
+fn sdk_proxy_keeps_headers_and_proxies_websockets() {
+    run_fidelity("test_proxy.py");
 }

@@ -336,15 +336,14 @@ pub async fn serve(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
         }
-        let extra = axum::serve(l, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+        let extra = proxy::serve_http(l, app.clone(), stopped(stop_rx.clone()));
         tokio::spawn(async move {
             if let Err(e) = extra.await {
                 tracing::error!("second listener failed: {e}");
             }
         });
     }
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop_rx))
+    let served = proxy::serve_http(listener, app, stopped(stop_rx))
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!(

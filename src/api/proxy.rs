@@ -366,8 +366,12 @@ const HOP_BY_HOP: [&str; 8] = [
     "trailer",
 ];
 
-/// Removes hop-by-hop headers (those named in `Connection` too); `te` is
-/// kept only as `trailers`.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and every
+/// field it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
+/// `Upgrade`, plus `Proxy-Authenticate`/`-Authorization` and `Trailer`); `te`
+/// is kept only as `trailers` (the one value an HTTP/1.1 hop may pass on).
+/// The other fields keep their order: the map is rebuilt, not edited in
+/// place (`HeaderMap::remove` moves the last field into the hole).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -376,24 +380,57 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    h.remove(header::TE);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        })
+    });
+    let old = std::mem::take(h);
+    let mut te_done = false;
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in old {
+        let name = match name {
+            Some(n) => {
+                last = Some(n.clone());
+                n
+            }
+            None => match &last {
+                Some(n) => n.clone(),
+                None => continue,
+            },
+        };
+        if HOP_BY_HOP.contains(&name.as_str()) || named.contains(&name) {
+            continue;
+        }
+        if name == header::TE {
+            if te_trailers && !te_done {
+                h.append(header::TE, HeaderValue::from_static("trailers"));
+                te_done = true;
+            }
+            continue;
+        }
+        h.append(name, value);
     }
 }
+
+/// Whether `h` asks to switch protocols (`Connection: upgrade` with an
+/// `Upgrade` field, e.g. a WebSocket handshake): the `Upgrade` value.
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asks.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// The `Via` field this proxy adds to what it forwards (RFC 9110 §7.6.3).
+const VIA: &str = "1.1 stasis";
 
 /// A response body from the agent that fails (aborting the client's
 /// connection) when the sandbox's gate closes.
@@ -467,13 +504,17 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         s = connect(&target.socket, route.port, HANDSHAKE_TIMEOUT) => s.map_err(|e| e.to_string())?,
         _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    // Header names keep their case both ways: the server side records it
+    // (`serve_http`), this side writes it and records the answer's.
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with the sandbox failed: {e}"))?;
     let closed = target.gate.closed();
     tokio::spawn(async move {
         tokio::select! {
-            _ = conn => {}
+            _ = conn.with_upgrades() => {}
             _ = closed => {}
         }
     });
@@ -488,23 +529,125 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         .map_err(|e| format!("invalid request target: {e}"))?;
     *req.version_mut() = Version::HTTP_11;
     let host = req.headers().get(header::HOST).cloned();
+    let upgrade = upgrade_of(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut());
     if host.is_none() {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
+    if let Some(u) = &upgrade {
+        // The one hop-by-hop exchange a proxy passes on: the switch itself.
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, u.clone());
+    }
+    req.headers_mut()
+        .append(header::VIA, HeaderValue::from_static(VIA));
     let closed = target.gate.closed();
-    let resp = tokio::select! {
+    let mut resp = tokio::select! {
         r = sender.send_request(req) => r.map_err(|e| format!("the sandbox closed the connection: {e}"))?,
         _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err("the sandbox switched protocols though the client did not ask".into());
+        };
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        let answer = upgrade_of(resp.headers());
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(u) = answer {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, u);
+        }
+        parts
+            .headers
+            .append(header::VIA, HeaderValue::from_static(VIA));
+        let closed = target.gate.closed();
+        let id = route.sandbox_id.clone();
+        tokio::spawn(async move {
+            let pipe = async {
+                let (client, server) =
+                    tokio::try_join!(client_upgrade, server_upgrade).map_err(|e| e.to_string())?;
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                tokio::io::copy_bidirectional(&mut client, &mut server)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            tokio::select! {
+                r = pipe => if let Err(e) = r {
+                    tracing::debug!(sandbox = %id, "upgraded connection ended: {e}");
+                },
+                _ = closed => tracing::debug!(sandbox = %id, "upgraded connection closed: the sandbox was paused or killed"),
+            }
+        });
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static(VIA));
     let body = GatedBody {
         inner: incoming,
         closed: Box::pin(target.gate.closed()),
     };
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
+/// then lets open connections finish (as `axum::serve` with graceful
+/// shutdown). Unlike `axum::serve` it records header-name case
+/// (`preserve_header_case`), so the proxy forwards names as the client
+/// wrote them, and it serves protocol upgrades (WebSocket).
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept:
+                // back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.preserve_header_case(true);
+            let conn = b
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    stop_tx.send_replace(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Middleware in front of the lifecycle API: in-sandbox traffic is
@@ -711,6 +854,49 @@ mod tests {
         names.sort();
         assert_eq!(names, ["content-type", "te", "x-access-token"]);
         assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn stripping_keeps_the_order_of_the_rest() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("a-first", "1"),
+            ("upgrade", "h2c"),
+            ("b-second", "2"),
+            ("connection", "upgrade, x-gone"),
+            ("x-gone", "g"),
+            ("c-third", "3"),
+            ("b-second", "2b"),
+            ("te", "deflate"),
+            ("d-fourth", "4"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let want = [
+            ("a-first", "1"),
+            ("b-second", "2"),
+            ("b-second", "2b"),
+            ("c-third", "3"),
+            ("d-fourth", "4"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+        let mut up = HeaderMap::new();
+        up.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        up.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_of(&up).unwrap(), "websocket");
+        up.insert("connection", HeaderValue::from_static("keep-alive"));
+        assert_eq!(upgrade_of(&up), None);
     }
 
     #[tokio::test]
