@@ -7,7 +7,10 @@
 //! - `test_signed_urls.py`: signed file URLs (valid, expired, tampered,
 //!   missing) in both addressing forms;
 //! - `test_proxy.py`: header case/order and hop-by-hop fields through the
-//!   proxy, a WebSocket echo server in the sandbox reached through it.
+//!   proxy, a WebSocket echo server in the sandbox reached through it;
+//! - `test_routes.py`: every route of the SDK's API client is served or 501;
+//! - `test_metrics_logs.py`: `get_metrics()` after CPU load, the
+//!   multi-sandbox metrics route, logs with paging.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,4 +57,14 @@ fn sdk_signed_file_urls() {
 #[test]
 fn sdk_proxy_keeps_headers_and_proxies_websockets() {
     run_fidelity("test_proxy.py");
+}
+
+#[test]
+fn sdk_routes_are_served_or_501() {
+    run_fidelity("test_routes.py");
+}
+
+#[test]
+fn sdk_metrics_and_logs() {
+    run_fidelity("test_metrics_logs.py");
 }

@@ -743,6 +743,30 @@ impl Manager {
             .collect()
     }
 
+    /// What metrics and logs need of every live sandbox (see
+    /// [`super::metrics`]).
+    pub fn sandbox_facts(&self) -> Vec<super::metrics::SandboxFacts> {
+        self.map()
+            .values()
+            .filter_map(|e| {
+                let r = e.rec();
+                if r.gone {
+                    return None;
+                }
+                let running = r.row.state == RowState::Running && r.busy.is_none();
+                Some(super::metrics::SandboxFacts {
+                    id: e.id.clone(),
+                    running,
+                    worker_pid: r.worker.as_ref().filter(|_| running).map(|w| w.pid()),
+                    cpu_count: r.row.cpu_count,
+                    memory_mb: r.row.memory_mb,
+                    disk_mb: r.row.disk_mb,
+                    dir: self.sandbox_dir(&e.id),
+                })
+            })
+            .collect()
+    }
+
     /// Records whether the agent of `id` could be reached (only envd-port
     /// outcomes: a user port that nothing listens on is not the agent's
     /// fault).

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod error;
 pub mod manager;
+pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod proxy;
@@ -310,8 +311,11 @@ pub async fn serve(
         Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
         None => None,
     };
+    let metrics = Arc::new(metrics::Registry::default());
+    metrics::spawn_sampler(mgr.clone(), metrics.clone());
     let app = routes::router(routes::AppState {
         mgr: mgr.clone(),
+        metrics,
         api_key: opts.api_key.as_deref().map(Arc::from),
         inflight: Arc::new(tokio::sync::Semaphore::new(opts.max_inflight)),
     });

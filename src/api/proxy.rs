@@ -133,7 +133,12 @@ fn header_str<'a>(h: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
 fn is_lifecycle_path(path: &str) -> bool {
     path == "/sandboxes"
         || path.starts_with("/sandboxes/")
+        || path.starts_with("/v1/")
         || path.starts_with("/v2/")
+        || path.starts_with("/v3/")
+        || ["/templates", "/volumes", "/snapshots"]
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
         || path == "/openapi.json"
 }
 

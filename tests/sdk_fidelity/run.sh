@@ -35,7 +35,7 @@ WORK=$(mktemp -d)
 KEY="sdk-fidelity-$RANDOM$RANDOM"
 mkdir -p "$WORK/data/templates"
 echo '{"kernel": "testguest", "memoryMB": 64, "vcpus": 1, "agent": true}' >"$WORK/data/templates/agent.json"
-"$BIN" serve --listen 127.0.0.1:0 --backend fake --data-dir "$WORK/data" --api-key "$KEY" \
+STASIS_METRICS_INTERVAL_MS=${STASIS_METRICS_INTERVAL_MS:-200} "$BIN" serve --listen 127.0.0.1:0 --backend fake --data-dir "$WORK/data" --api-key "$KEY" \
   ${STASIS_SERVE_ARGS:-} >"$WORK/stdout" 2>"$WORK/server.log" &
 SERVER=$!
 cleanup() {
