@@ -10,7 +10,9 @@
 //!   proxy, a WebSocket echo server in the sandbox reached through it;
 //! - `test_routes.py`: every route of the SDK's API client is served or 501;
 //! - `test_metrics_logs.py`: `get_metrics()` after CPU load, the
-//!   multi-sandbox metrics route, logs with paging.
+//!   multi-sandbox metrics route, logs with paging;
+//! - `test_js.py`: the JS SDK under node (signed URLs, getMetrics); needs
+//!   Debian's `nodejs` and `npm` (fails loudly without them).
 
 use std::path::Path;
 use std::process::Command;
@@ -67,4 +69,9 @@ fn sdk_routes_are_served_or_501() {
 #[test]
 fn sdk_metrics_and_logs() {
     run_fidelity("test_metrics_logs.py");
+}
+
+#[test]
+fn js_sdk_signed_urls_and_metrics() {
+    run_fidelity("test_js.py");
 }
