@@ -14,8 +14,20 @@
 //!   header nor such a host, only `X-Access-Token`: a secured sandbox (the
 //!   SDK's default) is found by that token, for the envd port.
 //!
+//! - a signed file URL (`/files?…&signature=v1_…`, what `download_url` /
+//!   `upload_url` build) with none of the above names no sandbox: it goes to
+//!   the secured sandbox whose envd token made the signature (401 "invalid
+//!   signature" if none did).
+//!
 //! A secured sandbox's envd port is reached only with its token (401
-//! otherwise); user ports don't need it.
+//! otherwise), except `/files` with a valid, unexpired signature made with
+//! that token (checked here and again by the agent, with envd's messages);
+//! user ports don't need it.
+//!
+//! Header names keep their case (the listener records it: [`serve_http`])
+//! and order; hop-by-hop fields (RFC 9110 §7.6.1) are dropped and `Via` is
+//! added; an `Upgrade` (WebSocket) handshake is passed on and, on 101, both
+//! upgraded streams are joined until either ends or the gate closes.
 //!
 //! How: connect to the sandbox's Unix socket (the vsock device's host side,
 //! or the host agent's socket), `CONNECT 49983\n` → `OK <n>\n` for envd;
