@@ -771,6 +771,44 @@ impl Manager {
         })
     }
 
+    /// `(id, envd access token)` of every live secured sandbox: the proxy
+    /// routes a signed file URL (which names no sandbox) to the sandbox
+    /// whose token made its signature, and checks signatures for the rest.
+    pub fn envd_tokens(&self) -> Vec<(String, String)> {
+        self.map()
+            .values()
+            .filter_map(|e| {
+                let r = e.rec();
+                let t = r.row.envd_token.clone().filter(|_| !r.gone)?;
+                Some((e.id.clone(), t))
+            })
+            .collect()
+    }
+
+    /// What metrics and logs need of every live sandbox (see
+    /// [`super::metrics`]).
+    pub fn sandbox_facts(&self) -> Vec<super::metrics::SandboxFacts> {
+        self.map()
+            .values()
+            .filter_map(|e| {
+                let r = e.rec();
+                if r.gone {
+                    return None;
+                }
+                let running = r.row.state == RowState::Running && r.busy.is_none();
+                Some(super::metrics::SandboxFacts {
+                    id: e.id.clone(),
+                    running,
+                    worker_pid: r.worker.as_ref().filter(|_| running).map(|w| w.pid()),
+                    cpu_count: r.row.cpu_count,
+                    memory_mb: r.row.memory_mb,
+                    disk_mb: r.row.disk_mb,
+                    dir: self.sandbox_dir(&e.id),
+                })
+            })
+            .collect()
+    }
+
     /// Records whether the agent of `id` could be reached (only envd-port
     /// outcomes: a user port that nothing listens on is not the agent's
     /// fault).
@@ -897,6 +935,7 @@ impl Manager {
                 return Err(fail(format!("booting the sandbox failed: {e}")).await);
             }
         };
+        let envd_token = (template.agent && req.secure == Some(true)).then(new_envd_token);
         if template.agent {
             let waited = std::time::Instant::now();
             if let Err(why) = self
@@ -914,8 +953,16 @@ impl Manager {
                 return Err(fail(msg).await);
             }
             tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
-            if let Some(envs) = req.env_vars.as_ref().filter(|e| !e.is_empty()) {
-                if let Err(why) = proxy::init_env_vars(&vsock, envs, proxy::HANDSHAKE_TIMEOUT).await
+            let no_envs = Default::default();
+            let envs = req.env_vars.as_ref().unwrap_or(&no_envs);
+            if !envs.is_empty() || envd_token.is_some() {
+                if let Err(why) = proxy::init_agent(
+                    &vsock,
+                    envs,
+                    envd_token.as_deref(),
+                    proxy::HANDSHAKE_TIMEOUT,
+                )
+                .await
                 {
                     worker.shutdown(SHUTDOWN_GRACE).await;
                     return Err(fail(format!(
@@ -948,7 +995,7 @@ impl Manager {
             agent: template.agent,
             // Secured on request (the SDK asks by default): envd traffic must
             // carry this token, and can be routed by it alone.
-            envd_token: (template.agent && req.secure == Some(true)).then(new_envd_token),
+            envd_token,
         };
         if let Err(e) = self.put_row(row.clone()).await {
             worker.shutdown(SHUTDOWN_GRACE).await;

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod error;
 pub mod manager;
+pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod proxy;
@@ -374,8 +375,11 @@ pub async fn serve(
         Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
         None => None,
     };
+    let metrics = Arc::new(metrics::Registry::default());
+    metrics::spawn_sampler(mgr.clone(), metrics.clone());
     let app = routes::router(routes::AppState {
         mgr: mgr.clone(),
+        metrics,
         api_key: opts.api_key.as_deref().map(Arc::from),
         inflight: Arc::new(tokio::sync::Semaphore::new(opts.max_inflight)),
     });
@@ -400,7 +404,7 @@ pub async fn serve(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
         }
-        let extra = axum::serve(l, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+        let extra = proxy::serve_http(l, app.clone(), stopped(stop_rx.clone()), None);
         tokio::spawn(async move {
             if let Err(e) = extra.await {
                 tracing::error!("second listener failed: {e}");
@@ -429,10 +433,14 @@ pub async fn serve(
         }
         tracing::info!(addr = %bound, %domain, "serving TLS{ca}");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
-        tokio::spawn(serve_tls(l, acceptor, app.clone(), stop_rx.clone()));
+        let (app, stop) = (app.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = proxy::serve_http(l, app, stopped(stop), Some(acceptor)).await {
+                tracing::error!("TLS listener failed: {e}");
+            }
+        });
     }
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop_rx))
+    let served = proxy::serve_http(listener, app, stopped(stop_rx), None)
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!(
@@ -441,53 +449,6 @@ pub async fn serve(
     );
     mgr.shutdown(opts.shutdown_pause).await;
     served
-}
-
-/// Longest time a client may take for its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `app` over TLS on `listener` until `stop` turns true.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    app: axum::Router,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of descriptors or similar: let connections close.
-                    tracing::warn!("TLS accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!("TLS handshake: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!("TLS connection: {e}");
-            }
-        });
-    }
 }
 
 /// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.

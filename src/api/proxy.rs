@@ -14,8 +14,20 @@
 //!   header nor such a host, only `X-Access-Token`: a secured sandbox (the
 //!   SDK's default) is found by that token, for the envd port.
 //!
+//! - a signed file URL (`/files?…&signature=v1_…`, what `download_url` /
+//!   `upload_url` build) with none of the above names no sandbox: it goes to
+//!   the secured sandbox whose envd token made the signature (401 "invalid
+//!   signature" if none did).
+//!
 //! A secured sandbox's envd port is reached only with its token (401
-//! otherwise); user ports don't need it.
+//! otherwise), except `/files` with a valid, unexpired signature made with
+//! that token (checked here and again by the agent, with envd's messages);
+//! user ports don't need it.
+//!
+//! Header names keep their case (the listener records it: [`serve_http`])
+//! and order; hop-by-hop fields (RFC 9110 §7.6.1) are dropped and `Via` is
+//! added; an `Upgrade` (WebSocket) handshake is passed on and, on 101, both
+//! upgraded streams are joined until either ends or the gate closes.
 //!
 //! How: connect to the sandbox's Unix socket (the vsock device's host side,
 //! or the host agent's socket), `CONNECT 49983\n` → `OK <n>\n` for envd;
@@ -35,6 +47,7 @@
 //! 502 is what the SDK expects (`is_running()` is false on 502; envd's own
 //! 404 means a missing file).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -44,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -57,6 +70,7 @@ use tokio::sync::watch;
 use super::error::ApiError;
 use super::models;
 use super::routes::AppState;
+use crate::envd::files;
 use crate::vsock::{ENVD_PORT, FORWARD_PORT};
 
 /// Longest wait for the agent to accept a connection (both handshakes).
@@ -131,7 +145,12 @@ fn header_str<'a>(h: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
 fn is_lifecycle_path(path: &str) -> bool {
     path == "/sandboxes"
         || path.starts_with("/sandboxes/")
+        || path.starts_with("/v1/")
         || path.starts_with("/v2/")
+        || path.starts_with("/v3/")
+        || ["/templates", "/volumes", "/snapshots"]
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
         || path == "/openapi.json"
 }
 
@@ -281,14 +300,21 @@ pub async fn probe_health(socket: &Path, port: u16, timeout: Duration) -> Result
     agent_request(socket, port, "GET", "/health", None, timeout).await
 }
 
-/// `POST /init {"envVars": ..}` on the agent's envd port: variables every
-/// later process of the sandbox gets (the create call's `envVars`).
-pub async fn init_env_vars(
+/// `POST /init {"envVars": .., "accessToken": ..}` on the agent's envd
+/// port: variables every later process of the sandbox gets (the create
+/// call's `envVars`) and, for a secured sandbox, its envd access token
+/// (the agent then checks it and signed file URLs itself).
+pub async fn init_agent(
     socket: &Path,
     env_vars: &std::collections::BTreeMap<String, String>,
+    access_token: Option<&str>,
     timeout: Duration,
 ) -> Result<(), Error> {
-    let body = serde_json::json!({ "envVars": env_vars }).to_string();
+    let mut body = serde_json::json!({ "envVars": env_vars });
+    if let Some(t) = access_token {
+        body["accessToken"] = serde_json::Value::String(t.to_string());
+    }
+    let body = body.to_string();
     agent_request(
         socket,
         ENVD_PORT as u16,
@@ -367,8 +393,12 @@ const HOP_BY_HOP: [&str; 8] = [
     "trailer",
 ];
 
-/// Removes hop-by-hop headers (those named in `Connection` too); `te` is
-/// kept only as `trailers`.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and every
+/// field it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
+/// `Upgrade`, plus `Proxy-Authenticate`/`-Authorization` and `Trailer`); `te`
+/// is kept only as `trailers` (the one value an HTTP/1.1 hop may pass on).
+/// The other fields keep their order: the map is rebuilt, not edited in
+/// place (`HeaderMap::remove` moves the last field into the hole).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -377,24 +407,57 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    h.remove(header::TE);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        })
+    });
+    let old = std::mem::take(h);
+    let mut te_done = false;
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in old {
+        let name = match name {
+            Some(n) => {
+                last = Some(n.clone());
+                n
+            }
+            None => match &last {
+                Some(n) => n.clone(),
+                None => continue,
+            },
+        };
+        if HOP_BY_HOP.contains(&name.as_str()) || named.contains(&name) {
+            continue;
+        }
+        if name == header::TE {
+            if te_trailers && !te_done {
+                h.append(header::TE, HeaderValue::from_static("trailers"));
+                te_done = true;
+            }
+            continue;
+        }
+        h.append(name, value);
     }
 }
+
+/// Whether `h` asks to switch protocols (`Connection: upgrade` with an
+/// `Upgrade` field, e.g. a WebSocket handshake): the `Upgrade` value.
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asks.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// The `Via` field this proxy adds to what it forwards (RFC 9110 §7.6.3).
+const VIA: &str = "1.1 stasis";
 
 /// A response body from the agent that fails (aborting the client's
 /// connection) when the sandbox's gate closes.
@@ -436,6 +499,27 @@ pub struct Target {
     pub gate: Arc<Gate>,
 }
 
+fn unauthorized(msg: &str) -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response()
+}
+
+/// A `GET`/`POST /files` request carrying a `signature` query parameter
+/// (a signed file URL): its query and operation.
+fn signed_files_request(req: &Request) -> Option<(HashMap<String, String>, files::Op)> {
+    if req.uri().path() != "/files" {
+        return None;
+    }
+    let op = match *req.method() {
+        Method::GET | Method::HEAD => files::Op::Read,
+        Method::POST => files::Op::Write,
+        _ => return None,
+    };
+    let q = axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .ok()?
+        .0;
+    q.contains_key("signature").then_some((q, op))
+}
+
 fn bad_gateway(msg: impl Into<String>) -> Response {
     ApiError::new(StatusCode::BAD_GATEWAY, msg).into_response()
 }
@@ -447,13 +531,17 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         s = connect(&target.socket, route.port, HANDSHAKE_TIMEOUT) => s.map_err(|e| e.to_string())?,
         _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    // Header names keep their case both ways: the server side records it
+    // (`serve_http`), this side writes it and records the answer's.
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with the sandbox failed: {e}"))?;
     let closed = target.gate.closed();
     tokio::spawn(async move {
         tokio::select! {
-            _ = conn => {}
+            _ = conn.with_upgrades() => {}
             _ = closed => {}
         }
     });
@@ -468,23 +556,150 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         .map_err(|e| format!("invalid request target: {e}"))?;
     *req.version_mut() = Version::HTTP_11;
     let host = req.headers().get(header::HOST).cloned();
+    let upgrade = upgrade_of(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut());
     if host.is_none() {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
+    if let Some(u) = &upgrade {
+        // The one hop-by-hop exchange a proxy passes on: the switch itself.
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, u.clone());
+    }
+    req.headers_mut()
+        .append(header::VIA, HeaderValue::from_static(VIA));
     let closed = target.gate.closed();
-    let resp = tokio::select! {
+    let mut resp = tokio::select! {
         r = sender.send_request(req) => r.map_err(|e| format!("the sandbox closed the connection: {e}"))?,
         _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err("the sandbox switched protocols though the client did not ask".into());
+        };
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        let answer = upgrade_of(resp.headers());
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(u) = answer {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, u);
+        }
+        parts
+            .headers
+            .append(header::VIA, HeaderValue::from_static(VIA));
+        let closed = target.gate.closed();
+        let id = route.sandbox_id.clone();
+        tokio::spawn(async move {
+            let pipe = async {
+                let (client, server) =
+                    tokio::try_join!(client_upgrade, server_upgrade).map_err(|e| e.to_string())?;
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                tokio::io::copy_bidirectional(&mut client, &mut server)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            tokio::select! {
+                r = pipe => if let Err(e) = r {
+                    tracing::debug!(sandbox = %id, "upgraded connection ended: {e}");
+                },
+                _ = closed => tracing::debug!(sandbox = %id, "upgraded connection closed: the sandbox was paused or killed"),
+            }
+        });
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static(VIA));
     let body = GatedBody {
         inner: incoming,
         closed: Box::pin(target.gate.closed()),
     };
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
+/// then lets open connections finish (as `axum::serve` with graceful
+/// shutdown). Unlike `axum::serve` it records header-name case
+/// (`preserve_header_case`), so the proxy forwards names as the client
+/// wrote them, and it serves protocol upgrades (WebSocket).
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept:
+                // back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
+        conns.spawn(async move {
+            match tls {
+                None => serve_connection(stream, svc, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(t)) => serve_connection(t, svc, stop).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    stop_tx.send_replace(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Longest time a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/1.1 on one accepted connection (plain or TLS), header case kept,
+/// upgrades allowed, until it closes or the server stops.
+async fn serve_connection<IO>(
+    io: IO,
+    svc: hyper_util::service::TowerToHyperService<axum::Router>,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.preserve_header_case(true);
+    let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
 }
 
 /// Middleware in front of the lifecycle API: in-sandbox traffic is
@@ -495,25 +710,67 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let signed = signed_files_request(&req);
     let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
         Ok(Some(r)) => r,
         Ok(None) => {
             // No routing headers: a secured sandbox's envd token alone names
-            // it (the SDK's static `Sandbox.connect` sends only the token).
+            // it (the SDK's static `Sandbox.connect` sends only the token),
+            // and so does the signature of a signed file URL.
             let by_token = match &token {
                 Some(t) if !is_lifecycle_path(req.uri().path()) => st.mgr.sandbox_by_envd_token(t),
                 _ => None,
             };
-            match by_token {
+            let by_signature = || {
+                let (q, op) = signed.as_ref()?;
+                st.mgr.envd_tokens().into_iter().find_map(|(id, t)| {
+                    files::verify_signature(q, *op, &t, 0, false)
+                        .is_ok()
+                        .then_some(id)
+                })
+            };
+            match by_token.or_else(by_signature) {
                 Some(sandbox_id) => Route {
                     sandbox_id,
                     port: ENVD_PORT as u16,
                 },
+                None if signed.is_some() => {
+                    // A signed URL that no sandbox's token made.
+                    return unauthorized("invalid signature");
+                }
                 None => return next.run(req).await,
             }
         }
         Err(e) => return e.into_response(),
     };
+    // A secured sandbox's envd port takes a signed file URL instead of the
+    // token: a valid, unexpired signature made with its token passes (the
+    // agent checks it again); a bad one is answered with envd's message.
+    let mut token = token;
+    if u32::from(route.port) == ENVD_PORT && req.uri().path() == "/files" {
+        let real = st
+            .mgr
+            .envd_tokens()
+            .into_iter()
+            .find_map(|(id, t)| (id == route.sandbox_id).then_some(t));
+        if let Some(real) = real {
+            let header_ok = token.as_deref().is_some_and(|t| files::ct_eq(t, &real));
+            if !header_ok && token.is_none() {
+                let checked = match &signed {
+                    Some((q, op)) => {
+                        files::verify_signature(q, *op, &real, files::unix_now(), true)
+                    }
+                    None => Err(files::Error::Unauthorized(
+                        "missing signature query parameter".into(),
+                    )),
+                };
+                match checked {
+                    Ok(()) => token = Some(real),
+                    Err(e) => return e.into_response(),
+                }
+            }
+        }
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -649,6 +906,49 @@ mod tests {
         names.sort();
         assert_eq!(names, ["content-type", "te", "x-access-token"]);
         assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn stripping_keeps_the_order_of_the_rest() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("a-first", "1"),
+            ("upgrade", "h2c"),
+            ("b-second", "2"),
+            ("connection", "upgrade, x-gone"),
+            ("x-gone", "g"),
+            ("c-third", "3"),
+            ("b-second", "2b"),
+            ("te", "deflate"),
+            ("d-fourth", "4"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let want = [
+            ("a-first", "1"),
+            ("b-second", "2"),
+            ("b-second", "2b"),
+            ("c-third", "3"),
+            ("d-fourth", "4"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+        let mut up = HeaderMap::new();
+        up.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        up.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_of(&up).unwrap(), "websocket");
+        up.insert("connection", HeaderValue::from_static("keep-alive"));
+        assert_eq!(upgrade_of(&up), None);
     }
 
     #[tokio::test]

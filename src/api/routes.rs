@@ -26,6 +26,8 @@ pub const MAX_LIMIT: usize = 100;
 #[derive(Clone)]
 pub struct AppState {
     pub mgr: Arc<Manager>,
+    /// Metrics and console logs of the sandboxes (`super::metrics`).
+    pub metrics: Arc<super::metrics::Registry>,
     pub api_key: Option<Arc<str>>,
     pub inflight: Arc<Semaphore>,
 }
@@ -42,6 +44,11 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/metrics", get(metrics_many))
+        .route("/sandboxes/{id}/metrics", get(metrics_one))
+        .route("/sandboxes/{id}/logs", get(logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .merge(unsupported_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -160,8 +167,363 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+fn known(st: &AppState, id: &str) -> Result<(), ApiError> {
+    if st.mgr.sandbox_facts().iter().any(|f| f.id == id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} not found"),
+        ))
+    }
+}
+
+/// Query parameters as a map (last value wins); numbers parsed on demand.
+fn query_map(q: Option<String>) -> std::collections::HashMap<String, String> {
+    q.as_deref()
+        .map(|q| {
+            axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                &format!("/?{q}").parse().unwrap_or_default(),
+            )
+            .map(|m| m.0)
+            .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+fn int_param(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Result<Option<i64>, ApiError> {
+    match q.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v.parse::<i64>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!("invalid {name} {v:?}: expected an integer"))
+        }),
+    }
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=` (Unix seconds).
+async fn metrics_one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    known(&st, &id)?;
+    let q = query_map(q);
+    let (start, end) = (int_param(&q, "start")?, int_param(&q, "end")?);
+    if let (Some(a), Some(b)) = (start, end) {
+        if a > b {
+            return Err(ApiError::bad_request("start is after end"));
+        }
+    }
+    Ok(Json(st.metrics.samples(&id, start, end)).into_response())
+}
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: each known sandbox's latest
+/// sample (`{"sandboxes": {id: metric}}`); unknown ids are left out.
+async fn metrics_many(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    let q = query_map(q);
+    let facts = st.mgr.sandbox_facts();
+    let ids: Vec<String> = match q.get("sandbox_ids").filter(|v| !v.is_empty()) {
+        Some(v) => v.split(',').map(|s| s.trim().to_string()).collect(),
+        None => facts.iter().map(|f| f.id.clone()).collect(),
+    };
+    let mut out = serde_json::Map::new();
+    for id in ids {
+        if facts.iter().any(|f| f.id == id) {
+            if let Some(m) = st.metrics.latest(&id) {
+                out.insert(id, serde_json::to_value(m).unwrap_or_default());
+            }
+        }
+    }
+    Json(serde_json::json!({ "sandboxes": out })).into_response()
+}
+
+const LOG_PAGE: usize = 1000;
+
+fn log_limit(q: &std::collections::HashMap<String, String>) -> Result<usize, ApiError> {
+    match int_param(q, "limit")? {
+        None => Ok(LOG_PAGE),
+        Some(n) if n >= 0 => Ok((n as usize).min(10 * LOG_PAGE)),
+        Some(_) => Err(ApiError::bad_request("limit must not be negative")),
+    }
+}
+
+fn entry(l: &super::metrics::LogLine) -> serde_json::Value {
+    serde_json::json!({
+        "timestamp": super::metrics::rfc3339_ms(l.ms),
+        "level": "info",
+        "message": l.line,
+        "fields": { "source": "console" },
+    })
+}
+
+/// `GET /sandboxes/{id}/logs?start=&limit=` (`start` in Unix ms).
+async fn logs_v1(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    known(&st, &id)?;
+    let q = query_map(q);
+    let lines = st
+        .metrics
+        .logs(&id, int_param(&q, "start")?, log_limit(&q)?, true, None);
+    Ok(Json(serde_json::json!({
+        "logs": lines.iter().map(|l| serde_json::json!({
+            "timestamp": super::metrics::rfc3339_ms(l.ms),
+            "line": l.line,
+        })).collect::<Vec<_>>(),
+        "logEntries": lines.iter().map(entry).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v2/sandboxes/{id}/logs?cursor=&limit=&direction=&level=&search=`.
+async fn logs_v2(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    known(&st, &id)?;
+    let q = query_map(q);
+    let forward = match q.get("direction").map(String::as_str) {
+        None | Some("") | Some("forward") => true,
+        Some("backward") => false,
+        Some(d) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid direction {d:?}: forward or backward"
+            )))
+        }
+    };
+    // Console lines are all "info": asking for warn/error finds none.
+    let level_ok = match q.get("level").map(String::as_str) {
+        None | Some("") | Some("debug") | Some("info") => true,
+        Some("warn") | Some("error") => false,
+        Some(l) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid level {l:?}: debug, info, warn or error"
+            )))
+        }
+    };
+    let lines = if level_ok {
+        st.metrics.logs(
+            &id,
+            int_param(&q, "cursor")?,
+            log_limit(&q)?,
+            forward,
+            q.get("search")
+                .map(String::as_str)
+                .filter(|s| !s.is_empty()),
+        )
+    } else {
+        Vec::new()
+    };
+    Ok(
+        Json(serde_json::json!({ "logs": lines.iter().map(entry).collect::<Vec<_>>() }))
+            .into_response(),
+    )
+}
+
 async fn openapi() -> Json<serde_json::Value> {
-    Json(super::openapi::document())
+    let mut doc = super::openapi::document();
+    add_metrics_and_logs_to(&mut doc);
+    add_unsupported_to(&mut doc);
+    Json(doc)
+}
+
+/// Routes the novita-sandbox 2.1.1 SDK can call that stasis does not
+/// implement: (method, path, what). Each answers 501
+/// `{"code": 501, "message": "not supported by stasis: <what>"}` (not a 404,
+/// which the SDK would report as "sandbox not found") and is listed in
+/// `/openapi.json` with that answer. `tests/sdk_fidelity/test_routes.py`
+/// checks that every route of the SDK is served or listed here.
+pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
+    (
+        "POST",
+        "/sandboxes/{id}/commit",
+        "committing a sandbox to a template",
+    ),
+    (
+        "POST",
+        "/sandboxes/{id}/refreshes",
+        "refreshes (use POST /sandboxes/{id}/timeout)",
+    ),
+    (
+        "POST",
+        "/sandboxes/{id}/snapshots",
+        "persistent snapshots (pause keeps the sandbox's state)",
+    ),
+    ("POST", "/sandboxes/{id}/clone", "cloning sandboxes"),
+    ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
+    ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
+    (
+        "PUT",
+        "/sandboxes/{id}/network",
+        "network rules (sandboxes have no network device yet)",
+    ),
+    ("POST", "/sandboxes/{id}/volume-mounts", "volume mounts"),
+    ("DELETE", "/sandboxes/{id}/volume-mounts", "volume mounts"),
+    ("GET", "/sandboxes/events", "sandbox events"),
+    ("GET", "/sandboxes/quota", "quotas"),
+    ("GET", "/snapshots", "persistent snapshots"),
+    (
+        "GET",
+        "/templates",
+        "template management (templates are files in <data-dir>/templates)",
+    ),
+    ("POST", "/templates", "template builds"),
+    ("GET", "/templates/aliases/{alias}", "template aliases"),
+    ("POST", "/templates/tags", "template tags"),
+    ("DELETE", "/templates/tags", "template tags"),
+    ("GET", "/templates/{template_id}", "template management"),
+    ("POST", "/templates/{template_id}", "template builds"),
+    ("PATCH", "/templates/{template_id}", "template management"),
+    ("DELETE", "/templates/{template_id}", "template management"),
+    ("GET", "/templates/{template_id}/tags", "template tags"),
+    (
+        "GET",
+        "/templates/{template_id}/files/{hash}",
+        "template builds",
+    ),
+    (
+        "POST",
+        "/templates/{template_id}/builds/{build_id}",
+        "template builds",
+    ),
+    (
+        "GET",
+        "/templates/{template_id}/builds/{build_id}/logs",
+        "template builds",
+    ),
+    (
+        "GET",
+        "/templates/{template_id}/builds/{build_id}/status",
+        "template builds",
+    ),
+    ("GET", "/v2/templates", "template management"),
+    ("POST", "/v2/templates", "template builds"),
+    (
+        "PATCH",
+        "/v2/templates/{template_id}",
+        "template management",
+    ),
+    (
+        "POST",
+        "/v2/templates/{template_id}/builds/{build_id}",
+        "template builds",
+    ),
+    ("POST", "/v3/templates", "template builds"),
+    ("GET", "/v1/templates/agents", "agent templates"),
+    (
+        "GET",
+        "/v1/templates/agents/{template_id}",
+        "agent templates",
+    ),
+    ("GET", "/volumes", "volumes"),
+    ("POST", "/volumes", "volumes"),
+    ("GET", "/volumes/{volume_id}", "volumes"),
+    ("DELETE", "/volumes/{volume_id}", "volumes"),
+];
+
+fn not_supported(what: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("not supported by stasis: {what}"),
+    )
+}
+
+fn unsupported_routes() -> Router<AppState> {
+    use axum::routing::MethodFilter;
+    let mut r = Router::new();
+    let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
+        Default::default();
+    for &(method, path, what) in UNSUPPORTED {
+        let filter = match method {
+            "GET" => MethodFilter::GET,
+            "POST" => MethodFilter::POST,
+            "PUT" => MethodFilter::PUT,
+            "PATCH" => MethodFilter::PATCH,
+            _ => MethodFilter::DELETE,
+        };
+        // The body is read (and dropped) so that the connection stays
+        // usable for the client's next request.
+        let handler = move |_body: Bytes| async move { not_supported(what) };
+        let mr = by_path.remove(path).unwrap_or_default();
+        by_path.insert(path, mr.on(filter, handler));
+    }
+    for (path, mr) in by_path {
+        r = r.route(path, mr);
+    }
+    r
+}
+
+/// Lists the metrics and logs routes (`super::metrics`) in the document.
+fn add_metrics_and_logs_to(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let id =
+        json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } });
+    let int = |n: &str, d: &str| json!({ "name": n, "in": "query", "description": d, "schema": { "type": "integer" } });
+    let err = json!({ "description": "Error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let metric = json!({ "type": "object", "properties": {
+        "cpuCount": { "type": "integer" }, "cpuUsedPct": { "type": "number" },
+        "memTotal": { "type": "integer" }, "memUsed": { "type": "integer" },
+        "diskTotal": { "type": "integer" }, "diskUsed": { "type": "integer" },
+        "timestamp": { "type": "string", "format": "date-time" }, "timestampUnix": { "type": "integer" } } });
+    let entry = json!({ "type": "object", "properties": {
+        "timestamp": { "type": "string", "format": "date-time" }, "level": { "type": "string" },
+        "message": { "type": "string" }, "fields": { "type": "object" } } });
+    paths.insert("/sandboxes/{id}/metrics".into(), json!({ "get": {
+        "summary": "Metrics samples of a sandbox (oldest first)",
+        "parameters": [id, int("start", "Unix seconds, inclusive"), int("end", "Unix seconds, inclusive")],
+        "responses": { "200": { "description": "Samples", "content": { "application/json": { "schema": { "type": "array", "items": metric } } } },
+            "400": err, "401": err, "404": err } } }));
+    paths.insert("/sandboxes/metrics".into(), json!({ "get": {
+        "summary": "Latest metrics sample of each sandbox",
+        "parameters": [{ "name": "sandbox_ids", "in": "query", "description": "comma-separated", "schema": { "type": "string" } }],
+        "responses": { "200": { "description": "{\"sandboxes\": {id: metric}}", "content": { "application/json": { "schema": { "type": "object",
+            "properties": { "sandboxes": { "type": "object", "additionalProperties": metric } } } } } }, "401": err } } }));
+    paths.insert("/sandboxes/{id}/logs".into(), json!({ "get": {
+        "summary": "Console lines of a sandbox",
+        "parameters": [id, int("start", "Unix ms, inclusive"), int("limit", "default 1000")],
+        "responses": { "200": { "description": "Lines", "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "logs": { "type": "array", "items": { "type": "object", "properties": { "timestamp": { "type": "string" }, "line": { "type": "string" } } } },
+            "logEntries": { "type": "array", "items": entry } } } } } }, "400": err, "401": err, "404": err } } }));
+    paths.insert("/v2/sandboxes/{id}/logs".into(), json!({ "get": {
+        "summary": "Console lines of a sandbox (v2)",
+        "parameters": [id, int("cursor", "Unix ms"), int("limit", "default 1000"),
+            { "name": "direction", "in": "query", "schema": { "type": "string", "enum": ["forward", "backward"] } },
+            { "name": "level", "in": "query", "schema": { "type": "string", "enum": ["debug", "info", "warn", "error"] } },
+            { "name": "search", "in": "query", "schema": { "type": "string" } }],
+        "responses": { "200": { "description": "Entries", "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "logs": { "type": "array", "items": entry } } } } } }, "400": err, "401": err, "404": err } } }));
+}
+
+/// Lists [`UNSUPPORTED`] in the OpenAPI document, each answering 501.
+fn add_unsupported_to(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for &(method, path, what) in UNSUPPORTED {
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(obj) = entry.as_object_mut() {
+            obj.insert(
+                method.to_ascii_lowercase(),
+                serde_json::json!({
+                    "summary": format!("Not supported by stasis: {what}"),
+                    "x-stasis-unsupported": true,
+                    "responses": { "501": { "description": format!("not supported by stasis: {what}"),
+                        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } } }
+                }),
+            );
+        }
+    }
 }
 
 async fn create(

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if !args.vsock && args.uds.is_none() && args.tcp.is_none() {
         eprintln!("stasis-envd: give --vsock, --uds PATH or --tcp ADDR");

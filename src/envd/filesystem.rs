@@ -59,58 +59,86 @@ fn io_err(path: &Path, e: &std::io::Error) -> RpcError {
     RpcError::io(format!("'{}'", path.display()), e)
 }
 
-/// Go's `FileMode` bits (envd reports modes the way Go does).
-const GO_MODE_DIR: u32 = 1 << 31;
-const GO_MODE_SYMLINK: u32 = 1 << 27;
-
-/// `rwxr-xr-x`-style permissions prefixed like Go's `FileMode.String()`.
-pub fn permissions_string(mode: u32, is_dir: bool, is_link: bool) -> String {
-    let mut s = String::with_capacity(10);
-    s.push(if is_dir {
-        'd'
-    } else if is_link {
-        'L'
-    } else {
-        '-'
-    });
-    for shift in [6, 3, 0] {
-        let bits = (mode >> shift) & 7;
-        s.push(if bits & 4 != 0 { 'r' } else { '-' });
-        s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+/// The mode string Go's `FileMode.String()` gives for a Unix `st_mode`
+/// (what envd reports as `permissions`): one letter per type/special bit
+/// that is set, in Go's order (`d` directory, `L` symlink, `D` device, `p`
+/// pipe, `S` socket, `u` setuid, `g` setgid, `c` char device, `t` sticky),
+/// `-` if none, then `rwxrwxrwx`.
+pub fn go_mode_string(st_mode: u32) -> String {
+    let fmt = st_mode & libc::S_IFMT;
+    let mut s = String::with_capacity(12);
+    if fmt == libc::S_IFDIR {
+        s.push('d');
+    }
+    if fmt == libc::S_IFLNK {
+        s.push('L');
+    }
+    if fmt == libc::S_IFBLK || fmt == libc::S_IFCHR {
+        s.push('D');
+    }
+    if fmt == libc::S_IFIFO {
+        s.push('p');
+    }
+    if fmt == libc::S_IFSOCK {
+        s.push('S');
+    }
+    if st_mode & libc::S_ISUID != 0 {
+        s.push('u');
+    }
+    if st_mode & libc::S_ISGID != 0 {
+        s.push('g');
+    }
+    if fmt == libc::S_IFCHR {
+        s.push('c');
+    }
+    if st_mode & libc::S_ISVTX != 0 {
+        s.push('t');
+    }
+    if s.is_empty() {
+        s.push('-');
+    }
+    const RWX: &[u8; 9] = b"rwxrwxrwx";
+    for (i, c) in RWX.iter().enumerate() {
+        s.push(if st_mode & (1 << (8 - i)) != 0 {
+            *c as char
+        } else {
+            '-'
+        });
     }
     s
 }
 
-/// Information about the entry at `path` (not following a final symlink;
-/// a symlink's type is its target's, and `symlink_target` its resolution).
+/// Information about the entry at `path`, as E2B's envd reports it: not
+/// following a final symlink, except that a symlink's `type` and `mode`
+/// are its target's (mode 0 and type unspecified when the target is
+/// missing) and `symlink_target` is its full resolution (the link's own
+/// path when it cannot be resolved). `mode` holds only the permission bits
+/// (`0o755`, never Go's type bits); `permissions` is Go's mode string of
+/// the entry itself (`drwxr-xr-x`, `Lrwxrwxrwx`, `-rw-r--r--`).
 pub fn entry_info(path: &Path) -> Result<EntryInfo, RpcError> {
     let lmeta = std::fs::symlink_metadata(path).map_err(|e| io_err(path, &e))?;
     let is_link = lmeta.file_type().is_symlink();
     let (ty_meta, symlink_target) = if is_link {
         let target = std::fs::canonicalize(path)
-            .or_else(|_| std::fs::read_link(path))
-            .map(|t| t.to_string_lossy().into_owned())
-            .ok();
-        (std::fs::metadata(path).ok(), target)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned();
+        (std::fs::metadata(path).ok(), Some(target))
     } else {
         (Some(lmeta.clone()), None)
     };
     let ty = match &ty_meta {
         Some(m) if m.is_dir() => FileType::Directory,
-        Some(_) => FileType::File,
-        None => FileType::Unspecified,
+        Some(m) if m.is_file() => FileType::File,
+        _ => FileType::Unspecified,
     };
-    let perm = lmeta.mode() & 0o777;
-    let is_dir = lmeta.is_dir();
-    let mut mode = perm;
-    if is_dir {
-        mode |= GO_MODE_DIR;
-    }
-    if is_link {
-        mode |= GO_MODE_SYMLINK;
-    }
+    let mode = ty_meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or(0);
     let (owner, group) = users::owner_names(lmeta.uid(), lmeta.gid());
+    let modified_time =
+        (lmeta.mtime() != 0 || lmeta.mtime_nsec() != 0).then(|| pbjson_types::Timestamp {
+            seconds: lmeta.mtime(),
+            nanos: lmeta.mtime_nsec() as i32,
+        });
     Ok(EntryInfo {
         name: path
             .file_name()
@@ -120,13 +148,10 @@ pub fn entry_info(path: &Path) -> Result<EntryInfo, RpcError> {
         path: path.to_string_lossy().into_owned(),
         size: lmeta.len() as i64,
         mode,
-        permissions: permissions_string(perm, is_dir, is_link),
+        permissions: go_mode_string(lmeta.mode()),
         owner,
         group,
-        modified_time: Some(pbjson_types::Timestamp {
-            seconds: lmeta.mtime(),
-            nanos: lmeta.mtime_nsec() as i32,
-        }),
+        modified_time,
         symlink_target,
     })
 }
@@ -222,15 +247,24 @@ pub fn move_entry(src: &Path, dst: &Path, user: &User) -> Result<EntryInfo, RpcE
     entry_info(dst)
 }
 
-/// Remove: a file, a symlink, or a directory with its contents.
+/// Remove: a file, a symlink, or a directory with its contents. A path
+/// that does not exist is removed already: success, as E2B's envd
+/// (`os.RemoveAll`) answers.
 pub fn remove(path: &Path) -> Result<(), RpcError> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| io_err(path, &e))?;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, &e)),
+    };
     let r = if meta.is_dir() {
         std::fs::remove_dir_all(path)
     } else {
         std::fs::remove_file(path)
     };
-    r.map_err(|e| io_err(path, &e))
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(|e| io_err(path, &e)),
+    }
 }
 
 /// One raw inotify event: (watch descriptor, mask, name).
@@ -528,7 +562,9 @@ mod tests {
         );
         remove(&root.join("a")).unwrap();
         remove(&root.join("link")).unwrap();
-        assert_eq!(remove(&root.join("a")).unwrap_err().code, Code::NotFound);
+        // Removing what is not there succeeds (E2B's remove-all semantics).
+        remove(&root.join("a")).unwrap();
+        remove(&root.join("no/such/dir")).unwrap();
         assert_eq!(
             entry_info(&root.join("a")).unwrap_err().code,
             Code::NotFound
@@ -537,8 +573,44 @@ mod tests {
 
     #[test]
     fn permissions_read_like_go() {
-        assert_eq!(permissions_string(0o755, true, false), "drwxr-xr-x");
-        assert_eq!(permissions_string(0o640, false, false), "-rw-r-----");
+        assert_eq!(go_mode_string(libc::S_IFDIR | 0o755), "drwxr-xr-x");
+        assert_eq!(go_mode_string(libc::S_IFREG | 0o640), "-rw-r-----");
+        assert_eq!(go_mode_string(libc::S_IFLNK | 0o777), "Lrwxrwxrwx");
+        assert_eq!(go_mode_string(libc::S_IFDIR | 0o1777), "dtrwxrwxrwx");
+        assert_eq!(go_mode_string(libc::S_IFREG | 0o4755), "urwxr-xr-x");
+        assert_eq!(go_mode_string(libc::S_IFCHR | 0o666), "Dcrw-rw-rw-");
+        assert_eq!(go_mode_string(libc::S_IFIFO | 0o600), "prw-------");
+    }
+
+    #[test]
+    fn modes_are_permission_bits_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::set_permissions(root.join("d"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("f"), b"x").unwrap();
+        std::fs::set_permissions(root.join("f"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::symlink(root.join("f"), root.join("lf")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), root.join("broken")).unwrap();
+        let dir = entry_info(&root.join("d")).unwrap();
+        assert_eq!((dir.mode, dir.permissions.as_str()), (0o755, "drwxr-xr-x"));
+        let f = entry_info(&root.join("f")).unwrap();
+        assert_eq!((f.mode, f.permissions.as_str()), (0o640, "-rw-r-----"));
+        assert!(f.modified_time.is_some());
+        // A symlink: its target's type and mode, its own mode string.
+        let lf = entry_info(&root.join("lf")).unwrap();
+        assert_eq!(
+            (lf.mode, lf.r#type, lf.permissions.as_str()),
+            (0o640, FileType::File as i32, "Lrwxrwxrwx")
+        );
+        // A dangling one: unspecified type, mode 0, target = its own path.
+        let b = entry_info(&root.join("broken")).unwrap();
+        assert_eq!((b.mode, b.r#type), (0, FileType::Unspecified as i32));
+        assert_eq!(
+            b.symlink_target.as_deref(),
+            Some(root.join("broken").to_str().unwrap())
+        );
     }
 
     #[test]

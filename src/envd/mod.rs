@@ -80,6 +80,8 @@ pub struct Agent {
     procs: Arc<process::Manager>,
     watchers: filesystem::Watchers,
     envs: RwLock<HashMap<String, String>>,
+    /// envd's access token, set by `POST /init` (secured sandboxes).
+    token: RwLock<Option<String>>,
 }
 
 impl Agent {
@@ -90,7 +92,13 @@ impl Agent {
             procs: Arc::default(),
             watchers: filesystem::Watchers::default(),
             envs: RwLock::default(),
+            token: RwLock::default(),
         })
+    }
+
+    /// The access token `/init` set, if any.
+    pub fn access_token(&self) -> Option<String> {
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The user named by the request's Authorization header, if any.
@@ -147,12 +155,58 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/init", post(init))
         .route("/envs", get(envs))
         .route("/{service}/{method}", post(rpc))
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
         .with_state(agent)
 }
 
-/// `POST /init`: `{"envVars": {..}}` sets variables for every process
-/// started afterwards (what the orchestrator sends envd at boot).
-async fn init(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
+/// envd's access rule once `/init` gave the agent a token: every request
+/// carries it in `X-Access-Token` (401 otherwise), except `GET /health`,
+/// `/files` (which also take a signed URL, checked there) and `POST /init`
+/// (which checks it itself).
+async fn auth(
+    State(agent): State<Arc<Agent>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = agent.access_token() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/health" || path == "/files" || path == "/init" {
+        return next.run(req).await;
+    }
+    let sent = req
+        .headers()
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok());
+    if sent.is_some_and(|s| files::ct_eq(s, &token)) {
+        return next.run(req).await;
+    }
+    files::Error::Unauthorized(
+        "unauthorized access, please provide a valid access token or method signing if supported"
+            .into(),
+    )
+    .into_response()
+}
+
+/// `POST /init`: `{"envVars": {..}, "accessToken": ".."}` sets variables
+/// for every process started afterwards and the access token (what the
+/// orchestrator sends envd at boot). Once a token is set, `/init` itself
+/// needs it in `X-Access-Token`.
+async fn init(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(token) = agent.access_token() {
+        let sent = headers.get("x-access-token").and_then(|v| v.to_str().ok());
+        if !sent.is_some_and(|s| files::ct_eq(s, &token)) {
+            return files::Error::Unauthorized(
+                "the agent is initialized: /init needs its access token in X-Access-Token".into(),
+            )
+            .into_response();
+        }
+    }
     if body.is_empty() {
         return StatusCode::NO_CONTENT.into_response();
     }
@@ -160,6 +214,8 @@ async fn init(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Respo
     struct Init {
         #[serde(rename = "envVars", default)]
         env_vars: HashMap<String, String>,
+        #[serde(rename = "accessToken", default)]
+        access_token: Option<String>,
     }
     match serde_json::from_slice::<Init>(&body) {
         Ok(i) => {
@@ -168,6 +224,9 @@ async fn init(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Respo
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(i.env_vars);
+            if let Some(t) = i.access_token.filter(|t| !t.is_empty()) {
+                *agent.token.write().unwrap_or_else(|p| p.into_inner()) = Some(t);
+            }
             StatusCode::NO_CONTENT.into_response()
         }
         Err(e) => files::Error::BadRequest(format!("invalid /init body: {e}")).into_response(),

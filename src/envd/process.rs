@@ -417,6 +417,9 @@ impl Manager {
         // that our reads see end of file when the process is done.
         drop(cmd);
         let pid = child.id().unwrap_or(0);
+        // One line per process on the agent's output: the sandbox's log
+        // (GET /sandboxes/{id}/logs) shows what ran, as envd's does.
+        tracing::info!(pid, cmd = %config.cmd, args = ?config.args, "process started");
 
         let reg = |fd: OwnedFd| FdIo::new(fd).map_err(sys("register fd"));
         let master = master.map(reg).transpose()?.map(Arc::new);

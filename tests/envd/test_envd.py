@@ -147,8 +147,8 @@ def test_missing_files(sbx):
         sbx.files.read("no/such/file")
     with pytest.raises(FileNotFoundException):
         sbx.files.list("no/such/dir")
-    with pytest.raises(FileNotFoundException):
-        sbx.files.remove("no/such/file")
+    # Removing what isn't there succeeds, as E2B's envd (remove-all).
+    sbx.files.remove("no/such/file")
     with pytest.raises(FileNotFoundException):
         sbx.files.get_info("no/such/file")
     with pytest.raises(FileNotFoundException):
