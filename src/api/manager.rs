@@ -575,7 +575,9 @@ impl Manager {
                 disk_mb: file_mb(rootfs).await,
                 rootfs: Some(rootfs.clone()),
                 agent: true,
-                interpreter: name == "code-interpreter-v1",
+                // Only the code-interpreter image runs the server; waiting
+                // for it on any other image would fail every create.
+                interpreter: name == "code-interpreter-v1" && l.interpreter_rootfs.is_some(),
             });
         }
         if BUILTIN_TEMPLATES.contains(&name) {

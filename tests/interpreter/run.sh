@@ -24,19 +24,8 @@ fi
 flock -u 9
 
 # The JS SDK (npm), for the JS flow of tests/interpreter/sdk.
-JS=${STASIS_JS_SDK_DIR:-$ROOT/target/js-sdk}
-exec 7>"$JS.lock"
-flock 7
-if [ ! -f "$JS/node_modules/novita-sandbox/package.json" ] \
-   || ! grep -q "\"version\": \"$SDK_VERSION\"" "$JS/node_modules/novita-sandbox/package.json"; then
-  command -v npm >/dev/null || { echo "run.sh: npm is missing (apt-get install nodejs npm)" >&2; exit 1; }
-  echo "run.sh: installing novita-sandbox@$SDK_VERSION (npm) into $JS" >&2
-  mkdir -p "$JS"
-  (cd "$JS" && { [ -f package.json ] || echo '{"private": true}' >package.json; } \
-     && npm install --silent --no-audit --no-fund "novita-sandbox@$SDK_VERSION" >&2)
-fi
-flock -u 7
-export STASIS_JS_SDK_DIR=$JS
+STASIS_JS_SDK_DIR=$(bash "$ROOT/tests/js/install-sdk.sh" | tail -n1)
+export STASIS_JS_SDK_DIR
 
 # The SDK addresses the server at localhost:49999 (its JUPYTER_PORT, debug
 # mode): runs from several checkouts on one machine take turns.

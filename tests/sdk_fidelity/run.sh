@@ -6,23 +6,12 @@
 #   tests/sdk_fidelity/run.sh [pytest args...]
 # The Python venv is shared with tests/sdk (target/sdk-venv, override with
 # STASIS_SDK_VENV) and created on first use (needs PyPI); the JS SDK is
-# installed into target/sdk-node (needs the npm registry) by test_js.py.
+# installed once into target/sdk-node (tests/js/install-sdk.sh, npm registry).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-VENV=${STASIS_SDK_VENV:-$ROOT/target/sdk-venv}
-SDK_VERSION=${NOVITA_SANDBOX_VERSION:-2.1.1}
-
-mkdir -p "$(dirname "$VENV")"
-(
-  # One creator at a time: other SDK test scripts may share the venv.
-  flock 9
-  if ! "$VENV/bin/python" -c "import novita_sandbox, pytest" 2>/dev/null; then
-    echo "run.sh: creating $VENV (novita-sandbox==$SDK_VERSION, pytest)" >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "novita-sandbox==$SDK_VERSION" pytest
-  fi
-) 9>"$VENV.lock"
+# The venv shared with tests/sdk, made once under its lock.
+VENV=$(bash "$ROOT/tests/sdk/run.sh" --venv-only | tail -n1)
 
 if [ -n "${STASIS_BIN:-}" ]; then
   BIN=$STASIS_BIN

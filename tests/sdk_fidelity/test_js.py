@@ -1,9 +1,8 @@
 """The JS SDK (npm `novita-sandbox` 2.1.1) under node: signed URLs and
 metrics (js_sdk.cjs). node and npm must be installed (Debian `nodejs` and
-`npm`; .ci/run installs them); the SDK is installed into target/sdk-node
-(override with STASIS_SDK_NODE) on first use from the npm registry."""
+`npm`; .ci/run installs them); tests/js/install-sdk.sh installs the SDK
+once into target/sdk-node from the npm registry."""
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -11,26 +10,14 @@ import subprocess
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JS_SDK_VERSION = os.environ.get("NOVITA_JS_SDK_VERSION", "2.1.1")
 
 
 def js_sdk_dir():
-    root = os.environ.get("STASIS_ROOT") or os.path.abspath(os.path.join(HERE, "..", ".."))
-    d = os.environ.get("STASIS_SDK_NODE") or os.path.join(root, "target", "sdk-node")
-    os.makedirs(d, exist_ok=True)
-    pkg = os.path.join(d, "node_modules", "novita-sandbox")
-    with open(os.path.join(d, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(pkg, "package.json")):
-            if not os.path.exists(os.path.join(d, "package.json")):
-                with open(os.path.join(d, "package.json"), "w") as f:
-                    f.write('{"private": true}\n')
-            r = subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund", f"novita-sandbox@{JS_SDK_VERSION}"],
-                cwd=d, capture_output=True, text=True, timeout=600,
-            )
-            assert r.returncode == 0, f"npm install failed:\n{r.stdout}\n{r.stderr}"
-    return pkg
+    """tests/js/install-sdk.sh: the shared, once-installed JS SDK."""
+    script = os.path.join(HERE, "..", "js", "install-sdk.sh")
+    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"installing the JS SDK failed:\n{r.stdout}\n{r.stderr}"
+    return os.path.join(r.stdout.strip().splitlines()[-1], "node_modules", "novita-sandbox")
 
 
 def test_js_sdk_signed_urls_and_metrics():
