@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 
 use support::{
     build_artifact, classify_l1_run, describe, host_runs_ring0_natively, on_path,
-    prerequisite_missing, repo, run_bounded, run_nested, tail, L1Verdict, Prereq,
-    RetryLedger, Run, L1_LAUNCH_MARKER, SUITE_RETRY_BUDGET,
+    prerequisite_missing, repo, run_bounded, run_nested, tail, L1Verdict, Prereq, RetryLedger, Run,
+    L1_LAUNCH_MARKER, SUITE_RETRY_BUDGET,
 };
 
 /// The name the tests' banners use.
@@ -104,7 +104,6 @@ const PAUSED_S: u64 = 6;
 /// registers; a second L1 CPU did not make that rarer (about 1 run in 8 with
 /// either), so the pause test keeps the documented single CPU.
 const PAUSE_L1_CPUS: u8 = 1;
-
 
 /// One nested (or direct) run at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -222,7 +221,10 @@ fn linux_guest_boots_to_init_and_exits_cleanly() {
             return skip;
         }
         retry_note = nested.retry_note();
-        ("nested (stasis inside QEMU TCG with emulated AMD-V)", nested.run)
+        (
+            "nested (stasis inside QEMU TCG with emulated AMD-V)",
+            nested.run,
+        )
     };
     let disk_checked = !host_runs_ring0_natively();
 
@@ -318,7 +320,9 @@ fn linux_guest_survives_pause_and_resume() {
         };
         // Retried only on evidence from outside stasis, at most once per suite.
         let nested = run_nested(TEST, NESTED_RUN_LIMIT, nested);
-        if let Some(skip) = support::nested_prereq_or_fault(TEST, "Linux guest pause/resume", &nested) {
+        if let Some(skip) =
+            support::nested_prereq_or_fault(TEST, "Linux guest pause/resume", &nested)
+        {
             return skip;
         }
         let mut outcome = pause_resume_nested(&nested.run);
@@ -1071,11 +1075,9 @@ fn pause_resume_check_catches_a_restart_and_a_changed_counter() {
     assert!(judge(&f).unwrap_err().contains("restarted"));
     // A counter whose memory changed carries the wrong h.
     let mut f = fake(0.0, 0.0);
-    f.resumed = f.resumed.replacen(
-        &format!("h={} ", tick_value(PAUSE_AT_TICK + 10)),
-        "h=1 ",
-        1,
-    );
+    f.resumed = f
+        .resumed
+        .replacen(&format!("h={} ", tick_value(PAUSE_AT_TICK + 10)), "h=1 ", 1);
     assert!(judge(&f).unwrap_err().contains("memory changed"));
     // A second boot, or no verdict from the guest, fails.
     let mut f = fake(0.0, 0.0);
@@ -1094,7 +1096,10 @@ fn pause_resume_check_catches_clocks_not_advanced() {
     // Neither clock advanced by the paused time (KVM_SET_CLOCK with the saved
     // value): the monotonic gap is shorter than the time stopped.
     let e = judge(&fake(away, away)).unwrap_err();
-    assert!(e.contains("monotonic clock advanced") && e.contains("not advanced"), "{e}");
+    assert!(
+        e.contains("monotonic clock advanced") && e.contains("not advanced"),
+        "{e}"
+    );
     // Monotonic advanced, wall clock did not.
     let e = judge(&fake(0.0, away)).unwrap_err();
     assert!(e.contains("wall clock moved"), "{e}");
@@ -1120,7 +1125,10 @@ fn pause_resume_check_catches_clocks_not_advanced() {
         .collect();
     f.resumed = shifted;
     let e = judge(&f).unwrap_err();
-    assert!(e.contains("wall clock moved") || e.contains("not advanced"), "{e}");
+    assert!(
+        e.contains("wall clock moved") || e.contains("not advanced"),
+        "{e}"
+    );
     // Monotonic going back anywhere fails.
     let mut f = fake(0.0, 0.0);
     let t50 = ticks(&f.resumed).into_iter().find(|t| t.n == 50).unwrap();
@@ -1165,7 +1173,14 @@ fn clock_lines_parse() {
 }
 
 /// The tail of a run-l1.sh run as it prints it, for the classifier's tests.
-fn recorded(launched: bool, inner: &str, kernel_log: &str, qemu: &str, by_harness: &str, fail: &str) -> String {
+fn recorded(
+    launched: bool,
+    inner: &str,
+    kernel_log: &str,
+    qemu: &str,
+    by_harness: &str,
+    fail: &str,
+) -> String {
     format!(
         "run-l1: booting L1 (qemu TCG, -cpu max, 2048 MiB, 1 vCPU, limit 470s)\n\
          stasis-l1: init started at L1 uptime 4.10s\r\n\
@@ -1222,23 +1237,58 @@ fn l1_classifier_retries_only_on_evidence_from_outside_stasis() {
     assert!(failed(classify_l1_run(Some(1), false, &hung)));
     // The hard timeout or the heartbeat watchdog stopped QEMU: the harness
     // did it, whatever froze L1 (a spinning guest can).
-    let timeout = recorded(true, "", "", "124 (hard timeout 470s)", "yes", "run-l1: FAIL: L1 never reported a result (qemu exit 124)");
+    let timeout = recorded(
+        true,
+        "",
+        "",
+        "124 (hard timeout 470s)",
+        "yes",
+        "run-l1: FAIL: L1 never reported a result (qemu exit 124)",
+    );
     assert!(failed(classify_l1_run(Some(1), false, &timeout)));
     // The outer limit killed run-l1.sh before its summary.
-    assert!(failed(classify_l1_run(None, true, "stasis-l1: init started\n")));
+    assert!(failed(classify_l1_run(
+        None,
+        true,
+        "stasis-l1: init started\n"
+    )));
 
     // L1 failed before it launched stasis: retryable.
-    let early = recorded(false, "", "[L1-kernel] Kernel panic - not syncing: VFS\n", "0", "no", "run-l1: FAIL: L1 never reported a result (qemu exit 0)");
+    let early = recorded(
+        false,
+        "",
+        "[L1-kernel] Kernel panic - not syncing: VFS\n",
+        "0",
+        "no",
+        "run-l1: FAIL: L1 never reported a result (qemu exit 0)",
+    );
     assert!(fault(classify_l1_run(Some(3), false, &early)));
     // QEMU itself aborted after stasis started: retryable.
-    let crash = recorded(true, "", "", "134", "no", "run-l1: FAIL: L1 never reported a result (qemu exit 134)");
+    let crash = recorded(
+        true,
+        "",
+        "",
+        "134",
+        "no",
+        "run-l1: FAIL: L1 never reported a result (qemu exit 134)",
+    );
     assert!(fault(classify_l1_run(Some(3), false, &crash)));
     // A QEMU that exited 0 (L1 powered off, or panicked and rebooted with
     // -no-reboot) is not a QEMU crash.
-    let rebooted = recorded(true, "", lockup, "0", "no", "run-l1: FAIL: L1 never reported a result (qemu exit 0)");
+    let rebooted = recorded(
+        true,
+        "",
+        lockup,
+        "0",
+        "no",
+        "run-l1: FAIL: L1 never reported a result (qemu exit 0)",
+    );
     assert!(failed(classify_l1_run(Some(1), false, &rebooted)));
 
-    assert_eq!(classify_l1_run(Some(0), false, &injected), L1Verdict::Passed);
+    assert_eq!(
+        classify_l1_run(Some(0), false, &injected),
+        L1Verdict::Passed
+    );
     assert_eq!(classify_l1_run(Some(2), false, ""), L1Verdict::Prereq);
 }
 
@@ -1266,7 +1316,14 @@ fn nested_retries_are_counted_and_bounded_per_suite() {
         "no",
         "run-l1: FAIL: inner VMM did not exit cleanly",
     );
-    let early = recorded(false, "", "", "0", "no", "run-l1: FAIL: L1 never reported a result");
+    let early = recorded(
+        false,
+        "",
+        "",
+        "0",
+        "no",
+        "run-l1: FAIL: L1 never reported a result",
+    );
 
     // A stasis failure: one attempt, no retry, nothing counted.
     let mut attempts = 0;
@@ -1287,7 +1344,11 @@ fn nested_retries_are_counted_and_bounded_per_suite() {
     assert_eq!(attempts, 2);
     assert!(matches!(n.verdict, L1Verdict::L1Fault(_)));
     assert_eq!((n.suite_retries, ledger.count()), (1, 1));
-    assert!(n.retry_note().contains("retries in this suite run: 1"), "{}", n.retry_note());
+    assert!(
+        n.retry_note().contains("retries in this suite run: 1"),
+        "{}",
+        n.retry_note()
+    );
 
     // A second L1 fault in the same suite run: no retry, a failure.
     let mut attempts = 0;

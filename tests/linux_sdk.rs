@@ -100,8 +100,7 @@ fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
                 .env("STASIS_L1_MEM", SERVE_L1_MEM_MIB.to_string());
             cmd
         });
-        if let Some(skip) = support::nested_prereq_or_fault(TEST, "the Linux SDK proof", &nested)
-        {
+        if let Some(skip) = support::nested_prereq_or_fault(TEST, "the Linux SDK proof", &nested) {
             return skip;
         }
         retry_note = nested.retry_note();

@@ -120,7 +120,11 @@ pub fn classify_l1_run(status: Option<i32>, timed_out: bool, output: &str) -> L1
 
 /// [`classify_l1_run`] of a [`Run`].
 pub fn classify(run: &Run) -> L1Verdict {
-    classify_l1_run(run.status.and_then(|s| s.code()), run.timed_out, &run.output)
+    classify_l1_run(
+        run.status.and_then(|s| s.code()),
+        run.timed_out,
+        &run.output,
+    )
 }
 
 /// The suite-wide count of nested retries: one line per retry in a file under
@@ -151,6 +155,20 @@ impl RetryLedger {
                 let ppid = unsafe { libc::getppid() };
                 format!("cargo-{ppid}-{}", process_start_ticks(ppid as u32))
             });
+        // Ledgers of suite runs more than a week old are of no use.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(7 * 24 * 3600));
+                if old {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         RetryLedger {
             path: dir.join(key),
         }
