@@ -741,8 +741,6 @@ fn pause_resume_direct(stasis: &Path, guest: &Guest, cmdline: &str) -> PauseOutc
     outcome
 }
 
-/// The complete `TICK <n> h=<h> up=<u> end` lines of a console, as (n, h).
-
 /// One complete `TICK <n> h=<h> up=<u> wall=<s.us> end` line of a console.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Tick {

@@ -11,7 +11,8 @@
 set -euo pipefail
 (($# == 5)) || { echo "usage: $0 STASIS_BIN VMLINUX ROOTFS_EXT4 PYTHON N" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
-python="$(realpath "$4")"
+# Not realpath: a virtualenv's python is a symlink to the base interpreter.
+python="$(cd "$(dirname "$4")" && pwd)/$(basename "$4")"
 n="$5"
 [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "N must be a positive integer" >&2; exit 2; }
 out="$(mktemp -d "${TMPDIR:-/tmp}/stasis-sdk-loop.XXXXXX")"

@@ -81,13 +81,13 @@ pub fn classify_l1_run(status: Option<i32>, timed_out: bool, output: &str) -> L1
     let launched = lines().any(|l| l.starts_with(L1_LAUNCH_MARKER));
     let summary = |key: &str| {
         lines()
-            .filter_map(|l| l.strip_prefix(key))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix(key))
             .map(str::trim)
     };
     let fail_line = lines()
-        .filter(|l| l.starts_with("run-l1: FAIL"))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("run-l1: FAIL"))
         .unwrap_or("run-l1.sh gave no FAIL line")
         .to_owned();
     let Some(qemu_exit) = summary("run-l1: qemu exit: ") else {
