@@ -1360,3 +1360,35 @@ fn nested_retries_are_counted_and_bounded_per_suite() {
     assert_eq!(attempts, 1);
     assert_eq!(ledger.count(), SUITE_RETRY_BUDGET + 1);
 }
+
+/// A real nested run with an injected stasis fault (recorded from
+/// `STASIS_FAULT=abort-after-resume cargo test --release --test linux_sdk`:
+/// the worker aborts right after it answered the resume; run-l1.sh exited 1)
+/// is a stasis failure, and stays one when L1's kernel also complained of a
+/// soft lockup and an RCU stall, and whatever exit status run-l1.sh gave.
+#[test]
+fn l1_classifier_does_not_retry_a_recorded_injected_stasis_fault() {
+    let text = std::fs::read_to_string(repo().join("tests/nested/recorded/abort-after-resume.txt"))
+        .expect("reading the recorded run");
+    assert!(text.contains("STASIS_FAULT=abort-after-resume: aborting (injected fault)"));
+    for code in [1, 3] {
+        let v = classify_l1_run(Some(code), false, &text);
+        assert!(matches!(v, L1Verdict::Failed(_)), "exit {code}: {v:?}");
+    }
+    let with_lockup = text.replace(
+        "run-l1: ===== summary =====",
+        "[L1-kernel] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [stasis:152]\n\
+         [L1-kernel] rcu: INFO: rcu_sched self-detected stall on CPU\n\
+         run-l1: ===== summary =====",
+    );
+    assert!(matches!(
+        classify_l1_run(Some(3), false, &with_lockup),
+        L1Verdict::Failed(_)
+    ));
+    // The same run had L1 failed before it launched stasis: retryable.
+    let early = text.replace(L1_LAUNCH_MARKER, "stasis-l1: (no launch)");
+    assert!(matches!(
+        classify_l1_run(Some(3), false, &early),
+        L1Verdict::L1Fault(_)
+    ));
+}
