@@ -13,13 +13,16 @@
 #     It writes a 2 MiB random file into a tmpfs, then a background shell keeps
 #     a counter n and a value derived from it, h(n) = (31*h(n-1) + n) mod
 #     1000003 with h(0) = 1, in its memory and prints
-#         TICK <n> h=<h> up=<uptime in 1/100 s> end
-#     every 100 ms until n reaches stasis.ticks (default 150). The init waits
-#     for it, then checks that the counter reached the target with the right h
-#     (recomputed from scratch), that the tmpfs file is still there with the
-#     same content, that uptime never went backwards, advanced by at least the
-#     time slept and had no tick gap over a minute, and that the wall clock did
-#     not go backwards. It prints
+#         TICK <n> h=<h> up=<uptime in 1/100 s> wall=<s.us since 1970> end
+#     every 100 ms until n reaches stasis.ticks (default 150); wall is the
+#     guest's CLOCK_REALTIME (busybox ash's $EPOCHREALTIME, no fork). The init
+#     waits for it, then checks that the counter reached the target with the
+#     right h (recomputed from scratch), that the tmpfs file is still there
+#     with the same content, that uptime never went backwards and advanced by
+#     at least the time slept, and that the wall clock did not go backwards.
+#     How long a tick may take (the one across the pause takes as long as the
+#     pause) is for whoever paused the guest to judge: only it knows how long
+#     the pause was (tests/linux_guest.rs). It prints
 #         STASIS-LINUX-RESUME-OK ticks=<n> h=<h> max_tick_gap_ms=... ...
 #     or STASIS-LINUX-RESUME-FAIL <reason>. Whether a pause happened between
 #     two ticks is for whoever paused it to check (first TICK after the resume
@@ -148,7 +151,7 @@ ticker() {
         [ "$gap" -ge 0 ] || back=$((back + 1))
         [ "$gap" -le "$maxgap" ] || maxgap=$gap
         prev=$cs
-        echo "TICK $n h=$h up=$cs end"
+        echo "TICK $n h=$h up=$cs wall=$EPOCHREALTIME end"
     done
     echo "$n $h $maxgap $back" >/tmp/ticker.final
 }
@@ -188,8 +191,6 @@ pause_test() {
         fail="the ticker's h=$fh but h($ticks)=$hh: its memory changed under it"
     elif [ "$fback" != 0 ]; then
         fail="uptime went backwards $fback times between ticks"
-    elif [ "$fmaxgap" -gt 6000 ]; then
-        fail="one tick took ${fmaxgap}0 ms of uptime (clock jump?)"
     elif [ "$elapsed" -lt "$((ticks * 10))" ]; then
         fail="uptime advanced by ${elapsed}0 ms over $ticks sleeps of 100 ms"
     elif [ "$date1" -lt "$date0" ]; then

@@ -4,6 +4,11 @@
 #
 # Usage: tests/virtio_disk_l1.sh STASIS_BIN VMLINUX INITRAMFS
 # (INITRAMFS is only what run-l1.sh requires; the guest boots from the disk.)
+#        tests/virtio_disk_l1.sh --prepare DIR
+# (what `cargo test` uses: tests/linux_guest.rs runs these checks in the L1 of
+# its boot test. Builds the disk image and the L1 script in DIR, an empty
+# directory, and prints the command to run in L1 as the last stdout line;
+# DIR must be copied into L1 at the same path, STASIS_L1_EXTRA=DIR.)
 #
 # Inside L1: (1) `stasis run --disk rootfs.img --overlay ov.img`: the guest's
 # init (on an ext4 image built here with busybox) writes /persist.txt, then
@@ -14,13 +19,25 @@
 # sees the files written before and after the pause. The base image must be
 # unchanged. Exit status: that of run-l1.sh (0 = every check passed).
 set -euo pipefail
-(($# == 3)) || { echo "usage: $0 STASIS_BIN VMLINUX INITRAMFS" >&2; exit 2; }
+usage="usage: $0 STASIS_BIN VMLINUX INITRAMFS | $0 --prepare DIR"
+prepare=""
+if [[ "${1:-}" == --prepare ]]; then
+    (($# == 2)) || { echo "$usage" >&2; exit 2; }
+    prepare="$(realpath "$2")"
+    [[ -d "$prepare" ]] || { echo "virtio_disk_l1: no such directory: $2" >&2; exit 2; }
+else
+    (($# == 3)) || { echo "$usage" >&2; exit 2; }
+fi
 here="$(cd "$(dirname "$0")" && pwd)"
 command -v mkfs.ext4 >/dev/null || { echo "virtio_disk_l1: PREREQUISITE MISSING: mkfs.ext4 (e2fsprogs)" >&2; exit 2; }
 [[ -x /bin/busybox ]] || { echo "virtio_disk_l1: PREREQUISITE MISSING: /bin/busybox (busybox-static)" >&2; exit 2; }
 
-d="$(mktemp -d "${TMPDIR:-/tmp}/stasis-virtio-l1.XXXXXX")"
-trap 'rm -rf "$d"' EXIT
+if [[ -n "$prepare" ]]; then
+    d="$prepare"
+else
+    d="$(mktemp -d "${TMPDIR:-/tmp}/stasis-virtio-l1.XXXXXX")"
+    trap 'rm -rf "$d"' EXIT
+fi
 mkdir -p "$d/root"/{bin,dev,proc,sys,tmp}
 cp /bin/busybox "$d/root/bin/busybox"
 for a in sh mount cat echo sleep sync reboot grep; do ln -s busybox "$d/root/bin/$a"; done
@@ -91,6 +108,12 @@ cmp $D/rootfs.img $D/rootfs.orig || fail "the base image changed"
 echo "virtio-l1: all checks passed"
 EOF
 chmod 0755 "$d/l1.sh"
+# The image's own files must not travel as extra paths: only the image does.
+rm -rf "$d/root"
+if [[ -n "$prepare" ]]; then
+    echo "sh $d/l1.sh"
+    exit 0
+fi
 
 STASIS_L1_EXTRA="$d ${STASIS_L1_EXTRA:-}" STASIS_L1_COMMAND="sh $d/l1.sh" \
     "$here/nested/run-l1.sh" "$@"

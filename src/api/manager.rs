@@ -68,6 +68,9 @@ pub const JUPYTER_PORT: u16 = 49999;
 const AGENT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Between two health probes while a new sandbox's agent starts.
 const AGENT_POLL: Duration = Duration::from_millis(50);
+/// Longest wait for a resumed sandbox's agent to answer before the resume
+/// returns anyway (see `do_resume`).
+const RESUME_AGENT_WAIT: Duration = Duration::from_secs(30);
 /// The vsock socket in a sandbox's directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// The copy-on-write disk overlay in a sandbox's directory.
@@ -648,7 +651,16 @@ impl Manager {
         socket: &std::path::Path,
         interpreter: bool,
     ) -> Result<(), String> {
-        let limit = self.cfg.agent_timeout;
+        self.wait_for_agent_within(worker, socket, self.cfg.agent_timeout)
+            .await
+    }
+
+    async fn wait_for_agent_within(
+        &self,
+        worker: &WorkerClient,
+        socket: &std::path::Path,
+        limit: Duration,
+    ) -> Result<(), String> {
         let deadline = std::time::Instant::now() + limit;
         let mut last = String::from("no answer yet");
         loop {
@@ -1297,6 +1309,35 @@ impl Manager {
                 return Err(fail(err.to_string()));
             }
         };
+        // The resumed guest's vsock driver handles the transport reset (all
+        // connections gone) in a work item that may run after one for a
+        // connection request that arrived meanwhile (Linux 6.1 queues both on
+        // one unordered workqueue; virtio-mmio's interrupt handler queues RX
+        // work first). Such a connection is accepted, then reset without a
+        // word to the host, and the request on it fails: the SDK saw a 502
+        // (its TimeoutException) on its first call after a resume. So the
+        // sandbox is running only once its agent answered on a connection
+        // made after the reset (a probe that hit the reset is retried). An
+        // agent that does not answer in time leaves the old behaviour:
+        // running, with the reason in `agent_error`.
+        let mut agent_error = None;
+        if e.rec().row.agent {
+            let waited = std::time::Instant::now();
+            match self
+                .wait_for_agent_within(&worker, &self.vsock_path(&e.id), RESUME_AGENT_WAIT)
+                .await
+            {
+                Ok(()) => tracing::info!(
+                    sandbox = %e.id,
+                    ms = waited.elapsed().as_millis() as u64,
+                    "agent answered after the resume"
+                ),
+                Err(why) => {
+                    tracing::warn!(sandbox = %e.id, "agent not answering after the resume: {why}");
+                    agent_error = Some(why);
+                }
+            }
+        }
         let now = now_ms();
         let mut row = e.rec().row.clone();
         row.state = RowState::Running;
@@ -1318,7 +1359,7 @@ impl Manager {
             r.busy = None;
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
-            r.agent_error = None;
+            r.agent_error = agent_error;
         }
         self.watch_worker(e.clone(), worker.clone());
         self.timer.notify_one();

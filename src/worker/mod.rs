@@ -33,6 +33,17 @@ pub const PARENT_PID_ENV: &str = "STASIS_WORKER_PARENT_PID";
 /// Exit code of a worker whose guest stopped on its own.
 pub const EXIT_GUEST_STOPPED: i32 = 3;
 
+/// Fault injection for the tests, read only here, in the worker process:
+/// `STASIS_FAULT=abort-after-resume` makes the worker abort (SIGABRT) right
+/// after it answered a successful restore, as a stasis bug would. Used by
+/// the nested tests to show that such a failure is never retried as a fault
+/// of the emulated machine (tests/nested/support.rs). Unset in production.
+pub const FAULT_ENV: &str = "STASIS_FAULT";
+
+fn fault_abort_after_resume() -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v == "abort-after-resume")
+}
+
 /// Errors of the worker and of the server's worker client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -127,7 +138,10 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
             Ok(f) => f,
             Err(e) => break Err(Error::Protocol(format!("bad request frame: {e}"))),
         };
+        let restore = matches!(frame.request, Request::Restore { .. });
         let (reply, exit_after) = handle(&vm, &stopping, frame.request);
+        let inject_abort =
+            restore && matches!(reply, Reply::Running { .. }) && fault_abort_after_resume();
         let out = protocol::encode(&ReplyFrame {
             id: frame.id,
             reply,
@@ -135,6 +149,10 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
         .map_err(|e| Error::Protocol(e.to_string()))?;
         if let Err(e) = writer.write_all(&out).and_then(|_| writer.flush()) {
             break Err(Error::Io("write reply".into(), e));
+        }
+        if inject_abort {
+            eprintln!("stasis worker: {FAULT_ENV}=abort-after-resume: aborting (injected fault)");
+            std::process::abort();
         }
         if exit_after {
             break Ok(());

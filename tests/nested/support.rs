@@ -15,12 +15,19 @@ use std::time::{Duration, Instant};
 /// Exit status the repository's scripts use for "a prerequisite is missing".
 pub const PREREQ_EXIT: i32 = 2;
 /// Exit status of tests/nested/run-l1.sh when the emulated machine (L1)
-/// itself failed, not stasis: QEMU 7.2's TCG with emulated AMD-V now and then
-/// freezes L1 or makes its kernel report a lockup.
+/// itself failed, not stasis: QEMU crashed, or L1 failed before it launched
+/// stasis (see [`classify_l1_run`]).
 pub const L1_FAULT_EXIT: i32 = 3;
-/// Nested runs per test: an L1 fault gets up to two more tries, reported
-/// loudly; a stasis failure gets none.
-pub const L1_ATTEMPTS: usize = 3;
+/// Printed by L1's init (tests/nested/run-l1.sh) at the start of a line, just
+/// before it launches stasis (or the scenario that runs it). Absent from a
+/// failed run: L1 failed before stasis existed in it.
+pub const L1_LAUNCH_MARKER: &str = "STASIS-L1-LAUNCH";
+/// Nested retries allowed in one run of the whole suite (all test binaries of
+/// one `cargo test`): a second L1 fault fails the run instead of retrying.
+pub const SUITE_RETRY_BUDGET: usize = 1;
+/// Environment variable naming the suite run whose retries are counted
+/// together (default: the `cargo test` process that started this binary).
+pub const SUITE_RUN_ENV: &str = "STASIS_SUITE_RUN_ID";
 
 /// Can this host's KVM run guest ring-0 code at native speed?
 ///
@@ -36,44 +43,318 @@ pub fn host_runs_ring0_natively() -> bool {
     std::env::var("STASIS_NATIVE_KVM").is_ok_and(|v| v == "1")
 }
 
+/// What a finished nested run (the output of tests/nested/run-l1.sh) says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L1Verdict {
+    /// run-l1.sh exited 0.
+    Passed,
+    /// A missing prerequisite (exit status 2).
+    Prereq,
+    /// The run failed with evidence that cannot come from stasis: retryable.
+    L1Fault(String),
+    /// The run failed and nothing outside stasis explains it: never retried,
+    /// whatever else L1 reported (a soft lockup, an RCU stall or a silent
+    /// heartbeat in L1 is what a guest spinning under a stasis bug causes).
+    Failed(String),
+}
+
+/// Judges a nested run from its output alone (pure, so that it can be tested
+/// on recorded text). Only two kinds of evidence make a failure an L1 fault:
+/// - L1's init never printed [`L1_LAUNCH_MARKER`]: L1 (its kernel, its init,
+///   the KVM modules) failed before stasis was started in it;
+/// - QEMU itself ended abnormally: its exit status (`run-l1: qemu exit: N`)
+///   is neither 0 nor one the harness caused by stopping it (`run-l1: qemu
+///   stopped by the harness: yes` for the hard timeout, the heartbeat
+///   watchdog and the end of the serve scenario): e.g. an abort or a crash
+///   of QEMU, which no guest code can cause short of a QEMU bug.
+///
+/// Everything else (including the L1 kernel's lockup and stall reports, L1
+/// going quiet, or timeouts) is a stasis failure.
+pub fn classify_l1_run(status: Option<i32>, timed_out: bool, output: &str) -> L1Verdict {
+    if status == Some(0) && !timed_out {
+        return L1Verdict::Passed;
+    }
+    if status == Some(PREREQ_EXIT) && !timed_out {
+        return L1Verdict::Prereq;
+    }
+    let lines = || output.lines().map(|l| l.trim_end_matches(['\r', '\n']));
+    let launched = lines().any(|l| l.starts_with(L1_LAUNCH_MARKER));
+    let summary = |key: &str| {
+        lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let fail_line = lines()
+        .rev()
+        .find(|l| l.starts_with("run-l1: FAIL"))
+        .unwrap_or("run-l1.sh gave no FAIL line")
+        .to_owned();
+    let Some(qemu_exit) = summary("run-l1: qemu exit: ") else {
+        // run-l1.sh itself never finished (the outer limit killed it, or it
+        // died before its summary): nothing outside stasis is known to have
+        // failed.
+        return L1Verdict::Failed(if timed_out {
+            "the nested run passed its outer time limit (no run-l1.sh summary)".to_owned()
+        } else {
+            format!("run-l1.sh ended without its summary ({fail_line})")
+        });
+    };
+    let qemu_code: Option<i32> = qemu_exit
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok());
+    let stopped_by_harness = summary("run-l1: qemu stopped by the harness: ") != Some("no");
+    if !launched {
+        return L1Verdict::L1Fault(format!(
+            "L1 failed before it launched stasis (no {L1_LAUNCH_MARKER} line; qemu exit: {qemu_exit})"
+        ));
+    }
+    if !stopped_by_harness && qemu_code != Some(0) {
+        return L1Verdict::L1Fault(format!(
+            "QEMU itself ended abnormally after stasis started (qemu exit: {qemu_exit})"
+        ));
+    }
+    L1Verdict::Failed(fail_line)
+}
+
+/// [`classify_l1_run`] of a [`Run`].
+pub fn classify(run: &Run) -> L1Verdict {
+    classify_l1_run(
+        run.status.and_then(|s| s.code()),
+        run.timed_out,
+        &run.output,
+    )
+}
+
+/// The suite-wide count of nested retries: one line per retry in a file under
+/// target/nested-retries/ named after the suite run, appended with O_APPEND
+/// (atomic for one short line) and counted after the append, so that two
+/// tests retrying at the same time both see both retries.
+pub struct RetryLedger {
+    path: PathBuf,
+}
+
+impl RetryLedger {
+    /// The ledger of this suite run: `$STASIS_SUITE_RUN_ID` if set, else the
+    /// parent process (the `cargo test` that runs every test binary of one
+    /// invocation), named by its pid and start time so that a reused pid
+    /// starts afresh.
+    pub fn for_this_suite() -> RetryLedger {
+        let dir = repo().join("target/nested-retries");
+        let key = std::env::var(SUITE_RUN_ENV)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                k.chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect::<String>()
+            })
+            .unwrap_or_else(|| {
+                // SAFETY: getppid(2) has no arguments and cannot fail.
+                let ppid = unsafe { libc::getppid() };
+                format!("cargo-{ppid}-{}", process_start_ticks(ppid as u32))
+            });
+        // Ledgers of suite runs more than a week old are of no use.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(7 * 24 * 3600));
+                if old {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        RetryLedger {
+            path: dir.join(key),
+        }
+    }
+
+    pub fn at(path: PathBuf) -> RetryLedger {
+        RetryLedger { path }
+    }
+
+    /// Retries recorded so far in this suite run.
+    pub fn count(&self) -> usize {
+        std::fs::read_to_string(&self.path)
+            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0)
+    }
+
+    /// The recorded retries, one line each.
+    pub fn entries(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.path)
+            .map(|t| t.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records one retry; returns the count including it.
+    pub fn record(&self, test: &str, reason: &str) -> usize {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        }
+        let line = format!(
+            "{test} (pid {}): {}\n",
+            std::process::id(),
+            reason.replace('\n', " ")
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.path.display()));
+        f.write_all(line.as_bytes())
+            .unwrap_or_else(|e| panic!("writing {}: {e}", self.path.display()));
+        drop(f);
+        self.count()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot), or 0.
+fn process_start_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name (field 2) may hold spaces: count after its ')'.
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(19)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A nested run through tests/nested/run-l1.sh and how it went.
+pub struct Nested {
+    /// The last attempt.
+    pub run: Run,
+    pub verdict: L1Verdict,
+    /// Why the first attempt was retried, if it was.
+    pub retried: Option<String>,
+    /// Retries in the whole suite run so far (this one's included).
+    pub suite_retries: usize,
+}
+
+impl Nested {
+    /// "suite retries: N of 1 allowed", for the tests' summaries.
+    pub fn retry_note(&self) -> String {
+        let mut s = format!(
+            "nested retries in this suite run: {} (at most {SUITE_RETRY_BUDGET} allowed)",
+            self.suite_retries
+        );
+        if let Some(why) = &self.retried {
+            s.push_str(&format!("; this test was retried after an L1 fault: {why}"));
+        }
+        s
+    }
+}
+
 /// A nested run through tests/nested/run-l1.sh: `make` builds a fresh command
-/// for each attempt. An attempt that ends in an L1 fault (exit status 3) is
-/// reported with a banner and retried, up to L1_ATTEMPTS in all; the last run
-/// is returned with the reasons for the earlier faults. Callers treat a last
-/// run that is still an L1 fault as a failure (stasis was not shown to work).
-pub fn run_nested(
+/// for each attempt. An attempt that [`classify`] calls an L1 fault is
+/// retried once, loudly, if the suite's retry budget allows: the retry is
+/// recorded in the suite's [`RetryLedger`] first, and when that makes more
+/// than [`SUITE_RETRY_BUDGET`] retries in this suite run the test fails
+/// instead (an emulated machine that fails that often proves nothing). A
+/// stasis failure is never retried. The caller judges the last attempt; one
+/// whose verdict is still an L1 fault is a failure (stasis was not shown to
+/// work).
+pub fn run_nested(test: &str, limit: Duration, make: impl FnMut() -> Command) -> Nested {
+    run_nested_with(&RetryLedger::for_this_suite(), test, limit, make)
+}
+
+/// [`run_nested`] with a given ledger (the tests of the retry rule use their own).
+pub fn run_nested_with(
+    ledger: &RetryLedger,
     test: &str,
     limit: Duration,
     mut make: impl FnMut() -> Command,
-) -> (Run, Vec<String>) {
-    let mut faults = Vec::new();
-    loop {
-        let run = run_bounded(make(), limit);
-        if run.status.and_then(|s| s.code()) != Some(L1_FAULT_EXIT)
-            || faults.len() + 1 >= L1_ATTEMPTS
-        {
-            return (run, faults);
-        }
-        let why = l1_fault_reason(&run);
-        let bar = "#".repeat(78);
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n{bar}\n# {test}: nested attempt {} of {L1_ATTEMPTS} hit an L1 FAULT (the emulated\n\
-             # machine failed, not stasis): {why}\n# Not a stasis result: running the whole nested run again.\n{bar}\n",
-            faults.len() + 1
+) -> Nested {
+    let run = run_bounded(make(), limit);
+    let verdict = classify(&run);
+    let L1Verdict::L1Fault(why) = &verdict else {
+        return Nested {
+            run,
+            verdict,
+            retried: None,
+            suite_retries: ledger.count(),
+        };
+    };
+    let why = why.clone();
+    let count = ledger.record(test, &why);
+    let bar = "#".repeat(78);
+    if count > SUITE_RETRY_BUDGET {
+        panic!(
+            "\n{bar}\n# {test}: L1 FAULT ({why}), and this suite run already needed \
+             {} nested retr{} (budget {SUITE_RETRY_BUDGET}, ledger {}):\n# {}\n\
+             # Not retried: FAILED. An emulated machine failing this often hides too much.\n{bar}\n\
+             ---- output of the failed attempt ----\n{}\n",
+            count - 1,
+            if count == 2 { "y" } else { "ies" },
+            ledger.path().display(),
+            ledger.entries().join("\n# "),
+            run.output
         );
-        faults.push(why);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n# {test}: the nested run hit an L1 FAULT (evidence from outside stasis): {why}\n\
+         # Not a stasis result: running the whole nested run again (suite retry {count} of at \
+         most {SUITE_RETRY_BUDGET}).\n{bar}\n"
+    );
+    let run = run_bounded(make(), limit);
+    let verdict = classify(&run);
+    Nested {
+        run,
+        verdict,
+        retried: Some(why),
+        suite_retries: ledger.count(),
+    }
+}
+
+/// The common end of a nested run's first judgement: `Some(())` after a
+/// missing prerequisite was reported (the test returns), a panic when the
+/// last attempt is still an L1 fault (stasis was not shown to work), `None`
+/// to go on and judge the run.
+pub fn nested_prereq_or_fault(test: &str, what: &str, nested: &Nested) -> Option<()> {
+    match &nested.verdict {
+        L1Verdict::Prereq => {
+            prerequisite_missing(
+                test,
+                &format!(
+                    "tests/nested/run-l1.sh reported a missing prerequisite:\n{}",
+                    tail(&nested.run.output, 20)
+                ),
+            );
+            Some(())
+        }
+        L1Verdict::L1Fault(why) => panic!(
+            "\n==== {what} NOT TESTED: the nested run hit an L1 fault (evidence from outside \
+             stasis: {why}) {} ====\n{}\n{}\n",
+            if nested.retried.is_some() {
+                "again after its retry"
+            } else {
+                "(no retry left)"
+            },
+            nested.retry_note(),
+            nested.run.output
+        ),
+        L1Verdict::Passed | L1Verdict::Failed(_) => None,
     }
 }
 
 /// The reason run-l1.sh gave for an L1 fault.
 pub fn l1_fault_reason(run: &Run) -> String {
-    run.output
-        .lines()
-        .rev()
-        .find_map(|l| l.trim_end().strip_prefix("run-l1: L1 FAULT: "))
-        .unwrap_or("no reason given")
-        .to_owned()
+    match classify(run) {
+        L1Verdict::L1Fault(why) => why,
+        other => format!("{other:?}"),
+    }
 }
 
 /// A prerequisite the test cannot provide itself.

@@ -13,6 +13,12 @@ port forwarded to this host), or against any `stasis serve --kernel K
 Timings go to stdout as lines starting with "PROOF:". Nested emulation is slow
 (a guest boot takes tens of seconds), so the request timeouts are generous;
 STASIS_PROOF_REQUEST_TIMEOUT overrides them.
+
+Evidence from outside stasis: with STASIS_L1_QEMU_PID (set by run-l1.sh's
+serve scenario) the proof also reports how much host CPU the emulated machine
+(the QEMU process) got between the start of the resume and the agent's first
+answer after it, from /proc on this host: a slow answer while QEMU got a small
+share of a core is the emulated machine starved by the host, not stasis.
 """
 
 import os
@@ -52,6 +58,19 @@ REQUIRE_PYTHON = os.environ.get("STASIS_PROOF_PYTHON") == "1"
 
 def proof(msg):
     print(f"PROOF: {msg}", flush=True)
+
+
+def qemu_cpu_s():
+    """CPU seconds (user + system) the L1 QEMU process used so far, or None."""
+    pid = os.environ.get("STASIS_L1_QEMU_PID")
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def timed(what, fn):
@@ -169,6 +188,8 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
     # Connect resumes it: the seed's static `Sandbox.connect(id)`. The object
     # it returns sends agent requests with only the sandbox's envd access
     # token (no routing headers); the server routes them by that token.
+    cpu0, wall0 = qemu_cpu_s(), time.monotonic()
+    load0 = os.getloadavg()[0]
     resumed, resume_s = timed(
         "resume (connect)",
         lambda: Sandbox.connect(sbx.sandbox_id, timeout=3600, request_timeout=REQUEST_TIMEOUT),
@@ -179,6 +200,16 @@ def test_linux_sandbox_keeps_files_processes_and_memory_across_pause(sandbox):
         lambda: wait_until(
             lambda: resumed.files.exists(FILE, request_timeout=REQUEST_TIMEOUT), 120, "the agent"
         ),
+    )
+    cpu1, wall1 = qemu_cpu_s(), time.monotonic()
+    window = wall1 - wall0
+    if cpu0 is not None and cpu1 is not None and window > 0:
+        share = f"QEMU (L1) got {cpu1 - cpu0:.2f} s of host CPU in it ({100 * (cpu1 - cpu0) / window:.0f} % of one core)"
+    else:
+        share = "QEMU's CPU time unknown (no STASIS_L1_QEMU_PID)"
+    proof(
+        f"RESUME-TO-FIRST-ANSWER {window:.2f} s (connect {resume_s:.2f} s + first call "
+        f"{first_after_s:.2f} s); {share}; host load {load0:.1f} -> {os.getloadavg()[0]:.1f}"
     )
 
     # The file, the process and its in-memory counter are all still there.
