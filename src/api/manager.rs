@@ -651,15 +651,18 @@ impl Manager {
         socket: &std::path::Path,
         interpreter: bool,
     ) -> Result<(), String> {
-        self.wait_for_agent_within(worker, socket, self.cfg.agent_timeout)
+        self.wait_for_agent_within(worker, socket, self.cfg.agent_timeout, interpreter)
             .await
     }
 
+    /// [`Self::wait_for_agent`] bounded by `limit`; with `interpreter`, the
+    /// code interpreter (port 49999) must answer too.
     async fn wait_for_agent_within(
         &self,
         worker: &WorkerClient,
         socket: &std::path::Path,
         limit: Duration,
+        interpreter: bool,
     ) -> Result<(), String> {
         let deadline = std::time::Instant::now() + limit;
         let mut last = String::from("no answer yet");
@@ -1324,7 +1327,7 @@ impl Manager {
         if e.rec().row.agent {
             let waited = std::time::Instant::now();
             match self
-                .wait_for_agent_within(&worker, &self.vsock_path(&e.id), RESUME_AGENT_WAIT)
+                .wait_for_agent_within(&worker, &self.vsock_path(&e.id), RESUME_AGENT_WAIT, false)
                 .await
             {
                 Ok(()) => tracing::info!(
