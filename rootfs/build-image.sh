@@ -106,7 +106,6 @@ main() {
     log "[1/4] mmdebstrap bookworm (${#pkgs[@]} packages and their dependencies) from $mirror"
     include="$(IFS=,; echo "${pkgs[*]}")"
     mmdebstrap --mode=root --variant=minbase --include="$include" \
-        --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
         --dpkgopt='path-include=/usr/share/locale/locale.alias' \
