@@ -252,7 +252,7 @@ fn log_limit(q: &std::collections::HashMap<String, String>) -> Result<usize, Api
 
 fn entry(l: &super::metrics::LogLine) -> serde_json::Value {
     serde_json::json!({
-        "timestamp": super::metrics::rfc3339_ms(l.ms),
+        "timestamp": super::models::rfc3339(l.ms),
         "level": "info",
         "message": l.line,
         "fields": { "source": "console" },
@@ -272,7 +272,7 @@ async fn logs_v1(
         .logs(&id, int_param(&q, "start")?, log_limit(&q)?, true, None);
     Ok(Json(serde_json::json!({
         "logs": lines.iter().map(|l| serde_json::json!({
-            "timestamp": super::metrics::rfc3339_ms(l.ms),
+            "timestamp": super::models::rfc3339(l.ms),
             "line": l.line,
         })).collect::<Vec<_>>(),
         "logEntries": lines.iter().map(entry).collect::<Vec<_>>(),
