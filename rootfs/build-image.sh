@@ -38,6 +38,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 self="$here/build-image.sh"
 init="$here/init-debian.sh"
+setup="$here/init-setup.sh"
 interp="$here/interpreter/stasis_interpreter.py"
 cache_root="${STASIS_CACHE:-$HOME/.cache/stasis}"
 icache="$cache_root/image"
@@ -77,7 +78,7 @@ main() {
     fi
 
     pkgs=("${BASE_PKGS[@]}")
-    files=("$self" "$init" "$agent")
+    files=("$self" "$init" "$setup" "$agent")
     if ((ci)); then
         pkgs+=("${CI_PKGS[@]}")
         files+=("$interp")
@@ -121,6 +122,7 @@ main() {
     strip --strip-debug "$root/usr/local/bin/stasis-envd" 2>/dev/null || true
     rm -f "$root/sbin/init"
     install -m 0755 "$init" "$root/sbin/init"
+    install -D -m 0644 "$setup" "$root/etc/stasis/init-setup.sh"
     if ((ci)); then
         install -d -m 0755 "$root/usr/local/lib/stasis"
         install -m 0644 "$interp" "$root/usr/local/lib/stasis/stasis_interpreter.py"

@@ -43,6 +43,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 self="$here/build-rootfs.sh"
+setup="$here/init-setup.sh"
 cache_root="${STASIS_CACHE:-$HOME/.cache/stasis}"
 rcache="$cache_root/rootfs"
 busybox=/bin/busybox
@@ -109,7 +110,7 @@ main() {
     fi
 
     # --- cache lookup --------------------------------------------------------
-    hash="$( { sha256sum "$self" "$busybox" "$agent" | cut -d' ' -f1; echo "free=$free_mib"
+    hash="$( { sha256sum "$self" "$setup" "$busybox" "$agent" | cut -d' ' -f1; echo "free=$free_mib"
         echo "$deb_list"; } | sha256sum | cut -c1-16)"
     out_dir="$rcache/$hash"
     out="$out_dir/rootfs.ext4"
@@ -198,31 +199,7 @@ EOF
 #!/bin/busybox sh
 # stasis sandbox init (rootfs/build-rootfs.sh): mount the usual filesystems,
 # then run the agent and restart it whenever it exits. PID 1 never exits.
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root LANG=C.UTF-8 TERM=linux
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-grep -q " /dev devtmpfs " /proc/mounts || mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -o remount,rw / || echo "stasis-init: WARNING: cannot remount / read-write"
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=0755 tmpfs /run
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
-[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
-[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
-[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
-hostname -F /etc/hostname
-ip link set lo up || echo "stasis-init: WARNING: cannot bring up lo"
-
-mode=agent
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-    stasis.init=*) mode="${arg#stasis.init=}" ;;
-    esac
-done
+. /etc/stasis/init-setup.sh
 
 agent=/usr/local/bin/stasis-envd
 up="$(cut -d' ' -f1 /proc/uptime)"
@@ -256,6 +233,8 @@ while true; do
 done
 EOF
     chmod 0755 "$root/sbin/init"
+    mkdir -p "$root/etc/stasis"
+    put etc/stasis/init-setup.sh <"$setup"
 
     # Each busybox applet at its usual place (bin/ls, sbin/ip, usr/bin/awk,
     # ...), except where a file of ours is (sbin/init). Last, and relative: a
