@@ -1294,12 +1294,25 @@ impl Manager {
             Ok(w) => Arc::new(w),
             Err(err) => return Err(fail(err.to_string())),
         };
+        // The disk's base image is the template's root filesystem, never a
+        // path recorded in the snapshot (untrusted input). A template that
+        // is gone leaves none: a snapshot with a disk then fails to restore.
+        let template_id = e.rec().row.template_id.clone();
+        let disk_base = match self.resolve_template(&template_id).await {
+            Ok(t) => t.rootfs,
+            Err(err) => {
+                tracing::warn!(sandbox = %e.id, template = %template_id,
+                    "resume: template unavailable ({}); restoring without a disk base", err.message);
+                None
+            }
+        };
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
             mode: RestoreModeSpec::Lazy,
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
+            disk_base,
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,

@@ -56,17 +56,20 @@ pub(crate) fn boot(backend: BackendKind, cfg: &BootConfig) -> Result<Box<dyn VmB
     }
 }
 
+/// Host paths of a restore, from the request.
+pub(crate) use crate::vmm::RestorePaths;
+
 /// Restores a VM from `dir` with the chosen backend.
 pub(crate) fn restore(
     backend: BackendKind,
     dir: &Path,
     mode: RestoreModeSpec,
     console: &ConsoleSpec,
-    vsock: Option<&Path>,
+    paths: RestorePaths<'_>,
 ) -> Result<Box<dyn VmBackend>, Error> {
     match backend {
-        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, vsock)?)),
-        BackendKind::Vm => real::restore(dir, mode, console, vsock),
+        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
+        BackendKind::Vm => real::restore(dir, mode, console, paths),
     }
 }
 
@@ -715,15 +718,16 @@ mod real {
         dir: &Path,
         mode: RestoreModeSpec,
         c: &ConsoleSpec,
-        vsock: Option<&Path>,
+        paths: super::RestorePaths<'_>,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
-        // place); the vsock device listens on the sandbox's socket again.
+        // place, over the template's base image named by the request); the
+        // vsock device listens on the sandbox's socket again.
         let mode = match mode {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_with_vsock(dir, mode, console(c), None, vsock)
+        let (vm, _) = vmm::Vm::restore_with(dir, mode, console(c), None, paths)
             .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
