@@ -125,7 +125,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The caller-given paths of a restore with the disk over `dir`'s
 /// `base.img`.
-fn disk(dir: &Path) -> RestorePaths<'static> {
+fn with_base(dir: &Path) -> RestorePaths<'static> {
     let base: &'static Path = Box::leak(dir.join("base.img").into_boxed_path());
     RestorePaths {
         disk_base: Some(base),
@@ -189,7 +189,8 @@ fn corrupted_overlay_data_stops_the_restored_vm_eager_lazy_and_fresh_process() {
         // The map is fine, so the restore starts; the overlay's check finds
         // the block and the VM stops with the error (the guest would run
         // forever otherwise).
-        let (vm, _) = Vm::restore_with(&copy, mode, Console::Sink, None, disk(&dir)).expect(name);
+        let (vm, _) =
+            Vm::restore_with(&copy, mode, Console::Sink, None, with_base(&dir)).expect(name);
         match vm.wait(Some(Duration::from_secs(120))) {
             Some(ExitReason::Error(m)) => {
                 assert!(m.starts_with("disk data corrupted: "), "{name}: {m}");
@@ -241,7 +242,7 @@ fn corrupted_disk_map_is_a_clear_error_eager_lazy_and_fresh_process() {
     for (mode, name) in [(RestoreMode::Eager, "eager"), (RestoreMode::Lazy, "lazy")] {
         let copy = dir.join(name);
         copy_dir(&snap, &copy);
-        let e = match Vm::restore_with(&copy, mode, Console::Sink, None, disk(&dir)) {
+        let e = match Vm::restore_with(&copy, mode, Console::Sink, None, with_base(&dir)) {
             Ok(_) => panic!("{name}: restore with a corrupted map succeeded"),
             Err(e) => chain(&e),
         };
@@ -296,8 +297,14 @@ fn a_snapshot_is_immutable_when_the_vm_runs_on() {
     // new block.
     let copy = dir.join("inproc");
     copy_dir(&snap, &copy);
-    let (vm, _) =
-        Vm::restore_with(&copy, RestoreMode::Lazy, Console::Sink, None, disk(&dir)).unwrap();
+    let (vm, _) = Vm::restore_with(
+        &copy,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        with_base(&dir),
+    )
+    .unwrap();
     let (b0, fresh) = vm
         .with_disk(|d| {
             let mut f = [0u8; 6];

@@ -226,8 +226,25 @@ impl Manager {
     /// the timer task. Must run inside a tokio runtime.
     pub async fn start(mut cfg: Config) -> Result<Arc<Self>, super::Error> {
         let io = |what: String| move |e| super::Error::Io(what, e);
-        for d in [cfg.data_dir.join("sandboxes"), cfg.data_dir.join("run")] {
-            std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        // The data dir holds secrets (envd tokens, guest memory, disks):
+        // the owner's alone.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            let dd = &cfg.data_dir;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dd)
+                .map_err(io(format!("create {}", dd.display())))?;
+            std::fs::set_permissions(dd, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("chmod 700 {}", dd.display())))?;
+            for d in [dd.join("sandboxes"), dd.join("run")] {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(io(format!("create {}", d.display())))?;
+            }
         }
         // Workers get absolute paths whatever their working directory.
         cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
@@ -250,7 +267,13 @@ impl Manager {
             std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
                 .map_err(io(format!("chmod {}", run.display())))?;
         }
-        let store = Store::open(&cfg.data_dir.join("stasis.db"))?;
+        let db = cfg.data_dir.join("stasis.db");
+        let store = Store::open(&db)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("chmod 600 {}", db.display())))?;
+        }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
         let mgr = Arc::new(Manager {
@@ -784,7 +807,12 @@ impl Manager {
     pub fn sandbox_by_envd_token(&self, token: &str) -> Option<String> {
         self.map().values().find_map(|e| {
             let r = e.rec();
-            (!r.gone && r.row.envd_token.as_deref() == Some(token)).then(|| e.id.clone())
+            let hit = r
+                .row
+                .envd_token
+                .as_deref()
+                .is_some_and(|t| super::ct_eq(t.as_bytes(), token.as_bytes()));
+            (!r.gone && hit).then(|| e.id.clone())
         })
     }
 
@@ -1643,7 +1671,10 @@ fn kill_stale_worker(pid: u32, id: &str) {
 /// need none.
 fn envd_token_ok(row: &Row, port: u16, token: Option<&str>) -> bool {
     match &row.envd_token {
-        Some(want) => u32::from(port) != crate::vsock::ENVD_PORT || token == Some(want.as_str()),
+        Some(want) => {
+            u32::from(port) != crate::vsock::ENVD_PORT
+                || token.is_some_and(|t| super::ct_eq(t.as_bytes(), want.as_bytes()))
+        }
         None => true,
     }
 }

@@ -367,10 +367,13 @@ impl HostAgent {
         // our session, or the kernel would send it SIGHUP + SIGCONT. A child
         // subreaper (kept across exec): orphans of its commands stay in its
         // tree, where pause and kill find them.
-        // SAFETY: setsid and prctl are async-signal-safe and touch no memory;
-        // they run in the forked child before exec.
+        // The server's umask (077) is not the agent's: files its user makes
+        // get ordinary modes, as in a VM.
+        // SAFETY: setsid, prctl and umask are async-signal-safe and touch no
+        // memory; they run in the forked child before exec.
         unsafe {
             cmd.pre_exec(|| {
+                libc::umask(0o022);
                 if libc::setsid() < 0
                     || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) < 0
                 {
