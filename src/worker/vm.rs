@@ -823,7 +823,7 @@ mod tests {
             &dir,
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
-            None,
+            RestorePaths::default(),
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -852,7 +852,7 @@ mod tests {
             &tmp.path().join("none"),
             RestoreModeSpec::Eager,
             &ConsoleSpec::Sink,
-            None,
+            RestorePaths::default(),
         )
         .is_err());
     }
