@@ -179,7 +179,9 @@ struct TemplateFile {
     cmdline: String,
     #[serde(rename = "memoryMB")]
     memory_mb: u64,
-    vcpus: u8,
+    /// Checked to fit 1..=255 when loaded (wider here so that an
+    /// out-of-range value is reported by name).
+    vcpus: u64,
     #[serde(default, rename = "diskSizeMB")]
     disk_size_mb: u64,
     /// Root filesystem image (ext4), the read-only base of each sandbox's
@@ -193,6 +195,9 @@ struct TemplateFile {
     #[serde(default)]
     interpreter: bool,
 }
+
+/// Largest `memoryMB` a template may ask for (1 TiB).
+const MAX_TEMPLATE_MEMORY_MB: u64 = 1 << 20;
 
 /// Default kernel command line of Linux templates (the VMM appends its
 /// `virtio_mmio.device=` words).
@@ -542,15 +547,38 @@ impl Manager {
                 let f: TemplateFile = serde_json::from_slice(&bytes).map_err(|e| {
                     ApiError::bad_request(format!("template {name:?} is invalid: {e}"))
                 })?;
-                if f.vcpus == 0 || f.memory_mb == 0 {
-                    return Err(ApiError::bad_request(format!(
-                        "template {name:?} is invalid: vcpus and memoryMB must be positive"
+                let invalid = |why: String| {
+                    ApiError::bad_request(format!("template {name:?} is invalid: {why}"))
+                };
+                let Some(vcpus) = u8::try_from(f.vcpus).ok().filter(|v| *v > 0) else {
+                    return Err(invalid(format!(
+                        "vcpus must be within 1..=255 (got {})",
+                        f.vcpus
+                    )));
+                };
+                if !(1..=MAX_TEMPLATE_MEMORY_MB).contains(&f.memory_mb) {
+                    return Err(invalid(format!(
+                        "memoryMB must be within 1..={MAX_TEMPLATE_MEMORY_MB} (got {})",
+                        f.memory_mb
+                    )));
+                }
+                if i64::try_from(f.disk_size_mb).is_err() {
+                    return Err(invalid(format!(
+                        "diskSizeMB {} is too large",
+                        f.disk_size_mb
                     )));
                 }
                 let kernel = if f.kernel == "testguest" {
                     KernelSpec::TestGuest
                 } else {
-                    KernelSpec::Path(PathBuf::from(f.kernel))
+                    let k = PathBuf::from(&f.kernel);
+                    if !tokio::fs::metadata(&k).await.is_ok_and(|m| m.is_file()) {
+                        return Err(invalid(format!(
+                            "kernel {:?} is not a file (a kernel image path or \"testguest\")",
+                            f.kernel
+                        )));
+                    }
+                    KernelSpec::Path(k)
                 };
                 let disk_mb = match &f.rootfs {
                     Some(r) if f.disk_size_mb == 0 => file_mb(r).await,
@@ -562,13 +590,13 @@ impl Manager {
                         initrd: f.initrd,
                         cmdline: f.cmdline,
                         mem_bytes: f.memory_mb.saturating_mul(1 << 20),
-                        vcpus: f.vcpus,
+                        vcpus,
                         console: ConsoleSpec::Sink,
                         disk: None,
                         vsock: None,
                         interpreter: None,
                     },
-                    cpu_count: u32::from(f.vcpus),
+                    cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
                     disk_mb,
                     rootfs: f.rootfs,
