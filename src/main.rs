@@ -83,7 +83,7 @@ enum Cmd {
         concurrency: usize,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
-    Serve(stasis::api::ServeArgs),
+    Serve(Box<stasis::api::ServeArgs>),
     /// Internal: run one sandbox's VM, driven by the server over a socket.
     #[command(hide = true)]
     Worker {
@@ -181,7 +181,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Demo { mib, rounds } => demo(mib, rounds),
-        Cmd::Serve(args) => args
+        Cmd::Serve(args) => (*args)
             .into_options()
             .and_then(stasis::api::serve_blocking)
             .map(|()| ExitCode::SUCCESS)
