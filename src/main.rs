@@ -42,10 +42,15 @@ enum Cmd {
         /// On SIGUSR1 or SIGTERM, pause the guest into this directory and exit.
         #[arg(long)]
         snapshot_on_signal: Option<PathBuf>,
-        /// Host Unix socket of the vsock device (default: the saved path).
-        /// The disk is the snapshot's overlay, used in place.
+        /// Host Unix socket of the vsock device (required if the snapshot
+        /// has one; a path stored in the snapshot is never used).
         #[arg(long)]
         vsock: Option<PathBuf>,
+        /// Base image of the disk (required if the snapshot has one; the
+        /// disk is the snapshot's overlay, used in place, over this base;
+        /// the path the snapshot records is never used).
+        #[arg(long, value_name = "BASE")]
+        disk: Option<PathBuf>,
     },
     /// Inspect snapshots.
     Snapshot {
@@ -78,7 +83,7 @@ enum Cmd {
         concurrency: usize,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
-    Serve(stasis::api::ServeArgs),
+    Serve(Box<stasis::api::ServeArgs>),
     /// Internal: run one sandbox's VM, driven by the server over a socket.
     #[command(hide = true)]
     Worker {
@@ -176,7 +181,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Demo { mib, rounds } => demo(mib, rounds),
-        Cmd::Serve(args) => args
+        Cmd::Serve(args) => (*args)
             .into_options()
             .and_then(stasis::api::serve_blocking)
             .map(|()| ExitCode::SUCCESS)
@@ -207,7 +212,15 @@ fn main() -> ExitCode {
             console,
             snapshot_on_signal,
             vsock,
-        } => resume(dir, eager, vcpus, console, snapshot_on_signal, vsock),
+            disk,
+        } => resume(
+            dir,
+            eager,
+            vcpus,
+            console,
+            snapshot_on_signal,
+            RestorePathArgs { vsock, disk },
+        ),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
         } => snapshot_info(dir),
@@ -320,13 +333,19 @@ fn supervise(
     }
 }
 
+/// `resume`'s host paths (never taken from the snapshot).
+struct RestorePathArgs {
+    vsock: Option<PathBuf>,
+    disk: Option<PathBuf>,
+}
+
 fn resume(
     dir: PathBuf,
     eager: bool,
     vcpus: Option<u8>,
     console: Option<PathBuf>,
     snapshot_on_signal: Option<PathBuf>,
-    vsock: Option<PathBuf>,
+    paths: RestorePathArgs,
 ) -> Result<ExitCode, String> {
     let signals = snapshot_on_signal.as_ref().map(|_| block_signals());
     let mode = if eager {
@@ -335,8 +354,11 @@ fn resume(
         RestoreMode::Lazy
     };
     let console = console.map(Console::File).unwrap_or(Console::Stdout);
-    let (vm, stats) = Vm::restore_with_vsock(&dir, mode, console, vcpus, vsock.as_deref())
-        .map_err(|e| chain(&e))?;
+    let paths = stasis::vmm::RestorePaths {
+        vsock: paths.vsock.as_deref(),
+        disk_base: paths.disk.as_deref(),
+    };
+    let (vm, stats) = Vm::restore_with(&dir, mode, console, vcpus, paths).map_err(|e| chain(&e))?;
     eprintln!(
         "stasis: resumed {} ({:?}) in {:.2} ms",
         dir.display(),
@@ -387,22 +409,22 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
         use stasis::vmm::virtio::DeviceKind;
         match &d.kind {
             DeviceKind::Block { base, size } => {
-                // Every written block of the overlay against its checksum.
+                // Every written block of the overlay against its checksum;
+                // the recorded base is shown, never opened.
                 let overlay = dir.join(stasis::vmm::virtio::SNAPSHOT_OVERLAY);
-                let blocks = stasis::vmm::virtio::cow::CowDisk::open_existing(base, &overlay)
-                    .and_then(|d| d.verify_all())
+                let blocks = stasis::vmm::virtio::cow::verify_overlay(&overlay, *size)
                     .map_err(|e| chain(&e))?;
                 println!(
-                    "disk:            {} MiB over base {}, overlay {} ({blocks} written blocks, checksums OK)",
+                    "disk:            {} MiB, overlay {} ({blocks} written blocks, checksums OK); \
+                     recorded base {:?} (not opened: `resume --disk` names it)",
                     size >> 20,
-                    base.display(),
-                    stasis::vmm::virtio::SNAPSHOT_OVERLAY
+                    stasis::vmm::virtio::SNAPSHOT_OVERLAY,
+                    base.display().to_string()
                 )
             }
-            DeviceKind::Vsock { uds, cid } => {
+            DeviceKind::Vsock { cid, .. } => {
                 println!(
-                    "vsock:           guest CID {cid}, host socket {}",
-                    uds.display()
+                    "vsock:           guest CID {cid} (`resume --vsock` names the host socket)"
                 )
             }
         }

@@ -403,7 +403,45 @@ fn templates_from_files() {
         r#"{"kernel": "testguest", "cmdline": "stasis.fake.fail=boot", "memoryMB": 64, "vcpus": 1}"#,
     )
     .unwrap();
+    // Values out of range: 400 naming the field, never a stored -1.
+    let bad = [
+        (
+            "huge-mem",
+            r#"{"kernel": "testguest", "memoryMB": 18446744073709551615, "vcpus": 1}"#,
+            "memoryMB",
+        ),
+        (
+            "zero-mem",
+            r#"{"kernel": "testguest", "memoryMB": 0, "vcpus": 1}"#,
+            "memoryMB",
+        ),
+        (
+            "zero-cpu",
+            r#"{"kernel": "testguest", "memoryMB": 64, "vcpus": 0}"#,
+            "vcpus",
+        ),
+        (
+            "many-cpu",
+            r#"{"kernel": "testguest", "memoryMB": 64, "vcpus": 256}"#,
+            "vcpus",
+        ),
+        (
+            "no-kernel",
+            r#"{"kernel": "/nonexistent/vmlinux", "memoryMB": 64, "vcpus": 1}"#,
+            "kernel",
+        ),
+    ];
+    for (name, body, _) in &bad {
+        std::fs::write(data.join(format!("templates/{name}.json")), body).unwrap();
+    }
     let s = Server::start(&data, &[]);
+    for (name, _, field) in &bad {
+        let r = s.post("/sandboxes", json!({ "templateID": name }));
+        r.assert_error(400);
+        let msg = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(field), "{name}: {msg}");
+    }
+    assert_eq!(list_all(&s, "", 100).0.len(), 0);
     let id = s.create(json!({"templateID": "big"}));
     let d = s.info(&id).json();
     assert_eq!(d["memoryMB"], 256);

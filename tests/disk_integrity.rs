@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use stasis::guest::Workload;
 use stasis::vmm::virtio::cow::{self, CowDisk};
 use stasis::vmm::virtio::SNAPSHOT_OVERLAY;
-use stasis::vmm::{Console, DiskConfig, ExitReason, Kernel, RestoreMode, Vm, VmConfig};
+use stasis::vmm::{
+    Console, DiskConfig, ExitReason, Kernel, RestoreMode, RestorePaths, Vm, VmConfig,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stasis");
 const OLD0: &[u8] = b"block0-old";
@@ -121,6 +123,16 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The caller-given paths of a restore with the disk over `dir`'s
+/// `base.img`.
+fn with_base(dir: &Path) -> RestorePaths<'static> {
+    let base: &'static Path = Box::leak(dir.join("base.img").into_boxed_path());
+    RestorePaths {
+        disk_base: Some(base),
+        vsock: None,
+    }
+}
+
 /// Runs `stasis` with `args`, bounded; returns (success, stderr).
 fn run_bounded(args: &[&str], limit: Duration) -> (bool, String) {
     let mut child = Command::new(BIN)
@@ -165,6 +177,7 @@ fn corrupted_overlay_data_stops_the_restored_vm_eager_lazy_and_fresh_process() {
         return;
     }
     let dir = common::scratch("disk-corrupt-data");
+    let base_s = dir.join("base.img").display().to_string();
     let snap = dir.join("snap");
     drop(snapshot(&dir, &snap));
     // One flipped byte inside the written block at 64 KiB.
@@ -176,7 +189,8 @@ fn corrupted_overlay_data_stops_the_restored_vm_eager_lazy_and_fresh_process() {
         // The map is fine, so the restore starts; the overlay's check finds
         // the block and the VM stops with the error (the guest would run
         // forever otherwise).
-        let (vm, _) = Vm::restore(&copy, mode, Console::Sink, None).expect(name);
+        let (vm, _) =
+            Vm::restore_with(&copy, mode, Console::Sink, None, with_base(&dir)).expect(name);
         match vm.wait(Some(Duration::from_secs(120))) {
             Some(ExitReason::Error(m)) => {
                 assert!(m.starts_with("disk data corrupted: "), "{name}: {m}");
@@ -194,7 +208,7 @@ fn corrupted_overlay_data_stops_the_restored_vm_eager_lazy_and_fresh_process() {
         let copy = dir.join(format!("fresh{flag}"));
         copy_dir(&snap, &copy);
         let (ok, err) = run_bounded(
-            &["resume", copy.to_str().unwrap(), flag],
+            &["resume", copy.to_str().unwrap(), flag, "--disk", &base_s],
             Duration::from_secs(180),
         );
         assert!(
@@ -212,6 +226,7 @@ fn corrupted_disk_map_is_a_clear_error_eager_lazy_and_fresh_process() {
         return;
     }
     let dir = common::scratch("disk-corrupt-map");
+    let base_s = dir.join("base.img").display().to_string();
     let snap = dir.join("snap");
     drop(snapshot(&dir, &snap));
     let map = cow::map_path(&snap.join(SNAPSHOT_OVERLAY));
@@ -227,7 +242,7 @@ fn corrupted_disk_map_is_a_clear_error_eager_lazy_and_fresh_process() {
     for (mode, name) in [(RestoreMode::Eager, "eager"), (RestoreMode::Lazy, "lazy")] {
         let copy = dir.join(name);
         copy_dir(&snap, &copy);
-        let e = match Vm::restore(&copy, mode, Console::Sink, None) {
+        let e = match Vm::restore_with(&copy, mode, Console::Sink, None, with_base(&dir)) {
             Ok(_) => panic!("{name}: restore with a corrupted map succeeded"),
             Err(e) => chain(&e),
         };
@@ -237,7 +252,7 @@ fn corrupted_disk_map_is_a_clear_error_eager_lazy_and_fresh_process() {
         let copy = dir.join(format!("fresh{flag}"));
         copy_dir(&snap, &copy);
         let (ok, err) = run_bounded(
-            &["resume", copy.to_str().unwrap(), flag],
+            &["resume", copy.to_str().unwrap(), flag, "--disk", &base_s],
             Duration::from_secs(180),
         );
         assert!(!ok, "{flag}: {err}");
@@ -282,7 +297,14 @@ fn a_snapshot_is_immutable_when_the_vm_runs_on() {
     // new block.
     let copy = dir.join("inproc");
     copy_dir(&snap, &copy);
-    let (vm, _) = Vm::restore(&copy, RestoreMode::Lazy, Console::Sink, None).unwrap();
+    let (vm, _) = Vm::restore_with(
+        &copy,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        with_base(&dir),
+    )
+    .unwrap();
     let (b0, fresh) = vm
         .with_disk(|d| {
             let mut f = [0u8; 6];
@@ -307,6 +329,8 @@ fn a_snapshot_is_immutable_when_the_vm_runs_on() {
             "resume",
             copy.to_str().unwrap(),
             "--lazy",
+            "--disk",
+            dir.join("base.img").to_str().unwrap(),
             "--snapshot-on-signal",
         ])
         .arg(&snap2)

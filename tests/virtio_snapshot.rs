@@ -16,7 +16,7 @@ use std::time::Duration;
 use stasis::guest::{self, Workload};
 use stasis::vmm::virtio::cow::{self, CowDisk};
 use stasis::vmm::virtio::{DeviceKind, SNAPSHOT_OVERLAY};
-use stasis::vmm::{Console, DiskConfig, Kernel, RestoreMode, Vm, VmConfig};
+use stasis::vmm::{Console, DiskConfig, Kernel, RestoreMode, RestorePaths, Vm, VmConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stasis");
 
@@ -27,6 +27,14 @@ fn workload() -> Workload {
         seed: 7,
         report: 0,
         base_mib: 16,
+    }
+}
+
+/// The caller-given paths of a restore with a disk over `base`.
+fn with_base(base: &Path) -> RestorePaths<'_> {
+    RestorePaths {
+        disk_base: Some(base),
+        vsock: None,
     }
 }
 
@@ -119,7 +127,8 @@ fn disk_travels_with_the_snapshot_and_restores_eager_and_lazy() {
     for (mode, name) in [(RestoreMode::Eager, "eager"), (RestoreMode::Lazy, "lazy")] {
         let copy = dir.join(name);
         copy_dir(&snap, &copy);
-        let (vm, _) = Vm::restore(&copy, mode, Console::Sink, None).expect(name);
+        let (vm, _) =
+            Vm::restore_with(&copy, mode, Console::Sink, None, with_base(&base)).expect(name);
         let d = vm.config().disk.clone().expect("restored disk config");
         assert_eq!(
             d.overlay.as_deref(),
@@ -136,7 +145,8 @@ fn disk_travels_with_the_snapshot_and_restores_eager_and_lazy() {
     let copy = dir.join("fresh");
     copy_dir(&snap, &copy);
     let out = Command::new(BIN)
-        .args(["resume", "--eager"])
+        .args(["resume", "--eager", "--disk"])
+        .arg(&base)
         .arg(&copy)
         .output()
         .unwrap();
@@ -145,13 +155,27 @@ fn disk_travels_with_the_snapshot_and_restores_eager_and_lazy() {
         "stasis resume: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (mut vm, _) = Vm::restore(&snap, RestoreMode::Lazy, Console::Sink, None).unwrap();
+    let (mut vm, _) = Vm::restore_with(
+        &snap,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        with_base(&base),
+    )
+    .unwrap();
     vm.pause().unwrap();
     vm.snapshot(&snap2).unwrap();
     drop(vm);
     std::fs::remove_dir_all(&snap).unwrap();
     assert_eq!(read_saved(&snap2, &base), b"\x11stasis\x11");
-    let (vm, _) = Vm::restore(&snap2, RestoreMode::Lazy, Console::Sink, None).unwrap();
+    let (vm, _) = Vm::restore_with(
+        &snap2,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        with_base(&base),
+    )
+    .unwrap();
     expect_checksum(&vm);
 }
 
@@ -178,8 +202,9 @@ fn bad_disk_input_is_a_clear_error() {
     let mut vm = boot(&dir);
     pause_into(&mut vm, &snap);
     drop(vm);
+    let base = dir.join("base.img");
     let restore_err = |p: &Path| -> String {
-        match Vm::restore(p, RestoreMode::Eager, Console::Sink, None) {
+        match Vm::restore_with(p, RestoreMode::Eager, Console::Sink, None, with_base(&base)) {
             Ok(_) => panic!("restore of {} must fail", p.display()),
             Err(e) => {
                 let mut s = e.to_string();

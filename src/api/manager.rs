@@ -179,7 +179,9 @@ struct TemplateFile {
     cmdline: String,
     #[serde(rename = "memoryMB")]
     memory_mb: u64,
-    vcpus: u8,
+    /// Checked to fit 1..=255 when loaded (wider here so that an
+    /// out-of-range value is reported by name).
+    vcpus: u64,
     #[serde(default, rename = "diskSizeMB")]
     disk_size_mb: u64,
     /// Root filesystem image (ext4), the read-only base of each sandbox's
@@ -193,6 +195,9 @@ struct TemplateFile {
     #[serde(default)]
     interpreter: bool,
 }
+
+/// Largest `memoryMB` a template may ask for (1 TiB).
+const MAX_TEMPLATE_MEMORY_MB: u64 = 1 << 20;
 
 /// Default kernel command line of Linux templates (the VMM appends its
 /// `virtio_mmio.device=` words).
@@ -226,8 +231,25 @@ impl Manager {
     /// the timer task. Must run inside a tokio runtime.
     pub async fn start(mut cfg: Config) -> Result<Arc<Self>, super::Error> {
         let io = |what: String| move |e| super::Error::Io(what, e);
-        for d in [cfg.data_dir.join("sandboxes"), cfg.data_dir.join("run")] {
-            std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        // The data dir holds secrets (envd tokens, guest memory, disks):
+        // the owner's alone.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            let dd = &cfg.data_dir;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dd)
+                .map_err(io(format!("create {}", dd.display())))?;
+            std::fs::set_permissions(dd, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("chmod 700 {}", dd.display())))?;
+            for d in [dd.join("sandboxes"), dd.join("run")] {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(io(format!("create {}", d.display())))?;
+            }
         }
         // Workers get absolute paths whatever their working directory.
         cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
@@ -250,7 +272,13 @@ impl Manager {
             std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
                 .map_err(io(format!("chmod {}", run.display())))?;
         }
-        let store = Store::open(&cfg.data_dir.join("stasis.db"))?;
+        let db = cfg.data_dir.join("stasis.db");
+        let store = Store::open(&db)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("chmod 600 {}", db.display())))?;
+        }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
         let mgr = Arc::new(Manager {
@@ -519,15 +547,38 @@ impl Manager {
                 let f: TemplateFile = serde_json::from_slice(&bytes).map_err(|e| {
                     ApiError::bad_request(format!("template {name:?} is invalid: {e}"))
                 })?;
-                if f.vcpus == 0 || f.memory_mb == 0 {
-                    return Err(ApiError::bad_request(format!(
-                        "template {name:?} is invalid: vcpus and memoryMB must be positive"
+                let invalid = |why: String| {
+                    ApiError::bad_request(format!("template {name:?} is invalid: {why}"))
+                };
+                let Some(vcpus) = u8::try_from(f.vcpus).ok().filter(|v| *v > 0) else {
+                    return Err(invalid(format!(
+                        "vcpus must be within 1..=255 (got {})",
+                        f.vcpus
+                    )));
+                };
+                if !(1..=MAX_TEMPLATE_MEMORY_MB).contains(&f.memory_mb) {
+                    return Err(invalid(format!(
+                        "memoryMB must be within 1..={MAX_TEMPLATE_MEMORY_MB} (got {})",
+                        f.memory_mb
+                    )));
+                }
+                if i64::try_from(f.disk_size_mb).is_err() {
+                    return Err(invalid(format!(
+                        "diskSizeMB {} is too large",
+                        f.disk_size_mb
                     )));
                 }
                 let kernel = if f.kernel == "testguest" {
                     KernelSpec::TestGuest
                 } else {
-                    KernelSpec::Path(PathBuf::from(f.kernel))
+                    let k = PathBuf::from(&f.kernel);
+                    if !tokio::fs::metadata(&k).await.is_ok_and(|m| m.is_file()) {
+                        return Err(invalid(format!(
+                            "kernel {:?} is not a file (a kernel image path or \"testguest\")",
+                            f.kernel
+                        )));
+                    }
+                    KernelSpec::Path(k)
                 };
                 let disk_mb = match &f.rootfs {
                     Some(r) if f.disk_size_mb == 0 => file_mb(r).await,
@@ -539,13 +590,13 @@ impl Manager {
                         initrd: f.initrd,
                         cmdline: f.cmdline,
                         mem_bytes: f.memory_mb.saturating_mul(1 << 20),
-                        vcpus: f.vcpus,
+                        vcpus,
                         console: ConsoleSpec::Sink,
                         disk: None,
                         vsock: None,
                         interpreter: None,
                     },
-                    cpu_count: u32::from(f.vcpus),
+                    cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
                     disk_mb,
                     rootfs: f.rootfs,
@@ -784,7 +835,12 @@ impl Manager {
     pub fn sandbox_by_envd_token(&self, token: &str) -> Option<String> {
         self.map().values().find_map(|e| {
             let r = e.rec();
-            (!r.gone && r.row.envd_token.as_deref() == Some(token)).then(|| e.id.clone())
+            let hit = r
+                .row
+                .envd_token
+                .as_deref()
+                .is_some_and(|t| super::ct_eq(t.as_bytes(), token.as_bytes()));
+            (!r.gone && hit).then(|| e.id.clone())
         })
     }
 
@@ -1294,12 +1350,25 @@ impl Manager {
             Ok(w) => Arc::new(w),
             Err(err) => return Err(fail(err.to_string())),
         };
+        // The disk's base image is the template's root filesystem, never a
+        // path recorded in the snapshot (untrusted input). A template that
+        // is gone leaves none: a snapshot with a disk then fails to restore.
+        let template_id = e.rec().row.template_id.clone();
+        let disk_base = match self.resolve_template(&template_id).await {
+            Ok(t) => t.rootfs,
+            Err(err) => {
+                tracing::warn!(sandbox = %e.id, template = %template_id,
+                    "resume: template unavailable ({}); restoring without a disk base", err.message);
+                None
+            }
+        };
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
             mode: RestoreModeSpec::Lazy,
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
+            disk_base,
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,
@@ -1630,7 +1699,10 @@ fn kill_stale_worker(pid: u32, id: &str) {
 /// need none.
 fn envd_token_ok(row: &Row, port: u16, token: Option<&str>) -> bool {
     match &row.envd_token {
-        Some(want) => u32::from(port) != crate::vsock::ENVD_PORT || token == Some(want.as_str()),
+        Some(want) => {
+            u32::from(port) != crate::vsock::ENVD_PORT
+                || token.is_some_and(|t| super::ct_eq(t.as_bytes(), want.as_bytes()))
+        }
         None => true,
     }
 }

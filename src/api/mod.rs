@@ -26,7 +26,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,8 +136,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "stasis-data")]
     pub data_dir: PathBuf,
     /// Require this X-API-KEY on every call (default: $STASIS_API_KEY).
-    #[arg(long)]
+    /// Visible in `ps`: prefer --api-key-file.
+    #[arg(long, conflicts_with = "api_key_file")]
     pub api_key: Option<String>,
+    /// Read the API key from this file (surrounding whitespace trimmed); a
+    /// file readable by group or others is warned about.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
     /// VM backend: vm (KVM) or fake (a counting thread, for tests)
     /// (default: $STASIS_BACKEND, else vm).
     #[arg(long)]
@@ -208,12 +213,52 @@ pub struct ServeArgs {
     pub interpreter_python: String,
 }
 
+/// Reads an API key file: its content, trimmed; empty is an error. Warns
+/// if group or others may read it.
+fn read_key_file(p: &Path) -> Result<String, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Error::Io(format!("reading the API key file {}", p.display()), e))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(Error::Config(format!(
+            "the API key file {} is empty",
+            p.display()
+        )));
+    }
+    if let Ok(m) = std::fs::metadata(p) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                file = %p.display(),
+                mode = format!("{:o}", m.permissions().mode() & 0o777),
+                "the API key file is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+    Ok(key.to_owned())
+}
+
+/// Compares two secrets (API keys, envd tokens) in time that depends only
+/// on their lengths, not on where they first differ.
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (x, y) in a.iter().zip(b) {
+        diff |= usize::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
 impl ServeArgs {
     /// Turns the arguments (and `STASIS_API_KEY` / `STASIS_BACKEND`) into
     /// options.
     pub fn into_options(self) -> Result<ServeOptions, Error> {
+        let from_file = match &self.api_key_file {
+            Some(p) => Some(read_key_file(p)?),
+            None => None,
+        };
         let api_key = self
             .api_key
+            .or(from_file)
             .or_else(|| std::env::var("STASIS_API_KEY").ok())
             .filter(|k| !k.is_empty());
         let backend = match self.backend {
@@ -458,6 +503,11 @@ pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
         .thread_name("stasis-api")
         .build()
         .map_err(|e| Error::Io("starting the tokio runtime".into(), e))?;
+    // What the server and its workers create (database, snapshots, disk
+    // overlays, console logs, sockets) is the owner's alone. Host agents of
+    // the fake backend reset it before exec (their files are the user's).
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     rt.block_on(serve(opts, async {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -472,4 +522,29 @@ pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
             _ = term => {}
         }
     }))
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::ct_eq;
+
+    #[test]
+    fn ct_eq_compares_secrets() {
+        assert!(ct_eq(b"", b""));
+        assert!(ct_eq(b"key-0123456789", b"key-0123456789"));
+        assert!(!ct_eq(b"key-0123456789", b"key-0123456788"));
+        assert!(!ct_eq(b"xey-0123456789", b"key-0123456789"));
+        assert!(!ct_eq(b"key", b"key-0123456789"));
+        assert!(!ct_eq(b"key-0123456789", b"key"));
+        assert!(!ct_eq(b"", b"k"));
+        // Every single-bit flip anywhere is caught.
+        let k = b"0123456789abcdef0123456789abcdef".to_vec();
+        for i in 0..k.len() {
+            for bit in 0..8 {
+                let mut m = k.clone();
+                m[i] ^= 1 << bit;
+                assert!(!ct_eq(&k, &m), "byte {i} bit {bit}");
+            }
+        }
+    }
 }

@@ -78,16 +78,12 @@ async fn limit_and_log(State(st): State<AppState>, req: Request, next: Next) -> 
     resp
 }
 
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
         let open =
             req.method() == Method::GET && matches!(req.uri().path(), "/health" | "/openapi.json");
         let given = req.headers().get("x-api-key").map(HeaderValue::as_bytes);
-        if !open && !given.is_some_and(|g| same(g, key.as_bytes())) {
+        if !open && !given.is_some_and(|g| super::ct_eq(g, key.as_bytes())) {
             let msg = if given.is_some() {
                 "invalid API key"
             } else {

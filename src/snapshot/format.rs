@@ -37,6 +37,12 @@ pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing checksum.
 pub const CRC_LEN: usize = 8;
+/// Largest state file read: 64 MiB for the fixed part, plus what the memory
+/// metadata of the largest guest needs (a CRC32C and two bitmap bits per
+/// 4 KiB page of up to 64 GiB: about 66 MiB). The length is checked
+/// against it before anything is allocated, so a huge (e.g. sparse) file
+/// is refused with [`Error::TooLarge`] instead of exhausting memory.
+pub const MAX_STATE_LEN: u64 = (64 << 20) + ((64u64 << 30) / 4096) * 5;
 
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
@@ -66,6 +72,14 @@ pub enum Error {
         expected: u64,
         /// Bytes actually present.
         found: u64,
+    },
+    /// The file is larger than any state file this build writes.
+    #[error("snapshot state is {len} bytes, more than the {max}-byte limit")]
+    TooLarge {
+        /// The file's length.
+        len: u64,
+        /// [`MAX_STATE_LEN`].
+        max: u64,
     },
     /// More bytes than the header says.
     #[error("snapshot state has {extra} trailing bytes after offset {end}")]
@@ -220,8 +234,9 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads a state file, checking its header against the file size before
-/// reading the rest, so pointing it at a multi-GiB file fails fast.
+/// Reads a state file, checking its size against [`MAX_STATE_LEN`] and its
+/// header against the size before reading the rest, so pointing it at a
+/// multi-GiB file fails fast without allocating.
 /// The returned bytes have passed [`verify`]; pass them to [`decode`].
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     let io = |source| Error::Io {
@@ -234,6 +249,12 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     };
     let mut f = File::open(path).map_err(io)?;
     let total = f.metadata().map_err(io)?.len();
+    if total > MAX_STATE_LEN {
+        return Err(in_file(Error::TooLarge {
+            len: total,
+            max: MAX_STATE_LEN,
+        }));
+    }
     let mut header = Vec::with_capacity(HEADER_LEN);
     (&mut f)
         .take(HEADER_LEN as u64)
@@ -408,5 +429,34 @@ mod tests {
 
         let missing = dir.path().join("nope.bin");
         assert!(matches!(read_file(&missing), Err(Error::Io { .. })));
+    }
+
+    /// A sparse 200 GiB file with a valid header whose body length matches
+    /// the file is refused by size, before any allocation.
+    #[test]
+    fn huge_sparse_state_is_refused_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.bin");
+        let total: u64 = 200 << 30;
+        let mut head = Vec::new();
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        head.extend_from_slice(&(total - (HEADER_LEN + CRC_LEN) as u64).to_le_bytes());
+        write_file(&p, &head).unwrap();
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(total)
+            .unwrap();
+        match read_file(&p) {
+            Err(Error::InFile { source, .. }) => match *source {
+                Error::TooLarge { len, max } => {
+                    assert_eq!((len, max), (total, MAX_STATE_LEN));
+                }
+                other => panic!("expected TooLarge, got {other:?}"),
+            },
+            other => panic!("expected an error, got {other:?}"),
+        }
     }
 }

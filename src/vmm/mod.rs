@@ -27,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use boot::Kernel;
 pub use devices::{Console, ConsoleBuffer};
-pub use persist::{PersistError, RestoreMode, RestoreStats, SnapshotStats, VmState};
+pub use persist::{PersistError, RestoreMode, RestorePaths, RestoreStats, SnapshotStats, VmState};
 pub use vcpu::ExitReason;
 pub use virtio::DiskConfig;
 

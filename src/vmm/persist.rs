@@ -82,6 +82,22 @@ pub struct VmState {
     pub memory: MemoryMeta,
 }
 
+/// Host paths a restore needs, given by the caller (CLI arguments, the
+/// worker's request), never taken from the snapshot's state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestorePaths<'a> {
+    /// Where the vsock device's host socket goes (a snapshot with a vsock
+    /// device needs it).
+    pub vsock: Option<&'a Path>,
+    /// The disk's base image (a snapshot with a disk needs it).
+    pub disk_base: Option<&'a Path>,
+}
+
+// The state-file cap covers the memory metadata of the largest guest (a
+// CRC32C and two bitmap bits per page) with room for the rest.
+const _: () =
+    assert!(crate::snapshot::format::MAX_STATE_LEN >= (32 << 20) + memory::MAX_MEM / 4096 * 5);
+
 /// How to bring guest memory back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RestoreMode {
@@ -332,27 +348,29 @@ impl Vm {
         })
     }
 
-    /// Brings a snapshot back as a running VM, in this process.
-    /// `vcpus`, if given, must match the snapshot. A vsock device listens
-    /// on the socket path it had when saved.
+    /// Brings a snapshot without a disk or vsock device back as a running
+    /// VM, in this process (see [`Vm::restore_with`]).
     pub fn restore(
         dir: &Path,
         mode: RestoreMode,
         console: Console,
         vcpus: Option<u8>,
     ) -> Result<(Vm, RestoreStats), Error> {
-        Vm::restore_with_vsock(dir, mode, console, vcpus, None)
+        Vm::restore_with(dir, mode, console, vcpus, RestorePaths::default())
     }
 
-    /// [`Vm::restore`], with the vsock device's host socket at `vsock`
-    /// instead of the saved path. The disk is the snapshot's overlay, used
-    /// in place (see [`virtio`]).
-    pub fn restore_with_vsock(
+    /// Brings a snapshot back as a running VM, in this process. `vcpus`,
+    /// if given, must match the snapshot. `state.bin` is untrusted input:
+    /// no host path it records is used. The disk is the snapshot's overlay
+    /// (used in place, see [`virtio`]) over `paths.disk_base`; the vsock
+    /// device listens on `paths.vsock`; a snapshot with such a device and
+    /// no path for it is an error.
+    pub fn restore_with(
         dir: &Path,
         mode: RestoreMode,
         console: Console,
         vcpus: Option<u8>,
-        vsock: Option<&Path>,
+        paths: RestorePaths<'_>,
     ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
@@ -435,20 +453,26 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
-        let virtio = Virtio::restore(&shell.fd, &shell.mem, &st.virtio, dir, vsock)?;
+        let virtio = Virtio::restore(
+            &shell.fd,
+            &shell.mem,
+            &st.virtio,
+            dir,
+            paths.vsock,
+            paths.disk_base,
+        )?;
+        // Virtio::restore refused a device without its caller-given path.
         let mut disk = None;
         let mut vsock_path = None;
         for d in &st.virtio.devices {
             match &d.kind {
-                DeviceKind::Block { base, .. } => {
-                    disk = Some(DiskConfig {
-                        base: base.clone(),
+                DeviceKind::Block { .. } => {
+                    disk = paths.disk_base.map(|b| DiskConfig {
+                        base: b.to_owned(),
                         overlay: Some(dir.join(virtio::SNAPSHOT_OVERLAY)),
                     })
                 }
-                DeviceKind::Vsock { uds, .. } => {
-                    vsock_path = Some(vsock.map(Path::to_owned).unwrap_or_else(|| uds.clone()))
-                }
+                DeviceKind::Vsock { .. } => vsock_path = paths.vsock.map(Path::to_owned),
             }
         }
         let config = VmConfig {

@@ -193,6 +193,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             mode,
             console,
             vsock,
+            disk_base,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -201,7 +202,11 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                     false,
                 );
             }
-            match vm::restore(backend, &snapshot_dir, mode, &console, vsock.as_deref()) {
+            let paths = vm::RestorePaths {
+                vsock: vsock.as_deref(),
+                disk_base: disk_base.as_deref(),
+            };
+            match vm::restore(backend, &snapshot_dir, mode, &console, paths) {
                 Ok(v) => {
                     let guest = v.guest();
                     *slot = Some(v);

@@ -125,6 +125,10 @@ pub enum Request {
         /// Where the vsock device's Unix socket goes (agent templates).
         #[serde(default)]
         vsock: Option<PathBuf>,
+        /// The disk's base image (the template's root filesystem); a path
+        /// recorded in the snapshot is never used.
+        #[serde(default)]
+        disk_base: Option<PathBuf>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running

@@ -56,17 +56,20 @@ pub(crate) fn boot(backend: BackendKind, cfg: &BootConfig) -> Result<Box<dyn VmB
     }
 }
 
+/// Host paths of a restore, from the request.
+pub(crate) use crate::vmm::RestorePaths;
+
 /// Restores a VM from `dir` with the chosen backend.
 pub(crate) fn restore(
     backend: BackendKind,
     dir: &Path,
     mode: RestoreModeSpec,
     console: &ConsoleSpec,
-    vsock: Option<&Path>,
+    paths: RestorePaths<'_>,
 ) -> Result<Box<dyn VmBackend>, Error> {
     match backend {
-        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, vsock)?)),
-        BackendKind::Vm => real::restore(dir, mode, console, vsock),
+        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
+        BackendKind::Vm => real::restore(dir, mode, console, paths),
     }
 }
 
@@ -364,10 +367,13 @@ impl HostAgent {
         // our session, or the kernel would send it SIGHUP + SIGCONT. A child
         // subreaper (kept across exec): orphans of its commands stay in its
         // tree, where pause and kill find them.
-        // SAFETY: setsid and prctl are async-signal-safe and touch no memory;
-        // they run in the forked child before exec.
+        // The server's umask (077) is not the agent's: files its user makes
+        // get ordinary modes, as in a VM.
+        // SAFETY: setsid, prctl and umask are async-signal-safe and touch no
+        // memory; they run in the forked child before exec.
         unsafe {
             cmd.pre_exec(|| {
+                libc::umask(0o022);
                 if libc::setsid() < 0
                     || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) < 0
                 {
@@ -715,15 +721,16 @@ mod real {
         dir: &Path,
         mode: RestoreModeSpec,
         c: &ConsoleSpec,
-        vsock: Option<&Path>,
+        paths: super::RestorePaths<'_>,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
-        // place); the vsock device listens on the sandbox's socket again.
+        // place, over the template's base image named by the request); the
+        // vsock device listens on the sandbox's socket again.
         let mode = match mode {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_with_vsock(dir, mode, console(c), None, vsock)
+        let (vm, _) = vmm::Vm::restore_with(dir, mode, console(c), None, paths)
             .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
@@ -816,7 +823,7 @@ mod tests {
             &dir,
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
-            None,
+            RestorePaths::default(),
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -845,7 +852,7 @@ mod tests {
             &tmp.path().join("none"),
             RestoreModeSpec::Eager,
             &ConsoleSpec::Sink,
-            None,
+            RestorePaths::default(),
         )
         .is_err());
     }

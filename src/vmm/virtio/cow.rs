@@ -56,6 +56,9 @@ const MAGIC: &[u8; 8] = b"STASISCW";
 const MAP_VERSION: u32 = 2;
 const MAP_HEADER: usize = 32;
 const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+/// Largest disk an overlay may have (its map and checksums are held in
+/// memory: about 4 bytes per block).
+pub const MAX_DISK_BYTES: u64 = 1 << 40;
 /// Largest read of one scrub step (a bounded time under the device lock).
 const SCRUB_BYTES: usize = 1 << 20;
 
@@ -611,14 +614,71 @@ fn blocks(size: u64) -> usize {
     size.div_ceil(BLOCK) as usize
 }
 
+/// Checks a snapshot's overlay on its own, without opening any base
+/// image: its length is `size`, its map is valid, and every written block
+/// matches its checksum. Returns how many blocks are written.
+pub fn verify_overlay(overlay: &Path, size: u64) -> Result<usize, Error> {
+    let f = File::open(overlay).map_err(io_err("opening overlay", overlay))?;
+    let found = f
+        .metadata()
+        .map_err(io_err("reading size of", overlay))?
+        .len();
+    if found != size {
+        return Err(Error::SizeMismatch {
+            path: overlay.to_owned(),
+            expected: size,
+            found,
+        });
+    }
+    let (map, crcs) = read_map(&map_path(overlay), size)?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let (mut n, mut from) = (0, 0);
+    while let Some(b) = map.next_one(from) {
+        let start = b as u64 * BLOCK;
+        let data = &mut buf[..((start + BLOCK).min(size) - start) as usize];
+        f.read_exact_at(data, start)
+            .map_err(io_err("reading overlay", overlay))?;
+        let found = crc32c(data);
+        if found != crcs[b] {
+            return Err(Error::Corrupt {
+                path: overlay.to_owned(),
+                offset: start,
+                len: data.len(),
+                expected: crcs[b],
+                found,
+            });
+        }
+        n += 1;
+        from = b + 1;
+    }
+    Ok(n)
+}
+
 /// Reads and checks a map file for a disk of `size` bytes: the allocation
 /// bitmap and each block's CRC32C (0 for blocks not written).
 pub fn read_map(path: &Path, size: u64) -> Result<(PageBitmap, Vec<u32>), Error> {
-    let bytes = fs::read(path).map_err(io_err("reading", path))?;
     let bad = |why: String| Error::BadMap {
         path: path.to_owned(),
         why,
     };
+    // Untrusted input (a snapshot's): bound what is allocated before
+    // reading, by the disk size and by the file's length.
+    if size > MAX_DISK_BYTES {
+        return Err(bad(format!(
+            "it is for a {size}-byte disk, more than the {MAX_DISK_BYTES}-byte limit"
+        )));
+    }
+    let n = blocks(size) as u64;
+    let max_len = MAP_HEADER as u64 + n.div_ceil(64) * 8 + n * 4 + 8;
+    let len = fs::metadata(path)
+        .map_err(io_err("reading size of", path))?
+        .len();
+    if len > max_len {
+        return Err(bad(format!(
+            "{len} bytes, more than a map of a {size}-byte disk can hold ({max_len})"
+        )));
+    }
+    let bytes = fs::read(path).map_err(io_err("reading", path))?;
     if bytes.len() < MAP_HEADER + 8 {
         return Err(bad(format!("truncated: {} bytes", bytes.len())));
     }

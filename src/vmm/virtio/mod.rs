@@ -138,14 +138,16 @@ pub struct DeviceState {
 pub enum DeviceKind {
     /// virtio-blk; the overlay is [`SNAPSHOT_OVERLAY`] in the snapshot.
     Block {
-        /// The base image.
+        /// The base image when saved: shown by `snapshot info`, compared
+        /// (a warning) with the one a restore is given, never opened.
         base: PathBuf,
         /// Its size when saved.
         size: u64,
     },
     /// virtio-vsock.
     Vsock {
-        /// The host-side Unix socket.
+        /// The host-side Unix socket: saved empty, ignored on restore (the
+        /// caller names the socket).
         uds: PathBuf,
         /// The guest's CID.
         cid: u64,
@@ -381,14 +383,18 @@ impl Virtio {
     }
 
     /// Re-creates saved devices: the disk from the overlay in `snapshot`
-    /// (in place), vsock on `vsock_uds` or else the saved path, with no
-    /// connections.
+    /// (in place) over the base image `disk_base`, vsock on `vsock_uds`,
+    /// with no connections. The state is untrusted input: no host path it
+    /// records is used (the overlay is the snapshot's, the base and the
+    /// socket are the caller's); a snapshot with a disk or a vsock device
+    /// and no such path given is [`Error::BadState`].
     pub fn restore(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         st: &VirtioState,
         snapshot: &Path,
         vsock_uds: Option<&Path>,
+        disk_base: Option<&Path>,
     ) -> Result<Virtio, Error> {
         let mut v = Virtio::none(mem);
         for (i, d) in st.devices.iter().enumerate() {
@@ -402,7 +408,25 @@ impl Virtio {
             let interrupt = Interrupt::new().map_err(sys("an interrupt eventfd"))?;
             let bad = |e: String| Error::BadState(format!("device {i}: {e}"));
             let dev = match &d.kind {
-                DeviceKind::Block { base, size } => {
+                DeviceKind::Block {
+                    base: recorded,
+                    size,
+                } => {
+                    let base = disk_base.ok_or_else(|| {
+                        Error::BadState(format!(
+                            "the snapshot has a disk: its base image must be given \
+                             (the snapshot records {}, which is not used)",
+                            recorded.display()
+                        ))
+                    })?;
+                    if base != recorded.as_path() {
+                        tracing::warn!(
+                            given = %base.display(),
+                            recorded = %recorded.display(),
+                            "restore: the disk's base image differs from the one the snapshot \
+                             records; using the given one"
+                        );
+                    }
                     let disk = CowDisk::open_existing(base, &snapshot.join(SNAPSHOT_OVERLAY))?;
                     if disk.size() != *size {
                         return Err(Error::BadState(format!(
@@ -418,12 +442,15 @@ impl Virtio {
                     v.disk_fault = Some(blk.fault().clone());
                     Device::Block(Transport::restore(blk, interrupt, &d.transport).map_err(bad)?)
                 }
-                DeviceKind::Vsock { cid, uds: saved } => {
-                    let uds = vsock_uds
-                        .or((!saved.as_os_str().is_empty()).then_some(saved.as_path()))
-                        .ok_or_else(|| {
-                            Error::BadState("no vsock socket path saved or given".into())
-                        })?;
+                DeviceKind::Vsock { cid, .. } => {
+                    // A path in the state is never used: the muxer removes
+                    // whatever is at its socket path before binding.
+                    let uds = vsock_uds.ok_or_else(|| {
+                        Error::BadState(
+                            "the snapshot has a vsock device: its host socket path must be given"
+                                .into(),
+                        )
+                    })?;
                     let dev = Vsock::new(Muxer::new(uds, *cid)?, *cid);
                     v.vsock_uds = Some(uds.to_owned());
                     let mut t = Transport::restore(dev, interrupt, &d.transport).map_err(bad)?;
