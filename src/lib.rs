@@ -14,3 +14,19 @@ pub mod snapshot;
 pub mod vmm;
 pub mod vsock;
 pub mod worker;
+
+/// Renders an error with its sources on one line ("a: b: c"), leaving out a
+/// source whose message the line already contains.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

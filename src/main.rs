@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use stasis::error_chain as chain;
 use stasis::guest::{self, Workload};
 use stasis::vmm::{Console, ConsoleBuffer, Kernel, RestoreMode, Vm, VmConfig};
 
@@ -232,21 +233,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Renders an error with its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn run(a: RunArgs) -> Result<ExitCode, String> {

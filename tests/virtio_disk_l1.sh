@@ -93,7 +93,7 @@ grep -a -e STASIS -e tick /tmp/c1
 ls -ls /tmp/snap /tmp/ov.img /tmp/ov.img.map
 /stasis snapshot info /tmp/snap
 echo "virtio-l1: 2. resume in a fresh process"
-/stasis resume /tmp/snap --console /tmp/c2 || fail "stasis resume exited $?"
+/stasis resume /tmp/snap --disk $D/rootfs.img --console /tmp/c2 || fail "stasis resume exited $?"
 grep -a -e STASIS -e tick /tmp/c2
 grep -q "after: tick-3" /tmp/c2 || fail "the resumed guest did not read the pre-pause write from disk"
 grep -q "STASIS-DISK-DONE" /tmp/c2 || fail "the resumed guest did not finish"

@@ -394,21 +394,6 @@ fn file_stream(file: tokio::fs::File, gzip: bool) -> ByteStream {
     ))
 }
 
-/// An error with its sources: "a: b: c".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn user_and_path(
     agent: &Agent,
     q: &HashMap<String, String>,
@@ -515,8 +500,9 @@ where
     users::chown_to(path, user).map_err(|e| Error::io(path, &e))?;
     let res: Result<(), Error> = async {
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk
-                .map_err(|e| Error::BadRequest(format!("reading the upload: {}", chain(&e))))?;
+            let chunk = chunk.map_err(|e| {
+                Error::BadRequest(format!("reading the upload: {}", crate::error_chain(&e)))
+            })?;
             f.write_all(&chunk).await.map_err(|e| Error::io(path, &e))?;
         }
         f.flush().await.map_err(|e| Error::io(path, &e))?;
@@ -580,7 +566,7 @@ pub async fn upload(
                 Err(e) => {
                     return Err(Error::BadRequest(format!(
                         "bad multipart body: {}",
-                        chain(&e)
+                        crate::error_chain(&e)
                     )))
                 }
             };

@@ -103,7 +103,7 @@ impl SnapshotDir {
                 return Err(not(format!("missing {name}")));
             }
         }
-        format::read_file(&path.join(STATE_FILE)).map_err(|e| not(error_chain(&e)))?;
+        format::read_file(&path.join(STATE_FILE)).map_err(|e| not(crate::error_chain(&e)))?;
         Ok(SnapshotDir {
             path: path.to_owned(),
         })
@@ -114,7 +114,7 @@ impl SnapshotDir {
     pub fn load_state<T: DeserializeOwned>(&self) -> Result<T> {
         format::read_and_decode(&self.state_path()).map_err(|e| Error::NotASnapshot {
             path: self.path.clone(),
-            reason: error_chain(&e),
+            reason: crate::error_chain(&e),
         })
     }
 
@@ -144,18 +144,6 @@ impl SnapshotDir {
     pub fn create_tmp(final_path: impl AsRef<Path>) -> Result<TmpDir> {
         TmpDir::create(final_path)
     }
-}
-
-/// "a: b: c" from an error and its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A snapshot being written: a directory `<final>.tmp-<pid>-<n>` next to the
