@@ -40,7 +40,7 @@ fi
 if [ -n "${STASIS_BIN:-}" ]; then
   BIN=$STASIS_BIN
 else
-  cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" --bin stasis
+  cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" --bin stasis --bin stasis-envd
   BIN="$ROOT/target/release/stasis"
 fi
 BACKEND=${STASIS_BACKEND:-vm}
@@ -78,9 +78,11 @@ for _ in $(seq 1 300); do
 done
 [ -n "$URL" ] || { echo "run.sh: server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 
-cd "$ROOT/tests/sdk"
+# STASIS_SDK_TESTS: the pytest directory (default tests/sdk; tests/sdk_fidelity
+# runs through here too).
+cd "${STASIS_SDK_TESTS:-$ROOT/tests/sdk}"
 # NOVITA_SANDBOX_URL: in-sandbox (envd) requests go to the server too, with
 # the Novita-Sandbox-Id/-Port headers.
 NOVITA_API_URL="$URL" NOVITA_SANDBOX_URL="$URL" NOVITA_API_KEY="$KEY" STASIS_BIN="$BIN" \
-  STASIS_DATA_DIR="$WORK/data" STASIS_BACKEND="$BACKEND" \
+  STASIS_DATA_DIR="$WORK/data" STASIS_BACKEND="$BACKEND" STASIS_ROOT="$ROOT" \
   "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
