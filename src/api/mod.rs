@@ -437,6 +437,9 @@ pub async fn serve(
         let _ = out.flush();
     }
     tracing::info!(%addr, backend = %opts.backend, data_dir = %opts.data_dir.display(), "serving");
+    if opts.backend == BackendKind::Vm && opts.linux.is_none() {
+        tracing::info!("{IMAGES_HINT}");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -495,6 +498,14 @@ pub async fn serve(
     mgr.shutdown(opts.shutdown_pause).await;
     served
 }
+
+/// Said at start when the built-in templates run the test guest: how to get
+/// Linux sandboxes (`base`, `code-interpreter-v1`) instead.
+pub const IMAGES_HINT: &str =
+    "templates base and code-interpreter-v1 run the built-in test guest; \
+for Linux sandboxes build a kernel and images (kernel/build.sh; rootfs/build-agent.sh; \
+rootfs/build-image.sh [--code-interpreter] AGENT) and pass --kernel K --rootfs BASE.ext4 \
+--interpreter-rootfs CI.ext4";
 
 /// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.
 pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
