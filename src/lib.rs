@@ -30,3 +30,30 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Compares two secrets (API keys, envd tokens, signatures) in time that
+/// depends only on their lengths, not on where they first differ.
+pub fn ct_eq(a: impl AsRef<[u8]>, b: impl AsRef<[u8]>) -> bool {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let mut diff = a.len() ^ b.len();
+    for (x, y) in a.iter().zip(b) {
+        diff |= usize::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_eq;
+
+    #[test]
+    fn ct_eq_compares_secrets() {
+        assert!(ct_eq(b"", b""));
+        assert!(ct_eq("key-0123456789", "key-0123456789"));
+        assert!(!ct_eq(b"key-0123456789", b"key-0123456788"));
+        assert!(!ct_eq(b"xey-0123456789", b"key-0123456789"));
+        assert!(!ct_eq(b"key", b"key-0123456789"));
+        assert!(!ct_eq(b"key-0123456789", b"key"));
+        assert!(!ct_eq(b"", b"k"));
+    }
+}

@@ -611,3 +611,31 @@ fn kernel_and_rootfs_make_the_builtin_templates_agent_templates() {
     let err = bad.err().expect("server started without its rootfs");
     assert!(err.contains("--rootfs /nonexistent/rootfs.ext4"), "{err}");
 }
+
+/// A request that leads back to the server itself (a user port that is the
+/// server's own) is stopped: its routing headers are not passed on, and a
+/// Host-routed loop ends at the hop limit with 508 instead of exhausting
+/// descriptors.
+#[test]
+fn a_request_routed_back_to_the_server_does_not_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = server(&tmp, &[], &[]);
+    let id = create_agent(&s);
+    let own = s.addr.port().to_string();
+
+    // Headers form: the forwarded request arrives without them, so the
+    // server answers it itself (GET /health is open) instead of forwarding.
+    let r = via_headers(&s, &id, &own, "GET", "/health");
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Host form: the Host is passed on (user apps need it), so the request
+    // comes back routed again; each pass adds `Via: 1.1 stasis`.
+    let host = format!("{own}-{id}.example.test");
+    let r = http(s.addr, "GET", "/loop", &[("Host", &host)], None);
+    r.assert_error(508);
+    assert!(r.body.contains("request loop"), "{}", r.body);
+
+    // The server still answers.
+    let r = http(s.addr, "GET", "/health", &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+}

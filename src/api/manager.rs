@@ -839,7 +839,7 @@ impl Manager {
                 .row
                 .envd_token
                 .as_deref()
-                .is_some_and(|t| super::ct_eq(t.as_bytes(), token.as_bytes()));
+                .is_some_and(|t| crate::ct_eq(t.as_bytes(), token.as_bytes()));
             (!r.gone && hit).then(|| e.id.clone())
         })
     }
@@ -1701,7 +1701,7 @@ fn envd_token_ok(row: &Row, port: u16, token: Option<&str>) -> bool {
     match &row.envd_token {
         Some(want) => {
             u32::from(port) != crate::vsock::ENVD_PORT
-                || token.is_some_and(|t| super::ct_eq(t.as_bytes(), want.as_bytes()))
+                || token.is_some_and(|t| crate::ct_eq(t.as_bytes(), want.as_bytes()))
         }
         None => true,
     }

@@ -238,16 +238,6 @@ fn read_key_file(p: &Path) -> Result<String, Error> {
     Ok(key.to_owned())
 }
 
-/// Compares two secrets (API keys, envd tokens) in time that depends only
-/// on their lengths, not on where they first differ.
-pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (x, y) in a.iter().zip(b) {
-        diff |= usize::from(x ^ y);
-    }
-    std::hint::black_box(diff) == 0
-}
-
 impl ServeArgs {
     /// Turns the arguments (and `STASIS_API_KEY` / `STASIS_BACKEND`) into
     /// options.
@@ -533,29 +523,4 @@ pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
             _ = term => {}
         }
     }))
-}
-
-#[cfg(test)]
-mod secret_tests {
-    use super::ct_eq;
-
-    #[test]
-    fn ct_eq_compares_secrets() {
-        assert!(ct_eq(b"", b""));
-        assert!(ct_eq(b"key-0123456789", b"key-0123456789"));
-        assert!(!ct_eq(b"key-0123456789", b"key-0123456788"));
-        assert!(!ct_eq(b"xey-0123456789", b"key-0123456789"));
-        assert!(!ct_eq(b"key", b"key-0123456789"));
-        assert!(!ct_eq(b"key-0123456789", b"key"));
-        assert!(!ct_eq(b"", b"k"));
-        // Every single-bit flip anywhere is caught.
-        let k = b"0123456789abcdef0123456789abcdef".to_vec();
-        for i in 0..k.len() {
-            for bit in 0..8 {
-                let mut m = k.clone();
-                m[i] ^= 1 << bit;
-                assert!(!ct_eq(&k, &m), "byte {i} bit {bit}");
-            }
-        }
-    }
 }

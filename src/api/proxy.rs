@@ -399,7 +399,8 @@ const HOP_BY_HOP: [&str; 8] = [
 /// is kept only as `trailers` (the one value an HTTP/1.1 hop may pass on).
 /// The other fields keep their order: the map is rebuilt, not edited in
 /// place (`HeaderMap::remove` moves the last field into the hole).
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+/// Fields named in `also` (lower case) are dropped as well.
+fn strip_hop_by_hop(h: &mut HeaderMap, also: &[&str]) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -430,7 +431,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
                 None => continue,
             },
         };
-        if HOP_BY_HOP.contains(&name.as_str()) || named.contains(&name) {
+        if HOP_BY_HOP.contains(&name.as_str())
+            || named.contains(&name)
+            || also.contains(&name.as_str())
+        {
             continue;
         }
         if name == header::TE {
@@ -458,6 +462,27 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
 
 /// The `Via` field this proxy adds to what it forwards (RFC 9110 §7.6.3).
 const VIA: &str = "1.1 stasis";
+/// Most times a request may have passed through stasis before it is taken
+/// for a loop (a sandbox calling another through stasis is two).
+const MAX_STASIS_HOPS: usize = 4;
+/// Routing fields of this proxy: they name the sandbox for this hop only,
+/// and must not make the next hop (possibly this server again) route too.
+const ROUTING_HEADERS: [&str; 4] = [
+    "novita-sandbox-id",
+    "novita-sandbox-port",
+    "e2b-sandbox-id",
+    "e2b-sandbox-port",
+];
+
+/// How many `Via` entries a request carries from this proxy.
+fn stasis_hops(h: &HeaderMap) -> usize {
+    h.get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|e| e.trim() == VIA)
+        .count()
+}
 
 /// A response body from the agent that fails (aborting the client's
 /// connection) when the sandbox's gate closes.
@@ -558,7 +583,8 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     let host = req.headers().get(header::HOST).cloned();
     let upgrade = upgrade_of(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    strip_hop_by_hop(req.headers_mut());
+    // This hop's routing fields go too (rebuilding keeps the others' order).
+    strip_hop_by_hop(req.headers_mut(), &ROUTING_HEADERS);
     if host.is_none() {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));
@@ -583,7 +609,7 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         let server_upgrade = hyper::upgrade::on(&mut resp);
         let answer = upgrade_of(resp.headers());
         let (mut parts, _) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, &[]);
         if let Some(u) = answer {
             parts
                 .headers
@@ -615,7 +641,7 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         return Ok(Response::from_parts(parts, Body::empty()));
     }
     let (mut parts, incoming) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, &[]);
     parts
         .headers
         .append(header::VIA, HeaderValue::from_static(VIA));
@@ -743,6 +769,17 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         }
         Err(e) => return e.into_response(),
     };
+    // A request that has already been through stasis this many times is
+    // going round in a loop (e.g. a `{port}-{id}.{domain}` Host that leads
+    // back to this server): stop it here instead of at the last descriptor.
+    let hops = stasis_hops(req.headers());
+    if hops >= MAX_STASIS_HOPS {
+        return ApiError::new(
+            StatusCode::LOOP_DETECTED,
+            format!("request loop: it has already passed through stasis {hops} times"),
+        )
+        .into_response();
+    }
     // A secured sandbox's envd port takes a signed file URL instead of the
     // token: a valid, unexpired signature made with its token passes (the
     // agent checks it again); a bad one is answered with envd's message.
@@ -891,6 +928,21 @@ mod tests {
     }
 
     #[test]
+    fn stasis_hops_are_counted_from_via() {
+        let mut h = HeaderMap::new();
+        assert_eq!(stasis_hops(&h), 0);
+        h.append(
+            header::VIA,
+            HeaderValue::from_static("1.0 fred, 1.1 stasis"),
+        );
+        h.append(
+            header::VIA,
+            HeaderValue::from_static("1.1 stasis , 1.1 other"),
+        );
+        assert_eq!(stasis_hops(&h), 2);
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_stripped() {
         let mut h = hm(&[
             ("connection", "keep-alive, x-private"),
@@ -901,7 +953,7 @@ mod tests {
             ("content-type", "application/json"),
             ("x-access-token", "t"),
         ]);
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, &[]);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-type", "te", "x-access-token"]);
@@ -924,7 +976,7 @@ mod tests {
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, &[]);
         let got: Vec<(String, String)> = h
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))

@@ -83,7 +83,7 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
         let open =
             req.method() == Method::GET && matches!(req.uri().path(), "/health" | "/openapi.json");
         let given = req.headers().get("x-api-key").map(HeaderValue::as_bytes);
-        if !open && !given.is_some_and(|g| super::ct_eq(g, key.as_bytes())) {
+        if !open && !given.is_some_and(|g| crate::ct_eq(g, key.as_bytes())) {
             let msg = if given.is_some() {
                 "invalid API key"
             } else {

@@ -145,14 +145,7 @@ pub fn signature(path: &str, op: Op, user: &str, token: &str, expiration: Option
     )
 }
 
-/// Compares two strings in time independent of where they differ.
-pub fn ct_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use crate::ct_eq;
 
 /// Checks a `/files` request's signature query parameters against
 /// `token` as envd does: the signature first, then its expiration (against
@@ -178,7 +171,7 @@ pub fn verify_signature(
     };
     let path = q.get("path").map(String::as_str).unwrap_or("");
     let user = q.get("username").map(String::as_str).unwrap_or("");
-    if !ct_eq(&signature(path, op, user, token, exp), sig) {
+    if !ct_eq(signature(path, op, user, token, exp), sig) {
         return Err(Error::Unauthorized("invalid signature".into()));
     }
     if check_expiry && exp.is_some_and(|e| e < now) {
@@ -681,7 +674,6 @@ mod tests {
             verify_signature(&junk, Op::Write, "tok", 0, true),
             Err(Error::BadRequest(_))
         ));
-        assert!(ct_eq("abc", "abc") && !ct_eq("abc", "abd") && !ct_eq("abc", "ab"));
     }
 
     #[test]
