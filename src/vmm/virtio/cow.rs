@@ -220,17 +220,7 @@ impl CowDisk {
                 .write(true)
                 .open(overlay)
                 .map_err(io_err("opening overlay", overlay))?;
-            let found = f
-                .metadata()
-                .map_err(io_err("reading size of", overlay))?
-                .len();
-            if found != size {
-                return Err(Error::SizeMismatch {
-                    path: overlay.to_owned(),
-                    expected: size,
-                    found,
-                });
-            }
+            check_len(&f, overlay, size)?;
             let (map, crcs) = read_map(&map_file, size)?;
             (f, map, crcs)
         } else {
@@ -614,11 +604,8 @@ fn blocks(size: u64) -> usize {
     size.div_ceil(BLOCK) as usize
 }
 
-/// Checks a snapshot's overlay on its own, without opening any base
-/// image: its length is `size`, its map is valid, and every written block
-/// matches its checksum. Returns how many blocks are written.
-pub fn verify_overlay(overlay: &Path, size: u64) -> Result<usize, Error> {
-    let f = File::open(overlay).map_err(io_err("opening overlay", overlay))?;
+/// An overlay must be exactly as long as the disk.
+fn check_len(f: &File, overlay: &Path, size: u64) -> Result<(), Error> {
     let found = f
         .metadata()
         .map_err(io_err("reading size of", overlay))?
@@ -630,6 +617,15 @@ pub fn verify_overlay(overlay: &Path, size: u64) -> Result<usize, Error> {
             found,
         });
     }
+    Ok(())
+}
+
+/// Checks a snapshot's overlay on its own, without opening any base
+/// image: its length is `size`, its map is valid, and every written block
+/// matches its checksum. Returns how many blocks are written.
+pub fn verify_overlay(overlay: &Path, size: u64) -> Result<usize, Error> {
+    let f = File::open(overlay).map_err(io_err("opening overlay", overlay))?;
+    check_len(&f, overlay, size)?;
     let (map, crcs) = read_map(&map_path(overlay), size)?;
     let mut buf = vec![0u8; BLOCK as usize];
     let (mut n, mut from) = (0, 0);
