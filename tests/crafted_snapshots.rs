@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use stasis::error_chain as chain;
 use stasis::guest::Workload;
 use stasis::snapshot::format;
 use stasis::vmm::virtio::cow::CowDisk;
@@ -109,17 +110,6 @@ impl Victim {
             "{when}: victim content changed"
         );
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[test]

@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use stasis::error_chain as chain;
 use stasis::guest::Workload;
 use stasis::vmm::virtio::cow::{self, CowDisk};
 use stasis::vmm::virtio::SNAPSHOT_OVERLAY;
@@ -110,17 +111,6 @@ fn flip(file: &Path, at: u64) {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// The caller-given paths of a restore with the disk over `dir`'s

@@ -116,8 +116,6 @@ def result_message(data: dict, is_main: bool) -> dict:
         field = MIME_FIELDS.get(mime)
         if field:
             out[field] = value
-        elif mime == "application/vnd.stasis.chart+json":
-            out["chart"] = value
         else:
             extra[mime] = value
     if extra:
