@@ -686,6 +686,7 @@ mod real {
                 overlay: Some(d.overlay.clone()),
             }),
             vsock: cfg.vsock.clone(),
+            memory_backing: vmm::memory::MemoryBacking::Auto,
         };
         let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
