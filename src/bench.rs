@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::guest::Workload;
 use crate::vmm::memory::MemoryBacking;
-use crate::vmm::{Console, RestorePaths, RestoreMode, Vm, VmConfig};
+use crate::vmm::{Console, RestoreMode, RestorePaths, Vm, VmConfig};
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -332,9 +332,9 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
     };
     for &size in &opts.sizes {
         for &pct in &opts.percents {
-          for &backing in &backings {
-            let r = run_case_backed(&opts.dir, size, pct, backing)?;
-            let _ = writeln!(
+            for &backing in &backings {
+                let r = run_case_backed(&opts.dir, size, pct, backing)?;
+                let _ = writeln!(
                 out,
                 "{:>7} {:>8.0} {:>7} {:>8} | {:>8.1} {:>7.3} {:>7.3} | {:>8.1} {:>6.2} {:>6.2} {:>5.2} | {:>7.2} {:>7.1} {:>8.1} {:>6.2} | {:>7.1} | {:>7.2} {:>8.1} {:>6.1}",
                 r.backing,
@@ -357,7 +357,7 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.first_round_after_resume_ms,
                 r.slowdown
             );
-            let _ = writeln!(
+                let _ = writeln!(
                 out,
                 "{:>16}   checksums: {:.1} ms hashing in the pause ({} write{}); same write with / without checksums: {:.1} / {:.1} ms; lazy faulters woken by timeout: {}",
                 "",
@@ -368,9 +368,9 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.probe_without_sums_ms,
                 r.timeout_wakes
             );
-            let _ = out.flush();
-            rows.push(r);
-          }
+                let _ = out.flush();
+                rows.push(r);
+            }
         }
     }
     Ok(rows)

@@ -11,6 +11,7 @@
 //! one at a time (they share the pool). Random pause points are seeded:
 //! `STASIS_TEST_SEED=<n>` replays a run; the seed is printed.
 
+mod api_support;
 mod common;
 
 use std::path::Path;
@@ -22,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stasis::guest::{self, Workload};
 use stasis::vmm::memory::{HugePool, MemoryBacking};
-use stasis::vmm::{Console, ConsoleBuffer, ExitReason, RestorePaths, RestoreMode, Vm, VmConfig};
+use stasis::vmm::{Console, ConsoleBuffer, ExitReason, RestoreMode, RestorePaths, Vm, VmConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stasis");
 const ALL: [MemoryBacking; 3] = [
@@ -266,7 +267,10 @@ fn lazy_restore_on_hugetlb_fills_whole_huge_pages() {
         let l = vm.lazy_stats().expect("lazy");
         use std::sync::atomic::Ordering::Relaxed;
         let copied = l.bytes_copied.load(Relaxed);
-        assert!(copied > 0 && copied % (2 << 20) == 0, "copied {copied} bytes");
+        assert!(
+            copied > 0 && copied % (2 << 20) == 0,
+            "copied {copied} bytes"
+        );
         assert_eq!(l.timeout_wakes.load(Relaxed), 0);
         if round == 0 {
             // Once more from the same snapshot (first run left it intact).
@@ -328,8 +332,11 @@ fn fresh_process_chain_across_backings() {
             let text = std::fs::read_to_string(log(i)).unwrap();
             assert!(st.success(), "{text}");
         } else {
-            let after = if i == 0 { 0 } else { last_round(&console(i - 1)) }
-                + rng.random_range(1..300);
+            let after = if i == 0 {
+                0
+            } else {
+                last_round(&console(i - 1))
+            } + rng.random_range(1..300);
             common::wait_for(Duration::from_secs(120), "guest progress", || {
                 last_round(&console(i)) > after || child.try_wait().unwrap().is_some()
             });
@@ -418,4 +425,58 @@ fn odd_sizes_are_rounded_up_to_2_mib() {
         assert_eq!(vm.config().mem_bytes, want, "{b}");
         finish(vm, &console, &w, &format!("odd size on {b}"));
     }
+}
+
+/// Through the API: `serve --memory-backing hugetlb` runs sandboxes on
+/// hugetlb memory (shown by `GET /sandboxes/{id}` as
+/// `stasis.memoryBacking`, across pause and connect); a template whose
+/// guest does not fit the pool is refused with 429 naming nr_hugepages,
+/// and the running sandbox is unaffected.
+#[test]
+fn api_shows_the_backing_and_a_full_pool_is_429() {
+    let _g = serial();
+    if !ready("api backing", 64 << 20) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("templates")).unwrap();
+    let too_big_mb = (HugePool::read().total + 64) * 2;
+    std::fs::write(
+        data.join("templates").join("big.json"),
+        serde_json::json!({
+            "kernel": "testguest",
+            "memoryMB": too_big_mb,
+            "vcpus": 1,
+            "memoryBacking": "hugetlb"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let s = api_support::Server::start(&data, &["--backend", "vm", "--memory-backing", "hugetlb"]);
+    let id = s.create(serde_json::json!({"templateID": "base", "timeout": 300}));
+    let backing = |s: &api_support::Server| s.info(&id).json()["stasis"]["memoryBacking"].clone();
+    assert_eq!(backing(&s), "hugetlb", "{}", s.info(&id).body);
+    let r2 = s.post(
+        "/sandboxes",
+        serde_json::json!({"templateID": "big", "timeout": 300}),
+    );
+    assert_eq!(r2.status, 429, "{}", r2.body);
+    assert!(r2.body.contains("nr_hugepages"), "{}", r2.body);
+    let before = s.round(&id);
+    assert!(
+        api_support::wait_until(60, || s.round(&id) > before),
+        "the running sandbox stopped making progress"
+    );
+    let r = s.post(&format!("/sandboxes/{id}/pause"), serde_json::json!({}));
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(backing(&s).is_null(), "a paused sandbox has no memory");
+    let r = s.post(
+        &format!("/sandboxes/{id}/connect"),
+        serde_json::json!({"timeout": 120}),
+    );
+    assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
+    assert_eq!(backing(&s), "hugetlb");
+    let r = s.req("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204, "{}", r.body);
 }

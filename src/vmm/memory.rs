@@ -13,8 +13,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 pub use super::backing::{HugePool, MemoryBacking, HUGE_PAGE};
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 /// Start of the MMIO gap below 4 GiB; RAM never lives in [GAP_START, 4 GiB).
@@ -48,7 +48,10 @@ pub enum Error {
     Backing(#[from] super::backing::Error),
     /// The hugetlb pool ran out between the check and the mapping (or its
     /// pages are not 2 MiB).
-    #[error("the hugetlb pool cannot hold {size} more bytes of guest memory (raise {})", super::backing::NR_HUGEPAGES)]
+    #[error(
+        "the hugetlb pool cannot hold {size} more bytes of guest memory (raise {})",
+        super::backing::NR_HUGEPAGES
+    )]
     HugePoolExhausted {
         /// Bytes asked for.
         size: u64,
@@ -172,9 +175,7 @@ fn create_hugetlb(mem_bytes: u64, ranges: &[(u64, u64)]) -> Result<GuestMemoryMm
             libc::MAP_SHARED,
         )
         .map_err(|source| match &source {
-            vm_memory::mmap::MmapRegionError::Mmap(e)
-                if e.raw_os_error() == Some(libc::ENOMEM) =>
-            {
+            vm_memory::mmap::MmapRegionError::Mmap(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
                 Error::HugePoolExhausted { size: len }
             }
             _ => Error::Mmap { size: len, source },

@@ -214,7 +214,14 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
             };
-            match vm::restore_backed(backend, &snapshot_dir, mode, &console, paths, memory_backing) {
+            match vm::restore_backed(
+                backend,
+                &snapshot_dir,
+                mode,
+                &console,
+                paths,
+                memory_backing,
+            ) {
                 Ok(v) => {
                     let guest = v.guest();
                     let memory_backing = v.memory_backing();
