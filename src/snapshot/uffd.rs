@@ -1413,7 +1413,17 @@ impl Shared {
         let total = self.map.len / PAGE_SIZE;
         while let Some(s) = self.next_missing(&self.ws, p, total) {
             let e = self.next_not_missing(&self.ws, s, total);
-            let (off, len) = (s << PAGE_SHIFT, (e - s) << PAGE_SHIFT);
+            // hugetlb fills whole blocks: read their other pages ahead too
+            // (regions start on 2 MiB boundaries in the file).
+            let (rs, re) = if self.huge {
+                (
+                    s / HUGE_PAGES * HUGE_PAGES,
+                    e.next_multiple_of(HUGE_PAGES).min(total),
+                )
+            } else {
+                (s, e)
+            };
+            let (off, len) = (rs << PAGE_SHIFT, (re - rs) << PAGE_SHIFT);
             // SAFETY: advice on a sub-range of our own read-only file
             // mapping; it only starts reads into the page cache.
             unsafe {
