@@ -186,6 +186,9 @@ impl WorkerClient {
             Request::Boot { .. } => "boot",
             Request::Restore { .. } => "restore",
             Request::Pause { .. } => "pause",
+            Request::PauseBackground { .. } => "pause",
+            Request::AwaitDurable => "the background snapshot write",
+            Request::ResumeFromMemory => "resume from memory",
             Request::Status => "status",
             Request::Shutdown => "shutdown",
         };

@@ -17,7 +17,7 @@ pub(crate) mod vm;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,51 @@ pub const FAULT_ENV: &str = "STASIS_FAULT";
 
 fn fault_abort_after_resume() -> bool {
     std::env::var(FAULT_ENV).is_ok_and(|v| v == "abort-after-resume")
+}
+
+/// `STASIS_FAULT=hold-pause-write:PATH` holds an asynchronous pause's
+/// background write (before it starts) until the file PATH exists, so the
+/// tests can act while a snapshot is not yet durable. Unset in production.
+const FAULT_HOLD_PAUSE_WRITE: &str = "hold-pause-write:";
+
+fn fault_hold_pause_write() {
+    let Some(path) = std::env::var(FAULT_ENV)
+        .ok()
+        .and_then(|v| v.strip_prefix(FAULT_HOLD_PAUSE_WRITE).map(PathBuf::from))
+    else {
+        return;
+    };
+    eprintln!(
+        "stasis worker: {FAULT_ENV}: holding the snapshot write until {} exists",
+        path.display()
+    );
+    // Bounded: an injected fault must never hang a worker for ever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while !path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An asynchronous pause's background snapshot write.
+struct BgWrite {
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+    /// Once the thread ended: its outcome (bytes on disk, or why not).
+    result: Option<Result<u64, String>>,
+}
+
+impl BgWrite {
+    /// Waits for the write to end; its outcome.
+    fn finish(&mut self) -> Result<u64, String> {
+        if let Some(t) = self.thread.take() {
+            self.result = Some(
+                t.join()
+                    .unwrap_or_else(|_| Err("the snapshot writer panicked".into())),
+            );
+        }
+        self.result
+            .clone()
+            .unwrap_or_else(|| Err("no snapshot write".into()))
+    }
 }
 
 /// Errors of the worker and of the server's worker client.
@@ -117,6 +162,7 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
     let vm: SharedVm = Arc::new(Mutex::new(None));
     let stopping = Arc::new(AtomicBool::new(false));
     spawn_monitor(vm.clone(), stopping.clone());
+    let mut bg: Option<BgWrite> = None;
 
     let result = loop {
         let mut line = Vec::new();
@@ -139,7 +185,12 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
             Err(e) => break Err(Error::Protocol(format!("bad request frame: {e}"))),
         };
         let restore = matches!(frame.request, Request::Restore { .. });
-        let (reply, exit_after) = handle(&vm, &stopping, frame.request);
+        let (reply, exit_after) = match frame.request {
+            Request::PauseBackground { .. }
+            | Request::AwaitDurable
+            | Request::ResumeFromMemory => handle_background(&vm, &stopping, &mut bg, frame.request),
+            other => handle(&vm, &stopping, other),
+        };
         let inject_abort =
             restore && matches!(reply, Reply::Running { .. }) && fault_abort_after_resume();
         let out = protocol::encode(&ReplyFrame {
@@ -287,6 +338,10 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 ),
             }
         }
+        Request::PauseBackground { .. } | Request::AwaitDurable | Request::ResumeFromMemory => (
+            err(Error::Protocol("asynchronous pause request out of place".into())),
+            false,
+        ),
         Request::Shutdown => {
             stopping.store(true, Ordering::Release);
             if let Some(v) = lock(vm).take() {
@@ -294,6 +349,105 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             }
             (Reply::ShuttingDown, true)
         }
+    }
+}
+
+/// The asynchronous pause's requests (see [`Request::PauseBackground`]).
+fn handle_background(
+    vm: &SharedVm,
+    stopping: &AtomicBool,
+    bg: &mut Option<BgWrite>,
+    req: Request,
+) -> (Reply, bool) {
+    let err = |message: String| Reply::Error { message };
+    match req {
+        Request::PauseBackground { snapshot_dir } => {
+            if bg.is_some() {
+                return (err("a pause is already in progress".into()), false);
+            }
+            let guest = {
+                let mut slot = lock(vm);
+                let Some(v) = slot.as_mut() else {
+                    return (err("no vm to pause".into()), false);
+                };
+                if !v.splits_pause() {
+                    drop(slot);
+                    return handle(vm, stopping, Request::Pause { snapshot_dir });
+                }
+                stopping.store(true, Ordering::Release);
+                match v.pause_vcpus() {
+                    Ok(g) => g,
+                    Err(e) => {
+                        stopping.store(false, Ordering::Release);
+                        return (err(e.to_string()), false);
+                    }
+                }
+            };
+            let writer_vm = vm.clone();
+            let thread = std::thread::Builder::new()
+                .name("snapshot-writer".into())
+                .spawn(move || {
+                    fault_hold_pause_write();
+                    let mut slot = lock(&writer_vm);
+                    let Some(v) = slot.as_mut() else {
+                        return Err("the vm is gone".to_string());
+                    };
+                    v.write_paused(&snapshot_dir).map_err(|e| e.to_string())?;
+                    Ok(vm::dir_usage(&snapshot_dir).allocated)
+                });
+            match thread {
+                Ok(t) => {
+                    *bg = Some(BgWrite {
+                        thread: Some(t),
+                        result: None,
+                    });
+                    (Reply::PausedWriting { guest }, false)
+                }
+                Err(e) => {
+                    let resumed = lock(vm).as_mut().map(|v| v.resume_vcpus());
+                    stopping.store(false, Ordering::Release);
+                    (
+                        err(format!(
+                            "starting the snapshot writer failed: {e} (resumed: {})",
+                            matches!(resumed, Some(Ok(())))
+                        )),
+                        false,
+                    )
+                }
+            }
+        }
+        Request::AwaitDurable => match bg.as_mut() {
+            None => (err("no background snapshot write".into()), false),
+            Some(w) => match w.finish() {
+                Ok(snapshot_bytes) => (Reply::Durable { snapshot_bytes }, false),
+                Err(e) => (err(e), false),
+            },
+        },
+        Request::ResumeFromMemory => {
+            let Some(mut w) = bg.take() else {
+                return (err("no paused vm to resume from memory".into()), false);
+            };
+            // The write is never abandoned halfway: it ends first.
+            let _ = w.finish();
+            let mut slot = lock(vm);
+            let Some(v) = slot.as_mut() else {
+                return (err("the vm is gone".into()), false);
+            };
+            match v.resume_vcpus() {
+                Ok(()) => {
+                    stopping.store(false, Ordering::Release);
+                    (
+                        Reply::Running {
+                            guest: v.guest(),
+                            memory_backing: v.memory_backing(),
+                        },
+                        false,
+                    )
+                }
+                Err(e) => (err(e.to_string()), false),
+            }
+        }
+        other => handle(vm, stopping, other),
     }
 }
 

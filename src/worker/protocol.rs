@@ -9,6 +9,8 @@
 //!
 //! After replying [`Reply::Paused`] or [`Reply::ShuttingDown`] the worker
 //! exits; the server sees EOF. EOF at any other time means the worker died.
+//! After [`Reply::PausedWriting`] (asynchronous pause) the worker stays,
+//! holding the paused VM, until told to shut down or to resume from memory.
 
 use std::path::PathBuf;
 
@@ -140,6 +142,22 @@ pub enum Request {
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
     /// and the reply is [`Reply::Error`].
     Pause { snapshot_dir: PathBuf },
+    /// Asynchronous pause: stop the vCPUs, capture the VM, reply
+    /// [`Reply::PausedWriting`] at once and write the snapshot into
+    /// `snapshot_dir` (which must not exist yet) on a background thread; the
+    /// worker keeps the paused VM and its memory. A backend that cannot
+    /// split the two (the fake) writes first and replies [`Reply::Paused`],
+    /// then exits, exactly as for [`Request::Pause`].
+    PauseBackground { snapshot_dir: PathBuf },
+    /// After [`Reply::PausedWriting`]: reply [`Reply::Durable`] once the
+    /// background write is durable (or [`Reply::Error`] if it failed; the
+    /// VM stays paused in the worker either way). The worker stays: the
+    /// server then sends [`Request::Shutdown`] or [`Request::ResumeFromMemory`].
+    AwaitDurable,
+    /// After [`Reply::PausedWriting`]: let the background write finish (it
+    /// is never abandoned halfway), then continue the paused vCPUs from the
+    /// memory the worker kept; reply [`Reply::Running`].
+    ResumeFromMemory,
     /// Reply [`Reply::Status`].
     Status,
     /// Kill the VM, reply [`Reply::ShuttingDown`], exit.
@@ -166,6 +184,15 @@ pub enum Reply {
     Paused {
         snapshot_bytes: u64,
         guest: Option<GuestProgress>,
+    },
+    /// The vCPUs are stopped and the VM captured; its snapshot is being
+    /// written in the background (see [`Request::PauseBackground`]).
+    PausedWriting {
+        guest: Option<GuestProgress>,
+    },
+    /// The background write is durable: `snapshot_bytes` on disk.
+    Durable {
+        snapshot_bytes: u64,
     },
     Status {
         alive: bool,

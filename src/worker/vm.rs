@@ -50,6 +50,26 @@ pub(crate) trait VmBackend: Send {
     fn memory_backing(&self) -> Option<crate::vmm::memory::MemoryBacking> {
         None
     }
+    /// Whether [`Self::pause_vcpus`], [`Self::write_paused`] and
+    /// [`Self::resume_vcpus`] work (asynchronous pause); if not, the worker
+    /// pauses synchronously.
+    fn splits_pause(&self) -> bool {
+        false
+    }
+    /// Stops the vCPUs (the VM state is then fixed); returns the guest's
+    /// progress.
+    fn pause_vcpus(&mut self) -> Result<Option<GuestProgress>, Error> {
+        Err(Error::Vm("this backend pauses only with a snapshot".into()))
+    }
+    /// Writes the paused VM's snapshot to `dir` (which must not exist; it
+    /// appears atomically). The VM stays paused.
+    fn write_paused(&mut self, _dir: &Path) -> Result<(), Error> {
+        Err(Error::Vm("this backend pauses only with a snapshot".into()))
+    }
+    /// Continues the paused vCPUs.
+    fn resume_vcpus(&mut self) -> Result<(), Error> {
+        Err(Error::Vm("this backend pauses only with a snapshot".into()))
+    }
 }
 
 /// Boots a VM with the chosen backend.
@@ -795,6 +815,30 @@ mod real {
 
         fn memory_backing(&self) -> Option<vmm::memory::MemoryBacking> {
             Some(self.vm.config().memory_backing)
+        }
+
+        fn splits_pause(&self) -> bool {
+            true
+        }
+
+        fn pause_vcpus(&mut self) -> Result<Option<GuestProgress>, Error> {
+            self.vm
+                .pause()
+                .map_err(|e| Error::Vm(format!("pause: {e}")))?;
+            Ok(self.guest())
+        }
+
+        fn write_paused(&mut self, dir: &Path) -> Result<(), Error> {
+            self.vm
+                .snapshot(dir)
+                .map(|_| ())
+                .map_err(|e| Error::Vm(format!("snapshot: {e}")))
+        }
+
+        fn resume_vcpus(&mut self) -> Result<(), Error> {
+            self.vm
+                .resume()
+                .map_err(|e| Error::Vm(format!("resume: {e}")))
         }
     }
 }
