@@ -132,6 +132,19 @@ struct Rec {
     memory_backing: Option<crate::vmm::memory::MemoryBacking>,
 }
 
+/// An asynchronous pause's snapshot write (`{"sync": false}`): the sandbox
+/// is paused, its worker still holds the stopped VM and writes the snapshot
+/// in the background (see [`Manager::pause_with`]).
+struct WriteJob {
+    worker: Arc<WorkerClient>,
+    /// The snapshot generation being written, and the one it replaces.
+    gen: u64,
+    old_gen: u64,
+    started: std::time::Instant,
+    /// `Some` once the write ended: bytes on disk, or why it failed.
+    done: tokio::sync::watch::Sender<Option<Result<u64, String>>>,
+}
+
 struct Entry {
     id: String,
     op: tokio::sync::Mutex<()>,
@@ -154,6 +167,8 @@ pub struct Manager {
     spawns: Semaphore,
     seq: AtomicI64,
     timer: Notify,
+    /// Asynchronous pauses whose snapshot is not durable yet, by sandbox.
+    writes: StdMutex<HashMap<String, Arc<WriteJob>>>,
 }
 
 /// A template resolved to a VM configuration.
@@ -298,6 +313,7 @@ impl Manager {
             slots,
             spawns,
             timer: Notify::new(),
+            writes: StdMutex::new(HashMap::new()),
         });
         mgr.recover()?;
         tokio::spawn(mgr.clone().timer_loop());
@@ -494,6 +510,11 @@ impl Manager {
             }
             r.worker.take()
         };
+        // A snapshot still being written is abandoned with the sandbox.
+        if let Some(job) = self.take_write(&e.id) {
+            job.worker.kill();
+            job.worker.wait_exit().await;
+        }
         self.tombstone(&e.id, why);
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
@@ -1133,7 +1154,8 @@ impl Manager {
         };
         let memory_backing = e.rec().memory_backing;
         let mut guest_round = row.guest_round;
-        if row.state == RowState::Paused {
+        let writing = self.write_job(id).is_some();
+        if row.state == RowState::Paused && !writing {
             // The guest's own state: what its snapshot holds, not the round
             // stored when it was paused.
             let (backend, dir) = (self.cfg.backend, self.snapshot_dir(id, row.snapshot_gen));
@@ -1205,6 +1227,7 @@ impl Manager {
                 snapshot_apparent_bytes: snapshot_usage.filter(|_| !running).map(|u| u.apparent),
                 busy,
                 memory_backing: memory_backing.filter(|_| running),
+                snapshot_durable: (!running).then_some(!writing),
                 agent,
             },
         })
@@ -1257,6 +1280,18 @@ impl Manager {
 
     /// Under the op lock, state running: snapshot and stop the worker.
     async fn do_pause(&self, e: &Entry) -> Result<(), ApiError> {
+        self.do_pause_mode(e, false).await.map(|_| ())
+    }
+
+    /// [`Self::do_pause`]; with `background`, the worker answers once the VM
+    /// is stopped and captured and writes the snapshot in the background:
+    /// the sandbox is then paused (not durable yet) and the write's job is
+    /// returned (the fake backend writes at once: none).
+    async fn do_pause_mode(
+        &self,
+        e: &Entry,
+        background: bool,
+    ) -> Result<Option<Arc<WriteJob>>, ApiError> {
         let (worker, gen) = {
             let mut r = e.rec();
             r.busy = Some("pausing");
@@ -1272,15 +1307,51 @@ impl Manager {
         };
         let dir = self.snapshot_dir(&e.id, gen);
         let started = std::time::Instant::now();
-        let res = worker
-            .request(
-                Request::Pause {
-                    snapshot_dir: dir.clone(),
-                },
-                PAUSE_TIMEOUT,
-            )
-            .await;
+        let req = if background {
+            Request::PauseBackground {
+                snapshot_dir: dir.clone(),
+            }
+        } else {
+            Request::Pause {
+                snapshot_dir: dir.clone(),
+            }
+        };
+        let res = worker.request(req, PAUSE_TIMEOUT).await;
         match res {
+            Ok(Reply::PausedWriting { guest }) => {
+                let (done, _) = tokio::sync::watch::channel(None);
+                let job = Arc::new(WriteJob {
+                    worker: worker.clone(),
+                    gen,
+                    old_gen: gen - 1,
+                    started,
+                    done,
+                });
+                {
+                    let mut r = e.rec();
+                    // The worker stays, holding the VM (and its slot), until
+                    // the write is durable; its exit is expected then.
+                    r.worker = None;
+                    r.row.state = RowState::Paused;
+                    r.row.snapshot_gen = gen;
+                    if let Some(g) = guest {
+                        r.row.guest_round = Some(g.round);
+                    }
+                    r.snapshot_usage = None;
+                    r.busy = None;
+                }
+                self.writes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(e.id.clone(), job.clone());
+                self.timer.notify_one();
+                tracing::info!(
+                    sandbox = %e.id,
+                    ms = started.elapsed().as_millis() as u64,
+                    "sandbox paused; its snapshot is being written"
+                );
+                Ok(Some(job))
+            }
             Ok(Reply::Paused {
                 snapshot_bytes,
                 guest,
@@ -1326,7 +1397,7 @@ impl Manager {
                     ms = started.elapsed().as_millis() as u64,
                     "sandbox paused"
                 );
-                saved
+                saved.map(|()| None)
             }
             Err(WorkerError::Remote(msg)) => {
                 // The worker kept the VM running.
@@ -1357,8 +1428,214 @@ impl Manager {
         }
     }
 
+    fn write_job(&self, id: &str) -> Option<Arc<WriteJob>> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn take_write(&self, id: &str) -> Option<Arc<WriteJob>> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    /// `POST /sandboxes/{id}/pause` with `{"sync": sync}`.
+    ///
+    /// `sync: true` answers once the snapshot is durable. `sync: false`
+    /// answers once the vCPUs are stopped and the VM captured; the worker
+    /// writes the memory in the background and keeps the VM until the
+    /// snapshot is durable, then exits (`stasis.snapshotDurable` turns true).
+    /// A second pause meanwhile reuses the first: `sync: false` answers at
+    /// once, `sync: true` once the write is durable.
+    pub async fn pause_with(self: &Arc<Self>, id: &str, sync: bool) -> Result<(), ApiError> {
+        let e = self.entry(id)?;
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        if let Some(job) = self.write_job(id) {
+            return if sync {
+                self.finish_write(&e, &job).await
+            } else {
+                Ok(())
+            };
+        }
+        if e.rec().row.state == RowState::Paused {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        if let Some(job) = self.do_pause_mode(&e, !sync).await? {
+            self.watch_write(e.clone(), job);
+        }
+        Ok(())
+    }
+
+    /// Waits for an asynchronous pause's write, then finishes it (under the
+    /// op lock).
+    fn watch_write(self: &Arc<Self>, e: Arc<Entry>, job: Arc<WriteJob>) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let res = match job.worker.request(Request::AwaitDurable, PAUSE_TIMEOUT).await {
+                Ok(Reply::Durable { snapshot_bytes }) => Ok(snapshot_bytes),
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(err) => Err(err.to_string()),
+            };
+            job.done.send_replace(Some(res));
+            let _g = e.op.lock().await;
+            if let Err(err) = mgr.finish_write(&e, &job).await {
+                tracing::warn!(sandbox = %e.id, "background snapshot write: {}", err.message);
+            }
+        });
+    }
+
+    /// Under the op lock: waits until `job`'s write ended, then (if the job
+    /// is still the sandbox's) makes the sandbox an ordinary paused one (the
+    /// snapshot stored, the worker stopped) or, if the write failed, running
+    /// again from the memory its worker kept.
+    async fn finish_write(
+        self: &Arc<Self>,
+        e: &Arc<Entry>,
+        job: &Arc<WriteJob>,
+    ) -> Result<(), ApiError> {
+        let mut rx = job.done.subscribe();
+        let res = loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                break r;
+            }
+            if rx.changed().await.is_err() {
+                break Err("the write's watcher is gone".to_string());
+            }
+        };
+        let current = {
+            let mut w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let current = w.get(&e.id).is_some_and(|j| Arc::ptr_eq(j, job));
+            if current {
+                w.remove(&e.id);
+            }
+            current
+        };
+        if !current || e.rec().gone {
+            return Ok(());
+        }
+        match res {
+            Ok(snapshot_bytes) => {
+                job.worker.shutdown(SHUTDOWN_GRACE).await;
+                let row = {
+                    let mut r = e.rec();
+                    r.slot = None;
+                    r.row.worker_pid = None;
+                    r.row.clone()
+                };
+                let saved = self.put_row(row).await;
+                let usage_dir = self.snapshot_dir(&e.id, job.gen);
+                let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
+                    .await
+                    .unwrap_or_default();
+                if job.old_gen > 0 {
+                    let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
+                }
+                e.rec().snapshot_usage = Some(usage);
+                self.timer.notify_one();
+                tracing::info!(
+                    sandbox = %e.id,
+                    snapshot_bytes,
+                    ms = job.started.elapsed().as_millis() as u64,
+                    "snapshot durable"
+                );
+                saved
+            }
+            Err(msg) => {
+                tracing::warn!(sandbox = %e.id, "background snapshot write failed: {msg}; resuming from memory");
+                let timeout_s = self.cfg.default_timeout_s;
+                self.resume_from_memory(e, job, timeout_s).await?;
+                Err(ApiError::internal(format!(
+                    "writing the snapshot failed (the sandbox runs again): {msg}"
+                )))
+            }
+        }
+    }
+
+    /// Under the op lock, the job taken from `writes`: continue the VM its
+    /// worker kept (after the write finished: a write is never abandoned
+    /// halfway). No disk round trip: the memory never left the worker.
+    async fn resume_from_memory(
+        self: &Arc<Self>,
+        e: &Arc<Entry>,
+        job: &Arc<WriteJob>,
+        timeout_s: i64,
+    ) -> Result<Row, ApiError> {
+        e.rec().busy = Some("resuming");
+        let started = std::time::Instant::now();
+        let (guest, memory_backing) = match job
+            .worker
+            .request(Request::ResumeFromMemory, PAUSE_TIMEOUT)
+            .await
+        {
+            Ok(Reply::Running {
+                guest,
+                memory_backing,
+            }) => (guest, memory_backing),
+            other => {
+                let why = match other {
+                    Ok(r) => format!("unexpected reply {r:?}"),
+                    Err(err) => err.to_string(),
+                };
+                self.remove(e, &format!("its worker failed to resume from memory ({why})"))
+                    .await;
+                return Err(ApiError::internal(format!(
+                    "resuming from memory failed: {why}; sandbox removed"
+                )));
+            }
+        };
+        // The snapshot the write produced (if it got that far) is that of
+        // the state the guest now runs on from: it replaces the old one.
+        let written = self.snapshot_dir(&e.id, job.gen).is_dir();
+        let now = now_ms();
+        let mut row = e.rec().row.clone();
+        row.state = RowState::Running;
+        row.started_ms = now;
+        row.end_ms = now + timeout_s * 1000;
+        row.worker_pid = Some(job.worker.pid());
+        row.snapshot_gen = if written { job.gen } else { job.old_gen };
+        if let Some(g) = guest {
+            row.guest_round = Some(g.round);
+        }
+        if written && job.old_gen > 0 {
+            let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
+        }
+        if let Err(err) = self.put_row(row.clone()).await {
+            tracing::warn!(sandbox = %e.id, "storing the resumed sandbox failed: {}", err.message);
+        }
+        {
+            let mut r = e.rec();
+            r.row = row.clone();
+            r.worker = Some(job.worker.clone());
+            r.busy = None;
+            r.snapshot_usage = None;
+            r.gate = Some(Gate::new());
+            r.agent_error = None;
+            r.memory_backing = memory_backing;
+        }
+        self.watch_worker(e.clone(), job.worker.clone());
+        self.timer.notify_one();
+        tracing::info!(
+            sandbox = %e.id,
+            ms = started.elapsed().as_millis() as u64,
+            "sandbox resumed from memory (its snapshot was still being written)"
+        );
+        Ok(row)
+    }
+
     /// Under the op lock, state paused: start a worker from the snapshot.
     async fn do_resume(self: &Arc<Self>, e: &Arc<Entry>, timeout_s: i64) -> Result<Row, ApiError> {
+        // Paused asynchronously, snapshot not durable yet: the worker still
+        // holds the VM; it goes on from memory.
+        if let Some(job) = self.take_write(&e.id) {
+            return self.resume_from_memory(e, &job, timeout_s).await;
+        }
         let slot = self.take_slot()?;
         let gen = {
             let mut r = e.rec();
@@ -1605,6 +1882,7 @@ impl Manager {
                 let _ = t.await;
             }
         }
+        self.wait_for_writes().await;
         let mut tasks = Vec::new();
         for e in entries {
             let w = e.rec().worker.clone();
@@ -1613,6 +1891,35 @@ impl Manager {
                     w.shutdown(Duration::from_secs(2)).await
                 }));
             }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until every asynchronous pause's snapshot is durable (server
+    /// shutdown and drain: a sandbox paused with `sync: false` survives).
+    pub async fn wait_for_writes(self: &Arc<Self>) {
+        let jobs: Vec<(String, Arc<WriteJob>)> = self
+            .writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, j)| (id.clone(), j.clone()))
+            .collect();
+        let mut tasks = Vec::new();
+        for (id, job) in jobs {
+            let Some(e) = self.map().get(&id).cloned() else {
+                continue;
+            };
+            let mgr = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let _g = e.op.lock().await;
+                match mgr.finish_write(&e, &job).await {
+                    Ok(()) => tracing::info!(sandbox = %e.id, "snapshot durable before shutdown"),
+                    Err(err) => tracing::warn!(sandbox = %e.id, "background snapshot write before shutdown: {}", err.message),
+                }
+            }));
         }
         for t in tasks {
             let _ = t.await;

@@ -53,6 +53,15 @@ pub struct ConnectBody {
     pub timeout: Option<i64>,
 }
 
+/// Body of `POST /sandboxes/{id}/pause` (the SDK's `beta_pause(sync=...)`
+/// sends `{"sync": bool}`; its generated client sends no body). Without
+/// `sync` the pause is synchronous: it answers once the snapshot is durable.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseBody {
+    pub sync: Option<bool>,
+}
+
 /// Body of `POST /sandboxes/{id}/resume` (SDK model `ResumedSandbox`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -159,6 +168,10 @@ pub struct StasisOut {
     /// `thp` or `4k`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_backing: Option<crate::vmm::memory::MemoryBacking>,
+    /// While paused: whether its snapshot is durable on disk yet (`false`
+    /// while an asynchronous pause (`{"sync": false}`) still writes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_durable: Option<bool>,
     /// Agent templates: `ready`, `unreachable: <why>` (it does not answer
     /// `GET /health`), `paused`, or the operation in progress.
     #[serde(skip_serializing_if = "Option::is_none")]

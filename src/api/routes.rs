@@ -549,8 +549,17 @@ async fn kill(
 async fn pause(
     State(st): State<AppState>,
     p: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    st.mgr.pause(&id_of(p)?).await?;
+    let id = id_of(p)?;
+    // No body (the SDK's generated client) or no `sync`: synchronous.
+    let body: models::PauseBody = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        models::PauseBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid pause body: {e}")))?
+    };
+    st.mgr.pause_with(&id, body.sync.unwrap_or(true)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
