@@ -1509,17 +1509,14 @@ impl Manager {
                 break Err("the write's watcher is gone".to_string());
             }
         };
-        let current = {
-            let mut w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-            let current = w.get(&e.id).is_some_and(|j| Arc::ptr_eq(j, job));
-            if current {
-                w.remove(&e.id);
-            }
-            current
-        };
+        let current = self
+            .write_job(&e.id)
+            .is_some_and(|j| Arc::ptr_eq(&j, job));
         if !current || e.rec().gone {
             return Ok(());
         }
+        // The job leaves `writes` (GET then says durable) only once the
+        // sandbox is an ordinary paused one.
         match res {
             Ok(snapshot_bytes) => {
                 job.worker.shutdown(SHUTDOWN_GRACE).await;
@@ -1538,6 +1535,7 @@ impl Manager {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
                 }
                 e.rec().snapshot_usage = Some(usage);
+                self.take_write(&e.id);
                 self.timer.notify_one();
                 tracing::info!(
                     sandbox = %e.id,
@@ -1550,6 +1548,7 @@ impl Manager {
             Err(msg) => {
                 tracing::warn!(sandbox = %e.id, "background snapshot write failed: {msg}; resuming from memory");
                 let timeout_s = self.cfg.default_timeout_s;
+                self.take_write(&e.id);
                 self.resume_from_memory(e, job, timeout_s).await?;
                 Err(ApiError::internal(format!(
                     "writing the snapshot failed (the sandbox runs again): {msg}"
