@@ -86,6 +86,9 @@ enum Cmd {
         /// With --api: clients in the concurrent phase.
         #[arg(long, default_value_t = 4, requires = "api")]
         concurrency: usize,
+        /// With --api: guest sizes, a run each (e.g. 256M,1G).
+        #[arg(long, value_delimiter = ',', default_value = "256M", value_parser = parse_size, requires = "api")]
+        api_sizes: Vec<u64>,
         /// Memory backings to measure, each a row (auto, hugetlb, thp, 4k).
         #[arg(long, default_value = "auto")]
         backing: String,
@@ -208,8 +211,9 @@ fn main() -> ExitCode {
             json,
             count,
             concurrency,
+            api_sizes,
             ..
-        } => api_bench(count, concurrency, dir, json),
+        } => api_bench_sizes(&api_sizes, count, concurrency, dir, json),
         Cmd::Bench {
             sizes,
             touched,
@@ -505,6 +509,39 @@ fn api_bench(
     let report = stasis::api::bench::run_api_bench(opts, &mut std::io::stdout());
     let _ = std::fs::remove_dir(&dir);
     write_json(json, &report.map_err(|e| chain(&e))?)
+}
+
+/// `stasis bench --api --api-sizes S1,S2`: [`api_bench`] once per guest
+/// size (one size: exactly `api_bench`; more: a JSON array of reports).
+fn api_bench_sizes(
+    sizes: &[u64],
+    count: usize,
+    concurrency: usize,
+    dir: PathBuf,
+    json: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    if let [one] = sizes {
+        if *one == 256 << 20 {
+            return api_bench(count, concurrency, dir, json);
+        }
+    }
+    let mut reports = Vec::new();
+    for &size in sizes {
+        let opts = stasis::api::bench::ApiBenchOpts {
+            count,
+            concurrency,
+            dir: dir.clone(),
+            memory_mb: size >> 20,
+            worker_exe: Some(
+                std::env::current_exe().map_err(|e| format!("locating the stasis binary: {e}"))?,
+            ),
+            ..Default::default()
+        };
+        let report = stasis::api::bench::run_api_bench(opts, &mut std::io::stdout());
+        reports.push(report.map_err(|e| chain(&e))?);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    write_json(json, &reports)
 }
 
 /// Writes `value` as JSON to `path` ("-" for stdout), if given.

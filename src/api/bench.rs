@@ -10,7 +10,8 @@
 //!
 //! 1. **sequential**: `count` cycles of create → wait until the guest made
 //!    progress → pause → connect (resume) → wait until the guest made
-//!    progress past the pause → kill;
+//!    progress past the pause → asynchronous pause (`{"sync": false}`) →
+//!    wait until `GET` reports the snapshot durable → kill;
 //! 2. **concurrent**: `concurrency` clients each running `count` such cycles
 //!    at once, so each pause (a snapshot to disk) overlaps the other
 //!    clients' calls; their latencies, and those of the progress polls
@@ -134,7 +135,11 @@ impl Default for ApiBenchOpts {
 /// Latency of one operation in one phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct OpStats {
-    /// `create`, `pause`, `connect`, `kill` or `get` (progress polls).
+    /// `create`, `pause` (synchronous: answered once the snapshot is
+    /// durable), `connect`, `kill`, `get` (progress polls), `pause_async`
+    /// (`{"sync": false}`: answered once the VM is stopped and captured) or
+    /// `durable` (from sending that pause until `GET` reports the snapshot
+    /// durable, polled every 5 ms).
     pub op: &'static str,
     /// Calls measured.
     pub samples: usize,
@@ -257,9 +262,19 @@ enum Op {
     Connect,
     Kill,
     Get,
+    PauseAsync,
+    Durable,
 }
 
-const OPS: [Op; 5] = [Op::Create, Op::Pause, Op::Connect, Op::Kill, Op::Get];
+const OPS: [Op; 7] = [
+    Op::Create,
+    Op::Pause,
+    Op::Connect,
+    Op::Kill,
+    Op::Get,
+    Op::PauseAsync,
+    Op::Durable,
+];
 
 impl Op {
     fn name(self) -> &'static str {
@@ -269,6 +284,8 @@ impl Op {
             Op::Connect => "connect",
             Op::Kill => "kill",
             Op::Get => "get",
+            Op::PauseAsync => "pause_async",
+            Op::Durable => "durable",
         }
     }
 }
@@ -562,7 +579,28 @@ fn wait_progress(
     }
 }
 
-/// create → progress → pause → connect → progress → kill. On failure the
+/// Polls (unrecorded) until `GET` reports the paused sandbox's snapshot
+/// durable.
+fn wait_durable(c: &Client, id: &str, limit: Duration) -> Result<(), Error> {
+    let path = format!("/sandboxes/{id}");
+    let end = Instant::now() + limit;
+    loop {
+        let (r, _) = c.call("GET", &path, None)?;
+        if r.status == 200 && json(&format!("GET {path}"), &r)?["stasis"]["snapshotDurable"] == true {
+            return Ok(());
+        }
+        if Instant::now() >= end {
+            return Err(Error::Guest {
+                id: id.into(),
+                detail: format!("snapshot not durable within {limit:?}: {}", r.text()),
+            });
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// create → progress → pause → connect → progress → async pause → durable
+/// → kill. On failure the
 /// sandbox is killed (best effort) before the error is returned.
 fn cycle(c: &Client, template: &str, opts: &ApiBenchOpts, s: &mut Samples) -> Result<(), Error> {
     let body =
@@ -583,7 +621,13 @@ fn cycle(c: &Client, template: &str, opts: &ApiBenchOpts, s: &mut Samples) -> Re
         let body = serde_json::json!({ "timeout": SANDBOX_TIMEOUT_S }).to_string();
         let connect = format!("{path}/connect");
         c.expect(Op::Connect, "POST", &connect, Some(&body), 201, s)?;
-        wait_progress(c, &id, paused_at, opts.progress_timeout, s)?;
+        let resumed_at = wait_progress(c, &id, paused_at, opts.progress_timeout, s)?;
+        let sent = Instant::now();
+        let pause_async = Some(r#"{"sync": false}"#);
+        c.expect(Op::PauseAsync, "POST", &format!("{path}/pause"), pause_async, 204, s)?;
+        wait_durable(c, &id, opts.progress_timeout)?;
+        s.push(Op::Durable, sent.elapsed());
+        let _ = resumed_at;
         c.expect(Op::Kill, "DELETE", &path, None, 204, s)?;
         Ok(())
     })();
@@ -704,7 +748,7 @@ pub fn run_api_bench(opts: ApiBenchOpts, out: &mut dyn Write) -> Result<ApiBench
     )?;
     w(
         out,
-        "cycle = create, wait for guest progress, pause, connect (resume), wait for progress past the pause, kill".into(),
+        "cycle = create, wait for guest progress, pause, connect (resume), wait for progress past the pause, pause {\"sync\": false} (pause_async), wait until durable (durable), kill".into(),
     )?;
     w(
         out,
