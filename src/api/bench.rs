@@ -190,7 +190,7 @@ impl ApiBenchReport {
     pub fn write_table(&self, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "{:<24} {:<8} {:>6} {:>10} {:>10} {:>10}",
+            "{:<24} {:<11} {:>6} {:>10} {:>10} {:>10}",
             "phase", "op", "n", "p50 ms", "p99 ms", "max ms"
         )?;
         for ph in &self.phases {
@@ -203,7 +203,7 @@ impl ApiBenchReport {
             for o in &ph.ops {
                 writeln!(
                     out,
-                    "{label:<24} {:<8} {:>6} {:>10.2} {:>10.2} {:>10.2}",
+                    "{label:<24} {:<11} {:>6} {:>10.2} {:>10.2} {:>10.2}",
                     o.op, o.samples, o.p50_ms, o.p99_ms, o.max_ms
                 )?;
             }
