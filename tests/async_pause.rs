@@ -145,11 +145,12 @@ fn vm_async_pause_answers_before_the_snapshot_is_durable() {
     assert_eq!(durable(&s, &id), None, "running: no snapshot to speak of");
 }
 
-/// A connect while the write runs resumes from the memory the worker kept
-/// (same worker process, no restore from disk): the write finishes first
-/// (documented), then the guest goes on from its round, its memory checks
-/// passing (it advances). A later synchronous pause and a resume from disk
-/// work as usual.
+/// A connect while the write runs (held: it never ends by itself) resumes
+/// at once from the memory the worker kept (same worker process, no restore
+/// from disk): the write is abandoned, nothing half-written is left, and
+/// the guest goes on from its round, its memory checks passing (it
+/// advances). A later synchronous pause and a resume from disk work as
+/// usual.
 #[test]
 fn vm_connect_during_the_write_resumes_from_memory() {
     if !common::kvm_or_skip("vm_connect_during_the_write_resumes_from_memory") {
@@ -165,26 +166,10 @@ fn vm_connect_during_the_write_resumes_from_memory() {
         .as_u64()
         .unwrap();
 
-    let addr = s.addr;
-    let path = format!("/sandboxes/{id}/connect");
-    let connect = std::thread::spawn(move || {
-        let body = json!({"timeout": 120}).to_string();
-        api_support::http(
-            addr,
-            "POST",
-            &path,
-            &[("Content-Type", "application/json")],
-            Some(&body),
-        )
-    });
-    assert!(
-        wait_until(PATIENCE, || s.info(&id).json()["stasis"]["busy"] == "resuming"),
-        "the connect never started resuming; log:\n{}",
-        s.log()
-    );
-    st.release_writes();
-    let r = connect.join().unwrap();
+    // The write is still held: only an abandoned write lets this answer.
+    let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
+    assert!(!st.release.exists());
     let d = s.info(&id).json();
     assert_eq!(d["state"], "running", "{d}");
     assert_eq!(
@@ -192,10 +177,23 @@ fn vm_connect_during_the_write_resumes_from_memory() {
         Some(pid as i64),
         "resumed in the same worker, from memory: {d}"
     );
+    assert!(d["stasis"]["snapshotDurable"].is_null(), "{d}");
     assert!(s.round(&id) >= at_pause);
     let later = wait_round(&s, &id, at_pause + 3);
+    assert!(
+        complete_snapshots(&st.data(), &id).is_empty(),
+        "the abandoned write left a snapshot"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(st.data().join("sandboxes").join(&id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snapshot"))
+        .collect();
+    assert!(leftovers.is_empty(), "half-written files left: {leftovers:?}");
 
     // An ordinary (synchronous) pause and a resume from disk afterwards.
+    st.release_writes();
     pause(&s, &id, true);
     assert_eq!(durable(&s, &id), Some(true));
     let at_second = check_paused(&s, &id, Some(pid));

@@ -1558,8 +1558,9 @@ impl Manager {
     }
 
     /// Under the op lock, the job taken from `writes`: continue the VM its
-    /// worker kept (after the write finished: a write is never abandoned
-    /// halfway). No disk round trip: the memory never left the worker.
+    /// worker kept, at once: the write is abandoned (a write that already
+    /// ended is kept as the new snapshot). No disk round trip: the memory
+    /// never left the worker.
     async fn resume_from_memory(
         self: &Arc<Self>,
         e: &Arc<Entry>,
@@ -1589,8 +1590,8 @@ impl Manager {
                 )));
             }
         };
-        // The snapshot the write produced (if it got that far) is that of
-        // the state the guest now runs on from: it replaces the old one.
+        // A write that completed before it was abandoned is a snapshot of
+        // the state the guest goes on from: it replaces the old one.
         let written = self.snapshot_dir(&e.id, job.gen).is_dir();
         let now = now_ms();
         let mut row = e.rec().row.clone();

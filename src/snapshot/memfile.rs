@@ -44,6 +44,9 @@ const SCAN_CHUNK_PAGES: usize = 2048;
 /// Errors from writing or reading the memory file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The write was abandoned through [`WriteOpts::cancel`].
+    #[error("the memory write was abandoned")]
+    Cancelled,
     /// Regions or metadata do not describe a valid layout.
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
@@ -535,6 +538,9 @@ pub struct WriteOpts {
     /// Compute each present page's CRC32C (needed for a snapshot; off only
     /// to measure what the checksums cost).
     pub checksums: bool,
+    /// Once set, the write stops at its next chunk with
+    /// [`Error::Cancelled`] (an asynchronous pause resumed from memory).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for WriteOpts {
@@ -544,6 +550,7 @@ impl Default for WriteOpts {
             fsync: false,
             max_write: 4 << 20,
             checksums: true,
+            cancel: None,
         }
     }
 }
@@ -655,8 +662,10 @@ pub fn write_memory(
                 let p1 = ((t + 1) * words_per * 64).min(total_pages);
                 let pagemap = &pagemap;
                 let checksums = opts.checksums;
+                let cancel = opts.cancel.as_deref();
                 s.spawn(move || {
-                    write_slice(file, pagemap, regions, p0, p1, max_write_pages, checksums)
+                    let slice = Slice { p0, p1, max_write_pages, checksums, cancel };
+                    write_slice(file, pagemap, regions, slice)
                 })
             })
             .collect();
@@ -706,15 +715,28 @@ pub fn write_memory(
 
 /// Writes file pages `p0..p1` (global page indices) and returns their
 /// bitmap words (`p0` is a multiple of 64).
-fn write_slice(
-    file: &File,
-    pagemap: &File,
-    regions: &[MemRegion],
+/// One writer thread's part of [`write_memory`].
+struct Slice<'a> {
     p0: usize,
     p1: usize,
     max_write_pages: usize,
     checksums: bool,
+    cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+fn write_slice(
+    file: &File,
+    pagemap: &File,
+    regions: &[MemRegion],
+    slice: Slice<'_>,
 ) -> Result<SliceResult> {
+    let Slice {
+        p0,
+        p1,
+        max_write_pages,
+        checksums,
+        cancel,
+    } = slice;
     let mut res = SliceResult {
         words: vec![0; (p1 - p0).div_ceil(64)],
         ..Default::default()
@@ -731,6 +753,9 @@ fn write_slice(
         let mut run: Option<(usize, usize)> = None;
         let mut page = lo;
         while page < hi {
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire)) {
+                return Err(Error::Cancelled);
+            }
             let n = (hi - page).min(SCAN_CHUNK_PAGES);
             let t = Instant::now();
             let addr = r.host_addr + ((page - rp0) << PAGE_SHIFT);

@@ -224,6 +224,16 @@ impl Vm {
     /// crash or error midway leaves nothing that loads as a snapshot. The VM
     /// stays paused and can be resumed or snapshotted again.
     pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, Error> {
+        self.snapshot_cancellable(dir, None)
+    }
+
+    /// [`Vm::snapshot`] that stops early (an error, nothing left that loads
+    /// as a snapshot) once `cancel` is set.
+    pub fn snapshot_cancellable(
+        &mut self,
+        dir: &Path,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<SnapshotStats, Error> {
         let t0 = Instant::now();
         {
             let c = self.ctl();
@@ -293,6 +303,7 @@ impl Vm {
             &regions,
             &WriteOpts {
                 fsync: true,
+                cancel,
                 ..WriteOpts::default()
             },
         )

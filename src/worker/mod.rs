@@ -49,7 +49,7 @@ fn fault_abort_after_resume() -> bool {
 /// tests can act while a snapshot is not yet durable. Unset in production.
 const FAULT_HOLD_PAUSE_WRITE: &str = "hold-pause-write:";
 
-fn fault_hold_pause_write() {
+fn fault_hold_pause_write(cancel: &AtomicBool) {
     let Some(path) = std::env::var(FAULT_ENV)
         .ok()
         .and_then(|v| v.strip_prefix(FAULT_HOLD_PAUSE_WRITE).map(PathBuf::from))
@@ -62,30 +62,32 @@ fn fault_hold_pause_write() {
     );
     // Bounded: an injected fault must never hang a worker for ever.
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    while !path.exists() && std::time::Instant::now() < deadline {
+    while !path.exists() && !cancel.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// An asynchronous pause's background snapshot write.
 struct BgWrite {
-    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
-    /// Once the thread ended: its outcome (bytes on disk, or why not).
-    result: Option<Result<u64, String>>,
+    /// Set to abandon the write (resume from memory).
+    cancel: Arc<AtomicBool>,
+    /// Its outcome once it ended: bytes on disk, or why not.
+    done: Arc<(Mutex<Option<Result<u64, String>>>, std::sync::Condvar)>,
 }
 
 impl BgWrite {
     /// Waits for the write to end; its outcome.
-    fn finish(&mut self) -> Result<u64, String> {
-        if let Some(t) = self.thread.take() {
-            self.result = Some(
-                t.join()
-                    .unwrap_or_else(|_| Err("the snapshot writer panicked".into())),
-            );
+    fn wait(
+        done: &(Mutex<Option<Result<u64, String>>>, std::sync::Condvar),
+    ) -> Result<u64, String> {
+        let (m, cv) = done;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        self.result
-            .clone()
-            .unwrap_or_else(|| Err("no snapshot write".into()))
     }
 }
 
@@ -155,9 +157,11 @@ fn lock(vm: &SharedVm) -> std::sync::MutexGuard<'_, Option<Box<dyn VmBackend>>> 
 
 /// Serves one connection: requests in, one reply each, in order.
 fn serve(stream: UnixStream) -> Result<(), Error> {
-    let mut writer = stream
-        .try_clone()
-        .map_err(|e| Error::Io("clone socket".into(), e))?;
+    let writer = Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .map_err(|e| Error::Io("clone socket".into(), e))?,
+    ));
     let mut reader = BufReader::new(stream);
     let vm: SharedVm = Arc::new(Mutex::new(None));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -185,6 +189,23 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
             Err(e) => break Err(Error::Protocol(format!("bad request frame: {e}"))),
         };
         let restore = matches!(frame.request, Request::Restore { .. });
+        if let (Request::AwaitDurable, Some(w)) = (&frame.request, bg.as_ref()) {
+            // Answered when the write ends, from its own thread, so that a
+            // resume from memory meanwhile is served at once (replies are
+            // matched by id).
+            let (done, writer, id) = (w.done.clone(), writer.clone(), frame.id);
+            std::thread::spawn(move || {
+                let reply = match BgWrite::wait(&done) {
+                    Ok(snapshot_bytes) => Reply::Durable { snapshot_bytes },
+                    Err(message) => Reply::Error { message },
+                };
+                if let Ok(out) = protocol::encode(&ReplyFrame { id, reply }) {
+                    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = w.write_all(&out).and_then(|_| w.flush());
+                }
+            });
+            continue;
+        }
         let (reply, exit_after) = match frame.request {
             Request::PauseBackground { .. }
             | Request::AwaitDurable
@@ -198,7 +219,11 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
             reply,
         })
         .map_err(|e| Error::Protocol(e.to_string()))?;
-        if let Err(e) = writer.write_all(&out).and_then(|_| writer.flush()) {
+        let written = {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            w.write_all(&out).and_then(|_| w.flush())
+        };
+        if let Err(e) = written {
             break Err(Error::Io("write reply".into(), e));
         }
         if inject_abort {
@@ -384,23 +409,33 @@ fn handle_background(
                 }
             };
             let writer_vm = vm.clone();
+            let cancel = Arc::new(AtomicBool::new(false));
+            let done = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
+            let (cancel2, done2) = (cancel.clone(), done.clone());
             let thread = std::thread::Builder::new()
                 .name("snapshot-writer".into())
                 .spawn(move || {
-                    fault_hold_pause_write();
-                    let mut slot = lock(&writer_vm);
-                    let Some(v) = slot.as_mut() else {
-                        return Err("the vm is gone".to_string());
+                    let write = || {
+                        fault_hold_pause_write(&cancel2);
+                        if cancel2.load(Ordering::Acquire) {
+                            return Err("the write was abandoned (resumed from memory)".to_string());
+                        }
+                        let mut slot = lock(&writer_vm);
+                        let Some(v) = slot.as_mut() else {
+                            return Err("the vm is gone".to_string());
+                        };
+                        v.write_paused(&snapshot_dir, cancel2.clone())
+                            .map_err(|e| e.to_string())?;
+                        Ok(vm::dir_usage(&snapshot_dir).allocated)
                     };
-                    v.write_paused(&snapshot_dir).map_err(|e| e.to_string())?;
-                    Ok(vm::dir_usage(&snapshot_dir).allocated)
+                    let res = write();
+                    let (m, cv) = &*done2;
+                    *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(res);
+                    cv.notify_all();
                 });
             match thread {
-                Ok(t) => {
-                    *bg = Some(BgWrite {
-                        thread: Some(t),
-                        result: None,
-                    });
+                Ok(_) => {
+                    *bg = Some(BgWrite { cancel, done });
                     (Reply::PausedWriting { guest }, false)
                 }
                 Err(e) => {
@@ -416,19 +451,21 @@ fn handle_background(
                 }
             }
         }
-        Request::AwaitDurable => match bg.as_mut() {
+        Request::AwaitDurable => match bg.as_ref() {
             None => (err("no background snapshot write".into()), false),
-            Some(w) => match w.finish() {
+            Some(w) => match BgWrite::wait(&w.done) {
                 Ok(snapshot_bytes) => (Reply::Durable { snapshot_bytes }, false),
                 Err(e) => (err(e), false),
             },
         },
         Request::ResumeFromMemory => {
-            let Some(mut w) = bg.take() else {
+            let Some(w) = bg.take() else {
                 return (err("no paused vm to resume from memory".into()), false);
             };
-            // The write is never abandoned halfway: it ends first.
-            let _ = w.finish();
+            // The write is abandoned at its next chunk (a write that already
+            // ended stays: a complete snapshot of the state resumed from).
+            w.cancel.store(true, Ordering::Release);
+            let _ = BgWrite::wait(&w.done);
             let mut slot = lock(vm);
             let Some(v) = slot.as_mut() else {
                 return (err("the vm is gone".into()), false);

@@ -4,7 +4,8 @@
 //! line, at most [`MAX_FRAME`] bytes. The server sends [`RequestFrame`]s, each
 //! with an id it chose (strictly increasing per connection); the worker
 //! answers every request with exactly one [`ReplyFrame`] carrying the same id,
-//! in request order. A reply whose id does not match an outstanding request is
+//! in request order (except [`Request::AwaitDurable`], answered when a
+//! background write ends). A reply whose id does not match an outstanding request is
 //! a protocol error, so a reply can never be taken for another request's.
 //!
 //! After replying [`Reply::Paused`] or [`Reply::ShuttingDown`] the worker
@@ -150,12 +151,14 @@ pub enum Request {
     /// then exits, exactly as for [`Request::Pause`].
     PauseBackground { snapshot_dir: PathBuf },
     /// After [`Reply::PausedWriting`]: reply [`Reply::Durable`] once the
-    /// background write is durable (or [`Reply::Error`] if it failed; the
-    /// VM stays paused in the worker either way). The worker stays: the
-    /// server then sends [`Request::Shutdown`] or [`Request::ResumeFromMemory`].
+    /// background write is durable (or [`Reply::Error`] if it failed or was
+    /// abandoned). The worker stays: the server then sends
+    /// [`Request::Shutdown`] or [`Request::ResumeFromMemory`]. The one
+    /// reply that may come out of request order: requests sent after it are
+    /// served (and answered) meanwhile.
     AwaitDurable,
-    /// After [`Reply::PausedWriting`]: let the background write finish (it
-    /// is never abandoned halfway), then continue the paused vCPUs from the
+    /// After [`Reply::PausedWriting`]: abandon the background write (a
+    /// write already done stays), then continue the paused vCPUs from the
     /// memory the worker kept; reply [`Reply::Running`].
     ResumeFromMemory,
     /// Reply [`Reply::Status`].

@@ -62,8 +62,13 @@ pub(crate) trait VmBackend: Send {
         Err(Error::Vm("this backend pauses only with a snapshot".into()))
     }
     /// Writes the paused VM's snapshot to `dir` (which must not exist; it
-    /// appears atomically). The VM stays paused.
-    fn write_paused(&mut self, _dir: &Path) -> Result<(), Error> {
+    /// appears atomically), unless `cancel` is set before it is done (then
+    /// an error, and nothing that loads as a snapshot). The VM stays paused.
+    fn write_paused(
+        &mut self,
+        _dir: &Path,
+        _cancel: Arc<AtomicBool>,
+    ) -> Result<(), Error> {
         Err(Error::Vm("this backend pauses only with a snapshot".into()))
     }
     /// Continues the paused vCPUs.
@@ -828,9 +833,13 @@ mod real {
             Ok(self.guest())
         }
 
-        fn write_paused(&mut self, dir: &Path) -> Result<(), Error> {
+        fn write_paused(
+            &mut self,
+            dir: &Path,
+            cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        ) -> Result<(), Error> {
             self.vm
-                .snapshot(dir)
+                .snapshot_cancellable(dir, Some(cancel))
                 .map(|_| ())
                 .map_err(|e| Error::Vm(format!("snapshot: {e}")))
         }
