@@ -75,7 +75,13 @@ fn wait_round(s: &Server, id: &str, min: u64) -> u64 {
 fn pause(s: &Server, id: &str, sync: bool) {
     let started = Instant::now();
     let r = s.post(&format!("/sandboxes/{id}/pause"), json!({ "sync": sync }));
-    assert_eq!(r.status, 204, "pause sync={sync}: {} / log:\n{}", r.body, s.log());
+    assert_eq!(
+        r.status,
+        204,
+        "pause sync={sync}: {} / log:\n{}",
+        r.body,
+        s.log()
+    );
     eprintln!(
         "pause sync={sync} answered in {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
@@ -119,15 +125,23 @@ fn vm_async_pause_answers_before_the_snapshot_is_durable() {
     let d = s.info(&id).json();
     assert_eq!(d["state"], "paused", "{d}");
     assert_eq!(d["stasis"]["snapshotDurable"], false, "{d}");
-    let at_pause = d["stasis"]["pausedAtRound"].as_u64().expect("pausedAtRound");
+    let at_pause = d["stasis"]["pausedAtRound"]
+        .as_u64()
+        .expect("pausedAtRound");
     assert_eq!(d["stasis"]["guestRound"].as_u64(), Some(at_pause), "{d}");
-    assert!(!process_dead(pid), "the worker must keep the VM while writing");
+    assert!(
+        !process_dead(pid),
+        "the worker must keep the VM while writing"
+    );
     assert!(
         complete_snapshots(&st.data(), &id).is_empty(),
         "nothing durable while the write is held"
     );
     // The guest is stopped: its round does not move while paused.
-    assert_eq!(s.info(&id).json()["stasis"]["guestRound"].as_u64(), Some(at_pause));
+    assert_eq!(
+        s.info(&id).json()["stasis"]["guestRound"].as_u64(),
+        Some(at_pause)
+    );
 
     st.release_writes();
     assert!(
@@ -190,7 +204,10 @@ fn vm_connect_during_the_write_resumes_from_memory() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("snapshot"))
         .collect();
-    assert!(leftovers.is_empty(), "half-written files left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "half-written files left: {leftovers:?}"
+    );
 
     // An ordinary (synchronous) pause and a resume from disk afterwards.
     st.release_writes();
@@ -240,8 +257,15 @@ fn vm_second_pause_during_the_write_reuses_it() {
     st.release_writes();
     let (r, released_before) = sync_pause.join().unwrap();
     assert_eq!(r.status, 204, "{} / log:\n{}", r.body, s.log());
-    assert!(released_before, "sync pause answered before the write could end");
-    assert_eq!(durable(&s, &id), Some(true), "sync pause answered, not durable");
+    assert!(
+        released_before,
+        "sync pause answered before the write could end"
+    );
+    assert_eq!(
+        durable(&s, &id),
+        Some(true),
+        "sync pause answered, not durable"
+    );
     check_paused(&s, &id, Some(pid));
     // A pause of a durably paused sandbox is a conflict, as before.
     let r = s.post(&format!("/sandboxes/{id}/pause"), json!({"sync": false}));
@@ -312,7 +336,10 @@ fn vm_crash_before_durability_loses_the_sandbox_like_a_running_one() {
     // Kill during the write: the held worker goes, the sandbox with it.
     let r = s.req("DELETE", &format!("/sandboxes/{b}"), None);
     assert_eq!(r.status, 204, "{}", r.body);
-    assert!(wait_until(20, || process_dead(b_pid)), "worker outlived the kill");
+    assert!(
+        wait_until(20, || process_dead(b_pid)),
+        "worker outlived the kill"
+    );
     assert_eq!(s.info(&b).status, 404);
 
     s.kill9();
@@ -320,7 +347,10 @@ fn vm_crash_before_durability_loses_the_sandbox_like_a_running_one() {
     let r = s.info(&a);
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(
-        r.json()["message"].as_str().unwrap_or("").contains("running"),
+        r.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("running"),
         "gone like a running sandbox: {}",
         r.body
     );

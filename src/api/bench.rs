@@ -586,7 +586,8 @@ fn wait_durable(c: &Client, id: &str, limit: Duration) -> Result<(), Error> {
     let end = Instant::now() + limit;
     loop {
         let (r, _) = c.call("GET", &path, None)?;
-        if r.status == 200 && json(&format!("GET {path}"), &r)?["stasis"]["snapshotDurable"] == true {
+        if r.status == 200 && json(&format!("GET {path}"), &r)?["stasis"]["snapshotDurable"] == true
+        {
             return Ok(());
         }
         if Instant::now() >= end {
@@ -624,7 +625,14 @@ fn cycle(c: &Client, template: &str, opts: &ApiBenchOpts, s: &mut Samples) -> Re
         let resumed_at = wait_progress(c, &id, paused_at, opts.progress_timeout, s)?;
         let sent = Instant::now();
         let pause_async = Some(r#"{"sync": false}"#);
-        c.expect(Op::PauseAsync, "POST", &format!("{path}/pause"), pause_async, 204, s)?;
+        c.expect(
+            Op::PauseAsync,
+            "POST",
+            &format!("{path}/pause"),
+            pause_async,
+            204,
+            s,
+        )?;
         wait_durable(c, &id, opts.progress_timeout)?;
         s.push(Op::Durable, sent.elapsed());
         let _ = resumed_at;

@@ -1478,7 +1478,11 @@ impl Manager {
     fn watch_write(self: &Arc<Self>, e: Arc<Entry>, job: Arc<WriteJob>) {
         let mgr = self.clone();
         tokio::spawn(async move {
-            let res = match job.worker.request(Request::AwaitDurable, PAUSE_TIMEOUT).await {
+            let res = match job
+                .worker
+                .request(Request::AwaitDurable, PAUSE_TIMEOUT)
+                .await
+            {
                 Ok(Reply::Durable { snapshot_bytes }) => Ok(snapshot_bytes),
                 Ok(other) => Err(format!("unexpected reply {other:?}")),
                 Err(err) => Err(err.to_string()),
@@ -1509,9 +1513,7 @@ impl Manager {
                 break Err("the write's watcher is gone".to_string());
             }
         };
-        let current = self
-            .write_job(&e.id)
-            .is_some_and(|j| Arc::ptr_eq(&j, job));
+        let current = self.write_job(&e.id).is_some_and(|j| Arc::ptr_eq(&j, job));
         if !current || e.rec().gone {
             return Ok(());
         }
@@ -1583,8 +1585,11 @@ impl Manager {
                     Ok(r) => format!("unexpected reply {r:?}"),
                     Err(err) => err.to_string(),
                 };
-                self.remove(e, &format!("its worker failed to resume from memory ({why})"))
-                    .await;
+                self.remove(
+                    e,
+                    &format!("its worker failed to resume from memory ({why})"),
+                )
+                .await;
                 return Err(ApiError::internal(format!(
                     "resuming from memory failed: {why}; sandbox removed"
                 )));

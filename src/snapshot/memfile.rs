@@ -664,7 +664,13 @@ pub fn write_memory(
                 let checksums = opts.checksums;
                 let cancel = opts.cancel.as_deref();
                 s.spawn(move || {
-                    let slice = Slice { p0, p1, max_write_pages, checksums, cancel };
+                    let slice = Slice {
+                        p0,
+                        p1,
+                        max_write_pages,
+                        checksums,
+                        cancel,
+                    };
                     write_slice(file, pagemap, regions, slice)
                 })
             })
@@ -1414,6 +1420,25 @@ mod tests {
 
     /// Prints write_memory throughput for 1 GiB touched.
     /// `cargo test --release --lib write_rate -- --ignored --nocapture`
+    #[test]
+    fn a_cancelled_write_stops_with_cancelled() {
+        let len = 16 * MIB;
+        let m = AnonMapping::new(len).unwrap();
+        // SAFETY: in-bounds write to the test's own mapping.
+        unsafe { std::ptr::write_bytes(m.addr(), 0x5a, len) };
+        let f = tempfile::tempfile().unwrap();
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let opts = WriteOpts {
+            cancel: Some(cancel.clone()),
+            ..WriteOpts::default()
+        };
+        let e = write_memory(&f, &[m.region(0)], &opts).unwrap_err();
+        assert!(matches!(e, Error::Cancelled), "{e}");
+        cancel.store(false, std::sync::atomic::Ordering::Release);
+        let rep = write_memory(&f, &[m.region(0)], &opts).unwrap();
+        assert_eq!(rep.bytes_written, len as u64);
+    }
+
     #[test]
     #[ignore]
     fn write_rate() {

@@ -62,7 +62,8 @@ fn fault_hold_pause_write(cancel: &AtomicBool) {
     );
     // Bounded: an injected fault must never hang a worker for ever.
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    while !path.exists() && !cancel.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+    while !path.exists() && !cancel.load(Ordering::Acquire) && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -207,9 +208,9 @@ fn serve(stream: UnixStream) -> Result<(), Error> {
             continue;
         }
         let (reply, exit_after) = match frame.request {
-            Request::PauseBackground { .. }
-            | Request::AwaitDurable
-            | Request::ResumeFromMemory => handle_background(&vm, &stopping, &mut bg, frame.request),
+            Request::PauseBackground { .. } | Request::AwaitDurable | Request::ResumeFromMemory => {
+                handle_background(&vm, &stopping, &mut bg, frame.request)
+            }
             other => handle(&vm, &stopping, other),
         };
         let inject_abort =
@@ -364,7 +365,9 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             }
         }
         Request::PauseBackground { .. } | Request::AwaitDurable | Request::ResumeFromMemory => (
-            err(Error::Protocol("asynchronous pause request out of place".into())),
+            err(Error::Protocol(
+                "asynchronous pause request out of place".into(),
+            )),
             false,
         ),
         Request::Shutdown => {

@@ -64,11 +64,7 @@ pub(crate) trait VmBackend: Send {
     /// Writes the paused VM's snapshot to `dir` (which must not exist; it
     /// appears atomically), unless `cancel` is set before it is done (then
     /// an error, and nothing that loads as a snapshot). The VM stays paused.
-    fn write_paused(
-        &mut self,
-        _dir: &Path,
-        _cancel: Arc<AtomicBool>,
-    ) -> Result<(), Error> {
+    fn write_paused(&mut self, _dir: &Path, _cancel: Arc<AtomicBool>) -> Result<(), Error> {
         Err(Error::Vm("this backend pauses only with a snapshot".into()))
     }
     /// Continues the paused vCPUs.
