@@ -68,19 +68,21 @@ fn fault_hold_pause_write(cancel: &AtomicBool) {
     }
 }
 
+/// A background write's outcome once it ended (bytes on disk, or why
+/// not), and the condition variable that announces it.
+type WriteDone = (Mutex<Option<Result<u64, String>>>, std::sync::Condvar);
+
 /// An asynchronous pause's background snapshot write.
 struct BgWrite {
     /// Set to abandon the write (resume from memory).
     cancel: Arc<AtomicBool>,
     /// Its outcome once it ended: bytes on disk, or why not.
-    done: Arc<(Mutex<Option<Result<u64, String>>>, std::sync::Condvar)>,
+    done: Arc<WriteDone>,
 }
 
 impl BgWrite {
     /// Waits for the write to end; its outcome.
-    fn wait(
-        done: &(Mutex<Option<Result<u64, String>>>, std::sync::Condvar),
-    ) -> Result<u64, String> {
+    fn wait(done: &WriteDone) -> Result<u64, String> {
         let (m, cv) = done;
         let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -580,6 +582,55 @@ mod tests {
         assert_eq!(rep.id, 4);
         assert!(matches!(rep.reply, Reply::Paused { snapshot_bytes, .. } if snapshot_bytes > 0));
         // The worker exits after a pause.
+        assert!(t.join().unwrap().is_ok());
+    }
+
+    /// The fake backend cannot split a pause: `pause_background` writes the
+    /// snapshot first and answers `paused`, then the worker exits; the
+    /// asynchronous pause's follow-ups without one are errors.
+    #[test]
+    fn fake_background_pause_is_a_synchronous_one() {
+        let (server, worker) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || serve(worker));
+        let mut w = server.try_clone().unwrap();
+        let mut r = BufReader::new(server);
+        let cfg = BootConfig {
+            kernel: KernelSpec::TestGuest,
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 1 << 26,
+            vcpus: 1,
+            console: ConsoleSpec::Sink,
+            disk: None,
+            vsock: None,
+            interpreter: None,
+            memory_backing: Default::default(),
+        };
+        let boot = Request::Boot {
+            backend: BackendKind::Fake,
+            config: cfg,
+        };
+        assert!(matches!(
+            roundtrip(&mut w, &mut r, 1, boot).reply,
+            Reply::Running { .. }
+        ));
+        for (id, req) in [(2, Request::AwaitDurable), (3, Request::ResumeFromMemory)] {
+            let rep = roundtrip(&mut w, &mut r, id, req);
+            assert_eq!(rep.id, id);
+            assert!(matches!(rep.reply, Reply::Error { .. }), "{rep:?}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let rep = roundtrip(
+            &mut w,
+            &mut r,
+            4,
+            Request::PauseBackground {
+                snapshot_dir: dir.clone(),
+            },
+        );
+        assert!(matches!(rep.reply, Reply::Paused { snapshot_bytes, .. } if snapshot_bytes > 0));
+        assert!(dir.is_dir());
         assert!(t.join().unwrap().is_ok());
     }
 
