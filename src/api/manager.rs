@@ -13,6 +13,16 @@
 //! worker dies unexpectedly the sandbox is removed and remembered as gone,
 //! with the reason, for the 404 message.
 //!
+//! Asynchronous pause (`{"sync": false}`, [`Manager::pause_with`]): the
+//! sandbox is paused as soon as its worker stopped and captured the VM; the
+//! worker writes the snapshot in the background and keeps the VM (and the
+//! running slot) until it is durable. A [`WriteJob`] in `writes` stands for
+//! that; a watcher task finishes it (stores the row, stops the worker) once
+//! the write is durable. Until then the stored row still says running, so a
+//! crash loses the sandbox like a running one. Resume during the write goes
+//! on from the worker's memory and abandons the write; shutdown waits for
+//! every write.
+//!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
