@@ -16,7 +16,7 @@
 //! Asynchronous pause (`{"sync": false}`, [`Manager::pause_with`]): the
 //! sandbox is paused as soon as its worker stopped and captured the VM; the
 //! worker writes the snapshot in the background and keeps the VM (and the
-//! running slot) until it is durable. A [`WriteJob`] in `writes` stands for
+//! running slot) until it is durable. A `WriteJob` in `writes` stands for
 //! that; a watcher task finishes it (stores the row, stops the worker) once
 //! the write is durable. Until then the stored row still says running, so a
 //! crash loses the sandbox like a running one. Resume during the write goes
