@@ -384,3 +384,59 @@ fn fake_async_pause_is_durable_at_once() {
     let r = s.post(&format!("/sandboxes/{id}/pause"), json!({"sync": "yes"}));
     assert_eq!(r.status, 400, "{}", r.body);
 }
+
+/// A connect right after an unheld `sync: false` pause of a guest with
+/// 384 MiB touched, so the write is likely still running: whichever way the
+/// race goes (write abandoned midway, or already complete), the sandbox
+/// resumes from memory in the same worker, the guest goes on (its memory
+/// checks passing), and what is left on disk is either nothing or one
+/// complete snapshot: never a half-written one.
+#[test]
+fn vm_connect_racing_a_running_write_leaves_no_partial_snapshot() {
+    if !common::kvm_or_skip("vm_connect_racing_a_running_write_leaves_no_partial_snapshot") {
+        return;
+    }
+    let st = Setup::new();
+    st.release_writes();
+    let templates = st.data().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    let workload = stasis::guest::Workload {
+        mib: 384,
+        rounds: 0,
+        seed: 7,
+        report: 0,
+        base_mib: 16,
+    };
+    let spec = json!({
+        "kernel": "testguest",
+        "cmdline": workload.cmdline(),
+        "memoryMB": 512,
+        "vcpus": 1,
+    });
+    std::fs::write(templates.join("big.json"), spec.to_string()).unwrap();
+    let s = st.start_vm();
+    let id = s.create(json!({"templateID": "big"}));
+    let pid = s.worker_pid(&id).unwrap();
+    wait_round(&s, &id, 2);
+    pause(&s, &id, false);
+    let at_pause = s.info(&id).json()["stasis"]["pausedAtRound"]
+        .as_u64()
+        .unwrap();
+    let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
+    assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
+    assert_eq!(s.worker_pid(&id), Some(pid), "resumed from memory");
+    wait_round(&s, &id, at_pause + 2);
+    let names: Vec<String> = std::fs::read_dir(st.data().join("sandboxes").join(&id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snapshot"))
+        .collect();
+    let complete = complete_snapshots(&st.data(), &id);
+    eprintln!("after the race: {names:?} (complete: {complete:?})");
+    assert_eq!(names, complete, "a half-written snapshot was left");
+    assert!(complete.len() <= 1, "{complete:?}");
+    pause(&s, &id, true);
+    let at_second = check_paused(&s, &id, Some(pid));
+    assert!(at_second >= at_pause);
+}
