@@ -178,6 +178,54 @@ fn route_from_host(host: &str) -> Option<Route> {
     })
 }
 
+/// Like [`route_of`], for a server with a configured sandbox domain: a
+/// `{port}-{id}.D` Host routes only when D is that domain (ASCII case
+/// ignored); a Host of that shape under any other domain is answered 421
+/// (Misdirected Request) instead of reaching a sandbox, and every other Host
+/// is an API request. Without a domain, [`route_of`]'s rule (any domain).
+pub fn route_of_in(
+    method_path: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    domain: Option<&str>,
+) -> Result<Option<Route>, ApiError> {
+    let route = route_of(method_path, headers, uri)?;
+    let (Some(domain), Some(r)) = (domain, &route) else {
+        return Ok(route);
+    };
+    if header_str(headers, &["novita-sandbox-id", "e2b-sandbox-id"]).is_some() {
+        return Ok(route);
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if host_in_domain(host, domain) {
+        return Ok(route);
+    }
+    Err(ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "host {host:?} is not under this server's sandbox domain {domain:?} (sandbox {} port {} is reached at {}-{}.{domain})",
+            r.sandbox_id, r.port, r.port, r.sandbox_id
+        ),
+    ))
+}
+
+/// Whether `host` (`label.rest[:port]`) has exactly `domain` after its first
+/// label.
+fn host_in_domain(host: &str, domain: &str) -> bool {
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let domain = domain.trim_end_matches('.');
+    host.trim_end_matches('.')
+        .split_once('.')
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(domain))
+}
+
 /// Decides whether `req` is in-sandbox traffic. `Ok(None)`: a lifecycle API
 /// request.
 pub fn route_of(
@@ -652,17 +700,110 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
-/// then lets open connections finish (as `axum::serve` with graceful
-/// shutdown). Unlike `axum::serve` it records header-name case
-/// (`preserve_header_case`), so the proxy forwards names as the client
-/// wrote them, and it serves protocol upgrades (WebSocket).
+/// Per-connection limits of [`serve_http_limited`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// A connection that has not sent a complete request head this long
+    /// after it was accepted (or after its previous response) is closed
+    /// (slowloris). `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
+    /// Most connections open at once from one client IP address; beyond it a
+    /// new connection is answered 429 and closed. 0: no limit.
+    pub max_conns_per_ip: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            max_conns_per_ip: DEFAULT_MAX_CONNS_PER_IP,
+        }
+    }
+}
+
+/// Default [`ConnLimits::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ConnLimits::max_conns_per_ip`].
+pub const DEFAULT_MAX_CONNS_PER_IP: usize = 1024;
+
+/// Open connections per client IP; a [`ConnTicket`] holds one.
+#[derive(Default)]
+struct PerIp {
+    open: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+struct ConnTicket {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ConnTicket> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if max != 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnTicket {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The answer to a connection over the per-IP limit (written raw: the
+/// request is not read).
+fn too_many_connections(max: usize) -> Vec<u8> {
+    let body = serde_json::json!({
+        "code": 429,
+        "message": format!("too many connections from this address (the limit is {max})"),
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// [`serve_http_limited`] with the default [`ConnLimits`].
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
+    serve_http_limited(listener, app, shutdown, tls, ConnLimits::default()).await
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
+/// then lets open connections finish (as `axum::serve` with graceful
+/// shutdown). Unlike `axum::serve` it records header-name case
+/// (`preserve_header_case`), so the proxy forwards names as the client
+/// wrote them, and it serves protocol upgrades (WebSocket). `limits` bound
+/// how long a client may take to send a request head and how many
+/// connections one client address may hold.
+pub async fn serve_http_limited(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ConnLimits,
+) -> std::io::Result<()> {
+    let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -671,8 +812,8 @@ pub async fn serve_http(
             r = listener.accept() => r,
             _ = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (mut stream, peer) = match accepted {
+            Ok(sp) => sp,
             Err(e) => {
                 // Out of descriptors or a connection reset before accept:
                 // back off briefly instead of spinning.
@@ -682,16 +823,29 @@ pub async fn serve_http(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Some(ticket) = per_ip.take(peer.ip(), limits.max_conns_per_ip) else {
+            tracing::warn!(client = %peer.ip(), limit = limits.max_conns_per_ip, "connection refused: too many from this address");
+            let answer = (tls.is_none()).then(|| too_many_connections(limits.max_conns_per_ip));
+            conns.spawn(async move {
+                if let Some(a) = answer {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&a)).await;
+                }
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = stop_rx.clone();
         let tls = tls.clone();
+        let head_timeout = limits.header_read_timeout;
         conns.spawn(async move {
+            let _ticket = ticket;
             match tls {
-                None => serve_connection(stream, svc, stop).await,
+                None => serve_connection_limited(stream, svc, stop, head_timeout).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(t)) => serve_connection(t, svc, stop).await,
+                        Ok(Ok(t)) => serve_connection_limited(t, svc, stop, head_timeout).await,
                         Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -709,16 +863,20 @@ pub async fn serve_http(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP/1.1 on one accepted connection (plain or TLS), header case kept,
-/// upgrades allowed, until it closes or the server stops.
-async fn serve_connection<IO>(
+/// upgrades allowed, until it closes or the server stops; a request head
+/// must arrive within `head_timeout`.
+async fn serve_connection_limited<IO>(
     io: IO,
     svc: hyper_util::service::TowerToHyperService<axum::Router>,
     mut stop: watch::Receiver<bool>,
+    head_timeout: Option<Duration>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.preserve_header_case(true);
+    b.timer(hyper_util::rt::TokioTimer::new());
+    b.header_read_timeout(head_timeout);
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -737,7 +895,12 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let signed = signed_files_request(&req);
-    let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
+    let route = match route_of_in(
+        req.uri().path(),
+        req.headers(),
+        req.uri(),
+        st.mgr.domain(),
+    ) {
         Ok(Some(r)) => r,
         Ok(None) => {
             // No routing headers: a secured sandbox's envd token alone names
