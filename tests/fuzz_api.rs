@@ -1,6 +1,6 @@
 //! The lifecycle API fuzzed from its own `/openapi.json` with schemathesis
 //! (issue 14, item 8): `tests/fuzz/run.sh` starts `stasis serve --backend
-//! fake`, runs a bounded number of examples per operation (default 30, with
+//! fake`, runs a bounded number of examples per operation (default 60, with
 //! a fixed, printed seed) with the `not_a_server_error` check, and fails on
 //! any 5xx or a panic in the server's log. The venv (target/fuzz-venv) is
 //! made on first use from PyPI. No KVM needed.

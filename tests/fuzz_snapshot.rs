@@ -154,8 +154,8 @@ fn state_bin_parser_takes_arbitrary_bytes_without_panicking() {
 fn real_snapshot(dir: &Path) -> std::path::PathBuf {
     let mut vm = Vm::boot(VmConfig {
         kernel: Kernel::TestGuest,
-        cmdline: "stasis.mib=4 stasis.rounds=0 stasis.seed=7".into(),
-        mem_bytes: 32 << 20,
+        cmdline: "stasis.mib=4 stasis.rounds=0 stasis.seed=7 stasis.report=0 stasis.base=16".into(),
+        mem_bytes: 64 << 20,
         console: Console::Sink,
         ..VmConfig::default()
     })
