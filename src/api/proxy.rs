@@ -700,6 +700,52 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
+/// Most per-request log lines (proxied, refused, failed) one sandbox's
+/// traffic may cause per second; a guest (or a client) that makes its
+/// traffic fail on purpose cannot flood the server's log. The lines left
+/// out are counted in the next one (`suppressed`).
+pub const LOG_LINES_PER_SEC: u32 = 20;
+
+/// Per-key, per-second budget of log lines.
+#[derive(Default)]
+pub struct LogLimiter {
+    seen: std::sync::Mutex<HashMap<String, (u64, u32, u64)>>,
+}
+
+impl LogLimiter {
+    /// Whether a line about `key` may be logged at second `now_s`:
+    /// `Some(n)` with `n` lines left out since the last one logged, `None`
+    /// to leave this one out.
+    pub fn allow(&self, key: &str, now_s: u64, per_sec: u32) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 10_000 && !seen.contains_key(key) {
+            seen.retain(|_, (s, _, left_out)| *s + 60 > now_s && *left_out > 0);
+        }
+        let e = seen.entry(key.to_string()).or_insert((now_s, 0, 0));
+        if e.0 != now_s {
+            e.0 = now_s;
+            e.1 = 0;
+        }
+        if e.1 >= per_sec {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
+/// The proxy's [`LogLimiter`], per sandbox.
+fn log_gate(sandbox: &str) -> Option<u64> {
+    static LIMITER: std::sync::OnceLock<LogLimiter> = std::sync::OnceLock::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LIMITER
+        .get_or_init(LogLimiter::default)
+        .allow(sandbox, now, LOG_LINES_PER_SEC)
+}
+
 /// Per-connection limits of [`serve_http_limited`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
@@ -988,28 +1034,35 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
     {
         Ok(t) => t,
         Err(e) => {
-            tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), "proxy refused: {}", e.message);
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), suppressed, "proxy refused: {}", e.message);
+            }
             return e.into_response();
         }
     };
     match forward(&target, &route, req).await {
         Ok(resp) => {
             st.mgr.agent_reachable(&route.sandbox_id, route.port, None);
-            tracing::info!(
-                sandbox = %route.sandbox_id,
-                port = route.port,
-                %method,
-                path,
-                status = resp.status().as_u16(),
-                ms = started.elapsed().as_millis() as u64,
-                "proxied"
-            );
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::info!(
+                    sandbox = %route.sandbox_id,
+                    port = route.port,
+                    %method,
+                    path,
+                    status = resp.status().as_u16(),
+                    ms = started.elapsed().as_millis() as u64,
+                    suppressed,
+                    "proxied"
+                );
+            }
             resp
         }
         Err(msg) => {
             st.mgr
                 .agent_reachable(&route.sandbox_id, route.port, Some(&msg));
-            tracing::warn!(sandbox = %route.sandbox_id, port = route.port, %method, path, "proxy failed: {msg}");
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::warn!(sandbox = %route.sandbox_id, port = route.port, %method, path, suppressed, "proxy failed: {msg}");
+            }
             bad_gateway(format!("sandbox {}: {msg}", route.sandbox_id))
         }
     }
@@ -1025,6 +1078,48 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn log_lines_are_limited_per_sandbox_and_second() {
+        let l = LogLimiter::default();
+        for _ in 0..3 {
+            assert_eq!(l.allow("a", 100, 3), Some(0));
+        }
+        assert_eq!(l.allow("a", 100, 3), None);
+        assert_eq!(l.allow("a", 100, 3), None);
+        // Another sandbox has its own budget.
+        assert_eq!(l.allow("b", 100, 3), Some(0));
+        // The next second: allowed again, with the count left out.
+        assert_eq!(l.allow("a", 101, 3), Some(2));
+        assert_eq!(l.allow("a", 101, 3), Some(0));
+    }
+
+    #[test]
+    fn host_routing_is_confined_to_the_domain() {
+        let u: Uri = "/".parse().unwrap();
+        let h = |host: &'static str| hm(&[("host", host)]);
+        let r = route_of_in("/", &h("80-abc.sandbox.test"), &u, Some("sandbox.test")).unwrap();
+        assert_eq!(r.map(|r| r.port), Some(80));
+        let r = route_of_in("/", &h("80-abc.SANDBOX.test.:8443"), &u, Some("sandbox.test."));
+        assert_eq!(r.unwrap().map(|r| r.port), Some(80));
+        for host in ["80-abc.other.test", "80-abc.a.sandbox.test", "80-abc.test"] {
+            let e = route_of_in("/", &h(host), &u, Some("sandbox.test")).unwrap_err();
+            assert_eq!(e.status, StatusCode::MISDIRECTED_REQUEST, "{host}");
+        }
+        // Not routing-shaped: the API's; headers route whatever the Host.
+        assert_eq!(
+            route_of_in("/", &h("api.other.test"), &u, Some("sandbox.test")).unwrap(),
+            None
+        );
+        let hd = hm(&[
+            ("host", "x.other.test"),
+            ("novita-sandbox-id", "abc"),
+            ("novita-sandbox-port", "8080"),
+        ]);
+        assert!(route_of_in("/", &hd, &u, Some("sandbox.test")).unwrap().is_some());
+        // Without a domain, any domain routes.
+        assert!(route_of_in("/", &h("80-abc.other.test"), &u, None).unwrap().is_some());
     }
 
     #[test]

@@ -499,6 +499,16 @@ fn add_metrics_and_logs_to(doc: &mut serde_json::Value) {
             "logs": { "type": "array", "items": entry } } } } } }, "400": err, "401": err, "404": err } } }));
 }
 
+/// OpenAPI path parameters for each `{name}` segment of `path`.
+fn path_params(path: &str) -> serde_json::Value {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            serde_json::json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } })
+        })
+        .collect()
+}
+
 /// Lists [`UNSUPPORTED`] in the OpenAPI document, each answering 501.
 fn add_unsupported_to(doc: &mut serde_json::Value) {
     let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
@@ -514,6 +524,9 @@ fn add_unsupported_to(doc: &mut serde_json::Value) {
                 serde_json::json!({
                     "summary": format!("Not supported by stasis: {what}"),
                     "x-stasis-unsupported": true,
+                    // Its path parameters, so the document is valid OpenAPI
+                    // (schemathesis refused it without them).
+                    "parameters": path_params(path),
                     "responses": { "501": { "description": format!("not supported by stasis: {what}"),
                         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } } }
                 }),
