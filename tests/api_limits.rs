@@ -262,6 +262,26 @@ fn paused_sandboxes_are_limited_by_count() {
 }
 
 #[test]
+fn snapshot_bytes_are_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    // One byte: the first paused sandbox's snapshot fills the quota.
+    let s = Server::start(
+        &tmp.path().join("data"),
+        &["--max-snapshot-bytes", "1"],
+    );
+    let a = s.create(json!({}));
+    let b = s.create(json!({}));
+    assert_eq!(s.post(&format!("/sandboxes/{a}/pause"), json!({})).status, 204);
+    assert!(s.info(&a).json()["stasis"]["snapshotBytes"].as_u64().unwrap() > 0);
+    let r = s.post(&format!("/sandboxes/{b}/pause"), json!({}));
+    r.assert_error(429);
+    assert!(r.body.contains("--max-snapshot-bytes"), "{}", r.body);
+    assert_eq!(s.info(&b).json()["state"], "running");
+    assert_eq!(s.req("DELETE", &format!("/sandboxes/{a}"), None).status, 204);
+    assert_eq!(s.post(&format!("/sandboxes/{b}/pause"), json!({})).status, 204);
+}
+
+#[test]
 fn metadata_and_env_vars_are_capped() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(&tmp.path().join("data"), &[]);

@@ -46,8 +46,8 @@ fn snapshot_gens(data: &Path, id: &str) -> Vec<String> {
 fn failed_db_write_after_pause_keeps_the_snapshots_and_the_sandbox_resumable() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    // The second pause's record fails to save.
-    let s = start(&data, "db-after-pause@2");
+    // The second pause's record fails to save (once).
+    let mut s = start(&data, "db-after-pause@2");
     let id = s.create(json!({}));
     assert_eq!(s.post(&format!("/sandboxes/{id}/pause"), json!({})).status, 204);
     let r = s.post(&format!("/sandboxes/{id}/resume"), json!({}));
@@ -59,6 +59,17 @@ fn failed_db_write_after_pause_keeps_the_snapshots_and_the_sandbox_resumable() {
     // Paused, with the new snapshot; the one the stored row names is kept.
     assert_eq!(s.info(&id).json()["state"], "paused");
     assert_eq!(snapshot_gens(&data, &id), ["snapshot-1", "snapshot-2"]);
+    // The record is saved again in the background, so a restart finds the
+    // sandbox paused (not "running when the server stopped").
+    assert!(
+        wait_until(60, || s.log().contains("its record is saved now")),
+        "the record was never saved again:\n{}",
+        s.log()
+    );
+    assert!(s.terminate().success());
+    let s = start(&data, "");
+    assert_eq!(s.info(&id).json()["state"], "paused", "{}", s.log());
+    assert_eq!(snapshot_gens(&data, &id), ["snapshot-2"]);
     // Resumable, where it was.
     let r = s.post(&format!("/sandboxes/{id}/resume"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);

@@ -171,6 +171,9 @@ struct Rec {
     slot: Option<OwnedSemaphorePermit>,
     /// While running: this sandbox's share of the memory budget.
     mem: Option<OwnedSemaphorePermit>,
+    /// The stored row lags behind `row` (saving it failed); the timer task
+    /// retries until it is saved.
+    unsaved: bool,
     gone: bool,
     expiry_queued: bool,
     /// While paused: what the current snapshot takes on disk.
@@ -460,6 +463,7 @@ impl Manager {
                     worker: None,
                     slot: None,
                     mem: None,
+                    unsaved: false,
                     gone: false,
                     expiry_queued: false,
                     snapshot_usage,
@@ -1194,6 +1198,7 @@ impl Manager {
                 worker: Some(worker.clone()),
                 slot: Some(slot),
                 mem: Some(mem),
+                unsaved: false,
                 gone: false,
                 expiry_queued: false,
                 snapshot_usage: None,
@@ -1453,8 +1458,11 @@ impl Manager {
                 if old > 0 && saved.is_ok() {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
                 }
+                if saved.is_err() {
+                    e.rec().unsaved = true;
+                }
                 let saved = saved.map_err(|err| {
-                    tracing::error!(sandbox = %e.id, "paused, but saving its record failed: {}", err.message);
+                    tracing::error!(sandbox = %e.id, "paused, but saving its record failed (retried in the background): {}", err.message);
                     ApiError::internal(format!(
                         "the sandbox is paused (and can be resumed) but saving its record failed: {}",
                         err.message
@@ -1633,6 +1641,7 @@ impl Manager {
             r.worker = Some(worker.clone());
             r.slot = Some(slot);
             r.mem = Some(mem);
+            r.unsaved = false;
             r.busy = None;
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
@@ -1824,11 +1833,43 @@ impl Manager {
                 let mgr = self.clone();
                 tokio::spawn(async move { mgr.expire(e).await });
             }
+            let unsaved: Vec<Arc<Entry>> = self
+                .map()
+                .values()
+                .filter(|e| {
+                    let r = e.rec();
+                    r.unsaved && !r.gone && r.busy.is_none()
+                })
+                .cloned()
+                .collect();
+            for e in unsaved {
+                let mgr = self.clone();
+                tokio::spawn(async move { mgr.save_again(e).await });
+            }
             let wait = Duration::from_millis((next - now).max(1) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = &mut notified => {}
             }
+        }
+    }
+
+    /// Retries saving a row whose save failed (see `Rec::unsaved`).
+    async fn save_again(self: Arc<Self>, e: Arc<Entry>) {
+        let Ok(_g) = e.op.try_lock() else { return };
+        let row = {
+            let r = e.rec();
+            if !r.unsaved || r.gone {
+                return;
+            }
+            r.row.clone()
+        };
+        match self.put_row(row).await {
+            Ok(()) => {
+                e.rec().unsaved = false;
+                tracing::info!(sandbox = %e.id, "its record is saved now");
+            }
+            Err(err) => tracing::warn!(sandbox = %e.id, "saving its record failed again: {}", err.message),
         }
     }
 
