@@ -70,9 +70,21 @@ fn host_routing_only_under_the_configured_domain() {
         assert!(r.body.contains("sandbox.test"), "{host}: {}", r.body);
     }
     // Other hosts are API requests.
-    let r = http(s.addr, "GET", "/health", &[("Host", "api.other.test")], None);
+    let r = http(
+        s.addr,
+        "GET",
+        "/health",
+        &[("Host", "api.other.test")],
+        None,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = http(s.addr, "GET", "/sandboxes", &[("Host", "api.other.test")], None);
+    let r = http(
+        s.addr,
+        "GET",
+        "/sandboxes",
+        &[("Host", "api.other.test")],
+        None,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -106,7 +118,8 @@ fn half_sent_requests_are_closed_by_the_header_timeout() {
     // A keep-alive connection that goes quiet after a full exchange is
     // closed too.
     let mut c = TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     assert!(closed_by_server(&mut c, Duration::from_secs(60)));
 }
 
@@ -115,12 +128,7 @@ fn connections_per_client_ip_are_limited() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Server::start(
         &tmp.path().join("data"),
-        &[
-            "--max-conns-per-ip",
-            "4",
-            "--header-read-timeout-secs",
-            "0",
-        ],
+        &["--max-conns-per-ip", "4", "--header-read-timeout-secs", "0"],
     );
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(s.addr).unwrap())
@@ -188,7 +196,12 @@ fn short_api_keys_are_refused_off_loopback() {
 fn host_mb() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
     let line = text.lines().find(|l| l.starts_with("MemTotal:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
 }
 
 #[test]
@@ -224,17 +237,26 @@ fn memory_admission_keeps_running_guests_within_the_share() {
     r.assert_error(429);
     assert!(r.body.contains(&format!("needs {each} MiB")), "{}", r.body);
     // A paused sandbox holds none of the budget; resuming it needs its share.
-    assert_eq!(s.post(&format!("/sandboxes/{a}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{a}/pause"), json!({})).status,
+        204
+    );
     let c = s.create(json!({"templateID": "big"}));
     let r = s.post(&format!("/sandboxes/{a}/resume"), json!({}));
     r.assert_error(429);
     assert_eq!(s.info(&a).json()["state"], "paused");
     // Killing one frees its share.
-    assert_eq!(s.req("DELETE", &format!("/sandboxes/{b}"), None).status, 204);
+    assert_eq!(
+        s.req("DELETE", &format!("/sandboxes/{b}"), None).status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{a}/resume"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);
     for id in [a, c] {
-        assert_eq!(s.req("DELETE", &format!("/sandboxes/{id}"), None).status, 204);
+        assert_eq!(
+            s.req("DELETE", &format!("/sandboxes/{id}"), None).status,
+            204
+        );
     }
     // Out-of-range shares are a startup error.
     let err = Server::try_start(&tmp.path().join("d2"), &["--max-memory-share", "1.5"])
@@ -249,7 +271,10 @@ fn paused_sandboxes_are_limited_by_count() {
     let s = Server::start(&tmp.path().join("data"), &["--max-paused", "1"]);
     let a = s.create(json!({}));
     let b = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{a}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{a}/pause"), json!({})).status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{b}/pause"), json!({}));
     r.assert_error(429);
     assert!(r.body.contains("--max-paused"), "{}", r.body);
@@ -257,28 +282,45 @@ fn paused_sandboxes_are_limited_by_count() {
     let d = s.info(&b).json();
     assert_eq!(d["state"], "running", "{d}");
     assert!(d["stasis"]["workerPid"].as_i64().is_some(), "{d}");
-    assert_eq!(s.req("DELETE", &format!("/sandboxes/{a}"), None).status, 204);
-    assert_eq!(s.post(&format!("/sandboxes/{b}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.req("DELETE", &format!("/sandboxes/{a}"), None).status,
+        204
+    );
+    assert_eq!(
+        s.post(&format!("/sandboxes/{b}/pause"), json!({})).status,
+        204
+    );
 }
 
 #[test]
 fn snapshot_bytes_are_limited() {
     let tmp = tempfile::tempdir().unwrap();
     // One byte: the first paused sandbox's snapshot fills the quota.
-    let s = Server::start(
-        &tmp.path().join("data"),
-        &["--max-snapshot-bytes", "1"],
-    );
+    let s = Server::start(&tmp.path().join("data"), &["--max-snapshot-bytes", "1"]);
     let a = s.create(json!({}));
     let b = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{a}/pause"), json!({})).status, 204);
-    assert!(s.info(&a).json()["stasis"]["snapshotBytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{a}/pause"), json!({})).status,
+        204
+    );
+    assert!(
+        s.info(&a).json()["stasis"]["snapshotBytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let r = s.post(&format!("/sandboxes/{b}/pause"), json!({}));
     r.assert_error(429);
     assert!(r.body.contains("--max-snapshot-bytes"), "{}", r.body);
     assert_eq!(s.info(&b).json()["state"], "running");
-    assert_eq!(s.req("DELETE", &format!("/sandboxes/{a}"), None).status, 204);
-    assert_eq!(s.post(&format!("/sandboxes/{b}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.req("DELETE", &format!("/sandboxes/{a}"), None).status,
+        204
+    );
+    assert_eq!(
+        s.post(&format!("/sandboxes/{b}/pause"), json!({})).status,
+        204
+    );
 }
 
 #[test]
@@ -315,7 +357,11 @@ fn bad_stored_rows_are_quarantined_and_the_rest_is_served() {
     let data = tmp.path().join("data");
     let mut s = Server::start(&data, &[]);
     let good = s.create(json!({"metadata": {"who": "good"}}));
-    assert_eq!(s.post(&format!("/sandboxes/{good}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{good}/pause"), json!({}))
+            .status,
+        204
+    );
     assert!(s.terminate().success());
     // Rows as a bug or a hand edit could leave them, next to the good one.
     let db = rusqlite::Connection::open(data.join("stasis.db")).unwrap();
@@ -332,11 +378,14 @@ fn bad_stored_rows_are_quarantined_and_the_rest_is_served() {
         )
         .unwrap();
         db.execute(
-            &format!("UPDATE t SET id = ?1, seq = seq + (SELECT COUNT(*) FROM sandboxes) + 100, {set}"),
+            &format!(
+                "UPDATE t SET id = ?1, seq = seq + (SELECT COUNT(*) FROM sandboxes) + 100, {set}"
+            ),
             [id],
         )
         .unwrap();
-        db.execute("INSERT INTO sandboxes SELECT * FROM t", []).unwrap();
+        db.execute("INSERT INTO sandboxes SELECT * FROM t", [])
+            .unwrap();
     };
     copy("badmemory", "memory_mb = -1");
     copy("hugememory", "memory_mb = 9223372036854775807");

@@ -14,8 +14,7 @@ use api_support::{process_dead, wait_until, Server};
 use serde_json::json;
 
 fn start(data: &Path, fault: &str) -> Server {
-    Server::try_start_env(data, &[], &[("STASIS_FAULT", fault)])
-        .unwrap_or_else(|e| panic!("{e}"))
+    Server::try_start_env(data, &[], &[("STASIS_FAULT", fault)]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Directory names under `<data>/sandboxes`.
@@ -49,7 +48,10 @@ fn failed_db_write_after_pause_keeps_the_snapshots_and_the_sandbox_resumable() {
     // The second pause's record fails to save (once).
     let mut s = start(&data, "db-after-pause@2");
     let id = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{id}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{id}/resume"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);
     let round = s.round(&id);
@@ -75,7 +77,10 @@ fn failed_db_write_after_pause_keeps_the_snapshots_and_the_sandbox_resumable() {
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(s.round(&id) >= round);
     // And the next pause is saved normally.
-    assert_eq!(s.post(&format!("/sandboxes/{id}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
     assert_eq!(s.info(&id).json()["state"], "paused");
 }
 
@@ -85,7 +90,10 @@ fn resume_failing_after_the_guest_ran_marks_the_sandbox_broken() {
     let data = tmp.path().join("data");
     let s = start(&data, "db-after-resume");
     let id = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{id}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{id}/resume"), json!({}));
     r.assert_error(500);
     assert!(r.body.contains("cannot be resumed again"), "{}", r.body);
@@ -101,9 +109,16 @@ fn resume_failing_after_the_guest_ran_marks_the_sandbox_broken() {
     let data = tmp.path().join("data2");
     let mut s = start(&data, "");
     let id = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{id}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
     let other = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{other}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{other}/pause"), json!({}))
+            .status,
+        204
+    );
     s.kill9();
     let snap = data.join("sandboxes").join(&id).join("snapshot-1");
     assert!(snap.is_dir());
@@ -177,7 +192,8 @@ fn client_gone_mid_create_leaks_no_sandbox_directory() {
     assert_eq!(sandbox_dirs(&data), ids);
     assert_eq!(s.info(&ids[0]).json()["metadata"]["who"], "gone");
     assert_eq!(
-        s.req("DELETE", &format!("/sandboxes/{}", ids[0]), None).status,
+        s.req("DELETE", &format!("/sandboxes/{}", ids[0]), None)
+            .status,
         204
     );
     assert!(sandbox_dirs(&data).is_empty());
@@ -202,16 +218,21 @@ fn kill9_of_the_server_leaves_no_worker_and_the_next_start_cleans_up() {
     let plain = s.create(json!({}));
     let agent = s.create(json!({"templateID": "agent"}));
     let paused = s.create(json!({}));
-    assert_eq!(s.post(&format!("/sandboxes/{paused}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{paused}/pause"), json!({}))
+            .status,
+        204
+    );
     let workers: Vec<i32> = [&plain, &agent]
         .iter()
         .map(|id| s.worker_pid(id).expect("worker pid"))
         .collect();
-    let agent_pid: i32 = std::fs::read_to_string(data.join("sandboxes").join(&agent).join("agent.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let agent_pid: i32 =
+        std::fs::read_to_string(data.join("sandboxes").join(&agent).join("agent.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
     assert!(!process_dead(agent_pid));
     s.kill9();
     // Workers die with the server (PR_SET_PDEATHSIG).
@@ -231,7 +252,11 @@ fn kill9_of_the_server_leaves_no_worker_and_the_next_start_cleans_up() {
     for id in [&plain, &agent] {
         let r = s.info(id);
         r.assert_error(404);
-        assert!(r.body.contains("running when the server stopped"), "{}", r.body);
+        assert!(
+            r.body.contains("running when the server stopped"),
+            "{}",
+            r.body
+        );
     }
     assert_eq!(sandbox_dirs(&data), [paused.clone()]);
     assert_eq!(s.info(&paused).json()["state"], "paused");

@@ -13,6 +13,19 @@
 //! worker dies unexpectedly the sandbox is removed and remembered as gone,
 //! with the reason, for the 404 message.
 //!
+//! Admission: besides `max_running`, running sandboxes' memory is a budget
+//! (a share of the host's RAM, one semaphore permit per MiB, held while
+//! running); pausing is bounded by the paused-sandbox and snapshot-byte
+//! quotas. All answer 429 with the numbers.
+//!
+//! Faults (`super::fault` injects them in tests): a pause whose record
+//! fails to save stays paused and resumable, keeps the previous snapshot,
+//! and the timer task saves the record again; a resume that fails after
+//! the guest ran removes the sandbox with the reason (its disk may be newer
+//! than its memory; a `resumed` marker in the snapshot tells a restart the
+//! same); a failed auto-pause keeps the sandbox running and retries. Bad
+//! stored rows are quarantined at start ([`Store::load_all_quarantining`]).
+//!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
@@ -338,7 +351,10 @@ impl Manager {
                 .map_err(io(format!("chmod 600 {}", db.display())))?;
         }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
-        let budget = cfg.limits.memory_budget_mb.min(Semaphore::MAX_PERMITS as u64) as usize;
+        let budget = cfg
+            .limits
+            .memory_budget_mb
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
         let memory = Arc::new(Semaphore::new(budget));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
         let mgr = Arc::new(Manager {
@@ -1869,7 +1885,9 @@ impl Manager {
                 e.rec().unsaved = false;
                 tracing::info!(sandbox = %e.id, "its record is saved now");
             }
-            Err(err) => tracing::warn!(sandbox = %e.id, "saving its record failed again: {}", err.message),
+            Err(err) => {
+                tracing::warn!(sandbox = %e.id, "saving its record failed again: {}", err.message)
+            }
         }
     }
 

@@ -35,6 +35,17 @@
 //! (the agent's TCP forwarder). Then HTTP/1.1 over that stream (hyper),
 //! bodies streamed both ways, hop-by-hop headers stripped.
 //!
+//! With a sandbox domain configured (`--domain D`), only a Host under D
+//! routes ([`route_of_in`]): the same `{port}-{id}.` shape under any other
+//! domain is answered 421 (Misdirected Request), never forwarded.
+//!
+//! Limits ([`serve_http_limited`], [`ConnLimits`]): a connection must send
+//! a complete request head within the header-read timeout (after it was
+//! accepted, or after its previous response) or it is closed (slowloris);
+//! one client IP address may hold at most so many connections (beyond: a
+//! raw 429 and close). Per-request log lines are limited per sandbox
+//! ([`LOG_LINES_PER_SEC`]).
+//!
 //! Proxied traffic needs no API key (the SDK sends none; envd's own
 //! `X-Access-Token` is passed through). Each running sandbox has a [`Gate`];
 //! pause and kill close it, which aborts every open proxied exchange of that
@@ -874,7 +885,8 @@ pub async fn serve_http_limited(
             let answer = (tls.is_none()).then(|| too_many_connections(limits.max_conns_per_ip));
             conns.spawn(async move {
                 if let Some(a) = answer {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&a)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&a)).await;
                 }
                 let _ = stream.shutdown().await;
             });
@@ -941,12 +953,7 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let signed = signed_files_request(&req);
-    let route = match route_of_in(
-        req.uri().path(),
-        req.headers(),
-        req.uri(),
-        st.mgr.domain(),
-    ) {
+    let route = match route_of_in(req.uri().path(), req.headers(), req.uri(), st.mgr.domain()) {
         Ok(Some(r)) => r,
         Ok(None) => {
             // No routing headers: a secured sandbox's envd token alone names
@@ -1021,11 +1028,17 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     // A paused sandbox created with autoResume wakes up for its traffic.
-    if let Err(e) = st
-        .mgr
-        .auto_resume(&route.sandbox_id, route.port, token.as_deref())
+    // On its own task: a client that hangs up does not cut a resume short.
+    let (mgr, id, port, tok) = (
+        st.mgr.clone(),
+        route.sandbox_id.clone(),
+        route.port,
+        token.clone(),
+    );
+    let resumed = tokio::spawn(async move { mgr.auto_resume(&id, port, tok.as_deref()).await })
         .await
-    {
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("auto-resume task failed: {e}"))));
+    if let Err(e) = resumed {
         return e.into_response();
     }
     let target = match st
@@ -1101,7 +1114,12 @@ mod tests {
         let h = |host: &'static str| hm(&[("host", host)]);
         let r = route_of_in("/", &h("80-abc.sandbox.test"), &u, Some("sandbox.test")).unwrap();
         assert_eq!(r.map(|r| r.port), Some(80));
-        let r = route_of_in("/", &h("80-abc.SANDBOX.test.:8443"), &u, Some("sandbox.test."));
+        let r = route_of_in(
+            "/",
+            &h("80-abc.SANDBOX.test.:8443"),
+            &u,
+            Some("sandbox.test."),
+        );
         assert_eq!(r.unwrap().map(|r| r.port), Some(80));
         for host in ["80-abc.other.test", "80-abc.a.sandbox.test", "80-abc.test"] {
             let e = route_of_in("/", &h(host), &u, Some("sandbox.test")).unwrap_err();
@@ -1117,9 +1135,13 @@ mod tests {
             ("novita-sandbox-id", "abc"),
             ("novita-sandbox-port", "8080"),
         ]);
-        assert!(route_of_in("/", &hd, &u, Some("sandbox.test")).unwrap().is_some());
+        assert!(route_of_in("/", &hd, &u, Some("sandbox.test"))
+            .unwrap()
+            .is_some());
         // Without a domain, any domain routes.
-        assert!(route_of_in("/", &h("80-abc.other.test"), &u, None).unwrap().is_some());
+        assert!(route_of_in("/", &h("80-abc.other.test"), &u, None)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -372,7 +372,8 @@ const MAX_ROW_VCPUS: i64 = 255;
 /// Whether a `SELECT rowid, *` row decodes into a valid [`Row`].
 fn check_row(r: &rusqlite::Row<'_>) -> Result<(), String> {
     fn col<T: rusqlite::types::FromSql>(r: &rusqlite::Row<'_>, name: &str) -> Result<T, String> {
-        r.get::<_, T>(name).map_err(|e| format!("column {name}: {e}"))
+        r.get::<_, T>(name)
+            .map_err(|e| format!("column {name}: {e}"))
     }
     let id: String = col(r, "id")?;
     if id.is_empty() || id.len() > 128 {
