@@ -258,7 +258,7 @@ fn kill9_of_the_server_leaves_no_worker_and_the_next_start_cleans_up() {
             r.body
         );
     }
-    assert_eq!(sandbox_dirs(&data), [paused.clone()]);
+    assert_eq!(sandbox_dirs(&data), vec![paused.clone()]);
     assert_eq!(s.info(&paused).json()["state"], "paused");
     let r = s.post(&format!("/sandboxes/{paused}/resume"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);

@@ -206,7 +206,7 @@ fn mutated_real_state_bin_is_ok_or_a_clear_error() {
 }
 
 /// Rewrites a map's trailing CRC64 so edits reach the parser behind it.
-fn reseal_map(b: &mut Vec<u8>) {
+fn reseal_map(b: &mut [u8]) {
     if b.len() >= 8 {
         let off = b.len() - 8;
         let crc = CRC64.checksum(&b[..off]);

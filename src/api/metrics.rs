@@ -460,7 +460,7 @@ mod tests {
                 .unwrap()
                 .len();
             assert_eq!(len, 0, "round {round}: rotated after it was read");
-            assert!(old >= MAX_CONSOLE_BYTES && old < 2 * MAX_CONSOLE_BYTES);
+            assert!((MAX_CONSOLE_BYTES..2 * MAX_CONSOLE_BYTES).contains(&old));
         }
         // The worker's next line lands at the start of the fresh file.
         writeln!(f, "after").unwrap();
