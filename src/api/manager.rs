@@ -13,6 +13,19 @@
 //! worker dies unexpectedly the sandbox is removed and remembered as gone,
 //! with the reason, for the 404 message.
 //!
+//! Admission: besides `max_running`, running sandboxes' memory is a budget
+//! (a share of the host's RAM, one semaphore permit per MiB, held while
+//! running); pausing is bounded by the paused-sandbox and snapshot-byte
+//! quotas. All answer 429 with the numbers.
+//!
+//! Faults (`super::fault` injects them in tests): a pause whose record
+//! fails to save stays paused and resumable, keeps the previous snapshot,
+//! and the timer task saves the record again; a resume that fails after
+//! the guest ran removes the sandbox with the reason (its disk may be newer
+//! than its memory; a `resumed` marker in the snapshot tells a restart the
+//! same); a failed auto-pause keeps the sandbox running and retries. Bad
+//! stored rows are quarantined at start ([`Store::load_all_quarantining`]).
+//!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
@@ -73,6 +86,12 @@ const AGENT_POLL: Duration = Duration::from_millis(50);
 const RESUME_AGENT_WAIT: Duration = Duration::from_secs(30);
 /// The vsock socket in a sandbox's directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// Written into a snapshot's directory before a guest is resumed from it:
+/// from then on the snapshot's disk overlay may be newer than its memory.
+pub const RESUMED_MARKER: &str = "resumed";
+/// After a failed auto-pause, the next attempt comes this much later (the
+/// sandbox keeps running meanwhile, until its retention ends).
+const AUTO_PAUSE_RETRY: Duration = Duration::from_secs(3);
 /// The copy-on-write disk overlay in a sandbox's directory.
 pub const DISK_OVERLAY: &str = "disk.overlay";
 
@@ -113,13 +132,63 @@ pub struct Config {
     pub interpreter_python: String,
     /// Guest memory backing of sandboxes whose template names none.
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Admission limits (memory, paused sandboxes, snapshot bytes).
+    pub limits: Limits,
 }
+
+/// Admission limits beyond `max_running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// MiB of guest memory (templates' `memoryMB`) running sandboxes may
+    /// hold together; a create or resume beyond is answered 429.
+    pub memory_budget_mb: u64,
+    /// Most paused sandboxes at once (0: no limit).
+    pub max_paused: usize,
+    /// Most bytes of snapshots on disk, paused sandboxes together (0: no
+    /// limit).
+    pub max_snapshot_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_budget_mb: memory_budget_mb(super::DEFAULT_MAX_MEMORY_SHARE),
+            max_paused: 0,
+            max_snapshot_bytes: 0,
+        }
+    }
+}
+
+/// The host's RAM in MiB (`MemTotal` of /proc/meminfo); `None` if unknown.
+pub fn host_memory_mb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// `share` of the host's RAM in MiB (at least 1; unlimited if the host's RAM
+/// is unknown).
+pub fn memory_budget_mb(share: f64) -> u64 {
+    match host_memory_mb() {
+        Some(mb) => ((mb as f64 * share.clamp(0.0, 1.0)) as u64).max(1),
+        None => u64::MAX >> 4,
+    }
+}
+
+/// Most permits one admission may take from the memory semaphore.
+const MAX_MEMORY_PERMITS: u64 = u32::MAX as u64;
 
 struct Rec {
     row: Row,
     busy: Option<&'static str>,
     worker: Option<Arc<WorkerClient>>,
     slot: Option<OwnedSemaphorePermit>,
+    /// While running: this sandbox's share of the memory budget.
+    mem: Option<OwnedSemaphorePermit>,
+    /// The stored row lags behind `row` (saving it failed); the timer task
+    /// retries until it is saved.
+    unsaved: bool,
     gone: bool,
     expiry_queued: bool,
     /// While paused: what the current snapshot takes on disk.
@@ -151,6 +220,8 @@ pub struct Manager {
     map: StdMutex<HashMap<String, Arc<Entry>>>,
     tombstones: StdMutex<HashMap<String, String>>,
     slots: Arc<Semaphore>,
+    /// The memory budget, one permit per MiB.
+    memory: Arc<Semaphore>,
     spawns: Semaphore,
     seq: AtomicI64,
     timer: Notify,
@@ -288,6 +359,11 @@ impl Manager {
                 .map_err(io(format!("chmod 600 {}", db.display())))?;
         }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
+        let budget = cfg
+            .limits
+            .memory_budget_mb
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
+        let memory = Arc::new(Semaphore::new(budget));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
         let mgr = Arc::new(Manager {
             seq: AtomicI64::new(store.max_seq()?),
@@ -296,6 +372,7 @@ impl Manager {
             map: StdMutex::new(HashMap::new()),
             tombstones: StdMutex::new(HashMap::new()),
             slots,
+            memory,
             spawns,
             timer: Notify::new(),
         });
@@ -340,7 +417,17 @@ impl Manager {
         }
         let now = now_ms();
         let mut kept = std::collections::HashSet::new();
-        for row in self.store.load_all()? {
+        let (rows, quarantined) = self.store.load_all_quarantining()?;
+        for q in quarantined {
+            // Its files stay for inspection (not swept as orphans below).
+            tracing::error!(
+                sandbox = ?q.id,
+                "quarantined a stored sandbox row (moved to the quarantine table of stasis.db): {}",
+                q.why
+            );
+            kept.insert(q.id);
+        }
+        for row in rows {
             if !models::valid_name(&row.id, false) {
                 tracing::warn!(id = ?row.id, "dropping a stored sandbox with an invalid id");
                 self.store.delete(&row.id)?;
@@ -358,6 +445,14 @@ impl Manager {
                 }
                 RowState::Paused if !self.snapshot_dir(&row.id, row.snapshot_gen).is_dir() => {
                     Some("its snapshot is missing")
+                }
+                RowState::Paused
+                    if self
+                        .snapshot_dir(&row.id, row.snapshot_gen)
+                        .join(RESUMED_MARKER)
+                        .exists() =>
+                {
+                    Some("its snapshot was resumed before the server stopped, so its disk may be newer than its memory")
                 }
                 RowState::Paused => None,
             };
@@ -391,6 +486,8 @@ impl Manager {
                     busy: None,
                     worker: None,
                     slot: None,
+                    mem: None,
+                    unsaved: false,
                     gone: false,
                     expiry_queued: false,
                     snapshot_usage,
@@ -488,6 +585,7 @@ impl Manager {
             }
             r.gone = true;
             r.slot = None;
+            r.mem = None;
             r.busy = Some("removing");
             if let Some(g) = r.gate.take() {
                 g.close();
@@ -538,6 +636,33 @@ impl Manager {
                 ),
             )
         })
+    }
+
+    /// Reserves `memory_mb` of the memory budget for a sandbox about to
+    /// run (429 with the numbers if it does not fit).
+    fn take_memory(&self, memory_mb: u64) -> Result<OwnedSemaphorePermit, ApiError> {
+        let budget = self.cfg.limits.memory_budget_mb;
+        let refuse = || {
+            let in_use = budget.saturating_sub(self.memory.available_permits() as u64);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "not enough memory: the sandbox needs {memory_mb} MiB, running sandboxes hold {in_use} MiB of the {budget} MiB allowed (--max-memory-share of the host's RAM); pause or kill one first"
+                ),
+            )
+        };
+        if memory_mb > budget.min(MAX_MEMORY_PERMITS) {
+            return Err(refuse());
+        }
+        self.memory
+            .clone()
+            .try_acquire_many_owned(memory_mb.max(1) as u32)
+            .map_err(|_| refuse())
+    }
+
+    /// The sandbox domain (`--domain`), if any.
+    pub fn domain(&self) -> Option<&str> {
+        self.cfg.domain.as_deref()
     }
 
     async fn resolve_template(&self, name: &str) -> Result<Template, ApiError> {
@@ -946,6 +1071,7 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<SandboxOut, ApiError> {
         let template_name = req.template_id.clone().unwrap_or_else(|| "base".into());
         let timeout = self.timeout_secs(req.timeout, true)?;
+        models::check_sizes(&req).map_err(ApiError::bad_request)?;
         if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(ApiError::bad_request("volume mounts are not supported"));
         }
@@ -970,12 +1096,16 @@ impl Manager {
             .unwrap_or(false);
         let mut template = self.resolve_template(&template_name).await?;
         let slot = self.take_slot()?;
+        let mem = self.take_memory(template.memory_mb)?;
 
         let id = models::new_id();
         let dir = self.sandbox_dir(&id);
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        if super::fault("slow-create") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         template.boot.console = self.console(&id);
         if let Some(base) = &template.rootfs {
             template.boot.disk = Some(DiskSpec {
@@ -1105,6 +1235,8 @@ impl Manager {
                 busy: None,
                 worker: Some(worker.clone()),
                 slot: Some(slot),
+                mem: Some(mem),
+                unsaved: false,
                 gone: false,
                 expiry_queued: false,
                 snapshot_usage: None,
@@ -1255,8 +1387,52 @@ impl Manager {
         self.do_pause(&e).await
     }
 
+    /// The paused-sandbox quotas (`--max-paused`, `--max-snapshot-bytes`):
+    /// 429 if pausing one more sandbox would exceed them. Sandboxes being
+    /// paused count as paused.
+    fn check_pause_quota(&self, id: &str) -> Result<(), ApiError> {
+        let l = self.cfg.limits;
+        if l.max_paused == 0 && l.max_snapshot_bytes == 0 {
+            return Ok(());
+        }
+        let (mut paused, mut bytes) = (0usize, 0u64);
+        for (other, e) in self.map().iter() {
+            if other == id {
+                continue;
+            }
+            let r = e.rec();
+            if r.gone {
+                continue;
+            }
+            if r.row.state == RowState::Paused || r.busy == Some("pausing") {
+                paused += 1;
+                bytes += r.snapshot_usage.map_or(0, |u| u.allocated);
+            }
+        }
+        if l.max_paused != 0 && paused >= l.max_paused {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the limit of {} paused sandboxes is reached (--max-paused); kill a paused sandbox first (this one keeps running)",
+                    l.max_paused
+                ),
+            ));
+        }
+        if l.max_snapshot_bytes != 0 && bytes >= l.max_snapshot_bytes {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "snapshots already take {bytes} bytes of the {} allowed (--max-snapshot-bytes); kill a paused sandbox first (this one keeps running)",
+                    l.max_snapshot_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Under the op lock, state running: snapshot and stop the worker.
     async fn do_pause(&self, e: &Entry) -> Result<(), ApiError> {
+        self.check_pause_quota(&e.id)?;
         let (worker, gen) = {
             let mut r = e.rec();
             r.busy = Some("pausing");
@@ -1272,14 +1448,18 @@ impl Manager {
         };
         let dir = self.snapshot_dir(&e.id, gen);
         let started = std::time::Instant::now();
-        let res = worker
-            .request(
-                Request::Pause {
-                    snapshot_dir: dir.clone(),
-                },
-                PAUSE_TIMEOUT,
-            )
-            .await;
+        let res = if super::fault("pause") {
+            Err(WorkerError::Remote("injected fault: pause".into()))
+        } else {
+            worker
+                .request(
+                    Request::Pause {
+                        snapshot_dir: dir.clone(),
+                    },
+                    PAUSE_TIMEOUT,
+                )
+                .await
+        };
         match res {
             Ok(Reply::Paused {
                 snapshot_bytes,
@@ -1289,6 +1469,7 @@ impl Manager {
                     let mut r = e.rec();
                     r.worker = None; // its exit is expected now
                     r.slot = None;
+                    r.mem = None;
                     r.row.clone()
                 };
                 if tokio::time::timeout(SHUTDOWN_GRACE, worker.wait_exit())
@@ -1304,14 +1485,30 @@ impl Manager {
                 if let Some(g) = guest {
                     row.guest_round = Some(g.round);
                 }
-                let saved = self.put_row(row.clone()).await;
+                let saved = if super::fault("db-after-pause") {
+                    Err(ApiError::internal("store: injected fault: db-after-pause"))
+                } else {
+                    self.put_row(row.clone()).await
+                };
                 let usage_dir = dir.clone();
                 let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
                     .await
                     .unwrap_or_default();
-                if old > 0 {
+                // The previous snapshot goes only once the new one is on
+                // record: if saving failed, the stored row still names it.
+                if old > 0 && saved.is_ok() {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
                 }
+                if saved.is_err() {
+                    e.rec().unsaved = true;
+                }
+                let saved = saved.map_err(|err| {
+                    tracing::error!(sandbox = %e.id, "paused, but saving its record failed (retried in the background): {}", err.message);
+                    ApiError::internal(format!(
+                        "the sandbox is paused (and can be resumed) but saving its record failed: {}",
+                        err.message
+                    ))
+                });
                 {
                     let mut r = e.rec();
                     r.row = row;
@@ -1360,6 +1557,7 @@ impl Manager {
     /// Under the op lock, state paused: start a worker from the snapshot.
     async fn do_resume(self: &Arc<Self>, e: &Arc<Entry>, timeout_s: i64) -> Result<Row, ApiError> {
         let slot = self.take_slot()?;
+        let mem = self.take_memory(e.rec().row.memory_mb)?;
         let gen = {
             let mut r = e.rec();
             r.busy = Some("resuming");
@@ -1387,6 +1585,14 @@ impl Manager {
                 None
             }
         };
+        // From here on the guest may run and write to the snapshot's disk
+        // overlay (used in place): the marker says so to a later recovery,
+        // which then must not offer this snapshot as a paused sandbox.
+        let marker = self.snapshot_dir(&e.id, gen).join(RESUMED_MARKER);
+        if let Err(err) = tokio::fs::write(&marker, b"").await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            return Err(fail(format!("writing {}: {err}", marker.display())));
+        }
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
@@ -1403,10 +1609,14 @@ impl Manager {
             }) => (guest, memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                let _ = tokio::fs::remove_file(&marker).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
+                // The worker answers Running only once the guest runs: it
+                // has not run, the snapshot is intact.
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                let _ = tokio::fs::remove_file(&marker).await;
                 return Err(fail(err.to_string()));
             }
         };
@@ -1448,15 +1658,35 @@ impl Manager {
         if let Some(g) = guest {
             row.guest_round = Some(g.round);
         }
-        if let Err(err) = self.put_row(row.clone()).await {
+        let saved = if super::fault("db-after-resume") {
+            Err(ApiError::internal("store: injected fault: db-after-resume"))
+        } else {
+            self.put_row(row.clone()).await
+        };
+        if let Err(err) = saved {
+            // The guest ran: its disk (the snapshot's overlay, used in
+            // place) may be newer than the snapshot's memory, so the
+            // snapshot cannot be offered as "paused" again. The sandbox is
+            // marked broken: removed, with the reason kept for its 404.
             worker.shutdown(SHUTDOWN_GRACE).await;
-            return Err(fail(err.message));
+            e.rec().busy = None;
+            let why = format!(
+                "resuming failed after the guest ran ({}); its disk may be newer than its memory snapshot, so it cannot be resumed again",
+                err.message
+            );
+            tracing::error!(sandbox = %e.id, "{why}");
+            self.remove(e, &why).await;
+            return Err(ApiError::internal(format!(
+                "{why}; the sandbox was removed"
+            )));
         }
         {
             let mut r = e.rec();
             r.row = row.clone();
             r.worker = Some(worker.clone());
             r.slot = Some(slot);
+            r.mem = Some(mem);
+            r.unsaved = false;
             r.busy = None;
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
@@ -1649,10 +1879,44 @@ impl Manager {
                 let mgr = self.clone();
                 tokio::spawn(async move { mgr.expire(e).await });
             }
+            let unsaved: Vec<Arc<Entry>> = self
+                .map()
+                .values()
+                .filter(|e| {
+                    let r = e.rec();
+                    r.unsaved && !r.gone && r.busy.is_none()
+                })
+                .cloned()
+                .collect();
+            for e in unsaved {
+                let mgr = self.clone();
+                tokio::spawn(async move { mgr.save_again(e).await });
+            }
             let wait = Duration::from_millis((next - now).max(1) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = &mut notified => {}
+            }
+        }
+    }
+
+    /// Retries saving a row whose save failed (see `Rec::unsaved`).
+    async fn save_again(self: Arc<Self>, e: Arc<Entry>) {
+        let Ok(_g) = e.op.try_lock() else { return };
+        let row = {
+            let r = e.rec();
+            if !r.unsaved || r.gone {
+                return;
+            }
+            r.row.clone()
+        };
+        match self.put_row(row).await {
+            Ok(()) => {
+                e.rec().unsaved = false;
+                tracing::info!(sandbox = %e.id, "its record is saved now");
+            }
+            Err(err) => {
+                tracing::warn!(sandbox = %e.id, "saving its record failed again: {}", err.message)
             }
         }
     }
@@ -1680,11 +1944,26 @@ impl Manager {
                 RowState::Running if pause => {
                     tracing::info!(sandbox = %e.id, "timeout reached: auto-pausing");
                     if let Err(err) = self.do_pause(&e).await {
-                        let live = {
+                        let (live, retained) = {
                             let r = e.rec();
-                            !r.gone && r.row.state == RowState::Running
+                            (
+                                !r.gone && r.row.state == RowState::Running,
+                                now_ms() + (AUTO_PAUSE_RETRY.as_millis() as i64)
+                                    < self.retention_end(&r.row),
+                            )
                         };
-                        if live {
+                        if live && retained && e.rec().worker.is_some() {
+                            // Still running: try again later rather than
+                            // lose the sandbox.
+                            let mut r = e.rec();
+                            r.row.end_ms = now_ms() + AUTO_PAUSE_RETRY.as_millis() as i64;
+                            tracing::warn!(
+                                sandbox = %e.id,
+                                retry_ms = AUTO_PAUSE_RETRY.as_millis() as u64,
+                                "auto-pause failed, the sandbox keeps running and is paused later: {}",
+                                err.message
+                            );
+                        } else if live {
                             self.remove(
                                 &e,
                                 &format!(

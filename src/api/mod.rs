@@ -100,6 +100,20 @@ pub struct ServeOptions {
     pub interpreter_python: String,
     /// Guest memory backing of sandboxes (templates may name their own).
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Header-read timeout and per-client-IP connection limit of every
+    /// listener.
+    pub conn_limits: proxy::ConnLimits,
+    /// Running sandboxes' memory (their templates' `memoryMB`) may use at
+    /// most this share of the host's RAM; a create or resume beyond it is
+    /// answered 429.
+    pub max_memory_share: f64,
+    /// Most paused sandboxes kept at once (a pause beyond is answered 429
+    /// and the sandbox keeps running). 0: no limit.
+    pub max_paused: usize,
+    /// Most bytes all paused sandboxes' snapshots may take on disk together:
+    /// once reached, a pause is answered 429 and the sandbox keeps running.
+    /// 0: no limit.
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for ServeOptions {
@@ -125,6 +139,10 @@ impl Default for ServeOptions {
             tls_source: None,
             interpreter_python: "python3".into(),
             memory_backing: crate::vmm::memory::MemoryBacking::Auto,
+            conn_limits: proxy::ConnLimits::default(),
+            max_memory_share: DEFAULT_MAX_MEMORY_SHARE,
+            max_paused: 0,
+            max_snapshot_bytes: 0,
         }
     }
 }
@@ -219,7 +237,32 @@ pub struct ServeArgs {
     /// "memoryBacking" overrides it.
     #[arg(long, default_value = "auto")]
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Close a connection that has not sent a complete request head within
+    /// this many seconds (slowloris guard; 0: never).
+    #[arg(long, default_value_t = proxy::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_read_timeout_secs: u64,
+    /// Most connections open at once from one client IP address (beyond:
+    /// 429 and closed; 0: no limit).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNS_PER_IP)]
+    pub max_conns_per_ip: usize,
+    /// Share of the host's RAM that running sandboxes' memory may take
+    /// (a create or resume beyond it is answered 429).
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMORY_SHARE)]
+    pub max_memory_share: f64,
+    /// Most paused sandboxes kept at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_paused: usize,
+    /// Most bytes of snapshots on disk, all paused sandboxes together
+    /// (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_snapshot_bytes: u64,
 }
+
+/// Default `--max-memory-share`.
+pub const DEFAULT_MAX_MEMORY_SHARE: f64 = 0.8;
+/// Shortest API key accepted on a listener beyond loopback (shorter keys
+/// only warn on loopback).
+pub const MIN_API_KEY_LEN: usize = 16;
 
 /// Reads an API key file: its content, trimmed; empty is an error. Warns
 /// if group or others may read it.
@@ -332,8 +375,46 @@ impl ServeArgs {
             agent_timeout: Duration::from_secs(self.agent_timeout),
             sandbox_listen: self.sandbox_listen,
             shutdown_pause: Duration::from_secs(self.shutdown_pause_secs),
+            conn_limits: proxy::ConnLimits {
+                header_read_timeout: (self.header_read_timeout_secs > 0)
+                    .then(|| Duration::from_secs(self.header_read_timeout_secs)),
+                max_conns_per_ip: self.max_conns_per_ip,
+            },
+            max_memory_share: self.max_memory_share,
+            max_paused: self.max_paused,
+            max_snapshot_bytes: self.max_snapshot_bytes,
             ..ServeOptions::default()
         })
+    }
+}
+
+/// An API key shorter than [`MIN_API_KEY_LEN`] bytes is refused when any
+/// listener is reachable beyond loopback (there the key is all that stands
+/// between the network and the API); on loopback it is warned about.
+fn check_api_key_strength(opts: &ServeOptions) -> Result<(), Error> {
+    let Some(key) = &opts.api_key else {
+        return Ok(());
+    };
+    if key.len() >= MIN_API_KEY_LEN {
+        return Ok(());
+    }
+    let exposed = std::iter::once(opts.listen)
+        .chain(opts.sandbox_listen)
+        .chain(opts.tls_listen)
+        .find(|a| !a.ip().is_loopback());
+    match exposed {
+        Some(addr) => Err(Error::Config(format!(
+            "the API key is {} bytes long; listening on {addr} needs one of at least {MIN_API_KEY_LEN} bytes (e.g. `head -c 24 /dev/urandom | base64 > key; --api-key-file key`)",
+            key.len()
+        ))),
+        None => {
+            tracing::warn!(
+                len = key.len(),
+                min = MIN_API_KEY_LEN,
+                "the API key is short; it would be refused on a non-loopback address"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -378,6 +459,13 @@ pub async fn serve(
             return Err(Error::InsecureListen(addr));
         }
     }
+    check_api_key_strength(&opts)?;
+    if !(opts.max_memory_share > 0.0 && opts.max_memory_share <= 1.0) {
+        return Err(Error::Config(format!(
+            "--max-memory-share must be in (0, 1] (got {})",
+            opts.max_memory_share
+        )));
+    }
     if opts.max_running == 0 || opts.max_inflight == 0 {
         return Err(Error::Config(
             "max_running and max_inflight must be positive".into(),
@@ -409,6 +497,11 @@ pub async fn serve(
         domain: opts.domain.clone(),
         interpreter_python: opts.interpreter_python.clone(),
         memory_backing: opts.memory_backing,
+        limits: manager::Limits {
+            memory_budget_mb: manager::memory_budget_mb(opts.max_memory_share),
+            max_paused: opts.max_paused,
+            max_snapshot_bytes: opts.max_snapshot_bytes,
+        },
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,
@@ -457,7 +550,13 @@ pub async fn serve(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
         }
-        let extra = proxy::serve_http(l, app.clone(), stopped(stop_rx.clone()), None);
+        let extra = proxy::serve_http_limited(
+            l,
+            app.clone(),
+            stopped(stop_rx.clone()),
+            None,
+            opts.conn_limits,
+        );
         tokio::spawn(async move {
             if let Err(e) = extra.await {
                 tracing::error!("second listener failed: {e}");
@@ -487,13 +586,16 @@ pub async fn serve(
         tracing::info!(addr = %bound, %domain, "serving TLS{ca}");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
         let (app, stop) = (app.clone(), stop_rx.clone());
+        let conn_limits = opts.conn_limits;
         tokio::spawn(async move {
-            if let Err(e) = proxy::serve_http(l, app, stopped(stop), Some(acceptor)).await {
+            if let Err(e) =
+                proxy::serve_http_limited(l, app, stopped(stop), Some(acceptor), conn_limits).await
+            {
                 tracing::error!("TLS listener failed: {e}");
             }
         });
     }
-    let served = proxy::serve_http(listener, app, stopped(stop_rx), None)
+    let served = proxy::serve_http_limited(listener, app, stopped(stop_rx), None, opts.conn_limits)
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!(
@@ -502,6 +604,48 @@ pub async fn serve(
     );
     mgr.shutdown(opts.shutdown_pause).await;
     served
+}
+
+/// Fault injection for tests: `STASIS_FAULT=name[@N][,name[@N]...]` in the
+/// server's environment makes the named fault point fail once, the N-th
+/// time it is reached (default: the first). Read at the first check; never
+/// set it in production. Points: `pause` (the worker's pause fails, the VM
+/// keeps running), `db-after-pause` (saving the paused record fails),
+/// `db-after-resume` (saving the running record fails after the guest
+/// ran), `slow-create` (create waits 2 s after making the sandbox's
+/// directory, so a test can disconnect meanwhile). `tests/faults.rs` proves
+/// what each leaves behind.
+pub fn fault(name: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static ARMED: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let map: HashMap<String, u32> = std::env::var("STASIS_FAULT")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| match s.split_once('@') {
+                Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1).max(1)),
+                None => (s.to_string(), 1),
+            })
+            .collect();
+        if !map.is_empty() {
+            tracing::warn!(faults = ?map, "fault injection armed (STASIS_FAULT)");
+        }
+        Mutex::new(map)
+    });
+    let mut armed = armed.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(left) = armed.get_mut(name) else {
+        return false;
+    };
+    *left -= 1;
+    if *left > 0 {
+        return false;
+    }
+    armed.remove(name);
+    tracing::warn!(fault = name, "injected fault");
+    true
 }
 
 /// Said at start when the built-in templates run the test guest: how to get

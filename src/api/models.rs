@@ -249,6 +249,63 @@ pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// Most entries of a sandbox's `metadata`.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Most bytes of a sandbox's `metadata`, keys and values together.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Most entries of a sandbox's `envVars`.
+pub const MAX_ENV_VARS_ENTRIES: usize = 1024;
+/// Most bytes of a sandbox's `envVars`, names and values together.
+pub const MAX_ENV_VARS_BYTES: usize = 128 * 1024;
+
+/// Checks `metadata` and `envVars` of a new sandbox against the caps above
+/// (the message says which field and limit; the API answers 400). Env var
+/// names must also be non-empty and free of `=` and NUL, values free of NUL.
+pub fn check_sizes(req: &NewSandbox) -> Result<(), String> {
+    fn check(
+        what: &str,
+        map: Option<&BTreeMap<String, String>>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(), String> {
+        let Some(map) = map else { return Ok(()) };
+        if map.len() > max_entries {
+            return Err(format!(
+                "{what} has {} entries; at most {max_entries} are allowed",
+                map.len()
+            ));
+        }
+        let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > max_bytes {
+            return Err(format!(
+                "{what} takes {bytes} bytes; at most {max_bytes} are allowed"
+            ));
+        }
+        Ok(())
+    }
+    check(
+        "metadata",
+        req.metadata.as_ref(),
+        MAX_METADATA_ENTRIES,
+        MAX_METADATA_BYTES,
+    )?;
+    check(
+        "envVars",
+        req.env_vars.as_ref(),
+        MAX_ENV_VARS_ENTRIES,
+        MAX_ENV_VARS_BYTES,
+    )?;
+    for (k, v) in req.env_vars.iter().flatten() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("envVars: invalid variable name {k:?}"));
+        }
+        if v.contains('\0') {
+            return Err(format!("envVars: the value of {k:?} contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -499,6 +499,16 @@ fn add_metrics_and_logs_to(doc: &mut serde_json::Value) {
             "logs": { "type": "array", "items": entry } } } } } }, "400": err, "401": err, "404": err } } }));
 }
 
+/// OpenAPI path parameters for each `{name}` segment of `path`.
+fn path_params(path: &str) -> serde_json::Value {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            serde_json::json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } })
+        })
+        .collect()
+}
+
 /// Lists [`UNSUPPORTED`] in the OpenAPI document, each answering 501.
 fn add_unsupported_to(doc: &mut serde_json::Value) {
     let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
@@ -514,6 +524,9 @@ fn add_unsupported_to(doc: &mut serde_json::Value) {
                 serde_json::json!({
                     "summary": format!("Not supported by stasis: {what}"),
                     "x-stasis-unsupported": true,
+                    // Its path parameters, so the document is valid OpenAPI
+                    // (schemathesis refused it without them).
+                    "parameters": path_params(path),
                     "responses": { "501": { "description": format!("not supported by stasis: {what}"),
                         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } } }
                 }),
@@ -522,11 +535,25 @@ fn add_unsupported_to(doc: &mut serde_json::Value) {
     }
 }
 
+/// Runs a lifecycle operation on its own task and awaits it: a client that
+/// disconnects (dropping the handler's future) does not cancel it halfway,
+/// between its steps (a created sandbox's files without its record, a
+/// paused worker without the paused state). The operation finishes and its
+/// result is kept in the server's state; only the answer is lost.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation's task failed: {e}")))?
+}
+
 async fn create(
     State(st): State<AppState>,
     JsonBody(body): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let out = st.mgr.create(body).await?;
+    let mgr = st.mgr.clone();
+    let out = detached(async move { mgr.create(body).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -542,7 +569,8 @@ async fn kill(
     State(st): State<AppState>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    st.mgr.kill(&id_of(p)?).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    detached(async move { mgr.kill(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -550,7 +578,8 @@ async fn pause(
     State(st): State<AppState>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    st.mgr.pause(&id_of(p)?).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    detached(async move { mgr.pause(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -559,7 +588,8 @@ async fn connect(
     p: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<ConnectBody>,
 ) -> Result<Response, ApiError> {
-    let (resumed, out) = st.mgr.connect(&id_of(p)?, body).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    let (resumed, out) = detached(async move { mgr.connect(&id, body).await }).await?;
     let code = if resumed {
         StatusCode::CREATED
     } else {
@@ -573,7 +603,8 @@ async fn resume(
     p: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<ResumeBody>,
 ) -> Result<Response, ApiError> {
-    let out = st.mgr.resume(&id_of(p)?, body).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    let out = detached(async move { mgr.resume(&id, body).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
