@@ -98,6 +98,9 @@
 #                         /rootfs.ext4"; empty: only the built-in templates)
 #   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
 #   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
+#   STASIS_L1_FWD         serve: more forwarded ports, space separated
+#                         HOSTIP:HOSTPORT-L1PORT (e.g. 127.9.8.7:443-443 for
+#                         the server's --tls-listen 0.0.0.0:443)
 #   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
 #   STASIS_PR_PAUSED_S    pause-resume: seconds the snapshot stays on disk
 #                         before the lazy resume (6), long enough for the
@@ -692,7 +695,13 @@ EOF
     [[ -z "${STASIS_L1_QEMU_ARGS:-}" ]] || read -r -a qemu_extra <<<"$STASIS_L1_QEMU_ARGS"
     net=()
     # shellcheck disable=SC2054 # the commas are inside one QEMU argument
-    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+    fwd="hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+    for f in ${STASIS_L1_FWD:-}; do
+        [[ "$f" =~ ^([0-9.]+):([0-9]+)-([0-9]+)$ ]] \
+            || { echo "run-l1: STASIS_L1_FWD entry '$f' is not HOSTIP:HOSTPORT-L1PORT" >&2; exit 2; }
+        fwd+=",hostfwd=tcp:${BASH_REMATCH[1]}:${BASH_REMATCH[2]}-10.0.2.15:${BASH_REMATCH[3]}"
+    done
+    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,$fwd"
         -device virtio-net-pci,netdev=n0)
     qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
         -nographic -no-reboot -nodefaults
