@@ -55,11 +55,11 @@ const TOOL_LIMIT: Duration = Duration::from_secs(60);
 /// Nested: L1's hard limit and the server's inside it. The image (1.5 GiB of
 /// non-zero blocks) travels in L1's initramfs, so L1 needs room for it twice
 /// while it boots, once after, plus the guest and its snapshot.
-const SERVE_L1_LIMIT_S: u64 = 1500;
-const SERVE_INNER_LIMIT_S: u64 = 1470;
+const SERVE_L1_LIMIT_S: u64 = 2100;
+const SERVE_INNER_LIMIT_S: u64 = 2070;
 const SERVE_L1_MEM_MIB: u32 = 5120;
 const GUEST_MEM_MIB: u32 = 1024;
-const NESTED_RUN_LIMIT: Duration = Duration::from_secs(30 * 60);
+const NESTED_RUN_LIMIT: Duration = Duration::from_secs(40 * 60);
 const DIRECT_SERVER_START: Duration = Duration::from_secs(60);
 const DIRECT_RUN_LIMIT: Duration = Duration::from_secs(15 * 60);
 
