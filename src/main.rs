@@ -683,7 +683,9 @@ fn images_build(source: Option<PathBuf>, base_only: bool) -> Result<ExitCode, St
             )),
             (code, _) => Err(format!(
                 "{script} failed ({}); its log is above",
-                code.map_or("killed by a signal".to_owned(), |c| format!("exit status {c}"))
+                code.map_or("killed by a signal".to_owned(), |c| format!(
+                    "exit status {c}"
+                ))
             )),
         }
     };
@@ -695,17 +697,16 @@ fn images_build(source: Option<PathBuf>, base_only: bool) -> Result<ExitCode, St
         "rootfs/build-image.sh",
         &[agent.as_os_str()],
     )?;
-    let mut args = format!(
-        "--kernel {} --rootfs {}",
-        kernel.display(),
-        base.display()
-    );
+    let mut args = format!("--kernel {} --rootfs {}", kernel.display(), base.display());
     if !base_only {
         let ci = step(
             4,
             "the code-interpreter image",
             "rootfs/build-image.sh",
-            &[std::ffi::OsStr::new("--code-interpreter"), agent.as_os_str()],
+            &[
+                std::ffi::OsStr::new("--code-interpreter"),
+                agent.as_os_str(),
+            ],
         )?;
         args.push_str(&format!(" --interpreter-rootfs {}", ci.display()));
     }
