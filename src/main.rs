@@ -92,6 +92,14 @@ enum Cmd {
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
     Serve(Box<stasis::api::ServeArgs>),
+    /// Build the Linux sandbox artifacts: kernel, agent, the `base` image and
+    /// the `code-interpreter-v1` image (cached by content hash; the first
+    /// build of an image downloads Debian packages, 8-13 min on 2 cores).
+    /// The last stdout line is the `stasis serve` arguments that use them.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+    },
     /// Internal: run one sandbox's VM, driven by the server over a socket.
     #[command(hide = true)]
     Worker {
@@ -106,6 +114,24 @@ enum Cmd {
         /// Mutate-and-hash rounds.
         #[arg(long, default_value_t = 40)]
         rounds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// Build (or find cached) the kernel, the agent and both images, one
+    /// progress line per step; prints `--kernel K --rootfs BASE
+    /// --interpreter-rootfs CI` last, e.g. `stasis serve $(stasis images build | tail -n1)`.
+    Build {
+        /// The stasis source tree whose kernel/ and rootfs/ scripts build
+        /// them (default: $STASIS_SOURCE, else the tree this binary was
+        /// built from).
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Only the kernel, the agent and the base image (`code-interpreter-v1`
+        /// then runs on it without the interpreter server).
+        #[arg(long)]
+        base_only: bool,
     },
 }
 
@@ -199,6 +225,9 @@ fn main() -> ExitCode {
             .and_then(stasis::api::serve_blocking)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
+        Cmd::Images {
+            cmd: ImagesCmd::Build { source, base_only },
+        } => images_build(source, base_only),
         Cmd::Worker { socket } => stasis::worker::run_worker(&socket)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
@@ -644,4 +673,88 @@ fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
     })();
     let _ = std::fs::remove_dir_all(&base);
     result
+}
+
+/// `stasis images build`: runs the source tree's build scripts in order
+/// (each prints its artifact's path as its last stdout line and logs to
+/// stderr), one progress line per step on stderr.
+fn images_build(source: Option<PathBuf>, base_only: bool) -> Result<ExitCode, String> {
+    let source = source
+        .or_else(|| std::env::var_os("STASIS_SOURCE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    if !source.join("rootfs/build-image.sh").is_file() || !source.join("kernel/build.sh").is_file()
+    {
+        return Err(format!(
+            "{} is not a stasis source tree (no rootfs/build-image.sh and kernel/build.sh): \
+             pass --source DIR or set STASIS_SOURCE",
+            source.display()
+        ));
+    }
+    let total = if base_only { 3 } else { 4 };
+    let started = Instant::now();
+    let step = |n: usize, what: &str, script: &str, args: &[&std::ffi::OsStr]| {
+        eprintln!("stasis images: [{n}/{total}] {what} ({script})");
+        let t = Instant::now();
+        let out = std::process::Command::new(source.join(script))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("starting {script}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = stdout
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .filter(|p| p.is_file());
+        match (out.status.code(), path) {
+            (Some(0), Some(path)) => {
+                eprintln!(
+                    "stasis images: [{n}/{total}] {what}: {} ({:.1} s)",
+                    path.display(),
+                    t.elapsed().as_secs_f64()
+                );
+                Ok(path)
+            }
+            (Some(2), _) => Err(format!(
+                "{script}: a prerequisite is missing (its message is above)"
+            )),
+            (code, _) => Err(format!(
+                "{script} failed ({}); its log is above",
+                code.map_or("killed by a signal".to_owned(), |c| format!(
+                    "exit status {c}"
+                ))
+            )),
+        }
+    };
+    let kernel = step(1, "the guest kernel", "kernel/build.sh", &[])?;
+    let agent = step(2, "the static agent", "rootfs/build-agent.sh", &[])?;
+    let base = step(
+        3,
+        "the base image (Debian bookworm)",
+        "rootfs/build-image.sh",
+        &[agent.as_os_str()],
+    )?;
+    let mut args = format!("--kernel {} --rootfs {}", kernel.display(), base.display());
+    if !base_only {
+        let ci = step(
+            4,
+            "the code-interpreter image",
+            "rootfs/build-image.sh",
+            &[
+                std::ffi::OsStr::new("--code-interpreter"),
+                agent.as_os_str(),
+            ],
+        )?;
+        args.push_str(&format!(" --interpreter-rootfs {}", ci.display()));
+    }
+    eprintln!(
+        "stasis images: done in {:.1} s; serve them with: stasis serve {args}",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{args}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -652,9 +652,9 @@ pub fn fault(name: &str) -> bool {
 /// Linux sandboxes (`base`, `code-interpreter-v1`) instead.
 pub const IMAGES_HINT: &str =
     "templates base and code-interpreter-v1 run the built-in test guest; \
-for Linux sandboxes build a kernel and images (kernel/build.sh; rootfs/build-agent.sh; \
-rootfs/build-image.sh [--code-interpreter] AGENT) and pass --kernel K --rootfs BASE.ext4 \
---interpreter-rootfs CI.ext4";
+for Linux sandboxes build a kernel and images (`stasis images build`, or kernel/build.sh; \
+rootfs/build-agent.sh; rootfs/build-image.sh [--code-interpreter] AGENT) and pass --kernel K \
+--rootfs BASE.ext4 --interpreter-rootfs CI.ext4 (the last line `stasis images build` prints)";
 
 /// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.
 pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {
