@@ -1739,3 +1739,149 @@ fn console_tail(path: &std::path::Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+// ---- Reusable snapshots (issue 12): `POST /sandboxes/{id}/snapshots`,
+// `GET /snapshots`, `DELETE /templates/{snapshot id}`. ----
+
+/// What the SDK reads of a snapshot (`SnapshotInfo`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotOut {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
+impl Manager {
+    /// The store of reusable snapshots, `<data>/snapshots`.
+    pub fn snapshot_store(
+        &self,
+    ) -> Result<crate::snapshot::store::SnapshotStore, ApiError> {
+        crate::snapshot::store::SnapshotStore::open(self.cfg.data_dir.join("snapshots"))
+            .map_err(|e| internal("snapshot store", crate::error_chain(&e)))
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: a running sandbox pauses briefly
+    /// (its snapshot is taken as by a pause), is copied into the store and
+    /// resumes with its id and end time unchanged; a paused one is copied
+    /// as it is. A sandbox already busy (snapshotting, pausing, resuming)
+    /// answers 409.
+    pub async fn create_snapshot(self: &Arc<Self>, id: &str) -> Result<SnapshotOut, ApiError> {
+        let e = self.entry(id)?;
+        let Ok(_g) = e.op.try_lock() else {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is busy ({}); try again",
+                e.rec().busy.unwrap_or("snapshotting")
+            )));
+        };
+        self.check_live(&e).await?;
+        let (was_running, end_ms) = {
+            let r = e.rec();
+            (r.row.state == RowState::Running, r.row.end_ms)
+        };
+        let started = std::time::Instant::now();
+        if was_running {
+            self.do_pause(&e).await?;
+        }
+        let gen = e.rec().row.snapshot_gen;
+        let store = self.snapshot_store()?;
+        let sid = crate::snapshot::store::SnapshotStore::new_id();
+        let src = self.snapshot_dir(id, gen);
+        let incoming = store.root().join(format!(".incoming-{sid}"));
+        let tree = self.sandbox_dir(id).join("root");
+        let agent = e.rec().row.agent && self.cfg.backend == BackendKind::Fake;
+        let source = id.to_owned();
+        let sid2 = sid.clone();
+        let copied = tokio::task::spawn_blocking(move || {
+            use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
+            let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path()))
+                .and_then(|()| {
+                    store.import(
+                        &incoming,
+                        &sid2,
+                        ImportOpts {
+                            kind: crate::snapshot::manifest::SnapshotKind::User,
+                            source_sandbox: Some(source),
+                            labels: Default::default(),
+                        },
+                    )
+                });
+            if r.is_err() {
+                let _ = std::fs::remove_dir_all(&incoming);
+            }
+            r
+        })
+        .await
+        .map_err(|e| internal("snapshot", e))?;
+        let pause_ms = started.elapsed().as_millis() as u64;
+        // Running again whatever the copy did, with the same end time.
+        if was_running {
+            let left_s = ((end_ms - now_ms()) / 1000).max(1);
+            self.do_resume(&e, left_s).await?;
+            e.rec().row.end_ms = end_ms;
+            self.timer.notify_one();
+        }
+        let stored = copied.map_err(|err| {
+            ApiError::internal(format!("snapshot: {}", crate::error_chain(&err)))
+        })?;
+        tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
+            total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        Ok(SnapshotOut {
+            snapshot_id: stored.manifest.id.clone(),
+            names: vec![stored.manifest.id],
+        })
+    }
+
+    /// `GET /snapshots?sandboxID=&limit=&nextToken=`: oldest first; the
+    /// next page's token is the id of its first snapshot.
+    pub fn list_snapshots(
+        &self,
+        sandbox: Option<&str>,
+        limit: usize,
+        next: Option<&str>,
+    ) -> Result<(Vec<SnapshotOut>, Option<String>), ApiError> {
+        let all: Vec<_> = self
+            .snapshot_store()?
+            .list()
+            .into_iter()
+            .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
+            .collect();
+        let start = match next {
+            Some(t) => all.iter().position(|m| m.id == t).ok_or_else(|| {
+                ApiError::bad_request(format!("invalid nextToken {t:?}"))
+            })?,
+            None => 0,
+        };
+        let page: Vec<SnapshotOut> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|m| SnapshotOut {
+                snapshot_id: m.id.clone(),
+                names: vec![m.id.clone()],
+            })
+            .collect();
+        let token = all.get(start + limit).map(|m| m.id.clone());
+        Ok((page, token))
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot id (the SDK's
+    /// `delete_snapshot`): 404 if there is none, 409 while another
+    /// snapshot needs it (the store's rule).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let store = self.snapshot_store()?;
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || store.delete(&id))
+            .await
+            .map_err(|e| internal("snapshot delete", e))?
+            .map_err(|e| {
+                use crate::snapshot::store::Error as E;
+                match e {
+                    E::NotFound(_) | E::InvalidId(_) => {
+                        ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+                    }
+                    E::InUse { .. } => ApiError::conflict(e.to_string()),
+                    other => ApiError::internal(crate::error_chain(&other)),
+                }
+            })
+    }
+}

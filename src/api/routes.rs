@@ -48,6 +48,12 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/metrics", get(metrics_one))
         .route("/sandboxes/{id}/logs", get(logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route(
+            "/templates/{template_id}",
+            axum::routing::delete(delete_snapshot),
+        )
         .merge(unsupported_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -346,11 +352,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
         "/sandboxes/{id}/refreshes",
         "refreshes (use POST /sandboxes/{id}/timeout)",
     ),
-    (
-        "POST",
-        "/sandboxes/{id}/snapshots",
-        "persistent snapshots (pause keeps the sandbox's state)",
-    ),
     ("POST", "/sandboxes/{id}/clone", "cloning sandboxes"),
     ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
     ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
@@ -363,7 +364,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("DELETE", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("GET", "/sandboxes/events", "sandbox events"),
     ("GET", "/sandboxes/quota", "quotas"),
-    ("GET", "/snapshots", "persistent snapshots"),
     (
         "GET",
         "/templates",
@@ -376,7 +376,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("GET", "/templates/{template_id}", "template management"),
     ("POST", "/templates/{template_id}", "template builds"),
     ("PATCH", "/templates/{template_id}", "template management"),
-    ("DELETE", "/templates/{template_id}", "template management"),
     ("GET", "/templates/{template_id}/tags", "template tags"),
     (
         "GET",
@@ -703,4 +702,59 @@ mod tests {
         let q = parse_list_query(Some("state=paused"), false).unwrap();
         assert!(q.running && !q.paused);
     }
+}
+
+/// `POST /sandboxes/{id}/snapshots` (the body's optional `name` is
+/// accepted and not used: the snapshot's id is its name).
+async fn create_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.create_snapshot(&id_of(p)?).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// `GET /snapshots?sandboxID=&limit=&nextToken=` (the SDK's paginator
+/// reads `x-next-token`).
+async fn list_snapshots(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = models::parse_query(raw.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;
+    let (mut sandbox, mut limit, mut next) = (None, MAX_LIMIT, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit must be 1..={MAX_LIMIT}"))
+                    })?
+            }
+            "nextToken" => next = Some(v),
+            _ => {}
+        }
+    }
+    let (items, token) = st
+        .mgr
+        .list_snapshots(sandbox.as_deref(), limit, next.as_deref())?;
+    let mut resp = Json(items).into_response();
+    if let Some(t) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut().insert("x-next-token", t);
+    }
+    Ok(resp)
+}
+
+/// `DELETE /templates/{id}`: the SDK's `delete_snapshot` (templates
+/// themselves are files in `<data-dir>/templates`, not deleted here).
+async fn delete_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = p.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    st.mgr.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

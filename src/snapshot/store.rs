@@ -321,6 +321,112 @@ impl SnapshotStore {
     }
 }
 
+/// Copies the files of a committed snapshot directory `src` (a sandbox's
+/// current pause, which the sandbox will resume from in place) into a new
+/// directory `dst` for [`SnapshotStore::import`], so that nothing the
+/// sandbox does later reaches the copy: the files a resume only reads
+/// (`state.bin`, `memory.bin`) are reflinked or hard-linked (free), the
+/// disk layer the sandbox will write in place is copied extent by extent
+/// (sparse: only written blocks cost), everything else is copied. With
+/// `tree`, that directory (the fake backend's agent root) is copied
+/// recursively to `dst/root`.
+pub fn copy_snapshot_files(src: &Path, dst: &Path, tree: Option<&Path>) -> Result<()> {
+    fs::create_dir(dst).map_err(io("creating", dst))?;
+    for e in fs::read_dir(src).map_err(io("listing", src))? {
+        let e = e.map_err(io("listing", src))?;
+        let from = e.path();
+        let to = dst.join(e.file_name());
+        if !e.file_type().map_err(io("stat", &from))?.is_file() {
+            continue;
+        }
+        let name = e.file_name();
+        let read_only = name == super::STATE_FILE || name == super::MEMORY_FILE;
+        if read_only && fs::hard_link(&from, &to).is_ok() {
+            continue;
+        }
+        sparse_copy(&from, &to)?;
+    }
+    if let Some(t) = tree {
+        if t.is_dir() {
+            copy_tree(t, &dst.join("root"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` to the new file `to`, keeping holes (SEEK_DATA/SEEK_HOLE
+/// and `copy_file_range`).
+pub fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let src = fs::File::open(from).map_err(io("opening", from))?;
+    let out = fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(io("creating", to))?;
+    let len = src.metadata().map_err(io("stat", from))?.len();
+    out.set_len(len).map_err(io("sizing", to))?;
+    let mut off: i64 = 0;
+    while (off as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data past `off`.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let (mut a, mut b) = (data, data);
+        while a < end {
+            // SAFETY: both descriptors are open files we own; the offsets
+            // point to our own locals, valid for the call.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut a,
+                    out.as_raw_fd(),
+                    &mut b,
+                    (end - a) as usize,
+                    0,
+                )
+            };
+            if n <= 0 {
+                let err = if n < 0 {
+                    std::io::Error::last_os_error()
+                } else {
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
+                };
+                return Err(Error::Io {
+                    op: "copying into",
+                    path: to.to_owned(),
+                    source: err,
+                });
+            }
+        }
+        off = end;
+    }
+    out.sync_all().map_err(io("fsyncing", to))?;
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to).map_err(io("creating", to))?;
+    for e in fs::read_dir(from).map_err(io("listing", from))? {
+        let e = e.map_err(io("listing", from))?;
+        let (f, t) = (e.path(), to.join(e.file_name()));
+        let ft = e.file_type().map_err(io("stat", &f))?;
+        if ft.is_dir() {
+            copy_tree(&f, &t)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&f).map_err(io("reading link", &f))?;
+            std::os::unix::fs::symlink(target, &t).map_err(io("creating link", &t))?;
+        } else if ft.is_file() {
+            fs::copy(&f, &t).map_err(io("copying to", &t))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
