@@ -4,9 +4,16 @@
 //! forked from the snapshot's; both finish with the model's checksum and
 //! the snapshot's files are byte-for-byte what they were.
 //!
+//! Through the API (fake backend, so it runs everywhere): a snapshot of a
+//! running sandbox leaves it running with the same id and end time, holds
+//! the guest's state at the snapshot, is listed (per sandbox, paginated as
+//! the SDK reads it) and deleted through the SDK's routes; a sandbox busy
+//! with a pause answers 409.
+//!
 //! Random choices are seeded: `STASIS_TEST_SEED=<n>` replays a run; the
 //! seed is always printed.
 
+mod api_support;
 mod common;
 
 use std::path::Path;
@@ -166,4 +173,103 @@ fn one_snapshot_resumed_twice_concurrently_in_fresh_processes() {
     );
     store.delete("base-1").unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn api_snapshot_of_a_running_sandbox_list_and_delete() {
+    use api_support::{wait_until, Server};
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("templates")).unwrap();
+    std::fs::write(
+        data.join("templates/slow.json"),
+        r#"{"kernel": "testguest", "cmdline": "stasis.work=counter stasis.fake.pause_ms=2000", "memoryMB": 64, "vcpus": 1}"#,
+    )
+    .unwrap();
+    let s = std::sync::Arc::new(Server::start(&data, &[]));
+    let id = s.create(json!({"templateID": "base", "timeout": 300}));
+    let other = s.create(json!({"templateID": "base", "timeout": 300}));
+    assert!(wait_until(30, || s.round_opt(&id).is_some_and(|r| r > 2)));
+    let end_before = s.info(&id).json()["endAt"].clone();
+
+    // A running sandbox: snapshot, and it keeps running with its end time.
+    let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let sid = r.json()["snapshotID"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["names"], json!([sid]));
+    let d = s.info(&id).json();
+    assert_eq!(d["state"], "running", "{d}");
+    assert_eq!(d["endAt"], end_before);
+    // The snapshot holds the guest's state (read from its own file, in the
+    // store with a valid manifest), and the sandbox moves on past it.
+    let store = SnapshotStore::open(data.join("snapshots")).unwrap();
+    let snap = store.get(&sid).unwrap();
+    assert_eq!(snap.manifest.source_sandbox.as_deref(), Some(id.as_str()));
+    let saved = api_support::round_in_snapshot(&snap.dir).expect("a round in the snapshot");
+    assert!(saved > 2);
+    assert!(wait_until(30, || s.round(&id) > saved + 2));
+    // Still the same after the sandbox ran on.
+    assert_eq!(api_support::round_in_snapshot(&snap.dir), Some(saved));
+
+    // A paused sandbox: snapshot, it stays paused.
+    assert_eq!(s.post(&format!("/sandboxes/{other}/pause"), json!({})).status, 204);
+    let r = s.post(&format!("/sandboxes/{other}/snapshots"), json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(s.info(&other).json()["state"], "paused");
+    for _ in 0..2 {
+        assert_eq!(s.post(&format!("/sandboxes/{id}/snapshots"), json!({})).status, 201);
+    }
+
+    // Listing: all, per sandbox, and in pages as the SDK's paginator reads.
+    let all = s.get("/snapshots").json();
+    assert_eq!(all.as_array().unwrap().len(), 4, "{all}");
+    let mine = s.get(&format!("/snapshots?sandboxID={id}")).json();
+    assert_eq!(mine.as_array().unwrap().len(), 3, "{mine}");
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let q = match &next {
+            Some(t) => format!("/snapshots?sandboxID={id}&limit=2&nextToken={t}"),
+            None => format!("/snapshots?sandboxID={id}&limit=2"),
+        };
+        let r = s.get(&q);
+        assert_eq!(r.status, 200, "{}", r.body);
+        for it in r.json().as_array().unwrap() {
+            seen.push(it["snapshotID"].as_str().unwrap().to_string());
+        }
+        next = r.header("x-next-token").map(str::to_owned);
+        if next.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0], sid);
+    s.get("/snapshots?limit=0").assert_error(400);
+    s.get("/snapshots?nextToken=nope").assert_error(400);
+
+    // 409 while the sandbox is busy pausing (the slow template).
+    let slow = s.create(json!({"templateID": "slow", "timeout": 300}));
+    let s2 = s.clone();
+    let slow2 = slow.clone();
+    let h = std::thread::spawn(move || {
+        s2.post(&format!("/sandboxes/{slow2}/pause"), json!({})).status
+    });
+    assert!(wait_until(20, || s.info(&slow).json()["stasis"]["busy"] == "pausing"));
+    s.post(&format!("/sandboxes/{slow}/snapshots"), json!({}))
+        .assert_error(409);
+    assert_eq!(h.join().unwrap(), 204);
+
+    // Delete (the SDK's delete_snapshot: DELETE /templates/{id}); again: 404.
+    assert_eq!(s.req("DELETE", &format!("/templates/{sid}"), None).status, 204);
+    s.req("DELETE", &format!("/templates/{sid}"), None).assert_error(404);
+    assert!(matches!(
+        store.get(&sid),
+        Err(stasis::snapshot::store::Error::NotFound(_))
+    ));
+    assert_eq!(s.get("/snapshots").json().as_array().unwrap().len(), 3);
+    // The sandbox it came from is unaffected.
+    assert_eq!(s.info(&id).json()["state"], "running");
+    s.post(&format!("/sandboxes/{}/snapshots", "nosuch"), json!({}))
+        .assert_error(404);
 }

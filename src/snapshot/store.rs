@@ -122,11 +122,16 @@ impl SnapshotStore {
         &self.root
     }
 
-    /// A new random snapshot id.
+    /// A new snapshot id: the creation time in milliseconds (12 hex
+    /// digits, so ids sort in creation order) and 32 random bits.
     pub fn new_id() -> String {
         use rand::Rng;
-        let n: u64 = rand::rng().random();
-        format!("snap-{n:016x}")
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let n: u32 = rand::rng().random();
+        format!("snap-{ms:012x}{n:08x}")
     }
 
     /// Where snapshot `id` lives (whether or not it exists).
