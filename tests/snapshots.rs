@@ -273,3 +273,27 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     s.post(&format!("/sandboxes/{}/snapshots", "nosuch"), json!({}))
         .assert_error(404);
 }
+
+/// The SDK's snapshot and clone calls end to end (fake backend, host agent):
+/// `tests/sdk/test_snapshots.py` through `tests/sdk/run.sh`.
+#[test]
+fn sdk_snapshots_create_from_snapshot_and_clone() {
+    let agent = Path::new(BIN).with_file_name("stasis-envd");
+    assert!(agent.is_file(), "{} is missing", agent.display());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/run.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("test_snapshots.py")
+        .env("STASIS_BIN", BIN)
+        .env("STASIS_BACKEND", "fake")
+        .output()
+        .expect("run tests/sdk/run.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK snapshot tests failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains(" passed") && !stdout.contains(" skipped"), "{stdout}");
+}

@@ -956,7 +956,14 @@ impl Manager {
             .and_then(|l| l.auto_resume)
             .or(req.auto_resume.as_ref().map(|a| a.enabled))
             .unwrap_or(false);
-        let mut template = self.resolve_template(&template_name).await?;
+        // A snapshot id where a template id goes: the sandbox resumes from
+        // the snapshot (left untouched) with the template it was taken from.
+        let from_snapshot = self.snapshot_for_create(&template_name).await?;
+        let template_for = from_snapshot
+            .as_ref()
+            .and_then(|s| s.manifest.labels.get("template").cloned())
+            .unwrap_or_else(|| template_name.clone());
+        let mut template = self.resolve_template(&template_for).await?;
         let slot = self.take_slot()?;
 
         let id = models::new_id();
@@ -993,9 +1000,20 @@ impl Manager {
             Ok(w) => Arc::new(w),
             Err(e) => return Err(fail(format!("starting the sandbox worker failed: {e}")).await),
         };
-        let req_boot = Request::Boot {
-            backend: self.cfg.backend,
-            config: template.boot.clone(),
+        let req_boot = match &from_snapshot {
+            None => Request::Boot {
+                backend: self.cfg.backend,
+                config: template.boot.clone(),
+            },
+            Some(s) => Request::Restore {
+                backend: self.cfg.backend,
+                snapshot_dir: s.dir.clone(),
+                mode: RestoreModeSpec::Lazy,
+                console: template.boot.console.clone(),
+                vsock: template.agent.then(|| vsock.clone()),
+                disk_base: template.rootfs.clone(),
+                own_overlay: Some(dir.join(DISK_OVERLAY)),
+            },
         };
         let guest_round = match worker.request(req_boot, BOOT_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest.map(|g| g.round),
@@ -1049,7 +1067,7 @@ impl Manager {
         let row = Row {
             id: id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            template_id: template_name.clone(),
+            template_id: template_for,
             alias: Some(template_name),
             state: RowState::Running,
             created_ms: now,
@@ -1369,6 +1387,7 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
+            own_overlay: None,
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,
@@ -1791,6 +1810,8 @@ impl Manager {
         let agent = e.rec().row.agent && self.cfg.backend == BackendKind::Fake;
         let source = id.to_owned();
         let sid2 = sid.clone();
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("template".to_string(), e.rec().row.template_id.clone());
         let copied = tokio::task::spawn_blocking(move || {
             use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
             let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path()))
@@ -1801,7 +1822,7 @@ impl Manager {
                         ImportOpts {
                             kind: crate::snapshot::manifest::SnapshotKind::User,
                             source_sandbox: Some(source),
-                            labels: Default::default(),
+                            labels,
                         },
                     )
                 });
@@ -1883,5 +1904,127 @@ impl Manager {
                     other => ApiError::internal(crate::error_chain(&other)),
                 }
             })
+    }
+}
+
+/// Most sandboxes one `POST /sandboxes/{id}/clone` makes.
+pub const MAX_CLONES: u32 = 16;
+
+/// Body of `POST /sandboxes/{id}/clone` (what the SDK's `clone` sends).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneBody {
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub strict: bool,
+    pub timeout: Option<i64>,
+    #[serde(rename = "nodeID")]
+    pub node_id: Option<String>,
+}
+
+impl Manager {
+    /// The store's snapshot named by a create's `templateID`, if it names
+    /// one (`snap-…`); a snapshot taken on a host with another CPU/KVM
+    /// fingerprint is refused (400) on the VM backend.
+    async fn snapshot_for_create(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::snapshot::store::StoredSnapshot>, ApiError> {
+        if !name.starts_with("snap-") || !crate::snapshot::manifest::valid_id(name) {
+            return Ok(None);
+        }
+        let store = self.snapshot_store()?;
+        let n = name.to_owned();
+        let got = tokio::task::spawn_blocking(move || store.get(&n))
+            .await
+            .map_err(|e| internal("snapshot", e))?;
+        let s = match got {
+            Ok(s) => s,
+            Err(crate::snapshot::store::Error::NotFound(_)) => return Ok(None),
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "snapshot {name} cannot be used: {}",
+                    crate::error_chain(&e)
+                )))
+            }
+        };
+        if self.cfg.backend == BackendKind::Vm {
+            let host = crate::snapshot::manifest::HostFingerprint::current();
+            if let Some(d) = s.manifest.fingerprint.mismatch(&host) {
+                return Err(ApiError::bad_request(format!(
+                    "snapshot {name} was taken on a different host ({d}); it cannot be resumed here"
+                )));
+            }
+        }
+        Ok(Some(s))
+    }
+
+    /// `POST /sandboxes/{id}/clone`: snapshots the sandbox (running: a brief
+    /// pause; paused: as it is) and creates `count` sandboxes from the
+    /// snapshot. Without `strict`, the sandboxes that could be made are
+    /// returned; with it, any failure removes them all and fails. 400 for a
+    /// count of 0 or above [`MAX_CLONES`]; 409 while the parent is busy.
+    pub async fn clone_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        body: CloneBody,
+    ) -> Result<serde_json::Value, ApiError> {
+        let count = body.count.unwrap_or(1);
+        if count == 0 || count > MAX_CLONES {
+            return Err(ApiError::bad_request(format!(
+                "count must be within 1..={MAX_CLONES} (got {count})"
+            )));
+        }
+        let (secure, metadata, inherited) = {
+            let e = self.entry(id)?;
+            let r = e.rec();
+            // Without a timeout (the SDK's doc): a running parent's
+            // remaining time, 15 s for a paused one.
+            let inherited = match r.row.state {
+                RowState::Running => ((r.row.end_ms - now_ms()) / 1000).max(1),
+                RowState::Paused => 15,
+            };
+            (r.row.envd_token.is_some(), r.row.metadata.clone(), inherited)
+        };
+        let timeout = self.timeout_secs(Some(body.timeout.unwrap_or(inherited)), true)?;
+        let snap = self.create_snapshot(id).await?;
+        let mut made = Vec::new();
+        let mut failed = Vec::new();
+        for _ in 0..count {
+            let req = NewSandbox {
+                template_id: Some(snap.snapshot_id.clone()),
+                timeout: Some(timeout),
+                metadata: Some(metadata.clone()),
+                secure: Some(secure),
+                ..Default::default()
+            };
+            match self.create(req).await {
+                Ok(out) => made.push(out),
+                Err(e) => failed.push(e.message),
+            }
+        }
+        if !failed.is_empty() && (body.strict || made.is_empty()) {
+            for m in &made {
+                let _ = self.kill(&m.sandbox_id).await;
+            }
+            return Err(ApiError::internal(format!(
+                "cloning failed for {} of {count}: {}",
+                failed.len(),
+                failed.join("; ")
+            )));
+        }
+        let sandboxes: Vec<serde_json::Value> = made
+            .into_iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(&o).unwrap_or_default();
+                v["trafficAccessToken"] = serde_json::Value::Null;
+                v
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "sandboxes": sandboxes,
+            "snapshotTemplateId": snap.snapshot_id,
+            "failed": failed,
+        }))
     }
 }

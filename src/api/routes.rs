@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
         .route("/sandboxes/{id}/snapshots", post(create_snapshot))
         .route("/snapshots", get(list_snapshots))
+        .route("/sandboxes/{id}/clone", post(clone_sandbox))
         .route(
             "/templates/{template_id}",
             axum::routing::delete(delete_snapshot),
@@ -352,7 +353,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
         "/sandboxes/{id}/refreshes",
         "refreshes (use POST /sandboxes/{id}/timeout)",
     ),
-    ("POST", "/sandboxes/{id}/clone", "cloning sandboxes"),
     ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
     ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
     (
@@ -757,4 +757,14 @@ async fn delete_snapshot(
     let Path(id) = p.map_err(|e| ApiError::bad_request(e.body_text()))?;
     st.mgr.delete_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/clone` (`count`, `strict`, `timeout`).
+async fn clone_sandbox(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<super::manager::CloneBody>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.clone_sandbox(&id_of(p)?, body).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }

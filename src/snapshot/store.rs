@@ -414,7 +414,9 @@ pub fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+/// Copies the directory tree `from` to `to` (directories, regular files,
+/// symbolic links as links).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to).map_err(io("creating", to))?;
     for e in fs::read_dir(from).map_err(io("listing", from))? {
         let e = e.map_err(io("listing", from))?;

@@ -194,6 +194,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             console,
             vsock,
             disk_base,
+            own_overlay,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -206,7 +207,14 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
             };
-            match vm::restore(backend, &snapshot_dir, mode, &console, paths) {
+            match vm::restore(
+                backend,
+                &snapshot_dir,
+                mode,
+                &console,
+                paths,
+                own_overlay.as_deref(),
+            ) {
                 Ok(v) => {
                     let guest = v.guest();
                     *slot = Some(v);

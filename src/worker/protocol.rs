@@ -129,6 +129,12 @@ pub enum Request {
         /// recorded in the snapshot is never used.
         #[serde(default)]
         disk_base: Option<PathBuf>,
+        /// Restore from a reusable snapshot, leaving it untouched: the
+        /// VM's own disk overlay (forked from the snapshot's; real VMs) or
+        /// the new sandbox's directory for its host agent's files (fake).
+        /// `None`: the snapshot is the sandbox's own, used in place.
+        #[serde(default)]
+        own_overlay: Option<PathBuf>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
