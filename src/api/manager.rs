@@ -1046,7 +1046,27 @@ impl Manager {
             tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
             let no_envs = Default::default();
             let envs = req.env_vars.as_ref().unwrap_or(&no_envs);
-            if !envs.is_empty() || envd_token.is_some() {
+            if let Some(s) = &from_snapshot {
+                // Clones must diverge: fresh entropy, own env vars and token,
+                // before anyone can reach the sandbox.
+                let entropy: [u8; 64] = rand::random();
+                if let Err(why) = proxy::refresh_agent(
+                    &vsock,
+                    envs,
+                    envd_token.as_deref(),
+                    s.manifest.labels.get("envd_token").map(String::as_str),
+                    &entropy,
+                    proxy::HANDSHAKE_TIMEOUT,
+                )
+                .await
+                {
+                    worker.shutdown(SHUTDOWN_GRACE).await;
+                    return Err(fail(format!(
+                        "the sandbox's agent refused its fresh state: {why}; the sandbox was removed"
+                    ))
+                    .await);
+                }
+            } else if !envs.is_empty() || envd_token.is_some() {
                 if let Err(why) = proxy::init_agent(
                     &vsock,
                     envs,
@@ -1812,6 +1832,12 @@ impl Manager {
         let sid2 = sid.clone();
         let mut labels = std::collections::BTreeMap::new();
         labels.insert("template".to_string(), e.rec().row.template_id.clone());
+        // The snapshot's agent was initialized with this token: a sandbox
+        // made from it needs it for its agent's `/init` (the same secret
+        // the store's database already holds for the sandbox).
+        if let Some(t) = e.rec().row.envd_token.clone() {
+            labels.insert("envd_token".to_string(), t);
+        }
         let copied = tokio::task::spawn_blocking(move || {
             use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
             let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path()))

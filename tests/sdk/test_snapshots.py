@@ -63,6 +63,12 @@ def test_snapshot_create_from_it_clone_and_delete():
             s.files.write("own.txt", s.sandbox_id)
             r = s.commands.run("head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
             randoms.add(r.stdout)
+        # Fresh entropy went through the agent before the SDK could reach
+        # it (the agent logs it to the sandbox's console).
+        for s in made:
+            log_path = os.path.join(os.environ["STASIS_DATA_DIR"], "sandboxes", s.sandbox_id, "console.log")
+            with open(log_path) as f:
+                assert "fresh entropy: 64 bytes" in f.read(), log_path
         # ...and diverges: its own files, its own random numbers.
         for s in made:
             assert s.files.read("own.txt") == s.sandbox_id
