@@ -297,3 +297,92 @@ fn sdk_snapshots_create_from_snapshot_and_clone() {
     );
     assert!(stdout.contains(" passed") && !stdout.contains(" skipped"), "{stdout}");
 }
+
+/// The VM backend through the API: a running test-guest sandbox is
+/// snapshotted (it keeps running), two sandboxes are created from the
+/// snapshot and two cloned, concurrently resumed from the same files; each
+/// starts at the snapshot's round and advances; a pause of one of them
+/// (a lazily restored guest) and its resume work; deleting the snapshot
+/// leaves them running.
+#[test]
+fn vm_snapshot_create_from_it_and_clone() {
+    use api_support::{wait_until, Server};
+    use serde_json::json;
+    if !common::kvm_or_skip("vm_snapshot_create_from_it_and_clone") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start(&data, &["--backend", "vm"]);
+    let t = std::time::Instant::now();
+    let id = s.create(json!({"templateID": "base", "timeout": 300}));
+    let cold_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        wait_until(60, || s.round_opt(&id).is_some_and(|r| r > 3)),
+        "no progress: {}",
+        s.log()
+    );
+    let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
+    assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
+    let sid = r.json()["snapshotID"].as_str().unwrap().to_string();
+    assert_eq!(s.info(&id).json()["state"], "running");
+    let snap = SnapshotStore::open(data.join("snapshots"))
+        .unwrap()
+        .get(&sid)
+        .unwrap();
+    let saved = api_support::round_in_snapshot(&snap.dir).expect("round in the snapshot");
+    let before = digest(&snap.dir);
+
+    let mut kids = Vec::new();
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let r = s.post("/sandboxes", json!({"templateID": sid, "timeout": 120}));
+        eprintln!(
+            "create -> running at the API: cold boot {cold_ms:.1} ms, from the snapshot {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
+        kids.push(r.json()["sandboxID"].as_str().unwrap().to_string());
+    }
+    let r = s.post(&format!("/sandboxes/{id}/clone"), json!({"count": 2, "timeout": 120}));
+    assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
+    let c = r.json();
+    assert!(c["snapshotTemplateId"].as_str().is_some(), "{c}");
+    for sb in c["sandboxes"].as_array().unwrap() {
+        for k in ["sandboxID", "envdVersion"] {
+            assert!(sb[k].as_str().is_some(), "{k} missing: {c}");
+        }
+        kids.push(sb["sandboxID"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kids.len(), 4);
+    for k in &kids {
+        let first = s.round(k);
+        assert!(first >= saved, "{k} started at round {first} < {saved}");
+        assert!(
+            wait_until(60, || s.round(k) > first + 2),
+            "{k} made no progress: {}",
+            s.log()
+        );
+    }
+    // Bad input.
+    s.post(&format!("/sandboxes/{id}/clone"), json!({"count": 0}))
+        .assert_error(400);
+    s.post(&format!("/sandboxes/{id}/clone"), json!({"count": 17}))
+        .assert_error(400);
+    // A sandbox from the snapshot pauses and resumes like any other.
+    let k0 = &kids[0];
+    assert_eq!(s.post(&format!("/sandboxes/{k0}/pause"), json!({})).status, 204);
+    let r = s.post(&format!("/sandboxes/{k0}/connect"), json!({"timeout": 60}));
+    assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
+    // The snapshot is unchanged by four resumes and their pause.
+    assert_eq!(digest(&snap.dir), before);
+    // Deleting it leaves them running (they hold its files open or copied).
+    assert_eq!(s.req("DELETE", &format!("/templates/{sid}"), None).status, 204);
+    for k in &kids {
+        let r = s.round(k);
+        assert!(wait_until(60, || s.round(k) > r), "{k} stopped after the delete");
+    }
+    for k in kids.iter().chain([&id]) {
+        assert_eq!(s.req("DELETE", &format!("/sandboxes/{k}"), None).status, 204);
+    }
+}
