@@ -372,8 +372,9 @@ fn resume(
         vsock: paths.vsock.as_deref(),
         disk_base: paths.disk.as_deref(),
     };
-    let (vm, stats) = Vm::restore_reusable(&dir, mode, console, vcpus, paths, own_overlay.as_deref())
-        .map_err(|e| chain(&e))?;
+    let (vm, stats) =
+        Vm::restore_reusable(&dir, mode, console, vcpus, paths, own_overlay.as_deref())
+            .map_err(|e| chain(&e))?;
     eprintln!(
         "stasis: resumed {} ({:?}) in {:.2} ms",
         dir.display(),

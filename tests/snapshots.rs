@@ -150,7 +150,11 @@ fn one_snapshot_resumed_twice_concurrently_in_fresh_processes() {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = std::fs::read_to_string(dir.join(format!("console{i}.txt"))).unwrap();
-        assert_eq!(guest::parse_checksum(&text), Some(want), "resume {i}:\n{text}");
+        assert_eq!(
+            guest::parse_checksum(&text),
+            Some(want),
+            "resume {i}:\n{text}"
+        );
         // Each has its own overlay, holding the snapshot's disk.
         let own = CowDisk::open_existing(&base, &dir.join(format!("own{i}"))).unwrap();
         let mut buf = [0u8; 6];
@@ -166,7 +170,11 @@ fn one_snapshot_resumed_twice_concurrently_in_fresh_processes() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.contains("id base-1") && text.contains("layer 0:") && text.contains("full"),
         "{text}"
@@ -213,12 +221,20 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     assert_eq!(api_support::round_in_snapshot(&snap.dir), Some(saved));
 
     // A paused sandbox: snapshot, it stays paused.
-    assert_eq!(s.post(&format!("/sandboxes/{other}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{other}/pause"), json!({}))
+            .status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{other}/snapshots"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(s.info(&other).json()["state"], "paused");
     for _ in 0..2 {
-        assert_eq!(s.post(&format!("/sandboxes/{id}/snapshots"), json!({})).status, 201);
+        assert_eq!(
+            s.post(&format!("/sandboxes/{id}/snapshots"), json!({}))
+                .status,
+            201
+        );
     }
 
     // Listing: all, per sandbox, and in pages as the SDK's paginator reads.
@@ -253,7 +269,8 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     let s2 = s.clone();
     let slow2 = slow.clone();
     let h = std::thread::spawn(move || {
-        s2.post(&format!("/sandboxes/{slow2}/pause"), json!({})).status
+        s2.post(&format!("/sandboxes/{slow2}/pause"), json!({}))
+            .status
     });
     assert!(wait_until(20, || s.info(&slow).json()["stasis"]["busy"] == "pausing"));
     s.post(&format!("/sandboxes/{slow}/snapshots"), json!({}))
@@ -261,8 +278,12 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     assert_eq!(h.join().unwrap(), 204);
 
     // Delete (the SDK's delete_snapshot: DELETE /templates/{id}); again: 404.
-    assert_eq!(s.req("DELETE", &format!("/templates/{sid}"), None).status, 204);
-    s.req("DELETE", &format!("/templates/{sid}"), None).assert_error(404);
+    assert_eq!(
+        s.req("DELETE", &format!("/templates/{sid}"), None).status,
+        204
+    );
+    s.req("DELETE", &format!("/templates/{sid}"), None)
+        .assert_error(404);
     assert!(matches!(
         store.get(&sid),
         Err(stasis::snapshot::store::Error::NotFound(_))
@@ -295,7 +316,10 @@ fn sdk_snapshots_create_from_snapshot_and_clone() {
         "SDK snapshot tests failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stdout.contains(" passed") && !stdout.contains(" skipped"), "{stdout}");
+    assert!(
+        stdout.contains(" passed") && !stdout.contains(" skipped"),
+        "{stdout}"
+    );
 }
 
 /// The VM backend through the API: a running test-guest sandbox is
@@ -344,7 +368,10 @@ fn vm_snapshot_create_from_it_and_clone() {
         assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
         kids.push(r.json()["sandboxID"].as_str().unwrap().to_string());
     }
-    let r = s.post(&format!("/sandboxes/{id}/clone"), json!({"count": 2, "timeout": 120}));
+    let r = s.post(
+        &format!("/sandboxes/{id}/clone"),
+        json!({"count": 2, "timeout": 120}),
+    );
     assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
     let c = r.json();
     assert!(c["snapshotTemplateId"].as_str().is_some(), "{c}");
@@ -371,18 +398,30 @@ fn vm_snapshot_create_from_it_and_clone() {
         .assert_error(400);
     // A sandbox from the snapshot pauses and resumes like any other.
     let k0 = &kids[0];
-    assert_eq!(s.post(&format!("/sandboxes/{k0}/pause"), json!({})).status, 204);
+    assert_eq!(
+        s.post(&format!("/sandboxes/{k0}/pause"), json!({})).status,
+        204
+    );
     let r = s.post(&format!("/sandboxes/{k0}/connect"), json!({"timeout": 60}));
     assert_eq!(r.status, 201, "{} / {}", r.body, s.log());
     // The snapshot is unchanged by four resumes and their pause.
     assert_eq!(digest(&snap.dir), before);
     // Deleting it leaves them running (they hold its files open or copied).
-    assert_eq!(s.req("DELETE", &format!("/templates/{sid}"), None).status, 204);
+    assert_eq!(
+        s.req("DELETE", &format!("/templates/{sid}"), None).status,
+        204
+    );
     for k in &kids {
         let r = s.round(k);
-        assert!(wait_until(60, || s.round(k) > r), "{k} stopped after the delete");
+        assert!(
+            wait_until(60, || s.round(k) > r),
+            "{k} stopped after the delete"
+        );
     }
     for k in kids.iter().chain([&id]) {
-        assert_eq!(s.req("DELETE", &format!("/sandboxes/{k}"), None).status, 204);
+        assert_eq!(
+            s.req("DELETE", &format!("/sandboxes/{k}"), None).status,
+            204
+        );
     }
 }

@@ -1792,9 +1792,7 @@ pub struct SnapshotOut {
 
 impl Manager {
     /// The store of reusable snapshots, `<data>/snapshots`.
-    pub fn snapshot_store(
-        &self,
-    ) -> Result<crate::snapshot::store::SnapshotStore, ApiError> {
+    pub fn snapshot_store(&self) -> Result<crate::snapshot::store::SnapshotStore, ApiError> {
         crate::snapshot::store::SnapshotStore::open(self.cfg.data_dir.join("snapshots"))
             .map_err(|e| internal("snapshot store", crate::error_chain(&e)))
     }
@@ -1840,8 +1838,8 @@ impl Manager {
         }
         let copied = tokio::task::spawn_blocking(move || {
             use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
-            let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path()))
-                .and_then(|()| {
+            let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path())).and_then(
+                |()| {
                     store.import(
                         &incoming,
                         &sid2,
@@ -1851,7 +1849,8 @@ impl Manager {
                             labels,
                         },
                     )
-                });
+                },
+            );
             if r.is_err() {
                 let _ = std::fs::remove_dir_all(&incoming);
             }
@@ -1867,9 +1866,8 @@ impl Manager {
             e.rec().row.end_ms = end_ms;
             self.timer.notify_one();
         }
-        let stored = copied.map_err(|err| {
-            ApiError::internal(format!("snapshot: {}", crate::error_chain(&err)))
-        })?;
+        let stored = copied
+            .map_err(|err| ApiError::internal(format!("snapshot: {}", crate::error_chain(&err))))?;
         tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
             total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok(SnapshotOut {
@@ -1893,9 +1891,10 @@ impl Manager {
             .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
             .collect();
         let start = match next {
-            Some(t) => all.iter().position(|m| m.id == t).ok_or_else(|| {
-                ApiError::bad_request(format!("invalid nextToken {t:?}"))
-            })?,
+            Some(t) => all
+                .iter()
+                .position(|m| m.id == t)
+                .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {t:?}")))?,
             None => 0,
         };
         let page: Vec<SnapshotOut> = all
@@ -2010,7 +2009,11 @@ impl Manager {
                 RowState::Running => ((r.row.end_ms - now_ms()) / 1000).max(1),
                 RowState::Paused => 15,
             };
-            (r.row.envd_token.is_some(), r.row.metadata.clone(), inherited)
+            (
+                r.row.envd_token.is_some(),
+                r.row.metadata.clone(),
+                inherited,
+            )
         };
         let timeout = self.timeout_secs(Some(body.timeout.unwrap_or(inherited)), true)?;
         let snap = self.create_snapshot(id).await?;

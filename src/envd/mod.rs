@@ -238,10 +238,8 @@ async fn init(
                         bytes.len()
                     ),
                     Err(e) => {
-                        return files::Error::BadRequest(format!(
-                            "adding entropy failed: {e}"
-                        ))
-                        .into_response()
+                        return files::Error::BadRequest(format!("adding entropy failed: {e}"))
+                            .into_response()
                     }
                 }
             }

@@ -141,7 +141,10 @@ impl HostFingerprint {
     pub fn mismatch(&self, host: &HostFingerprint) -> Option<String> {
         let mut d = Vec::new();
         if self.cpu_vendor != host.cpu_vendor {
-            d.push(format!("CPU vendor {} vs {}", self.cpu_vendor, host.cpu_vendor));
+            d.push(format!(
+                "CPU vendor {} vs {}",
+                self.cpu_vendor, host.cpu_vendor
+            ));
         }
         if self.cpu_signature != host.cpu_signature {
             d.push(format!(
@@ -421,10 +424,16 @@ mod tests {
     fn crafted_fields_are_refused() {
         let cases: Vec<(fn(&mut Manifest), &str)> = vec![
             (|m| m.id = "../x".into(), "invalid snapshot id"),
-            (|m| m.files[0].name = "../../etc/passwd".into(), "invalid file name"),
+            (
+                |m| m.files[0].name = "../../etc/passwd".into(),
+                "invalid file name",
+            ),
             (|m| m.chunk_size = CHUNK_SIZE, "chunked layout"),
             (|m| m.layers.clear(), "memory layers"),
-            (|m| m.layers[0].file = "other.bin".into(), "not among the files"),
+            (
+                |m| m.layers[0].file = "other.bin".into(),
+                "not among the files",
+            ),
         ];
         for (f, want) in cases {
             let mut m = sample();

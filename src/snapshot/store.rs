@@ -220,7 +220,10 @@ impl SnapshotStore {
         if let Ok(d) = fs::File::open(&self.root) {
             let _ = d.sync_all();
         }
-        Ok(StoredSnapshot { dir: dst, manifest: m })
+        Ok(StoredSnapshot {
+            dir: dst,
+            manifest: m,
+        })
     }
 
     /// Opens snapshot `id`: its manifest must be valid and every file it
@@ -472,7 +475,10 @@ mod tests {
         // A truncated layer is an error naming it.
         fs::write(g.dir.join(FAKE_STATE_FILE), b"{").unwrap();
         let e = store.get("snap-a").unwrap_err().to_string();
-        assert!(e.contains("layer file fake-vm.json") && e.contains("manifest says"), "{e}");
+        assert!(
+            e.contains("layer file fake-vm.json") && e.contains("manifest says"),
+            "{e}"
+        );
         assert!(store.list().is_empty());
 
         // Ids are checked before any path is built.

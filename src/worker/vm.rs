@@ -70,7 +70,9 @@ pub(crate) fn restore(
 ) -> Result<Box<dyn VmBackend>, Error> {
     match (backend, own_overlay) {
         (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
-        (BackendKind::Fake, Some(_)) => Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?)),
+        (BackendKind::Fake, Some(_)) => {
+            Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
+        }
         (BackendKind::Vm, own) => real::restore(dir, mode, console, paths, own),
     }
 }
@@ -506,7 +508,11 @@ impl FakeVm {
     /// snapshot gets a new host agent on `vsock` whose files start as a
     /// copy of the snapshot's (`dir/root`: the agent's directory tree at
     /// the snapshot; its processes are not carried over by the fake).
-    fn restore_fork(dir: &Path, vsock: Option<&Path>, console: &ConsoleSpec) -> Result<Self, Error> {
+    fn restore_fork(
+        dir: &Path,
+        vsock: Option<&Path>,
+        console: &ConsoleSpec,
+    ) -> Result<Self, Error> {
         let path = dir.join(FAKE_STATE_FILE);
         let bytes =
             fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
@@ -523,7 +529,9 @@ impl FakeVm {
                 let from = dir.join("root");
                 let to = v
                     .parent()
-                    .ok_or_else(|| Error::Vm(format!("vsock path {} has no directory", v.display())))?
+                    .ok_or_else(|| {
+                        Error::Vm(format!("vsock path {} has no directory", v.display()))
+                    })?
                     .join("root");
                 if from.is_dir() && !to.exists() {
                     crate::snapshot::store::copy_tree(&from, &to).map_err(|e| {

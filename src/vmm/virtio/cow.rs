@@ -1216,7 +1216,11 @@ mod fork_tests {
         assert_eq!(buf, [7u8; 8]);
         drop((fa, fc));
         assert_eq!(fs::read(&layer).unwrap(), layer_bytes, "layer data changed");
-        assert_eq!(fs::read(map_path(&layer)).unwrap(), layer_map, "layer map changed");
+        assert_eq!(
+            fs::read(map_path(&layer)).unwrap(),
+            layer_map,
+            "layer map changed"
+        );
         // Reopened, each fork keeps its own writes.
         let ra = CowDisk::open_existing(&b, &a).unwrap();
         ra.read_at(0, &mut buf).unwrap();
