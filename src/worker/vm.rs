@@ -875,6 +875,7 @@ mod tests {
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
+            None,
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -904,6 +905,7 @@ mod tests {
             RestoreModeSpec::Eager,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
+            None,
         )
         .is_err());
     }
