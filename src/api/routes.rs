@@ -333,6 +333,7 @@ async fn openapi() -> Json<serde_json::Value> {
     let mut doc = super::openapi::document();
     add_metrics_and_logs_to(&mut doc);
     add_unsupported_to(&mut doc);
+    add_snapshots_to(&mut doc);
     Json(doc)
 }
 
@@ -767,4 +768,66 @@ async fn clone_sandbox(
 ) -> Result<Response, ApiError> {
     let out = st.mgr.clone_sandbox(&id_of(p)?, body).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// The snapshot and clone routes in `/openapi.json` (merged into path
+/// objects that other routes already have).
+fn add_snapshots_to(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let id = |n: &str| json!({ "name": n, "in": "path", "required": true, "schema": { "type": "string" } });
+    let err = json!({ "description": "Error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let info = json!({ "type": "object", "properties": {
+        "snapshotID": { "type": "string" }, "names": { "type": "array", "items": { "type": "string" } } } });
+    let mut put = |path: &str, method: &str, op: serde_json::Value| {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(method.into(), op);
+        }
+    };
+    put(
+        "/sandboxes/{id}/snapshots",
+        "post",
+        json!({
+        "summary": "Snapshot a sandbox into a reusable snapshot (a running one pauses briefly and keeps running)",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": { "name": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "The snapshot", "content": { "application/json": { "schema": info.clone() } } },
+            "401": err, "404": err, "409": err, "500": err } }),
+    );
+    put(
+        "/snapshots",
+        "get",
+        json!({
+        "summary": "List snapshots, oldest first, paginated",
+        "parameters": [
+            { "name": "sandboxID", "in": "query", "schema": { "type": "string" } },
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100 } },
+            { "name": "nextToken", "in": "query", "schema": { "type": "string" } } ],
+        "responses": { "200": { "description": "A page; the next page's token is in the x-next-token header",
+            "content": { "application/json": { "schema": { "type": "array", "items": info } } } },
+            "400": err, "401": err } }),
+    );
+    put(
+        "/templates/{template_id}",
+        "delete",
+        json!({
+        "summary": "Delete a snapshot (the SDK's delete_snapshot); 409 while another snapshot names it as parent",
+        "parameters": [id("template_id")],
+        "responses": { "204": { "description": "Deleted" }, "401": err, "404": err, "409": err } }),
+    );
+    put(
+        "/sandboxes/{id}/clone",
+        "post",
+        json!({
+        "summary": "Clone a sandbox: snapshot it and create count sandboxes from the snapshot",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "count": { "type": "integer", "minimum": 1, "maximum": 16 }, "strict": { "type": "boolean" },
+            "timeout": { "type": "integer" }, "nodeID": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "{sandboxes: [{sandboxID, envdVersion, envdAccessToken, trafficAccessToken}], snapshotTemplateId}" },
+            "400": err, "401": err, "404": err, "409": err, "500": err } }),
+    );
 }
