@@ -670,41 +670,6 @@ async fn list_v1(
     Ok(Json(items).into_response())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn list_query_parsing() {
-        let q = parse_list_query(None, true).unwrap();
-        assert!(q.running && q.paused && q.limit == MAX_LIMIT);
-        let q = parse_list_query(Some("state=paused&limit=5&nextToken=9"), true).unwrap();
-        assert!(!q.running && q.paused && q.limit == 5 && q.before_seq == Some(9));
-        let q = parse_list_query(Some("state=running&state=paused"), true).unwrap();
-        assert!(q.running && q.paused);
-        let q = parse_list_query(Some("state=running%2Cpaused"), true).unwrap();
-        assert!(q.running && q.paused);
-        // What the SDK sends for metadata={"a b": "c&d", "k": "v"}.
-        let q = parse_list_query(Some("metadata=a%252520b%3Dc%252526d%26k%3Dv"), true).unwrap();
-        assert_eq!(
-            q.metadata,
-            vec![("a b".into(), "c&d".into()), ("k".into(), "v".into())]
-        );
-        for bad in [
-            "state=gone",
-            "limit=0",
-            "limit=101",
-            "limit=x",
-            "nextToken=abc",
-            "nextToken=-1",
-        ] {
-            assert!(parse_list_query(Some(bad), true).is_err(), "{bad}");
-        }
-        let q = parse_list_query(Some("state=paused"), false).unwrap();
-        assert!(q.running && !q.paused);
-    }
-}
-
 /// `POST /sandboxes/{id}/snapshots` (the body's optional `name` is
 /// accepted and not used: the snapshot's id is its name).
 async fn create_snapshot(
@@ -830,4 +795,39 @@ fn add_snapshots_to(doc: &mut serde_json::Value) {
         "responses": { "201": { "description": "{sandboxes: [{sandboxID, envdVersion, envdAccessToken, trafficAccessToken}], snapshotTemplateId}" },
             "400": err, "401": err, "404": err, "409": err, "500": err } }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_query_parsing() {
+        let q = parse_list_query(None, true).unwrap();
+        assert!(q.running && q.paused && q.limit == MAX_LIMIT);
+        let q = parse_list_query(Some("state=paused&limit=5&nextToken=9"), true).unwrap();
+        assert!(!q.running && q.paused && q.limit == 5 && q.before_seq == Some(9));
+        let q = parse_list_query(Some("state=running&state=paused"), true).unwrap();
+        assert!(q.running && q.paused);
+        let q = parse_list_query(Some("state=running%2Cpaused"), true).unwrap();
+        assert!(q.running && q.paused);
+        // What the SDK sends for metadata={"a b": "c&d", "k": "v"}.
+        let q = parse_list_query(Some("metadata=a%252520b%3Dc%252526d%26k%3Dv"), true).unwrap();
+        assert_eq!(
+            q.metadata,
+            vec![("a b".into(), "c&d".into()), ("k".into(), "v".into())]
+        );
+        for bad in [
+            "state=gone",
+            "limit=0",
+            "limit=101",
+            "limit=x",
+            "nextToken=abc",
+            "nextToken=-1",
+        ] {
+            assert!(parse_list_query(Some(bad), true).is_err(), "{bad}");
+        }
+        let q = parse_list_query(Some("state=paused"), false).unwrap();
+        assert!(q.running && !q.paused);
+    }
 }

@@ -732,7 +732,7 @@ pub(crate) mod tests {
 const MAX_ENTROPY: usize = 512;
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -422,7 +422,8 @@ mod tests {
 
     #[test]
     fn crafted_fields_are_refused() {
-        let cases: Vec<(fn(&mut Manifest), &str)> = vec![
+        type Case = (fn(&mut Manifest), &'static str);
+        let cases: Vec<Case> = vec![
             (|m| m.id = "../x".into(), "invalid snapshot id"),
             (
                 |m| m.files[0].name = "../../etc/passwd".into(),
