@@ -293,6 +293,26 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     assert_eq!(s.info(&id).json()["state"], "running");
     s.post(&format!("/sandboxes/{}/snapshots", "nosuch"), json!({}))
         .assert_error(404);
+
+    // A damaged snapshot is a clear error naming what is wrong; nothing runs.
+    let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let bad = r.json()["snapshotID"].as_str().unwrap().to_string();
+    let dir = store.path(&bad).unwrap();
+    let mut m = std::fs::read(dir.join("manifest.bin")).unwrap();
+    let n = m.len();
+    m[n / 2] ^= 0x20;
+    std::fs::write(dir.join("manifest.bin"), &m).unwrap();
+    let r = s.post("/sandboxes", json!({"templateID": bad}));
+    r.assert_error(500);
+    assert!(r.body.contains("manifest") && r.body.contains("checksum mismatch"), "{}", r.body);
+    // A truncated layer: the error names the layer file.
+    let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
+    let bad = r.json()["snapshotID"].as_str().unwrap().to_string();
+    std::fs::write(store.path(&bad).unwrap().join("fake-vm.json"), b"{").unwrap();
+    let r = s.post("/sandboxes", json!({"templateID": bad}));
+    r.assert_error(500);
+    assert!(r.body.contains("layer file fake-vm.json"), "{}", r.body);
 }
 
 /// The SDK's snapshot and clone calls end to end (fake backend, host agent):

@@ -1804,12 +1804,14 @@ impl Manager {
     /// answers 409.
     pub async fn create_snapshot(self: &Arc<Self>, id: &str) -> Result<SnapshotOut, ApiError> {
         let e = self.entry(id)?;
-        let Ok(_g) = e.op.try_lock() else {
+        // Busy with a pause, resume or snapshot: 409 at once. (The op lock
+        // is also taken briefly by reads, so it is waited for.)
+        if let Some(b) = e.rec().busy {
             return Err(ApiError::conflict(format!(
-                "sandbox {id} is busy ({}); try again",
-                e.rec().busy.unwrap_or("snapshotting")
+                "sandbox {id} is busy ({b}); try again"
             )));
-        };
+        }
+        let _g = e.op.lock().await;
         self.check_live(&e).await?;
         let (was_running, end_ms) = {
             let r = e.rec();
@@ -1819,8 +1821,18 @@ impl Manager {
         if was_running {
             self.do_pause(&e).await?;
         }
-        let gen = e.rec().row.snapshot_gen;
-        let store = self.snapshot_store()?;
+        let gen = {
+            let mut r = e.rec();
+            r.busy = Some("snapshotting");
+            r.row.snapshot_gen
+        };
+        let store = match self.snapshot_store() {
+            Ok(s) => s,
+            Err(err) => {
+                e.rec().busy = None;
+                return Err(err);
+            }
+        };
         let sid = crate::snapshot::store::SnapshotStore::new_id();
         let src = self.snapshot_dir(id, gen);
         let incoming = store.root().join(format!(".incoming-{sid}"));
@@ -1859,6 +1871,7 @@ impl Manager {
         .await
         .map_err(|e| internal("snapshot", e))?;
         let pause_ms = started.elapsed().as_millis() as u64;
+        e.rec().busy = None;
         // Running again whatever the copy did, with the same end time.
         if was_running {
             let left_s = ((end_ms - now_ms()) / 1000).max(1);
