@@ -305,7 +305,11 @@ fn api_snapshot_of_a_running_sandbox_list_and_delete() {
     std::fs::write(dir.join("manifest.bin"), &m).unwrap();
     let r = s.post("/sandboxes", json!({"templateID": bad}));
     r.assert_error(500);
-    assert!(r.body.contains("manifest") && r.body.contains("checksum mismatch"), "{}", r.body);
+    assert!(
+        r.body.contains("manifest") && r.body.contains("checksum mismatch"),
+        "{}",
+        r.body
+    );
     // A truncated layer: the error names the layer file.
     let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
     let bad = r.json()["snapshotID"].as_str().unwrap().to_string();
