@@ -111,6 +111,8 @@ pub struct Config {
     /// Fake backend: the Python that runs the code-interpreter server of
     /// templates with `"interpreter": true` (needs jupyter-client, ipykernel).
     pub interpreter_python: String,
+    /// Guest memory backing of sandboxes whose template names none.
+    pub memory_backing: crate::vmm::memory::MemoryBacking,
 }
 
 struct Rec {
@@ -126,6 +128,8 @@ struct Rec {
     gate: Option<Arc<Gate>>,
     /// Why the last proxied connection to the agent failed, until one works.
     agent_error: Option<String>,
+    /// While running: the guest memory backing the worker reported.
+    memory_backing: Option<crate::vmm::memory::MemoryBacking>,
 }
 
 struct Entry {
@@ -194,6 +198,10 @@ struct TemplateFile {
     /// Whether the sandbox serves the code interpreter (port 49999).
     #[serde(default)]
     interpreter: bool,
+    /// Guest memory backing (`auto`, `hugetlb`, `thp`, `4k`); default: the
+    /// server's `--memory-backing`.
+    #[serde(default)]
+    memory_backing: Option<crate::vmm::memory::MemoryBacking>,
 }
 
 /// Largest `memoryMB` a template may ask for (1 TiB).
@@ -388,6 +396,7 @@ impl Manager {
                     snapshot_usage,
                     gate: None,
                     agent_error: None,
+                    memory_backing: None,
                 }),
             });
             self.map().insert(entry.id.clone(), entry);
@@ -595,6 +604,7 @@ impl Manager {
                         disk: None,
                         vsock: None,
                         interpreter: None,
+                        memory_backing: f.memory_backing.unwrap_or(self.cfg.memory_backing),
                     },
                     cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
@@ -623,6 +633,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    memory_backing: self.cfg.memory_backing,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
@@ -655,6 +666,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    memory_backing: self.cfg.memory_backing,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
@@ -1013,17 +1025,28 @@ impl Manager {
                 vsock: template.agent.then(|| vsock.clone()),
                 disk_base: template.rootfs.clone(),
                 own_overlay: Some(dir.join(DISK_OVERLAY)),
+                memory_backing: self.cfg.memory_backing,
             },
         };
-        let guest_round = match worker.request(req_boot, BOOT_TIMEOUT).await {
-            Ok(Reply::Running { guest }) => guest.map(|g| g.round),
+        let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
+            Ok(Reply::Running {
+                guest,
+                memory_backing,
+            }) => (guest.map(|g| g.round), memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 return Err(fail(format!("boot: unexpected reply {other:?}")).await);
             }
             Err(e) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
-                return Err(fail(format!("booting the sandbox failed: {e}")).await);
+                let msg = format!("booting the sandbox failed: {e}");
+                if msg.contains(crate::vmm::backing::NR_HUGEPAGES) {
+                    // The hugetlb pool cannot hold this sandbox: like
+                    // max_running, a capacity limit (others unaffected).
+                    let _ = fail(msg.clone()).await;
+                    return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, msg));
+                }
+                return Err(fail(msg).await);
             }
         };
         let envd_token = (template.agent && req.secure == Some(true)).then(new_envd_token);
@@ -1126,6 +1149,7 @@ impl Manager {
                 snapshot_usage: None,
                 gate: Some(Gate::new()),
                 agent_error: None,
+                memory_backing,
             }),
         });
         self.map().insert(id.clone(), entry.clone());
@@ -1146,6 +1170,7 @@ impl Manager {
             }
             (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_usage)
         };
+        let memory_backing = e.rec().memory_backing;
         let mut guest_round = row.guest_round;
         if row.state == RowState::Paused {
             // The guest's own state: what its snapshot holds, not the round
@@ -1218,6 +1243,7 @@ impl Manager {
                 snapshot_bytes: snapshot_usage.filter(|_| !running).map(|u| u.allocated),
                 snapshot_apparent_bytes: snapshot_usage.filter(|_| !running).map(|u| u.apparent),
                 busy,
+                memory_backing: memory_backing.filter(|_| running),
                 agent,
             },
         })
@@ -1408,9 +1434,13 @@ impl Manager {
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
             own_overlay: None,
+            memory_backing: self.cfg.memory_backing,
         };
-        let guest = match worker.request(req, RESTORE_TIMEOUT).await {
-            Ok(Reply::Running { guest }) => guest,
+        let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
+            Ok(Reply::Running {
+                guest,
+                memory_backing,
+            }) => (guest, memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
@@ -1471,6 +1501,7 @@ impl Manager {
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
             r.agent_error = agent_error;
+            r.memory_backing = memory_backing;
         }
         self.watch_worker(e.clone(), worker.clone());
         self.timer.notify_one();

@@ -181,8 +181,15 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             match vm::boot(backend, &config) {
                 Ok(v) => {
                     let guest = v.guest();
+                    let memory_backing = v.memory_backing();
                     *slot = Some(v);
-                    (Reply::Running { guest }, false)
+                    (
+                        Reply::Running {
+                            guest,
+                            memory_backing,
+                        },
+                        false,
+                    )
                 }
                 Err(e) => (err(e), false),
             }
@@ -195,6 +202,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             vsock,
             disk_base,
             own_overlay,
+            memory_backing,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -207,18 +215,26 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
             };
-            match vm::restore(
+            match vm::restore_backed(
                 backend,
                 &snapshot_dir,
                 mode,
                 &console,
                 paths,
+                memory_backing,
                 own_overlay.as_deref(),
             ) {
                 Ok(v) => {
                     let guest = v.guest();
+                    let memory_backing = v.memory_backing();
                     *slot = Some(v);
-                    (Reply::Running { guest }, false)
+                    (
+                        Reply::Running {
+                            guest,
+                            memory_backing,
+                        },
+                        false,
+                    )
                 }
                 Err(e) => (err(e), false),
             }
@@ -335,6 +351,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            memory_backing: Default::default(),
         };
         let rep = roundtrip(
             &mut w,

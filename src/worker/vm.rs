@@ -46,6 +46,10 @@ pub(crate) trait VmBackend: Send {
     fn guest(&self) -> Option<GuestProgress>;
     /// Kills the VM.
     fn kill(self: Box<Self>);
+    /// The guest memory backing in use (real VMs only).
+    fn memory_backing(&self) -> Option<crate::vmm::memory::MemoryBacking> {
+        None
+    }
 }
 
 /// Boots a VM with the chosen backend.
@@ -59,7 +63,8 @@ pub(crate) fn boot(backend: BackendKind, cfg: &BootConfig) -> Result<Box<dyn VmB
 /// Host paths of a restore, from the request.
 pub(crate) use crate::vmm::RestorePaths;
 
-/// Restores a VM from `dir` with the chosen backend.
+/// Restores a VM from `dir` with the chosen backend on `auto` memory.
+#[cfg(test)]
 pub(crate) fn restore(
     backend: BackendKind,
     dir: &Path,
@@ -68,12 +73,35 @@ pub(crate) fn restore(
     paths: RestorePaths<'_>,
     own_overlay: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
+    restore_backed(
+        backend,
+        dir,
+        mode,
+        console,
+        paths,
+        crate::vmm::memory::MemoryBacking::Auto,
+        own_overlay,
+    )
+}
+
+/// Restores a VM from `dir` with the chosen backend, onto guest memory of
+/// the given backing (the fake backend ignores it); with `own_overlay`,
+/// from a reusable snapshot that is left untouched.
+pub(crate) fn restore_backed(
+    backend: BackendKind,
+    dir: &Path,
+    mode: RestoreModeSpec,
+    console: &ConsoleSpec,
+    paths: RestorePaths<'_>,
+    backing: crate::vmm::memory::MemoryBacking,
+    own_overlay: Option<&Path>,
+) -> Result<Box<dyn VmBackend>, Error> {
     match (backend, own_overlay) {
         (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
         (BackendKind::Fake, Some(_)) => {
             Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
         }
-        (BackendKind::Vm, own) => real::restore(dir, mode, console, paths, own),
+        (BackendKind::Vm, own) => real::restore(dir, mode, console, paths, backing, own),
     }
 }
 
@@ -736,6 +764,7 @@ mod real {
                 overlay: Some(d.overlay.clone()),
             }),
             vsock: cfg.vsock.clone(),
+            memory_backing: cfg.memory_backing,
         };
         let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
@@ -772,6 +801,7 @@ mod real {
         mode: RestoreModeSpec,
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
+        backing: vmm::memory::MemoryBacking,
         own_overlay: Option<&Path>,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
@@ -781,8 +811,16 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_reusable(dir, mode, console(c), None, paths, own_overlay)
-            .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
+        let (vm, _) = vmm::Vm::restore_reusable_backed(
+            dir,
+            mode,
+            console(c),
+            None,
+            paths,
+            backing,
+            own_overlay,
+        )
+        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -816,6 +854,10 @@ mod real {
         fn kill(self: Box<Self>) {
             self.vm.kill();
         }
+
+        fn memory_backing(&self) -> Option<vmm::memory::MemoryBacking> {
+            Some(self.vm.config().memory_backing)
+        }
     }
 }
 
@@ -836,6 +878,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            memory_backing: Default::default(),
         }
     }
 
