@@ -52,6 +52,11 @@ enum Cmd {
         /// the path the snapshot records is never used).
         #[arg(long, value_name = "BASE")]
         disk: Option<PathBuf>,
+        /// The resumed VM's own writable disk overlay (must not exist):
+        /// forked from the snapshot's, which is left untouched, so the
+        /// snapshot can be resumed again, even concurrently.
+        #[arg(long, value_name = "OWN")]
+        overlay: Option<PathBuf>,
         /// Guest memory backing: auto (default), hugetlb, thp or 4k; any
         /// snapshot restores on any backing.
         #[arg(long, default_value = "auto")]
@@ -141,6 +146,19 @@ enum SnapshotCmd {
     Info {
         /// Snapshot directory.
         dir: PathBuf,
+    },
+    /// Make a snapshot directory a reusable snapshot of a store
+    /// (`<data>/snapshots`): writes its manifest and moves it there;
+    /// prints its path.
+    Save {
+        /// Snapshot directory (moved into the store).
+        dir: PathBuf,
+        /// The store's directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The snapshot's id (default: a new random one).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -258,6 +276,7 @@ fn main() -> ExitCode {
             snapshot_on_signal,
             vsock,
             disk,
+            overlay,
             memory_backing,
         } => resume(
             dir,
@@ -268,12 +287,16 @@ fn main() -> ExitCode {
             RestorePathArgs {
                 vsock,
                 disk,
+                overlay,
                 memory_backing,
             },
         ),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
         } => snapshot_info(dir),
+        Cmd::Snapshot {
+            cmd: SnapshotCmd::Save { dir, store, id },
+        } => snapshot_save(dir, store, id),
     };
     match r {
         Ok(code) => code,
@@ -380,6 +403,7 @@ fn supervise(
 struct RestorePathArgs {
     vsock: Option<PathBuf>,
     disk: Option<PathBuf>,
+    overlay: Option<PathBuf>,
     memory_backing: stasis::vmm::memory::MemoryBacking,
 }
 
@@ -398,13 +422,22 @@ fn resume(
         RestoreMode::Lazy
     };
     let console = console.map(Console::File).unwrap_or(Console::Stdout);
+    let own_overlay = paths.overlay.clone();
     let backing = paths.memory_backing;
     let paths = stasis::vmm::RestorePaths {
         vsock: paths.vsock.as_deref(),
         disk_base: paths.disk.as_deref(),
     };
-    let (vm, stats) =
-        Vm::restore_backed(&dir, mode, console, vcpus, paths, backing).map_err(|e| chain(&e))?;
+    let (vm, stats) = Vm::restore_reusable_backed(
+        &dir,
+        mode,
+        console,
+        vcpus,
+        paths,
+        backing,
+        own_overlay.as_deref(),
+    )
+    .map_err(|e| chain(&e))?;
     eprintln!(
         "stasis: resumed {} ({:?}, {} memory) in {:.2} ms",
         dir.display(),
@@ -428,7 +461,84 @@ fn resume(
     res
 }
 
+/// `stasis snapshot save`: imports a snapshot directory into a store.
+fn snapshot_save(dir: PathBuf, store: PathBuf, id: Option<String>) -> Result<ExitCode, String> {
+    use stasis::snapshot::store::{ImportOpts, SnapshotStore};
+    let store = SnapshotStore::open(store).map_err(|e| chain(&e))?;
+    let id = id.unwrap_or_else(SnapshotStore::new_id);
+    let s = store
+        .import(
+            &dir,
+            &id,
+            ImportOpts {
+                kind: stasis::snapshot::manifest::SnapshotKind::User,
+                source_sandbox: None,
+                labels: Default::default(),
+            },
+        )
+        .map_err(|e| chain(&e))?;
+    println!("{}", s.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The manifest part of `snapshot info` (a store's snapshot has one).
+fn print_manifest(dir: &std::path::Path) -> Result<(), String> {
+    use stasis::snapshot::manifest::{Manifest, MANIFEST_FILE, MANIFEST_VERSION};
+    if !dir.join(MANIFEST_FILE).exists() {
+        return Ok(());
+    }
+    let m = Manifest::read_from(dir).map_err(|e| chain(&e))?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "manifest:        version {MANIFEST_VERSION} (checksum OK), id {}, {:?}",
+        m.id, m.kind
+    );
+    println!(
+        "parent:          {}",
+        m.parent.as_deref().unwrap_or("none (full snapshot)")
+    );
+    for (i, l) in m.layers.iter().enumerate() {
+        println!(
+            "layer {i}:         {} ({}), {:.1} MiB stored",
+            l.file,
+            l.parent
+                .as_deref()
+                .map(|p| format!("pages changed since {p}"))
+                .unwrap_or_else(|| "full".into()),
+            mib(l.bytes_stored)
+        );
+    }
+    if let Some(d) = &m.disk_layer {
+        let len = m.files.iter().find(|f| &f.name == d).map(|f| f.allocated);
+        println!(
+            "disk layer:      {d} ({:.1} MiB allocated)",
+            mib(len.unwrap_or(0))
+        );
+    }
+    let host = stasis::snapshot::manifest::HostFingerprint::current();
+    println!(
+        "host:            {} signature {:#x}, KVM API {}{}",
+        m.fingerprint.cpu_vendor,
+        m.fingerprint.cpu_signature,
+        m.fingerprint.kvm_api_version,
+        match m.fingerprint.mismatch(&host) {
+            None => " (this host matches)".to_string(),
+            Some(d) => format!(" (this host differs: {d})"),
+        }
+    );
+    println!(
+        "layout:          {}",
+        if m.chunk_size == 0 {
+            "per-layer files".to_string()
+        } else {
+            format!("{} MiB chunks", m.chunk_size >> 20)
+        }
+    );
+    Ok(())
+}
+
 fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
+    print_manifest(&dir)?;
     let (st, found) = stasis::vmm::persist::inspect(&dir).map_err(|e| chain(&e))?;
     let on_disk = found.allocated;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;

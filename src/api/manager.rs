@@ -1094,7 +1094,14 @@ impl Manager {
             .and_then(|l| l.auto_resume)
             .or(req.auto_resume.as_ref().map(|a| a.enabled))
             .unwrap_or(false);
-        let mut template = self.resolve_template(&template_name).await?;
+        // A snapshot id where a template id goes: the sandbox resumes from
+        // the snapshot (left untouched) with the template it was taken from.
+        let from_snapshot = self.snapshot_for_create(&template_name).await?;
+        let template_for = from_snapshot
+            .as_ref()
+            .and_then(|s| s.manifest.labels.get("template").cloned())
+            .unwrap_or_else(|| template_name.clone());
+        let mut template = self.resolve_template(&template_for).await?;
         let slot = self.take_slot()?;
         let mem = self.take_memory(template.memory_mb)?;
 
@@ -1135,9 +1142,21 @@ impl Manager {
             Ok(w) => Arc::new(w),
             Err(e) => return Err(fail(format!("starting the sandbox worker failed: {e}")).await),
         };
-        let req_boot = Request::Boot {
-            backend: self.cfg.backend,
-            config: template.boot.clone(),
+        let req_boot = match &from_snapshot {
+            None => Request::Boot {
+                backend: self.cfg.backend,
+                config: template.boot.clone(),
+            },
+            Some(s) => Request::Restore {
+                backend: self.cfg.backend,
+                snapshot_dir: s.dir.clone(),
+                mode: RestoreModeSpec::Lazy,
+                console: template.boot.console.clone(),
+                vsock: template.agent.then(|| vsock.clone()),
+                disk_base: template.rootfs.clone(),
+                own_overlay: Some(dir.join(DISK_OVERLAY)),
+                memory_backing: self.cfg.memory_backing,
+            },
         };
         let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
             Ok(Reply::Running {
@@ -1180,7 +1199,27 @@ impl Manager {
             tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
             let no_envs = Default::default();
             let envs = req.env_vars.as_ref().unwrap_or(&no_envs);
-            if !envs.is_empty() || envd_token.is_some() {
+            if let Some(s) = &from_snapshot {
+                // Clones must diverge: fresh entropy, own env vars and token,
+                // before anyone can reach the sandbox.
+                let entropy: [u8; 64] = rand::random();
+                if let Err(why) = proxy::refresh_agent(
+                    &vsock,
+                    envs,
+                    envd_token.as_deref(),
+                    s.manifest.labels.get("envd_token").map(String::as_str),
+                    &entropy,
+                    proxy::HANDSHAKE_TIMEOUT,
+                )
+                .await
+                {
+                    worker.shutdown(SHUTDOWN_GRACE).await;
+                    return Err(fail(format!(
+                        "the sandbox's agent refused its fresh state: {why}; the sandbox was removed"
+                    ))
+                    .await);
+                }
+            } else if !envs.is_empty() || envd_token.is_some() {
                 if let Err(why) = proxy::init_agent(
                     &vsock,
                     envs,
@@ -1201,7 +1240,7 @@ impl Manager {
         let row = Row {
             id: id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            template_id: template_name.clone(),
+            template_id: template_for,
             alias: Some(template_name),
             state: RowState::Running,
             created_ms: now,
@@ -1600,6 +1639,7 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
+            own_overlay: None,
             memory_backing: self.cfg.memory_backing,
         };
         let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
@@ -2047,4 +2087,296 @@ fn console_tail(path: &std::path::Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&bytes[start..]);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---- Reusable snapshots (issue 12): `POST /sandboxes/{id}/snapshots`,
+// `GET /snapshots`, `DELETE /templates/{snapshot id}`. ----
+
+/// What the SDK reads of a snapshot (`SnapshotInfo`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotOut {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
+impl Manager {
+    /// The store of reusable snapshots, `<data>/snapshots`.
+    pub fn snapshot_store(&self) -> Result<crate::snapshot::store::SnapshotStore, ApiError> {
+        crate::snapshot::store::SnapshotStore::open(self.cfg.data_dir.join("snapshots"))
+            .map_err(|e| internal("snapshot store", crate::error_chain(&e)))
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: a running sandbox pauses briefly
+    /// (its snapshot is taken as by a pause), is copied into the store and
+    /// resumes with its id and end time unchanged; a paused one is copied
+    /// as it is. A sandbox already busy (snapshotting, pausing, resuming)
+    /// answers 409.
+    pub async fn create_snapshot(self: &Arc<Self>, id: &str) -> Result<SnapshotOut, ApiError> {
+        let e = self.entry(id)?;
+        // Busy with a pause, resume or snapshot: 409 at once. (The op lock
+        // is also taken briefly by reads, so it is waited for.)
+        if let Some(b) = e.rec().busy {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is busy ({b}); try again"
+            )));
+        }
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        let (was_running, end_ms) = {
+            let r = e.rec();
+            (r.row.state == RowState::Running, r.row.end_ms)
+        };
+        let started = std::time::Instant::now();
+        if was_running {
+            self.do_pause(&e).await?;
+        }
+        let gen = {
+            let mut r = e.rec();
+            r.busy = Some("snapshotting");
+            r.row.snapshot_gen
+        };
+        let store = match self.snapshot_store() {
+            Ok(s) => s,
+            Err(err) => {
+                e.rec().busy = None;
+                return Err(err);
+            }
+        };
+        let sid = crate::snapshot::store::SnapshotStore::new_id();
+        let src = self.snapshot_dir(id, gen);
+        let incoming = store.root().join(format!(".incoming-{sid}"));
+        let tree = self.sandbox_dir(id).join("root");
+        let agent = e.rec().row.agent && self.cfg.backend == BackendKind::Fake;
+        let source = id.to_owned();
+        let sid2 = sid.clone();
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("template".to_string(), e.rec().row.template_id.clone());
+        // The snapshot's agent was initialized with this token: a sandbox
+        // made from it needs it for its agent's `/init` (the same secret
+        // the store's database already holds for the sandbox).
+        if let Some(t) = e.rec().row.envd_token.clone() {
+            labels.insert("envd_token".to_string(), t);
+        }
+        let copied = tokio::task::spawn_blocking(move || {
+            use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
+            let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path())).and_then(
+                |()| {
+                    store.import(
+                        &incoming,
+                        &sid2,
+                        ImportOpts {
+                            kind: crate::snapshot::manifest::SnapshotKind::User,
+                            source_sandbox: Some(source),
+                            labels,
+                        },
+                    )
+                },
+            );
+            if r.is_err() {
+                let _ = std::fs::remove_dir_all(&incoming);
+            }
+            r
+        })
+        .await
+        .map_err(|e| internal("snapshot", e))?;
+        let pause_ms = started.elapsed().as_millis() as u64;
+        e.rec().busy = None;
+        // Running again whatever the copy did, with the same end time.
+        if was_running {
+            let left_s = ((end_ms - now_ms()) / 1000).max(1);
+            self.do_resume(&e, left_s).await?;
+            e.rec().row.end_ms = end_ms;
+            self.timer.notify_one();
+        }
+        let stored = copied
+            .map_err(|err| ApiError::internal(format!("snapshot: {}", crate::error_chain(&err))))?;
+        tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
+            total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        Ok(SnapshotOut {
+            snapshot_id: stored.manifest.id.clone(),
+            names: vec![stored.manifest.id],
+        })
+    }
+
+    /// `GET /snapshots?sandboxID=&limit=&nextToken=`: oldest first; the
+    /// next page's token is the id of its first snapshot.
+    pub fn list_snapshots(
+        &self,
+        sandbox: Option<&str>,
+        limit: usize,
+        next: Option<&str>,
+    ) -> Result<(Vec<SnapshotOut>, Option<String>), ApiError> {
+        let all: Vec<_> = self
+            .snapshot_store()?
+            .list()
+            .into_iter()
+            .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
+            .collect();
+        let start = match next {
+            Some(t) => all
+                .iter()
+                .position(|m| m.id == t)
+                .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {t:?}")))?,
+            None => 0,
+        };
+        let page: Vec<SnapshotOut> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|m| SnapshotOut {
+                snapshot_id: m.id.clone(),
+                names: vec![m.id.clone()],
+            })
+            .collect();
+        let token = all.get(start + limit).map(|m| m.id.clone());
+        Ok((page, token))
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot id (the SDK's
+    /// `delete_snapshot`): 404 if there is none, 409 while another
+    /// snapshot needs it (the store's rule).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let store = self.snapshot_store()?;
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || store.delete(&id))
+            .await
+            .map_err(|e| internal("snapshot delete", e))?
+            .map_err(|e| {
+                use crate::snapshot::store::Error as E;
+                match e {
+                    E::NotFound(_) | E::InvalidId(_) => {
+                        ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+                    }
+                    E::InUse { .. } => ApiError::conflict(e.to_string()),
+                    other => ApiError::internal(crate::error_chain(&other)),
+                }
+            })
+    }
+}
+
+/// Most sandboxes one `POST /sandboxes/{id}/clone` makes.
+pub const MAX_CLONES: u32 = 16;
+
+/// Body of `POST /sandboxes/{id}/clone` (what the SDK's `clone` sends).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneBody {
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub strict: bool,
+    pub timeout: Option<i64>,
+    #[serde(rename = "nodeID")]
+    pub node_id: Option<String>,
+}
+
+impl Manager {
+    /// The store's snapshot named by a create's `templateID`, if it names
+    /// one (`snap-…`); a snapshot taken on a host with another CPU/KVM
+    /// fingerprint is refused (400) on the VM backend.
+    async fn snapshot_for_create(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::snapshot::store::StoredSnapshot>, ApiError> {
+        if !name.starts_with("snap-") || !crate::snapshot::manifest::valid_id(name) {
+            return Ok(None);
+        }
+        let store = self.snapshot_store()?;
+        let n = name.to_owned();
+        let got = tokio::task::spawn_blocking(move || store.get(&n))
+            .await
+            .map_err(|e| internal("snapshot", e))?;
+        let s = match got {
+            Ok(s) => s,
+            Err(crate::snapshot::store::Error::NotFound(_)) => return Ok(None),
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "snapshot {name} cannot be used: {}",
+                    crate::error_chain(&e)
+                )))
+            }
+        };
+        if self.cfg.backend == BackendKind::Vm {
+            let host = crate::snapshot::manifest::HostFingerprint::current();
+            if let Some(d) = s.manifest.fingerprint.mismatch(&host) {
+                return Err(ApiError::bad_request(format!(
+                    "snapshot {name} was taken on a different host ({d}); it cannot be resumed here"
+                )));
+            }
+        }
+        Ok(Some(s))
+    }
+
+    /// `POST /sandboxes/{id}/clone`: snapshots the sandbox (running: a brief
+    /// pause; paused: as it is) and creates `count` sandboxes from the
+    /// snapshot. Without `strict`, the sandboxes that could be made are
+    /// returned; with it, any failure removes them all and fails. 400 for a
+    /// count of 0 or above [`MAX_CLONES`]; 409 while the parent is busy.
+    pub async fn clone_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        body: CloneBody,
+    ) -> Result<serde_json::Value, ApiError> {
+        let count = body.count.unwrap_or(1);
+        if count == 0 || count > MAX_CLONES {
+            return Err(ApiError::bad_request(format!(
+                "count must be within 1..={MAX_CLONES} (got {count})"
+            )));
+        }
+        let (secure, metadata, inherited) = {
+            let e = self.entry(id)?;
+            let r = e.rec();
+            // Without a timeout (the SDK's doc): a running parent's
+            // remaining time, 15 s for a paused one.
+            let inherited = match r.row.state {
+                RowState::Running => ((r.row.end_ms - now_ms()) / 1000).max(1),
+                RowState::Paused => 15,
+            };
+            (
+                r.row.envd_token.is_some(),
+                r.row.metadata.clone(),
+                inherited,
+            )
+        };
+        let timeout = self.timeout_secs(Some(body.timeout.unwrap_or(inherited)), true)?;
+        let snap = self.create_snapshot(id).await?;
+        let mut made = Vec::new();
+        let mut failed = Vec::new();
+        for _ in 0..count {
+            let req = NewSandbox {
+                template_id: Some(snap.snapshot_id.clone()),
+                timeout: Some(timeout),
+                metadata: Some(metadata.clone()),
+                secure: Some(secure),
+                ..Default::default()
+            };
+            match self.create(req).await {
+                Ok(out) => made.push(out),
+                Err(e) => failed.push(e.message),
+            }
+        }
+        if !failed.is_empty() && (body.strict || made.is_empty()) {
+            for m in &made {
+                let _ = self.kill(&m.sandbox_id).await;
+            }
+            return Err(ApiError::internal(format!(
+                "cloning failed for {} of {count}: {}",
+                failed.len(),
+                failed.join("; ")
+            )));
+        }
+        let sandboxes: Vec<serde_json::Value> = made
+            .into_iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(&o).unwrap_or_default();
+                v["trafficAccessToken"] = serde_json::Value::Null;
+                v
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "sandboxes": sandboxes,
+            "snapshotTemplateId": snap.snapshot_id,
+            "failed": failed,
+        }))
+    }
 }

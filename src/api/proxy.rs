@@ -385,6 +385,41 @@ pub async fn init_agent(
     .await
 }
 
+/// For a sandbox made from a shared snapshot (create from a snapshot id,
+/// clone), before user code runs: fresh `entropy` for the guest's RNG (the
+/// agent mixes it in with `RNDADDENTROPY` and reseeds the CRNG, so clones
+/// of one snapshot draw different random numbers), this sandbox's env vars
+/// and its own envd token. `old_token` is the token the snapshot's agent
+/// was initialized with (its `/init` needs it).
+pub async fn refresh_agent(
+    socket: &Path,
+    env_vars: &std::collections::BTreeMap<String, String>,
+    access_token: Option<&str>,
+    old_token: Option<&str>,
+    entropy: &[u8],
+    timeout: Duration,
+) -> Result<(), Error> {
+    let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
+    let mut body = serde_json::json!({ "envVars": env_vars, "entropy": hex });
+    if let Some(t) = access_token {
+        body["accessToken"] = serde_json::Value::String(t.to_string());
+    }
+    let body = body.to_string();
+    let headers: Vec<(&str, &str)> = old_token
+        .map(|t| vec![("X-Access-Token", t)])
+        .unwrap_or_default();
+    agent_request_with(
+        socket,
+        ENVD_PORT as u16,
+        "POST",
+        "/init",
+        Some(body.as_bytes()),
+        &headers,
+        timeout,
+    )
+    .await
+}
+
 /// One small HTTP/1.1 request to `port` in the sandbox; `Ok` on a 2xx
 /// answer (only the status line is read).
 async fn agent_request(
@@ -395,12 +430,28 @@ async fn agent_request(
     json_body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(), Error> {
+    agent_request_with(socket, port, method, path, json_body, &[], timeout).await
+}
+
+/// [`agent_request`] with extra request headers.
+async fn agent_request_with(
+    socket: &Path,
+    port: u16,
+    method: &str,
+    path: &str,
+    json_body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(socket, port, timeout).await?;
     let left = deadline.saturating_duration_since(Instant::now());
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")
             .into_bytes();
+    for (k, v) in headers {
+        request.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
     if let Some(b) = json_body {
         request.extend_from_slice(
             format!(

@@ -48,6 +48,13 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/metrics", get(metrics_one))
         .route("/sandboxes/{id}/logs", get(logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route("/sandboxes/{id}/clone", post(clone_sandbox))
+        .route(
+            "/templates/{template_id}",
+            axum::routing::delete(delete_snapshot),
+        )
         .merge(unsupported_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -326,6 +333,7 @@ async fn openapi() -> Json<serde_json::Value> {
     let mut doc = super::openapi::document();
     add_metrics_and_logs_to(&mut doc);
     add_unsupported_to(&mut doc);
+    add_snapshots_to(&mut doc);
     Json(doc)
 }
 
@@ -346,12 +354,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
         "/sandboxes/{id}/refreshes",
         "refreshes (use POST /sandboxes/{id}/timeout)",
     ),
-    (
-        "POST",
-        "/sandboxes/{id}/snapshots",
-        "persistent snapshots (pause keeps the sandbox's state)",
-    ),
-    ("POST", "/sandboxes/{id}/clone", "cloning sandboxes"),
     ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
     ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
     (
@@ -363,7 +365,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("DELETE", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("GET", "/sandboxes/events", "sandbox events"),
     ("GET", "/sandboxes/quota", "quotas"),
-    ("GET", "/snapshots", "persistent snapshots"),
     (
         "GET",
         "/templates",
@@ -376,7 +377,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("GET", "/templates/{template_id}", "template management"),
     ("POST", "/templates/{template_id}", "template builds"),
     ("PATCH", "/templates/{template_id}", "template management"),
-    ("DELETE", "/templates/{template_id}", "template management"),
     ("GET", "/templates/{template_id}/tags", "template tags"),
     (
         "GET",
@@ -699,6 +699,133 @@ async fn list_v1(
     let q = parse_list_query(raw.as_deref(), false)?;
     let (items, _) = st.mgr.list(&q);
     Ok(Json(items).into_response())
+}
+
+/// `POST /sandboxes/{id}/snapshots` (the body's optional `name` is
+/// accepted and not used: the snapshot's id is its name).
+async fn create_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.create_snapshot(&id_of(p)?).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// `GET /snapshots?sandboxID=&limit=&nextToken=` (the SDK's paginator
+/// reads `x-next-token`).
+async fn list_snapshots(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = models::parse_query(raw.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;
+    let (mut sandbox, mut limit, mut next) = (None, MAX_LIMIT, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit must be 1..={MAX_LIMIT}"))
+                    })?
+            }
+            "nextToken" => next = Some(v),
+            _ => {}
+        }
+    }
+    let (items, token) = st
+        .mgr
+        .list_snapshots(sandbox.as_deref(), limit, next.as_deref())?;
+    let mut resp = Json(items).into_response();
+    if let Some(t) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut().insert("x-next-token", t);
+    }
+    Ok(resp)
+}
+
+/// `DELETE /templates/{id}`: the SDK's `delete_snapshot` (templates
+/// themselves are files in `<data-dir>/templates`, not deleted here).
+async fn delete_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = p.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    st.mgr.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/clone` (`count`, `strict`, `timeout`).
+async fn clone_sandbox(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<super::manager::CloneBody>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.clone_sandbox(&id_of(p)?, body).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// The snapshot and clone routes in `/openapi.json` (merged into path
+/// objects that other routes already have).
+fn add_snapshots_to(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let id = |n: &str| json!({ "name": n, "in": "path", "required": true, "schema": { "type": "string" } });
+    let err = json!({ "description": "Error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let info = json!({ "type": "object", "properties": {
+        "snapshotID": { "type": "string" }, "names": { "type": "array", "items": { "type": "string" } } } });
+    let mut put = |path: &str, method: &str, op: serde_json::Value| {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(method.into(), op);
+        }
+    };
+    put(
+        "/sandboxes/{id}/snapshots",
+        "post",
+        json!({
+        "summary": "Snapshot a sandbox into a reusable snapshot (a running one pauses briefly and keeps running)",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": { "name": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "The snapshot", "content": { "application/json": { "schema": info.clone() } } },
+            "401": err, "404": err, "409": err, "500": err } }),
+    );
+    put(
+        "/snapshots",
+        "get",
+        json!({
+        "summary": "List snapshots, oldest first, paginated",
+        "parameters": [
+            { "name": "sandboxID", "in": "query", "schema": { "type": "string" } },
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100 } },
+            { "name": "nextToken", "in": "query", "schema": { "type": "string" } } ],
+        "responses": { "200": { "description": "A page; the next page's token is in the x-next-token header",
+            "content": { "application/json": { "schema": { "type": "array", "items": info } } } },
+            "400": err, "401": err } }),
+    );
+    put(
+        "/templates/{template_id}",
+        "delete",
+        json!({
+        "summary": "Delete a snapshot (the SDK's delete_snapshot); 409 while another snapshot names it as parent",
+        "parameters": [id("template_id")],
+        "responses": { "204": { "description": "Deleted" }, "401": err, "404": err, "409": err } }),
+    );
+    put(
+        "/sandboxes/{id}/clone",
+        "post",
+        json!({
+        "summary": "Clone a sandbox: snapshot it and create count sandboxes from the snapshot",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "count": { "type": "integer", "minimum": 1, "maximum": 16 }, "strict": { "type": "boolean" },
+            "timeout": { "type": "integer" }, "nodeID": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "{sandboxes: [{sandboxID, envdVersion, envdAccessToken, trafficAccessToken}], snapshotTemplateId}" },
+            "400": err, "401": err, "404": err, "409": err, "500": err } }),
+    );
 }
 
 #[cfg(test)]

@@ -393,6 +393,46 @@ impl Vm {
         paths: RestorePaths<'_>,
         backing: memory::MemoryBacking,
     ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_reusable_backed(dir, mode, console, vcpus, paths, backing, None)
+    }
+
+    /// Like [`Vm::restore_with`], but leaves the snapshot untouched so
+    /// that any number of VMs can resume from it, concurrently: memory is
+    /// read from its `memory.bin` read-only (resumes share its page
+    /// cache), and with `own_overlay` the disk is a new writable overlay
+    /// forked from the snapshot's ([`virtio::cow::CowDisk::fork`]; a
+    /// snapshot with a disk restored with `None` uses its overlay in place,
+    /// as [`Vm::restore_with`] does).
+    pub fn restore_reusable(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        paths: RestorePaths<'_>,
+        own_overlay: Option<&Path>,
+    ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_reusable_backed(
+            dir,
+            mode,
+            console,
+            vcpus,
+            paths,
+            memory::MemoryBacking::Auto,
+            own_overlay,
+        )
+    }
+
+    /// [`Vm::restore_reusable`] onto guest memory of the given backing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_reusable_backed(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        paths: RestorePaths<'_>,
+        backing: memory::MemoryBacking,
+        own_overlay: Option<&Path>,
+    ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
         let st: VmState = snap.load_state().map_err(PersistError::from)?;
@@ -475,13 +515,14 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
-        let virtio = Virtio::restore(
+        let virtio = Virtio::restore_forked(
             &shell.fd,
             &shell.mem,
             &st.virtio,
             dir,
             paths.vsock,
             paths.disk_base,
+            own_overlay,
         )?;
         // Virtio::restore refused a device without its caller-given path.
         let mut disk = None;
@@ -491,7 +532,11 @@ impl Vm {
                 DeviceKind::Block { .. } => {
                     disk = paths.disk_base.map(|b| DiskConfig {
                         base: b.to_owned(),
-                        overlay: Some(dir.join(virtio::SNAPSHOT_OVERLAY)),
+                        overlay: Some(
+                            own_overlay
+                                .map(Path::to_owned)
+                                .unwrap_or_else(|| dir.join(virtio::SNAPSHOT_OVERLAY)),
+                        ),
                     })
                 }
                 DeviceKind::Vsock { .. } => vsock_path = paths.vsock.map(Path::to_owned),

@@ -201,6 +201,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             console,
             vsock,
             disk_base,
+            own_overlay,
             memory_backing,
         } => {
             let mut slot = lock(vm);
@@ -221,6 +222,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 &console,
                 paths,
                 memory_backing,
+                own_overlay.as_deref(),
             ) {
                 Ok(v) => {
                     let guest = v.guest();

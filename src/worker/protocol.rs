@@ -132,6 +132,12 @@ pub enum Request {
         /// recorded in the snapshot is never used.
         #[serde(default)]
         disk_base: Option<PathBuf>,
+        /// Restore from a reusable snapshot, leaving it untouched: the
+        /// VM's own disk overlay (forked from the snapshot's; real VMs) or
+        /// the new sandbox's directory for its host agent's files (fake).
+        /// `None`: the snapshot is the sandbox's own, used in place.
+        #[serde(default)]
+        own_overlay: Option<PathBuf>,
         /// Guest memory backing of the restored VM (`auto` when absent).
         #[serde(default)]
         memory_backing: crate::vmm::memory::MemoryBacking,

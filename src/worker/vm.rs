@@ -71,6 +71,7 @@ pub(crate) fn restore(
     mode: RestoreModeSpec,
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
+    own_overlay: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
     restore_backed(
         backend,
@@ -79,11 +80,13 @@ pub(crate) fn restore(
         console,
         paths,
         crate::vmm::memory::MemoryBacking::Auto,
+        own_overlay,
     )
 }
 
 /// Restores a VM from `dir` with the chosen backend, onto guest memory of
-/// the given backing (the fake backend ignores it).
+/// the given backing (the fake backend ignores it); with `own_overlay`,
+/// from a reusable snapshot that is left untouched.
 pub(crate) fn restore_backed(
     backend: BackendKind,
     dir: &Path,
@@ -91,10 +94,14 @@ pub(crate) fn restore_backed(
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
     backing: crate::vmm::memory::MemoryBacking,
+    own_overlay: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
-    match backend {
-        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
-        BackendKind::Vm => real::restore(dir, mode, console, paths, backing),
+    match (backend, own_overlay) {
+        (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
+        (BackendKind::Fake, Some(_)) => {
+            Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
+        }
+        (BackendKind::Vm, own) => real::restore(dir, mode, console, paths, backing, own),
     }
 }
 
@@ -524,6 +531,52 @@ impl FakeVm {
         Ok(vm)
     }
 
+    /// A new sandbox from a reusable (fake) snapshot in `dir`, which is
+    /// left untouched: the counter continues from the snapshot's; an agent
+    /// snapshot gets a new host agent on `vsock` whose files start as a
+    /// copy of the snapshot's (`dir/root`: the agent's directory tree at
+    /// the snapshot; its processes are not carried over by the fake).
+    fn restore_fork(
+        dir: &Path,
+        vsock: Option<&Path>,
+        console: &ConsoleSpec,
+    ) -> Result<Self, Error> {
+        let path = dir.join(FAKE_STATE_FILE);
+        let bytes =
+            fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
+        let st: FakeState = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Vm(format!("corrupt fake snapshot {}: {e}", path.display())))?;
+        let agent = match (st.agent.is_some(), vsock) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(Error::Vm(
+                    "the snapshot has an agent: its socket path must be given".into(),
+                ))
+            }
+            (true, Some(v)) => {
+                let from = dir.join("root");
+                let to = v
+                    .parent()
+                    .ok_or_else(|| {
+                        Error::Vm(format!("vsock path {} has no directory", v.display()))
+                    })?
+                    .join("root");
+                if from.is_dir() && !to.exists() {
+                    crate::snapshot::store::copy_tree(&from, &to).map_err(|e| {
+                        Error::Vm(format!(
+                            "copying the snapshot's files: {}",
+                            crate::error_chain(&e)
+                        ))
+                    })?;
+                }
+                Some(HostAgent::spawn(v, console, None)?)
+            }
+        };
+        let mut vm = Self::start(st.round, st.acc, st.cmdline);
+        vm.agent = agent;
+        Ok(vm)
+    }
+
     fn start(round: u64, acc: u64, cmdline: String) -> Self {
         let shared = Arc::new(FakeShared {
             round: AtomicU64::new(round),
@@ -749,6 +802,7 @@ mod real {
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
         backing: vmm::memory::MemoryBacking,
+        own_overlay: Option<&Path>,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
         // place, over the template's base image named by the request); the
@@ -757,8 +811,16 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_backed(dir, mode, console(c), None, paths, backing)
-            .map_err(|e| Error::Vm(e.to_string()))?;
+        let (vm, _) = vmm::Vm::restore_reusable_backed(
+            dir,
+            mode,
+            console(c),
+            None,
+            paths,
+            backing,
+            own_overlay,
+        )
+        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -856,6 +918,7 @@ mod tests {
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
+            None,
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -885,6 +948,7 @@ mod tests {
             RestoreModeSpec::Eager,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
+            None,
         )
         .is_err());
     }

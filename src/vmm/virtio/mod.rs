@@ -396,6 +396,22 @@ impl Virtio {
         vsock_uds: Option<&Path>,
         disk_base: Option<&Path>,
     ) -> Result<Virtio, Error> {
+        Self::restore_forked(vm, mem, st, snapshot, vsock_uds, disk_base, None)
+    }
+
+    /// Like [`Virtio::restore`], but with `own_overlay` the disk is a new
+    /// writable overlay forked from the snapshot's
+    /// ([`CowDisk::fork`]): the snapshot is never written and can be
+    /// restored again, concurrently.
+    pub fn restore_forked(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        st: &VirtioState,
+        snapshot: &Path,
+        vsock_uds: Option<&Path>,
+        disk_base: Option<&Path>,
+        own_overlay: Option<&Path>,
+    ) -> Result<Virtio, Error> {
         let mut v = Virtio::none(mem);
         for (i, d) in st.devices.iter().enumerate() {
             let (base, irq) = slot_place(i);
@@ -427,7 +443,11 @@ impl Virtio {
                              records; using the given one"
                         );
                     }
-                    let disk = CowDisk::open_existing(base, &snapshot.join(SNAPSHOT_OVERLAY))?;
+                    let layer = snapshot.join(SNAPSHOT_OVERLAY);
+                    let disk = match own_overlay {
+                        Some(own) => CowDisk::fork(base, &layer, own)?,
+                        None => CowDisk::open_existing(base, &layer)?,
+                    };
                     if disk.size() != *size {
                         return Err(Error::BadState(format!(
                             "base image {} is {} bytes now, {size} when the snapshot was taken",
