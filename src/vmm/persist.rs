@@ -372,6 +372,21 @@ impl Vm {
         vcpus: Option<u8>,
         paths: RestorePaths<'_>,
     ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_with_net(dir, mode, console, vcpus, paths, None)
+    }
+
+    /// [`Vm::restore_with`] for a snapshot that may have a network device:
+    /// its tap is opened in the namespace at `netns` (re-created by the
+    /// caller with the same addresses). A snapshot with a network device
+    /// and no namespace is an error.
+    pub fn restore_with_net(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        paths: RestorePaths<'_>,
+        netns: Option<&Path>,
+    ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
         let st: VmState = snap.load_state().map_err(PersistError::from)?;
@@ -453,13 +468,25 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
-        let virtio = Virtio::restore(
+        let mut net_tap = None;
+        if let Some(ns) = netns {
+            if st
+                .virtio
+                .devices
+                .iter()
+                .any(|d| matches!(d.kind, DeviceKind::Net { .. }))
+            {
+                net_tap = Some(crate::net::tap::open_in(ns, crate::net::TAP_NAME)?);
+            }
+        }
+        let virtio = Virtio::restore_with_net(
             &shell.fd,
             &shell.mem,
             &st.virtio,
             dir,
             paths.vsock,
             paths.disk_base,
+            net_tap,
         )?;
         // Virtio::restore refused a device without its caller-given path.
         let mut disk = None;
@@ -473,6 +500,7 @@ impl Vm {
                     })
                 }
                 DeviceKind::Vsock { .. } => vsock_path = paths.vsock.map(Path::to_owned),
+                DeviceKind::Net { .. } => {}
             }
         }
         let config = VmConfig {

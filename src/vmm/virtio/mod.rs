@@ -40,6 +40,7 @@
 pub mod block;
 pub mod cow;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};
@@ -152,6 +153,11 @@ pub enum DeviceKind {
         /// The guest's CID.
         cid: u64,
     },
+    /// virtio-net; the tap is the caller's (re-created on restore).
+    Net {
+        /// The guest's MAC address.
+        mac: [u8; 6],
+    },
 }
 
 /// One device with its transport. A VM has at most two, so the size
@@ -162,6 +168,8 @@ pub enum Device {
     Block(Transport<Block>),
     /// virtio-vsock.
     Vsock(Transport<Vsock<Muxer>>),
+    /// virtio-net over a tap.
+    Net(Transport<net::Net<net::Tap>>),
 }
 
 impl Device {
@@ -169,6 +177,7 @@ impl Device {
         match self {
             Device::Block(t) => t.read(offset, data),
             Device::Vsock(t) => t.read(offset, data),
+            Device::Net(t) => t.read(offset, data),
         }
     }
 
@@ -176,6 +185,7 @@ impl Device {
         match self {
             Device::Block(t) => t.write(offset, data),
             Device::Vsock(t) => t.write(offset, data),
+            Device::Net(t) => t.write(offset, data),
         }
     }
 
@@ -183,6 +193,7 @@ impl Device {
         match self {
             Device::Block(t) => t.queues.len(),
             Device::Vsock(t) => t.queues.len(),
+            Device::Net(t) => t.queues.len(),
         }
     }
 
@@ -190,6 +201,7 @@ impl Device {
         match self {
             Device::Block(t) => &t.interrupt,
             Device::Vsock(t) => &t.interrupt,
+            Device::Net(t) => &t.interrupt,
         }
     }
 
@@ -224,6 +236,23 @@ impl Device {
                 n |= device.process_rx(rx, mem);
                 n
             }
+            Device::Net(t) => {
+                if !t.activated() {
+                    return;
+                }
+                let Transport { device, queues, .. } = t;
+                let [rx, tx] = &mut queues[..] else {
+                    return;
+                };
+                let mut n = false;
+                if q.is_none() || q == Some(net::TXQ) {
+                    n |= device.process_tx(tx, mem);
+                }
+                if q.is_none() || q == Some(net::RXQ) {
+                    n |= device.process_rx(rx, mem);
+                }
+                n
+            }
         };
         if notify {
             self.interrupt().raise(mmio::INT_VRING);
@@ -243,6 +272,12 @@ impl Device {
                 DeviceKind::Vsock {
                     uds: PathBuf::new(),
                     cid: t.device.cid(),
+                },
+                t.save(),
+            ),
+            Device::Net(t) => (
+                DeviceKind::Net {
+                    mac: t.device.mac(),
                 },
                 t.save(),
             ),
@@ -396,6 +431,20 @@ impl Virtio {
         vsock_uds: Option<&Path>,
         disk_base: Option<&Path>,
     ) -> Result<Virtio, Error> {
+        Self::restore_with_net(vm, mem, st, snapshot, vsock_uds, disk_base, None)
+    }
+
+    /// [`Virtio::restore`], with the tap (opened in the sandbox's
+    /// re-created namespace) for a saved network device.
+    pub fn restore_with_net(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        st: &VirtioState,
+        snapshot: &Path,
+        vsock_uds: Option<&Path>,
+        disk_base: Option<&Path>,
+        mut net_tap: Option<std::fs::File>,
+    ) -> Result<Virtio, Error> {
         let mut v = Virtio::none(mem);
         for (i, d) in st.devices.iter().enumerate() {
             let (base, irq) = slot_place(i);
@@ -460,10 +509,27 @@ impl Virtio {
                     }
                     Device::Vsock(t)
                 }
+                DeviceKind::Net { mac } => {
+                    let tap = net_tap.take().ok_or_else(|| {
+                        Error::BadState(
+                            "the snapshot has a network device: a tap must be given".into(),
+                        )
+                    })?;
+                    let dev = net::Net::new(net::Tap(tap), *mac);
+                    Device::Net(Transport::restore(dev, interrupt, &d.transport).map_err(bad)?)
+                }
             };
             v.add(vm, dev)?;
         }
         Ok(v)
+    }
+
+    /// Adds a virtio-net device over `tap` (opened with a 12-byte virtio
+    /// header, see [`crate::net::tap`]), after the disk and vsock devices.
+    pub fn add_net(&mut self, vm: &VmFd, tap: std::fs::File, mac: [u8; 6]) -> Result<(), Error> {
+        let irq = Interrupt::new().map_err(sys("an interrupt eventfd"))?;
+        let dev = net::Net::new(net::Tap(tap), mac);
+        self.add(vm, Device::Net(Transport::new(dev, irq)))
     }
 
     fn add(&mut self, vm: &VmFd, dev: Device) -> Result<(), Error> {
@@ -632,6 +698,24 @@ impl Virtio {
                     add(fd, token(i, BACKEND_QUEUE))?;
                 }
             }
+            if let Device::Net(t) = &*lock(&s.dev) {
+                use self::net::NetBackend;
+                let fd = t.device.backend().fd();
+                if fd >= 0 {
+                    // Edge-triggered: with the RX ring full the tap stays
+                    // readable; the guest's RX notification resumes reading.
+                    epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(
+                                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                                token(i, BACKEND_QUEUE),
+                            ),
+                        )
+                        .map_err(sys("an epoll registration"))?;
+                }
+            }
             devs.push((s.dev.clone(), fds));
         }
         let mem = self.mem.clone();
@@ -706,7 +790,7 @@ fn scrub_thread(dev: Arc<Mutex<Device>>, fault: Arc<DiskFault>, stop: Arc<Atomic
     while !stop.load(Ordering::Relaxed) {
         let step = match &*lock(&dev) {
             Device::Block(b) => b.device.disk().scrub_step(pos),
-            Device::Vsock(_) => return,
+            Device::Vsock(_) | Device::Net(_) => return,
         };
         match step {
             Ok(Some(next)) => pos = next,
@@ -759,7 +843,11 @@ fn device_thread(epoll: Epoll, devs: ThreadDevices, mem: GuestMemoryMmap) {
                 if let Device::Vsock(t) = &mut *d {
                     t.device.backend_mut().process();
                 }
-                d.process(Some(vsock::RXQ), &mem);
+                let rxq = match &*d {
+                    Device::Net(_) => net::RXQ,
+                    _ => vsock::RXQ,
+                };
+                d.process(Some(rxq), &mem);
             } else if let Some(e) = fds.get(q) {
                 // Reset the counter first: a notification that arrives
                 // while we work wakes us again.
