@@ -595,6 +595,7 @@ impl Manager {
                         disk: None,
                         vsock: None,
                         interpreter: None,
+                        net: None,
                     },
                     cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
@@ -623,6 +624,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    net: None,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
@@ -655,6 +657,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    net: None,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
@@ -1369,6 +1372,7 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
+            net: None,
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,

@@ -194,6 +194,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             console,
             vsock,
             disk_base,
+            net,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -206,7 +207,14 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
             };
-            match vm::restore(backend, &snapshot_dir, mode, &console, paths) {
+            match vm::restore_with_net(
+                backend,
+                &snapshot_dir,
+                mode,
+                &console,
+                paths,
+                net.as_ref().map(|n| n.netns.as_path()),
+            ) {
                 Ok(v) => {
                     let guest = v.guest();
                     *slot = Some(v);
@@ -327,6 +335,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            net: None,
         };
         let rep = roundtrip(
             &mut w,

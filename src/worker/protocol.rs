@@ -97,6 +97,10 @@ pub struct BootConfig {
     /// run it from their image's init instead.
     #[serde(default)]
     pub interpreter: Option<String>,
+    /// A virtio-net device over the tap in this sandbox network namespace
+    /// (real VMM only; the fake backend has no network device).
+    #[serde(default)]
+    pub net: Option<crate::vmm::NetAttach>,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -129,6 +133,10 @@ pub enum Request {
         /// recorded in the snapshot is never used.
         #[serde(default)]
         disk_base: Option<PathBuf>,
+        /// The re-created network namespace whose tap backs a saved
+        /// network device.
+        #[serde(default)]
+        net: Option<crate::vmm::NetAttach>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
@@ -211,6 +219,7 @@ mod tests {
                     }),
                     vsock: Some("/v.sock".into()),
                     interpreter: None,
+                    net: None,
                 },
             },
         };

@@ -73,6 +73,22 @@ pub(crate) fn restore(
     }
 }
 
+/// [`restore`] of a snapshot that may have a network device, whose tap is
+/// opened in the namespace at `netns` (real VMM only).
+pub(crate) fn restore_with_net(
+    backend: BackendKind,
+    dir: &Path,
+    mode: RestoreModeSpec,
+    console: &ConsoleSpec,
+    paths: RestorePaths<'_>,
+    netns: Option<&Path>,
+) -> Result<Box<dyn VmBackend>, Error> {
+    match (backend, netns) {
+        (BackendKind::Vm, Some(ns)) => real::restore_net(dir, mode, console, paths, Some(ns)),
+        _ => restore(backend, dir, mode, console, paths),
+    }
+}
+
 /// What a snapshot directory's regular files take, counted two ways.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirUsage {
@@ -687,7 +703,8 @@ mod real {
             }),
             vsock: cfg.vsock.clone(),
         };
-        let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
+        let vm = vmm::Vm::boot_with_net(vm_cfg, cfg.net.as_ref())
+            .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -723,6 +740,16 @@ mod real {
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
     ) -> Result<Box<dyn VmBackend>, Error> {
+        restore_net(dir, mode, c, paths, None)
+    }
+
+    pub(super) fn restore_net(
+        dir: &Path,
+        mode: RestoreModeSpec,
+        c: &ConsoleSpec,
+        paths: super::RestorePaths<'_>,
+        netns: Option<&Path>,
+    ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
         // place, over the template's base image named by the request); the
         // vsock device listens on the sandbox's socket again.
@@ -730,7 +757,7 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_with(dir, mode, console(c), None, paths)
+        let (vm, _) = vmm::Vm::restore_with_net(dir, mode, console(c), None, paths, netns)
             .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
@@ -785,6 +812,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            net: None,
         }
     }
 
