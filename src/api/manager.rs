@@ -49,6 +49,9 @@ use crate::worker::protocol::{
 use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
+#[path = "manager_net.rs"]
+mod net_ext;
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -111,6 +114,9 @@ pub struct Config {
     /// Fake backend: the Python that runs the code-interpreter server of
     /// templates with `"interpreter": true` (needs jupyter-client, ipykernel).
     pub interpreter_python: String,
+    /// Sandbox networking (namespaces, taps, nftables); None: Linux
+    /// sandboxes get no network device (`--no-network`).
+    pub network: Option<Arc<crate::net::Network>>,
 }
 
 struct Rec {
@@ -150,6 +156,7 @@ pub struct Manager {
     spawns: Semaphore,
     seq: AtomicI64,
     timer: Notify,
+    net_state: net_ext::NetState,
 }
 
 /// A template resolved to a VM configuration.
@@ -290,8 +297,10 @@ impl Manager {
             slots,
             spawns,
             timer: Notify::new(),
+            net_state: Default::default(),
         });
         mgr.recover()?;
+        mgr.net_recover()?;
         tokio::spawn(mgr.clone().timer_loop());
         Ok(mgr)
     }
@@ -489,6 +498,7 @@ impl Manager {
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
         }
+        self.net_release(&e.id, false, None).await;
         // A paused sandbox's host agent (fake backend) has no worker.
         let vsock = self.vsock_path(&e.id);
         let _ =
@@ -907,6 +917,7 @@ impl Manager {
             envd_access_token: row.envd_token.clone(),
             alias: row.alias.clone(),
             domain: self.cfg.domain.clone(),
+            traffic_access_token: self.net_token(&row.id),
         }
     }
 
@@ -963,10 +974,13 @@ impl Manager {
         let slot = self.take_slot()?;
 
         let id = models::new_id();
+        let net_spec = self.net_prepare_create(&req, &mut template, &id).await?;
+        let net_slot = net_spec.slot;
         let dir = self.sandbox_dir(&id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+            self.net_release(&id, false, net_slot).await;
+            return Err(internal(&format!("create {}", dir.display()), e));
+        }
         template.boot.console = self.console(&id);
         if let Some(base) = &template.rootfs {
             template.boot.disk = Some(DiskSpec {
@@ -984,10 +998,13 @@ impl Manager {
         let fail = |msg: String| {
             let dir = dir.clone();
             let vsock = vsock.clone();
+            let mgr = self.clone();
+            let id = id.clone();
             async move {
                 let _ =
                     tokio::task::spawn_blocking(move || crate::worker::vm::kill_host_agent(&vsock))
                         .await;
+                mgr.net_release(&id, false, net_slot).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 ApiError::internal(msg)
             }
@@ -1077,6 +1094,11 @@ impl Manager {
             worker.shutdown(SHUTDOWN_GRACE).await;
             return Err(fail(e.message).await);
         }
+        if let Err(e) = self.net_commit(&id, net_spec).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.delete_row(&id).await;
+            return Err(fail(e.message).await);
+        }
         let out = self.sandbox_out(&row);
         let entry = Arc::new(Entry {
             id: id.clone(),
@@ -1163,6 +1185,7 @@ impl Manager {
             listed: self.listed_out(&row),
             domain: self.cfg.domain.clone(),
             allow_internet_access: row.allow_internet,
+            network: self.net_out(&row.id),
             lifecycle: LifecycleOut {
                 on_timeout: if row.on_timeout_pause {
                     "pause"
@@ -1275,6 +1298,8 @@ impl Manager {
                 {
                     worker.kill();
                 }
+                // The namespace goes; the slot (the guest's address) stays.
+                self.net_release(&e.id, true, None).await;
                 let old = row.snapshot_gen;
                 row.state = RowState::Paused;
                 row.snapshot_gen = gen;
@@ -1365,6 +1390,13 @@ impl Manager {
                 None
             }
         };
+        let net = match self.net_for_resume(&e.id).await {
+            Ok(n) => n,
+            Err(err) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(err.message));
+            }
+        };
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
@@ -1372,16 +1404,18 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
-            net: None,
+            net,
         };
         let guest = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running { guest }) => guest,
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(err.to_string()));
             }
         };

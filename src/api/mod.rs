@@ -98,6 +98,9 @@ pub struct ServeOptions {
     pub tls_source: Option<tls::CertSource>,
     /// Fake backend: the Python that runs code-interpreter servers.
     pub interpreter_python: String,
+    /// Sandbox networking for Linux sandboxes on the real VMM; None: no
+    /// network device (`--no-network`; the default for embedded servers).
+    pub network: Option<crate::net::NetConfig>,
 }
 
 impl Default for ServeOptions {
@@ -122,6 +125,7 @@ impl Default for ServeOptions {
             tls_listen: None,
             tls_source: None,
             interpreter_python: "python3".into(),
+            network: None,
         }
     }
 }
@@ -211,6 +215,21 @@ pub struct ServeArgs {
     /// the code-interpreter server of `"interpreter": true` templates.
     #[arg(long, default_value = "python3")]
     pub interpreter_python: String,
+    /// Private IPv4 range for sandbox addresses, carved into /29s (two /30
+    /// links each: guest↔tap, namespace↔host). Must not overlap another
+    /// server's or the host's networks.
+    #[arg(long, default_value = crate::net::NetConfig::DEFAULT_CIDR)]
+    pub sandbox_cidr: String,
+    /// Resolver given to guests (kernel `ip=`); default: the host's first
+    /// non-loopback nameserver in /etc/resolv.conf.
+    #[arg(long)]
+    pub sandbox_dns: Option<std::net::Ipv4Addr>,
+    /// Run Linux sandboxes without a network device (no namespaces, taps or
+    /// nftables rules; the network controls are still validated and the
+    /// proxy's still enforced). Without it, `serve` with the real VMM
+    /// fails at start when `ip`, `nft` or network namespaces are missing.
+    #[arg(long)]
+    pub no_network: bool,
 }
 
 /// Reads an API key file: its content, trimmed; empty is an error. Warns
@@ -301,6 +320,21 @@ impl ServeArgs {
         if let Some(d) = &self.domain {
             tls::validate_domain(d).map_err(|e| Error::Config(e.to_string()))?;
         }
+        let network = if self.no_network || backend != BackendKind::Vm {
+            None
+        } else {
+            let cidr: crate::net::Cidr = self
+                .sandbox_cidr
+                .parse()
+                .map_err(|e: crate::net::Error| Error::Config(e.to_string()))?;
+            Some(crate::net::NetConfig {
+                cidr,
+                uplink_netns: None,
+                dns: self
+                    .sandbox_dns
+                    .or_else(crate::net::NetConfig::host_resolver),
+            })
+        };
         let tls_source = self
             .tls_listen
             .map(|_| match (self.tls_cert, self.tls_key) {
@@ -323,6 +357,7 @@ impl ServeArgs {
             agent_timeout: Duration::from_secs(self.agent_timeout),
             sandbox_listen: self.sandbox_listen,
             shutdown_pause: Duration::from_secs(self.shutdown_pause_secs),
+            network,
             ..ServeOptions::default()
         })
     }
@@ -399,6 +434,13 @@ pub async fn serve(
         agent_timeout: opts.agent_timeout,
         domain: opts.domain.clone(),
         interpreter_python: opts.interpreter_python.clone(),
+        network: match &opts.network {
+            Some(c) => Some(Arc::new(
+                crate::net::Network::new(c.clone())
+                    .map_err(|e| Error::Config(crate::error_chain(&e)))?,
+            )),
+            None => None,
+        },
     };
     let mgr = manager::Manager::start(cfg).await?;
     let listener =

@@ -57,6 +57,7 @@
 //! Everything here runs `ip` (iproute2) and `nft` (nftables) and blocks:
 //! call it from a blocking thread, never from a tokio worker.
 
+pub mod spec;
 pub mod tap;
 
 use std::fmt;
@@ -391,6 +392,14 @@ impl NetConfig {
 pub struct Network {
     cfg: NetConfig,
     used: Mutex<Vec<bool>>,
+    /// Held while checking for and installing the table.
+    table: Mutex<()>,
+}
+
+impl fmt::Debug for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Network").field("cfg", &self.cfg).finish()
+    }
 }
 
 fn cmd_line(prog: &str, args: &[&str]) -> String {
@@ -529,6 +538,7 @@ impl Network {
         Ok(Network {
             cfg,
             used: Mutex::new(vec![false; slots]),
+            table: Mutex::new(()),
         })
     }
 
@@ -587,8 +597,10 @@ impl Network {
 
     /// Removes everything a previous server (killed or crashed) left:
     /// sandbox namespaces of this CIDR, `sv*` links in the uplink and the
-    /// `inet stasis` table; then installs a fresh table. Returns how many
-    /// namespaces and links were removed.
+    /// `inet stasis` table (the next [`Network::setup`] installs a fresh
+    /// one, so a server that never sets up a sandbox network leaves the
+    /// host's nftables and forwarding alone). Returns how many namespaces
+    /// and links were removed.
     pub fn sweep(&self) -> Result<usize> {
         let mut removed = 0;
         for name in stale_netns(&self.cfg.cidr) {
@@ -618,7 +630,6 @@ impl Network {
             &["delete", "table", "inet", TABLE],
             None,
         );
-        self.install_table()?;
         Ok(removed)
     }
 
@@ -666,6 +677,18 @@ impl Network {
     }
 
     fn setup_inner(&self, net: &SandboxNet, link: &GuestLink, rules: &EgressRules) -> Result<()> {
+        let guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let installed = in_up(
+            &self.cfg.uplink_netns,
+            "nft",
+            &["list", "table", "inet", TABLE],
+            None,
+        )
+        .is_ok();
+        if !installed {
+            self.install_table()?;
+        }
+        drop(guard);
         let s = net.slot;
         let ns = s.netns_name();
         let hv = s.host_veth();
