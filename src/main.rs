@@ -413,6 +413,13 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
                     "vsock:           guest CID {cid} (`resume --vsock` names the host socket)"
                 )
             }
+            DeviceKind::Net { mac } => println!(
+                "network:         virtio-net, MAC {} (the tap is re-created on resume)",
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
         }
     }
     println!("taken at:        {} (unix seconds)", st.created_unix);

@@ -457,3 +457,190 @@ fn tap_opens_inside_the_sandbox_namespace() {
     w.net.teardown(&sb);
     assert_eq!(w.net.leftovers(), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------
+// The API's side (fake backend, stand-in agent; no namespaces): the SDK's
+// controls are validated, stored (across a kill -9), shown, updated at
+// runtime and on a paused sandbox, and the proxy enforces the traffic token
+// and masks the Host.
+
+mod api_support;
+
+use api_support::{http, Server};
+use serde_json::json;
+
+fn standin_server(data: &std::path::Path) -> Server {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/api_support/standin_envd.py"
+    );
+    std::fs::create_dir_all(data.join("templates")).unwrap();
+    std::fs::write(
+        data.join("templates/agent.json"),
+        r#"{"kernel": "testguest", "memoryMB": 64, "vcpus": 1, "agent": true}"#,
+    )
+    .unwrap();
+    Server::try_start_env(data, &[], &[("STASIS_ENVD_BIN", path)]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A "user process" on a host port (the stand-in agent's forwarder reaches
+/// it as 127.0.0.1): answers each request with the Host it saw.
+fn host_echo() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut buf = Vec::new();
+            let mut b = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let host = text
+                .lines()
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+                        .map(|(_, v)| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            let body = format!("host={host}");
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn api_network_controls_are_validated_stored_updated_and_enforced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = standin_server(&data);
+
+    // Bad entries: 400 naming the entry.
+    for (body, bad) in [
+        (
+            json!({"templateID": "agent", "network": {"denyOut": ["10.0.0.0/33"]}}),
+            "10.0.0.0/33",
+        ),
+        (
+            json!({"templateID": "agent", "network": {"allowOut": ["1.2.3.4", "bad host"]}}),
+            "bad host",
+        ),
+        (
+            json!({"templateID": "agent", "network": {"maskRequestHost": "a/b"}}),
+            "a/b",
+        ),
+    ] {
+        let r = s.post("/sandboxes", body);
+        r.assert_error(400);
+        assert!(r.body.contains(bad), "{}", r.body);
+    }
+
+    let r = s.post(
+        "/sandboxes",
+        json!({
+            "templateID": "agent",
+            "allowInternetAccess": false,
+            "network": {
+                "allowOut": ["1.1.1.1"],
+                "denyOut": ["8.8.8.0/24"],
+                "allowPublicTraffic": false,
+                "maskRequestHost": "${PORT}-masked.example.test"
+            }
+        }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created = r.json();
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let token = created["trafficAccessToken"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 32);
+    let d = s.info(&id).json();
+    assert_eq!(d["allowInternetAccess"], false);
+    assert_eq!(d["network"]["allowOut"], json!(["1.1.1.1"]));
+    assert_eq!(d["network"]["denyOut"], json!(["8.8.8.0/24"]));
+    assert_eq!(d["network"]["allowPublicTraffic"], false);
+    assert_eq!(
+        d["network"]["maskRequestHost"],
+        "${PORT}-masked.example.test"
+    );
+
+    // The proxy: a user port needs the token; the sandbox sees the mask.
+    let port = host_echo();
+    let host = format!("{port}-{id}.example.test");
+    let r = http(s.addr, "GET", "/", &[("Host", &host)], None);
+    r.assert_error(403);
+    let r = http(
+        s.addr,
+        "GET",
+        "/",
+        &[("Host", &host), ("E2B-Traffic-Access-Token", "wrong")],
+        None,
+    );
+    r.assert_error(403);
+    let r = http(
+        s.addr,
+        "GET",
+        "/",
+        &[("Host", &host), ("E2B-Traffic-Access-Token", &token)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, format!("host={port}-masked.example.test"));
+
+    // Runtime update: a bad entry changes nothing; a good one is shown.
+    let put = |s: &Server, id: &str, body: serde_json::Value| {
+        s.req("PUT", &format!("/sandboxes/{id}/network"), Some(body))
+    };
+    let r = put(&s, &id, json!({"denyOut": ["9.9.9.9", "300.1.1.1"]}));
+    r.assert_error(400);
+    assert!(r.body.contains("300.1.1.1"), "{}", r.body);
+    assert_eq!(put(&s, &id, json!({"denyOut": ["9.9.9.9"]})).status, 204);
+    let d = s.info(&id).json();
+    assert_eq!(d["network"]["denyOut"], json!(["9.9.9.9"]));
+    assert_eq!(d["network"]["allowOut"], json!(["1.1.1.1"]), "kept");
+    put(&s, "nosuchsandbox", json!({})).assert_error(404);
+
+    // Paused: stored, shown, and still there after resume.
+    assert_eq!(
+        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
+        204
+    );
+    assert_eq!(
+        put(&s, &id, json!({"allowOut": ["10.1.0.0/16"]})).status,
+        204
+    );
+    assert_eq!(
+        s.info(&id).json()["network"]["allowOut"],
+        json!(["10.1.0.0/16"])
+    );
+    // kill -9: the settings survive a restart with the paused sandbox.
+    s.kill9();
+    let s = standin_server(&data);
+    let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 60}));
+    assert!(r.status == 200 || r.status == 201, "{}", r.body);
+    assert_eq!(r.json()["trafficAccessToken"], token.as_str());
+    let d = s.info(&id).json();
+    assert_eq!(d["network"]["allowOut"], json!(["10.1.0.0/16"]));
+    assert_eq!(d["network"]["denyOut"], json!(["9.9.9.9"]));
+    let r = http(
+        s.addr,
+        "GET",
+        "/",
+        &[("Host", &host), ("e2b-traffic-access-token", &token)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        s.req("DELETE", &format!("/sandboxes/{id}"), None).status,
+        204
+    );
+}
