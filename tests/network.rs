@@ -644,3 +644,38 @@ fn api_network_controls_are_validated_stored_updated_and_enforced() {
         204
     );
 }
+
+/// `stasis serve` with the real VMM needs `ip`, `nft` and namespaces: a host
+/// without nftables gets a clear error at start naming it, and
+/// `--no-network` starts anyway.
+#[test]
+fn serve_refuses_to_start_without_nftables_unless_no_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A PATH with every tool but nft.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["ip", "nsenter", "sh"] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not found"));
+        std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+    }
+    let path = bin.to_str().unwrap();
+    let data = tmp.path().join("data");
+    let e = match Server::try_start_env(&data, &["--backend", "vm"], &[("PATH", path)]) {
+        Ok(_) => panic!("serve started without nft"),
+        Err(e) => e,
+    };
+    assert!(e.contains("`nft` not found"), "{e}");
+    assert!(e.contains("nftables"), "{e}");
+    assert!(e.contains("--no-network"), "{e}");
+    let s = Server::try_start_env(
+        &data,
+        &["--backend", "vm", "--no-network"],
+        &[("PATH", path)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.get("/health").status, 200);
+}
