@@ -679,3 +679,26 @@ fn serve_refuses_to_start_without_nftables_unless_no_network() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.get("/health").status, 200);
 }
+
+/// The same controls through the real novita-sandbox SDK
+/// (`tests/sdk/test_network.py`, via `tests/sdk/run.sh`, fake backend).
+#[test]
+fn sdk_network_controls() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/run.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("test_network.py")
+        .env("STASIS_BIN", env!("CARGO_BIN_EXE_stasis"))
+        .env("STASIS_BACKEND", "fake")
+        .output()
+        .expect("run tests/sdk/run.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK network test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    assert!(!stdout.contains(" skipped"), "{stdout}");
+}
