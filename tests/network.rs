@@ -212,6 +212,7 @@ impl World {
         sh(&["ip", "netns", "add", &g]);
         self.guests.push(g.clone());
         let slot = self.net.allocate().unwrap();
+        let t = std::time::Instant::now();
         let sb = self
             .net
             .setup(
@@ -222,6 +223,11 @@ impl World {
                 rules,
             )
             .unwrap();
+        eprintln!(
+            "MEASURE: network setup of {} took {:.1} ms",
+            slot.netns_name(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
         (sb, g)
     }
 }
@@ -271,7 +277,20 @@ fn nat_reaches_the_fake_internet_and_hides_the_guest_address() {
         sb.slot.guest()
     );
     assert!(get(&g, INET_B, 8080).is_some());
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        assert!(get(&g, INET_A, 8080).is_some());
+    }
+    eprintln!(
+        "MEASURE: HTTP request through NAT (connect+GET+close), mean of 20: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1e3 / 20.0
+    );
+    let t = std::time::Instant::now();
     w.net.teardown(&sb);
+    eprintln!(
+        "MEASURE: network teardown took {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     assert_eq!(w.net.leftovers(), Vec::<String>::new());
 }
 
