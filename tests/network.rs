@@ -721,3 +721,122 @@ fn sdk_network_controls() {
     assert!(stdout.contains("1 passed"), "{stdout}");
     assert!(!stdout.contains(" skipped"), "{stdout}");
 }
+
+/// The virtio-net device through a real VM (the built-in test guest, which
+/// does not drive it): boot with the device on a sandbox's tap, pause to a
+/// snapshot that records it, tear the namespace down, set it up again (same
+/// slot) and restore onto the new tap; the workload finishes with the
+/// model's checksum. A snapshot with the device and no namespace is a clear
+/// error.
+#[test]
+fn vm_with_a_network_device_snapshots_and_restores_onto_a_new_tap() {
+    use stasis::guest::{self, Workload};
+    use stasis::vmm::virtio::DeviceKind;
+    use stasis::vmm::{Console, Kernel, NetAttach, RestoreMode, RestorePaths, Vm, VmConfig};
+    if !net_or_skip("vm-net") {
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        let msg = "vm_with_a_network_device...: /dev/kvm is not usable";
+        if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") {
+            eprintln!("\n*** SKIPPED (not passed): {msg} ***\n");
+            return;
+        }
+        panic!("{msg}; set STASIS_ALLOW_SKIP=1 to skip explicitly");
+    }
+    let w = World::new("vm");
+    let slot = w.net.allocate().unwrap();
+    let sb = w
+        .net
+        .setup(slot, &GuestLink::Tap, &EgressRules::open())
+        .unwrap();
+    let work = Workload {
+        mib: 8,
+        rounds: 200,
+        seed: 11,
+        report: 0,
+        base_mib: 16,
+    };
+    let attach = NetAttach {
+        netns: sb.netns.clone(),
+        mac: slot.guest_mac(),
+    };
+    let mut vm = Vm::boot_with_net(
+        VmConfig {
+            kernel: Kernel::TestGuest,
+            cmdline: work.cmdline(),
+            mem_bytes: 64 << 20,
+            console: Console::Sink,
+            ..VmConfig::default()
+        },
+        Some(&attach),
+    )
+    .expect("boot with a network device");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(vm.exited().is_some() || vm.guest_status().is_some_and(|s| s.round >= 2)) {
+        assert!(std::time::Instant::now() < deadline, "no guest progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(vm.exited().is_none(), "{:?}", vm.exited());
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    vm.pause().unwrap();
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+    let st: stasis::vmm::VmState = stasis::snapshot::SnapshotDir::open(&snap)
+        .unwrap()
+        .load_state()
+        .unwrap();
+    assert!(
+        st.virtio.devices.iter().any(|d| d.kind
+            == DeviceKind::Net {
+                mac: slot.guest_mac()
+            }),
+        "{:?}",
+        st.virtio.devices
+    );
+    // "A fresh process": the namespace goes and comes back.
+    w.net.teardown(&sb);
+    let e = Vm::restore_with_net(
+        &snap,
+        RestoreMode::Eager,
+        Console::Sink,
+        None,
+        RestorePaths::default(),
+        None,
+    )
+    .err()
+    .expect("a network device needs a tap");
+    assert!(
+        stasis::error_chain(&e).contains("a tap must be given"),
+        "{}",
+        stasis::error_chain(&e)
+    );
+    let sb = w
+        .net
+        .setup(slot, &GuestLink::Tap, &EgressRules::open())
+        .unwrap();
+    let (vm, _) = Vm::restore_with_net(
+        &snap,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        RestorePaths::default(),
+        Some(&sb.netns),
+    )
+    .expect("restore onto the new tap");
+    let r = vm.wait(Some(Duration::from_secs(300))).expect("guest ends");
+    assert!(r.is_clean(), "{r}");
+    assert_eq!(
+        vm.guest_status().unwrap().checksum,
+        guest::reference(&work).checksum
+    );
+    drop(vm);
+    w.net.teardown(&sb);
+    assert_eq!(w.net.leftovers(), Vec::<String>::new());
+}
