@@ -234,6 +234,8 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        // Sandbox namespaces of this CIDR too (a failed test left them).
+        let _ = self.net.sweep();
         for ns in self.guests.iter().chain([&self.up, &self.inet]) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
