@@ -1625,6 +1625,7 @@ impl Manager {
         for t in tasks {
             let _ = t.await;
         }
+        self.net_shutdown().await;
     }
 
     // ---- timers -----------------------------------------------------------

@@ -222,6 +222,21 @@ impl Manager {
         Ok(Some(attach))
     }
 
+    /// Server shutdown, after every worker stopped: the namespaces that
+    /// are left go (paused sandboxes keep their slots in the store).
+    pub(super) async fn net_shutdown(&self) {
+        let live: Vec<SandboxNet> = lock(&self.net().live).drain().map(|(_, v)| v).collect();
+        let Some(network) = self.cfg.network.clone() else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            for sb in &live {
+                network.teardown(sb);
+            }
+        })
+        .await;
+    }
+
     /// `PUT /sandboxes/{id}/network`.
     pub async fn set_network(
         self: &Arc<Self>,
