@@ -842,3 +842,87 @@ fn vm_with_a_network_device_snapshots_and_restores_onto_a_new_tap() {
     w.net.teardown(&sb);
     assert_eq!(w.net.leftovers(), Vec::<String>::new());
 }
+
+/// Through `stasis serve` with the real VMM and networking (its uplink in
+/// the test's namespace): a create that fails after the sandbox's network
+/// was made (its "agent" template runs the test guest, which never
+/// answers) leaves nothing behind; a server killed with `kill -9` while a
+/// sandbox's network exists leaves it, and the next start sweeps it.
+#[test]
+fn serve_cleans_up_failed_creates_and_after_kill9() {
+    if !net_or_skip("serve-net") || !std::path::Path::new("/dev/kvm").exists() {
+        if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") {
+            return;
+        }
+        panic!("serve_cleans_up_failed_creates_and_after_kill9 needs /dev/kvm");
+    }
+    let w = World::new("srv");
+    let cidr = w.net.config().cidr.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("templates")).unwrap();
+    std::fs::write(
+        data.join("templates/agentvm.json"),
+        r#"{"kernel": "testguest", "memoryMB": 64, "vcpus": 1, "agent": true}"#,
+    )
+    .unwrap();
+    let args = |timeout: &'static str| {
+        vec![
+            "--backend".to_string(),
+            "vm".into(),
+            "--sandbox-cidr".into(),
+            cidr.clone(),
+            "--sandbox-uplink-netns".into(),
+            w.up.clone(),
+            "--agent-timeout".into(),
+            timeout.into(),
+        ]
+    };
+    let start = |timeout: &'static str| {
+        let a = args(timeout);
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        Server::try_start_env(&data, &a, &[]).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let s = start("1");
+    let r = s.post("/sandboxes", json!({"templateID": "agentvm"}));
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(r.body.contains("agent never answered"), "{}", r.body);
+    assert!(
+        s.log().contains("sandbox network set up"),
+        "the network was made: {}",
+        s.log()
+    );
+    assert_eq!(w.net.leftovers(), Vec::<String>::new());
+    drop(s);
+
+    // kill -9 while a sandbox's network exists.
+    let mut s = start("120");
+    let addr = s.addr;
+    std::thread::spawn(move || {
+        // Ends with an error when the server is killed.
+        let _ = std::panic::catch_unwind(|| {
+            http(
+                addr,
+                "POST",
+                "/sandboxes",
+                &[("Content-Type", "application/json")],
+                Some(r#"{"templateID": "agentvm"}"#),
+            )
+        });
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while w.net.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sandbox network appeared: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.kill9();
+    let left = w.net.leftovers();
+    assert!(!left.is_empty());
+    eprintln!("left by kill -9: {left:?}");
+    let s = start("1");
+    assert_eq!(w.net.leftovers(), Vec::<String>::new(), "{}", s.log());
+}

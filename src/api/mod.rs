@@ -230,6 +230,11 @@ pub struct ServeArgs {
     /// fails at start when `ip`, `nft` or network namespaces are missing.
     #[arg(long)]
     pub no_network: bool,
+    /// Put the uplink side (host veth ends, NAT and the `inet stasis` table)
+    /// in this named network namespace (/run/netns/NAME) instead of the
+    /// host's own: for tests, or to give sandboxes their own uplink.
+    #[arg(long)]
+    pub sandbox_uplink_netns: Option<String>,
 }
 
 /// Reads an API key file: its content, trimmed; empty is an error. Warns
@@ -329,7 +334,7 @@ impl ServeArgs {
                 .map_err(|e: crate::net::Error| Error::Config(e.to_string()))?;
             Some(crate::net::NetConfig {
                 cidr,
-                uplink_netns: None,
+                uplink_netns: self.sandbox_uplink_netns.clone(),
                 dns: self
                     .sandbox_dns
                     .or_else(crate::net::NetConfig::host_resolver),
