@@ -50,9 +50,9 @@
 //! Removing a sandbox deletes its namespace (which destroys its tap and both
 //! veth ends, and with them its routes) and its map entry, chain and sets.
 //! [`Network::sweep`] at serve start removes everything a killed server left
-//! behind: namespaces named `stasis-<hex>` for slots inside the CIDR, `sv*`
-//! links in the uplink namespace and the whole `inet stasis` table. One
-//! stasis server with networking per uplink namespace.
+//! behind: namespaces named `stasis-<hex>` and `sv<hex>` links in the uplink
+//! namespace for slots inside the CIDR, and the whole `inet stasis` table.
+//! One stasis server with networking per uplink namespace.
 //!
 //! Everything here runs `ip` (iproute2) and `nft` (nftables) and blocks:
 //! call it from a blocking thread, never from a tokio worker.
@@ -615,13 +615,9 @@ impl Network {
                 continue;
             };
             let name = name.split('@').next().unwrap_or(name);
-            if name.len() == 10
-                && name.starts_with("sv")
-                && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+            if self.owns_link(name) && ip_up(&self.cfg.uplink_netns, &["link", "del", name]).is_ok()
             {
-                if ip_up(&self.cfg.uplink_netns, &["link", "del", name]).is_ok() {
-                    removed += 1;
-                }
+                removed += 1;
             }
         }
         let _ = in_up(
@@ -631,6 +627,14 @@ impl Network {
             None,
         );
         Ok(removed)
+    }
+
+    /// Whether `name` is a host veth (`sv<hex>`) of a slot in this CIDR.
+    fn owns_link(&self, name: &str) -> bool {
+        name.len() == 10
+            && name.starts_with("sv")
+            && u32::from_str_radix(&name[2..], 16)
+                .is_ok_and(|a| self.cfg.cidr.contains(Ipv4Addr::from(a)))
     }
 
     fn nft(&self, script: &str) -> Result<()> {
@@ -861,7 +865,7 @@ impl Network {
             for line in links.lines() {
                 if let Some(name) = line.split(": ").nth(1) {
                     let name = name.split('@').next().unwrap_or(name);
-                    if name.starts_with("sv") && name.len() == 10 {
+                    if self.owns_link(name) {
                         v.push(format!("link {name}"));
                     }
                 }
