@@ -176,10 +176,7 @@ impl<B: NetBackend> Net<B> {
     /// Moves frames from the backend into RX buffers while both exist.
     pub fn process_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        loop {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let bufs: Vec<(GuestAddress, usize)> = chain
                 .filter(|d| d.is_write_only())
