@@ -464,10 +464,19 @@ mod tests {
         rx_ring.add(&Chain(vec![(0x20_0000, 1526, true)]));
         // Poll (bounded) for the kernel's reply; other frames (IPv6
         // router solicitations) may come first: give a buffer for each.
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // The host drops what it sends until it has noticed the tap's
+        // carrier (linkwatch runs deferred, late under load), so the request
+        // is repeated, as a guest's ARP would be.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut seen = 0usize;
+        let mut polls = 0u32;
         let reply = 'poll: loop {
             assert!(std::time::Instant::now() < end, "no ARP reply from the tap");
+            polls += 1;
+            if polls % 40 == 0 {
+                tx_ring.add(&Chain(vec![(0x10_0000, f.len() as u32, false)]));
+                n.process_tx(&mut txq, &mem);
+            }
             n.process_rx(&mut rxq, &mem_rx);
             let used = rx_ring.used();
             while seen < used.len() {
