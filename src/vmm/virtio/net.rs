@@ -473,7 +473,7 @@ mod tests {
         let reply = 'poll: loop {
             assert!(std::time::Instant::now() < end, "no ARP reply from the tap");
             polls += 1;
-            if polls % 40 == 0 {
+            if polls.is_multiple_of(40) {
                 tx_ring.add(&Chain(vec![(0x10_0000, f.len() as u32, false)]));
                 n.process_tx(&mut txq, &mem);
             }
