@@ -427,17 +427,11 @@ fn resume(
     let paths = stasis::vmm::RestorePaths {
         vsock: paths.vsock.as_deref(),
         disk_base: paths.disk.as_deref(),
+        own_overlay: own_overlay.as_deref(),
+        netns: None,
     };
-    let (vm, stats) = Vm::restore_reusable_backed(
-        &dir,
-        mode,
-        console,
-        vcpus,
-        paths,
-        backing,
-        own_overlay.as_deref(),
-    )
-    .map_err(|e| chain(&e))?;
+    let (vm, stats) =
+        Vm::restore_backed(&dir, mode, console, vcpus, paths, backing).map_err(|e| chain(&e))?;
     eprintln!(
         "stasis: resumed {} ({:?}, {} memory) in {:.2} ms",
         dir.display(),
@@ -591,6 +585,13 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
                     "vsock:           guest CID {cid} (`resume --vsock` names the host socket)"
                 )
             }
+            DeviceKind::Net { mac } => println!(
+                "network:         virtio-net, MAC {} (the tap is re-created on resume)",
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
         }
     }
     println!("taken at:        {} (unix seconds)", st.created_unix);

@@ -62,6 +62,9 @@ use crate::worker::protocol::{
 use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
+#[path = "manager_net.rs"]
+mod net_ext;
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -134,6 +137,9 @@ pub struct Config {
     pub memory_backing: crate::vmm::memory::MemoryBacking,
     /// Admission limits (memory, paused sandboxes, snapshot bytes).
     pub limits: Limits,
+    /// Sandbox networking (namespaces, taps, nftables); None: Linux
+    /// sandboxes get no network device (`--no-network`).
+    pub network: Option<Arc<crate::net::Network>>,
 }
 
 /// Admission limits beyond `max_running`.
@@ -225,6 +231,7 @@ pub struct Manager {
     spawns: Semaphore,
     seq: AtomicI64,
     timer: Notify,
+    net_state: net_ext::NetState,
 }
 
 /// A template resolved to a VM configuration.
@@ -375,8 +382,10 @@ impl Manager {
             memory,
             spawns,
             timer: Notify::new(),
+            net_state: Default::default(),
         });
         mgr.recover()?;
+        mgr.net_recover()?;
         tokio::spawn(mgr.clone().timer_loop());
         Ok(mgr)
     }
@@ -596,6 +605,7 @@ impl Manager {
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
         }
+        self.net_release(&e.id, false, None).await;
         // A paused sandbox's host agent (fake backend) has no worker.
         let vsock = self.vsock_path(&e.id);
         let _ =
@@ -730,6 +740,7 @@ impl Manager {
                         vsock: None,
                         interpreter: None,
                         memory_backing: f.memory_backing.unwrap_or(self.cfg.memory_backing),
+                        net: None,
                     },
                     cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
@@ -759,6 +770,7 @@ impl Manager {
                     vsock: None,
                     interpreter: None,
                     memory_backing: self.cfg.memory_backing,
+                    net: None,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
@@ -792,6 +804,7 @@ impl Manager {
                     vsock: None,
                     interpreter: None,
                     memory_backing: self.cfg.memory_backing,
+                    net: None,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
@@ -1041,6 +1054,7 @@ impl Manager {
             envd_access_token: row.envd_token.clone(),
             alias: row.alias.clone(),
             domain: self.cfg.domain.clone(),
+            traffic_access_token: self.net_token(&row.id),
         }
     }
 
@@ -1106,10 +1120,13 @@ impl Manager {
         let mem = self.take_memory(template.memory_mb)?;
 
         let id = models::new_id();
+        let net_spec = self.net_prepare_create(&req, &mut template, &id).await?;
+        let net_slot = net_spec.slot;
         let dir = self.sandbox_dir(&id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+            self.net_release(&id, false, net_slot).await;
+            return Err(internal(&format!("create {}", dir.display()), e));
+        }
         if super::fault("slow-create") {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -1130,10 +1147,13 @@ impl Manager {
         let fail = |msg: String| {
             let dir = dir.clone();
             let vsock = vsock.clone();
+            let mgr = self.clone();
+            let id = id.clone();
             async move {
                 let _ =
                     tokio::task::spawn_blocking(move || crate::worker::vm::kill_host_agent(&vsock))
                         .await;
+                mgr.net_release(&id, false, net_slot).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 ApiError::internal(msg)
             }
@@ -1156,6 +1176,11 @@ impl Manager {
                 disk_base: template.rootfs.clone(),
                 own_overlay: Some(dir.join(DISK_OVERLAY)),
                 memory_backing: self.cfg.memory_backing,
+                // A clone's guest keeps the address of the sandbox it was
+                // snapshotted from, which belongs to that sandbox's slot:
+                // snapshots of networked sandboxes are not cloned with a
+                // network yet (README, Snapshots and clones).
+                net: None,
             },
         };
         let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
@@ -1265,6 +1290,11 @@ impl Manager {
             worker.shutdown(SHUTDOWN_GRACE).await;
             return Err(fail(e.message).await);
         }
+        if let Err(e) = self.net_commit(&id, net_spec).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.delete_row(&id).await;
+            return Err(fail(e.message).await);
+        }
         let out = self.sandbox_out(&row);
         let entry = Arc::new(Entry {
             id: id.clone(),
@@ -1355,6 +1385,7 @@ impl Manager {
             listed: self.listed_out(&row),
             domain: self.cfg.domain.clone(),
             allow_internet_access: row.allow_internet,
+            network: self.net_out(&row.id),
             lifecycle: LifecycleOut {
                 on_timeout: if row.on_timeout_pause {
                     "pause"
@@ -1517,6 +1548,8 @@ impl Manager {
                 {
                     worker.kill();
                 }
+                // The namespace goes; the slot (the guest's address) stays.
+                self.net_release(&e.id, true, None).await;
                 let old = row.snapshot_gen;
                 row.state = RowState::Paused;
                 row.snapshot_gen = gen;
@@ -1632,6 +1665,13 @@ impl Manager {
             worker.shutdown(SHUTDOWN_GRACE).await;
             return Err(fail(format!("writing {}: {err}", marker.display())));
         }
+        let net = match self.net_for_resume(&e.id).await {
+            Ok(n) => n,
+            Err(err) => {
+                worker.shutdown(SHUTDOWN_GRACE).await;
+                return Err(fail(err.message));
+            }
+        };
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
@@ -1641,6 +1681,7 @@ impl Manager {
             disk_base,
             own_overlay: None,
             memory_backing: self.cfg.memory_backing,
+            net,
         };
         let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running {
@@ -1650,6 +1691,7 @@ impl Manager {
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
@@ -1657,6 +1699,7 @@ impl Manager {
                 // has not run, the snapshot is intact.
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(err.to_string()));
             }
         };
@@ -1887,6 +1930,7 @@ impl Manager {
         for t in tasks {
             let _ = t.await;
         }
+        self.net_shutdown().await;
     }
 
     // ---- timers -----------------------------------------------------------

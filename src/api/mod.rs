@@ -114,6 +114,9 @@ pub struct ServeOptions {
     /// once reached, a pause is answered 429 and the sandbox keeps running.
     /// 0: no limit.
     pub max_snapshot_bytes: u64,
+    /// Sandbox networking for Linux sandboxes on the real VMM; None: no
+    /// network device (`--no-network`; the default for embedded servers).
+    pub network: Option<crate::net::NetConfig>,
 }
 
 impl Default for ServeOptions {
@@ -143,6 +146,7 @@ impl Default for ServeOptions {
             max_memory_share: DEFAULT_MAX_MEMORY_SHARE,
             max_paused: 0,
             max_snapshot_bytes: 0,
+            network: None,
         }
     }
 }
@@ -256,6 +260,26 @@ pub struct ServeArgs {
     /// (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_snapshot_bytes: u64,
+    /// Private IPv4 range for sandbox addresses, carved into /29s (two /30
+    /// links each: guest↔tap, namespace↔host). Must not overlap another
+    /// server's or the host's networks.
+    #[arg(long, default_value = crate::net::NetConfig::DEFAULT_CIDR)]
+    pub sandbox_cidr: String,
+    /// Resolver given to guests (kernel `ip=`); default: the host's first
+    /// non-loopback nameserver in /etc/resolv.conf.
+    #[arg(long)]
+    pub sandbox_dns: Option<std::net::Ipv4Addr>,
+    /// Run Linux sandboxes without a network device (no namespaces, taps or
+    /// nftables rules; the network controls are still validated and the
+    /// proxy's still enforced). Without it, `serve` with the real VMM
+    /// fails at start when `ip`, `nft` or network namespaces are missing.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Put the uplink side (host veth ends, NAT and the `inet stasis` table)
+    /// in this named network namespace (/run/netns/NAME) instead of the
+    /// host's own: for tests, or to give sandboxes their own uplink.
+    #[arg(long)]
+    pub sandbox_uplink_netns: Option<String>,
 }
 
 /// Default `--max-memory-share`.
@@ -352,6 +376,21 @@ impl ServeArgs {
         if let Some(d) = &self.domain {
             tls::validate_domain(d).map_err(|e| Error::Config(e.to_string()))?;
         }
+        let network = if self.no_network || backend != BackendKind::Vm {
+            None
+        } else {
+            let cidr: crate::net::Cidr = self
+                .sandbox_cidr
+                .parse()
+                .map_err(|e: crate::net::Error| Error::Config(e.to_string()))?;
+            Some(crate::net::NetConfig {
+                cidr,
+                uplink_netns: self.sandbox_uplink_netns.clone(),
+                dns: self
+                    .sandbox_dns
+                    .or_else(crate::net::NetConfig::host_resolver),
+            })
+        };
         let tls_source = self
             .tls_listen
             .map(|_| match (self.tls_cert, self.tls_key) {
@@ -383,6 +422,7 @@ impl ServeArgs {
             max_memory_share: self.max_memory_share,
             max_paused: self.max_paused,
             max_snapshot_bytes: self.max_snapshot_bytes,
+            network,
             ..ServeOptions::default()
         })
     }
@@ -501,6 +541,13 @@ pub async fn serve(
             memory_budget_mb: manager::memory_budget_mb(opts.max_memory_share),
             max_paused: opts.max_paused,
             max_snapshot_bytes: opts.max_snapshot_bytes,
+        },
+        network: match &opts.network {
+            Some(c) => Some(Arc::new(
+                crate::net::Network::new(c.clone())
+                    .map_err(|e| Error::Config(crate::error_chain(&e)))?,
+            )),
+            None => None,
         },
     };
     tracing::info!(

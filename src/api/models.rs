@@ -32,6 +32,46 @@ pub struct NewSandbox {
     pub allow_internet_access: Option<bool>,
     pub volume_mounts: Option<Vec<serde_json::Value>>,
     pub mcp: Option<serde_json::Value>,
+    /// SDK model `SandboxNetworkConfig`.
+    pub network: Option<NetworkIn>,
+    /// Sent at the top level by some SDK calls instead of in `network`.
+    pub allow_public_traffic: Option<bool>,
+}
+
+/// SDK model `SandboxNetworkConfig` (create).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkIn {
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+    pub allow_public_traffic: Option<bool>,
+    pub mask_request_host: Option<String>,
+}
+
+/// Body of `PUT /sandboxes/{id}/network` (what `Sandbox.set_network` sends).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+}
+
+/// A sandbox's network in `GET /sandboxes/{id}` (SDK `network`, plus the
+/// guest's address when it has a network device).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkOut {
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
+    pub allow_public_traffic: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// The guest's IPv4 address, gateway and prefix (`10.11.0.10/30`),
+    /// when it has a network device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +126,10 @@ pub struct SandboxOut {
     pub alias: Option<String>,
     /// Always present; null means "the SDK's configured domain".
     pub domain: Option<String>,
+    /// Sandboxes created with `allowPublicTraffic: false`: the token their
+    /// user ports need (header `e2b-traffic-access-token`).
+    #[serde(rename = "trafficAccessToken", skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// SDK model `ListedSandbox`.
@@ -122,6 +166,7 @@ pub struct DetailOut {
     pub allow_internet_access: bool,
     pub lifecycle: LifecycleOut,
     pub stasis: StasisOut,
+    pub network: NetworkOut,
 }
 
 #[derive(Debug, Clone, Serialize)]

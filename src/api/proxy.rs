@@ -51,6 +51,12 @@
 //! pause and kill close it, which aborts every open proxied exchange of that
 //! sandbox (the client sees the connection end with an error).
 //!
+//! Network controls ([`crate::net::spec`]): a sandbox created with
+//! `allowPublicTraffic: false` answers on its user ports only to requests
+//! carrying its token in `e2b-traffic-access-token` (403 otherwise; the
+//! envd port has its own token); with `maskRequestHost` the sandbox sees
+//! that `Host` (`${PORT}` replaced by the port) instead of the client's.
+//!
 //! Errors are JSON `{"code", "message"}`: 400 for a malformed routing
 //! header; 502 when the sandbox cannot be reached — unknown, paused, being
 //! paused/resumed, no agent, the agent refusing or not answering the
@@ -1074,6 +1080,23 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
                 }
             }
         }
+    }
+    // A sandbox created with `allowPublicTraffic: false` takes traffic to
+    // its user ports only with its traffic access token; `maskRequestHost`
+    // replaces the Host the sandbox sees.
+    let mut req = req;
+    match st
+        .mgr
+        .traffic_check(&route.sandbox_id, route.port, req.headers())
+    {
+        Ok(Some(host)) => match HeaderValue::from_str(&host) {
+            Ok(v) => {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            Err(_) => return bad_gateway(format!("masked host {host:?} is not a valid Host")),
+        },
+        Ok(None) => {}
+        Err(e) => return e.into_response(),
     }
     let started = Instant::now();
     let method = req.method().clone();

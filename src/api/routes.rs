@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", axum::routing::put(set_network))
         .route("/sandboxes/metrics", get(metrics_many))
         .route("/sandboxes/{id}/metrics", get(metrics_one))
         .route("/sandboxes/{id}/logs", get(logs_v1))
@@ -356,11 +357,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ),
     ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
     ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
-    (
-        "PUT",
-        "/sandboxes/{id}/network",
-        "network rules (sandboxes have no network device yet)",
-    ),
     ("POST", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("DELETE", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("GET", "/sandboxes/events", "sandbox events"),
@@ -614,6 +610,19 @@ async fn set_timeout(
     JsonBody(body): JsonBody<TimeoutBody>,
 ) -> Result<StatusCode, ApiError> {
     st.mgr.set_timeout(&id_of(p)?, body.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress lists given (a
+/// running sandbox's rules change at once; a paused one's on resume).
+async fn set_network(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<models::NetworkUpdate>,
+) -> Result<StatusCode, ApiError> {
+    st.mgr
+        .set_network(&id_of(p)?, body.allow_out, body.deny_out)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

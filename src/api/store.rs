@@ -126,9 +126,49 @@ impl Store {
                 conn.execute_batch(ddl)?;
             }
         }
+        // Network settings (src/net/spec.rs), one JSON document per
+        // sandbox, deleted with the sandbox's row.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sandbox_network (
+                id TEXT PRIMARY KEY,
+                spec TEXT NOT NULL
+            );
+            CREATE TRIGGER IF NOT EXISTS sandbox_network_gone AFTER DELETE ON sandboxes
+            BEGIN DELETE FROM sandbox_network WHERE id = old.id; END;",
+        )?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Stores a sandbox's network settings.
+    pub fn put_network(&self, id: &str, spec: &crate::net::spec::NetSpec) -> Result<(), Error> {
+        let json = serde_json::to_string(spec).map_err(|e| Error::Corrupt {
+            id: id.to_string(),
+            what: e.to_string(),
+        })?;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO sandbox_network (id, spec) VALUES (?1, ?2)",
+            params![id, json],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored network setting (sandbox id, settings).
+    pub fn load_networks(&self) -> Result<Vec<(String, crate::net::spec::NetSpec)>, Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, spec FROM sandbox_network")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            let spec = serde_json::from_str(&json).map_err(|e| Error::Corrupt {
+                id: id.clone(),
+                what: format!("network settings: {e}"),
+            })?;
+            out.push((id, spec));
+        }
+        Ok(out)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {

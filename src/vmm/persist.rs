@@ -91,6 +91,15 @@ pub struct RestorePaths<'a> {
     pub vsock: Option<&'a Path>,
     /// The disk's base image (a snapshot with a disk needs it).
     pub disk_base: Option<&'a Path>,
+    /// A new writable disk overlay forked from the snapshot's
+    /// ([`virtio::cow::CowDisk::fork`]): the snapshot is never written and
+    /// any number of VMs restore it, concurrently. `None`: the snapshot's
+    /// overlay is used in place (it resumes once).
+    pub own_overlay: Option<&'a Path>,
+    /// The sandbox's network namespace, re-created by the caller with the
+    /// same addresses: the saved network device's tap is opened in it. A
+    /// snapshot with a network device and no namespace is an error.
+    pub netns: Option<&'a Path>,
 }
 
 // The state-file cap covers the memory metadata of the largest guest (a
@@ -384,7 +393,9 @@ impl Vm {
 
     /// [`Vm::restore_with`] onto guest memory of the given backing (any
     /// backing restores any snapshot; `Auto` picks by the host's pool).
-    /// The backing in use is in the restored VM's [`Vm::config`].
+    /// The backing in use is in the restored VM's [`Vm::config`]. Memory is
+    /// read from `memory.bin` read-only (concurrent resumes share its page
+    /// cache); see [`RestorePaths`] for the disk and network.
     pub fn restore_backed(
         dir: &Path,
         mode: RestoreMode,
@@ -392,46 +403,6 @@ impl Vm {
         vcpus: Option<u8>,
         paths: RestorePaths<'_>,
         backing: memory::MemoryBacking,
-    ) -> Result<(Vm, RestoreStats), Error> {
-        Vm::restore_reusable_backed(dir, mode, console, vcpus, paths, backing, None)
-    }
-
-    /// Like [`Vm::restore_with`], but leaves the snapshot untouched so
-    /// that any number of VMs can resume from it, concurrently: memory is
-    /// read from its `memory.bin` read-only (resumes share its page
-    /// cache), and with `own_overlay` the disk is a new writable overlay
-    /// forked from the snapshot's ([`virtio::cow::CowDisk::fork`]; a
-    /// snapshot with a disk restored with `None` uses its overlay in place,
-    /// as [`Vm::restore_with`] does).
-    pub fn restore_reusable(
-        dir: &Path,
-        mode: RestoreMode,
-        console: Console,
-        vcpus: Option<u8>,
-        paths: RestorePaths<'_>,
-        own_overlay: Option<&Path>,
-    ) -> Result<(Vm, RestoreStats), Error> {
-        Vm::restore_reusable_backed(
-            dir,
-            mode,
-            console,
-            vcpus,
-            paths,
-            memory::MemoryBacking::Auto,
-            own_overlay,
-        )
-    }
-
-    /// [`Vm::restore_reusable`] onto guest memory of the given backing.
-    #[allow(clippy::too_many_arguments)]
-    pub fn restore_reusable_backed(
-        dir: &Path,
-        mode: RestoreMode,
-        console: Console,
-        vcpus: Option<u8>,
-        paths: RestorePaths<'_>,
-        backing: memory::MemoryBacking,
-        own_overlay: Option<&Path>,
     ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
@@ -515,14 +486,26 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
-        let virtio = Virtio::restore_forked(
+        let mut net_tap = None;
+        if let Some(ns) = paths.netns {
+            if st
+                .virtio
+                .devices
+                .iter()
+                .any(|d| matches!(d.kind, DeviceKind::Net { .. }))
+            {
+                net_tap = Some(crate::net::tap::open_in(ns, crate::net::TAP_NAME)?);
+            }
+        }
+        let virtio = Virtio::restore(
             &shell.fd,
             &shell.mem,
             &st.virtio,
             dir,
             paths.vsock,
             paths.disk_base,
-            own_overlay,
+            paths.own_overlay,
+            net_tap,
         )?;
         // Virtio::restore refused a device without its caller-given path.
         let mut disk = None;
@@ -533,13 +516,15 @@ impl Vm {
                     disk = paths.disk_base.map(|b| DiskConfig {
                         base: b.to_owned(),
                         overlay: Some(
-                            own_overlay
+                            paths
+                                .own_overlay
                                 .map(Path::to_owned)
                                 .unwrap_or_else(|| dir.join(virtio::SNAPSHOT_OVERLAY)),
                         ),
                     })
                 }
                 DeviceKind::Vsock { .. } => vsock_path = paths.vsock.map(Path::to_owned),
+                DeviceKind::Net { .. } => {}
             }
         }
         let config = VmConfig {

@@ -203,6 +203,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             disk_base,
             own_overlay,
             memory_backing,
+            net,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -214,6 +215,8 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             let paths = vm::RestorePaths {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
+                own_overlay: own_overlay.as_deref(),
+                netns: net.as_ref().map(|n| n.netns.as_path()),
             };
             match vm::restore_backed(
                 backend,
@@ -222,7 +225,6 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 &console,
                 paths,
                 memory_backing,
-                own_overlay.as_deref(),
             ) {
                 Ok(v) => {
                     let guest = v.guest();
@@ -352,6 +354,7 @@ mod tests {
             vsock: None,
             interpreter: None,
             memory_backing: Default::default(),
+            net: None,
         };
         let rep = roundtrip(
             &mut w,

@@ -100,6 +100,10 @@ pub struct BootConfig {
     /// Guest memory backing (`auto` when absent).
     #[serde(default)]
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// A virtio-net device over the tap in this sandbox network namespace
+    /// (real VMM only; the fake backend has no network device).
+    #[serde(default)]
+    pub net: Option<crate::vmm::NetAttach>,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -141,6 +145,10 @@ pub enum Request {
         /// Guest memory backing of the restored VM (`auto` when absent).
         #[serde(default)]
         memory_backing: crate::vmm::memory::MemoryBacking,
+        /// The re-created network namespace whose tap backs a saved
+        /// network device.
+        #[serde(default)]
+        net: Option<crate::vmm::NetAttach>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
@@ -227,6 +235,7 @@ mod tests {
                     vsock: Some("/v.sock".into()),
                     interpreter: None,
                     memory_backing: Default::default(),
+                    net: None,
                 },
             },
         };

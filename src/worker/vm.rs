@@ -71,7 +71,6 @@ pub(crate) fn restore(
     mode: RestoreModeSpec,
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
-    own_overlay: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
     restore_backed(
         backend,
@@ -80,13 +79,14 @@ pub(crate) fn restore(
         console,
         paths,
         crate::vmm::memory::MemoryBacking::Auto,
-        own_overlay,
     )
 }
 
 /// Restores a VM from `dir` with the chosen backend, onto guest memory of
-/// the given backing (the fake backend ignores it); with `own_overlay`,
-/// from a reusable snapshot that is left untouched.
+/// the given backing (the fake backend ignores it); with
+/// `paths.own_overlay`, from a reusable snapshot that is left untouched;
+/// with `paths.netns`, a saved network device's tap is opened there (real
+/// VMM only).
 pub(crate) fn restore_backed(
     backend: BackendKind,
     dir: &Path,
@@ -94,14 +94,13 @@ pub(crate) fn restore_backed(
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
     backing: crate::vmm::memory::MemoryBacking,
-    own_overlay: Option<&Path>,
 ) -> Result<Box<dyn VmBackend>, Error> {
-    match (backend, own_overlay) {
+    match (backend, paths.own_overlay) {
         (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
         (BackendKind::Fake, Some(_)) => {
             Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
         }
-        (BackendKind::Vm, own) => real::restore(dir, mode, console, paths, backing, own),
+        (BackendKind::Vm, _) => real::restore(dir, mode, console, paths, backing),
     }
 }
 
@@ -766,7 +765,8 @@ mod real {
             vsock: cfg.vsock.clone(),
             memory_backing: cfg.memory_backing,
         };
-        let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
+        let vm = vmm::Vm::boot_with_net(vm_cfg, cfg.net.as_ref())
+            .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -802,7 +802,6 @@ mod real {
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
         backing: vmm::memory::MemoryBacking,
-        own_overlay: Option<&Path>,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
         // place, over the template's base image named by the request); the
@@ -811,16 +810,8 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_reusable_backed(
-            dir,
-            mode,
-            console(c),
-            None,
-            paths,
-            backing,
-            own_overlay,
-        )
-        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
+        let (vm, _) = vmm::Vm::restore_backed(dir, mode, console(c), None, paths, backing)
+            .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -879,6 +870,7 @@ mod tests {
             vsock: None,
             interpreter: None,
             memory_backing: Default::default(),
+            net: None,
         }
     }
 
@@ -918,7 +910,6 @@ mod tests {
             RestoreModeSpec::Lazy,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
-            None,
         )
         .unwrap();
         assert!(vm2.guest().unwrap().round >= at_pause.round);
@@ -948,7 +939,6 @@ mod tests {
             RestoreModeSpec::Eager,
             &ConsoleSpec::Sink,
             RestorePaths::default(),
-            None,
         )
         .is_err());
     }

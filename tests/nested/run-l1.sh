@@ -635,6 +635,9 @@ export NO_COLOR=1
 set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
 # shellcheck disable=SC2086 # lists of words
 set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
+# Sandbox networking needs nftables, which L1 does not carry: without it,
+# serve would refuse to start (src/net), so its sandboxes go without.
+command -v nft >/dev/null 2>&1 || set -- "$@" --no-network
 say "starting: $*"
 echo "STASIS-L1-LAUNCH at L1 uptime $(cut -d' ' -f1 /proc/uptime)s"
 "$@" &
