@@ -90,6 +90,10 @@ enum Cmd {
     Worker {
         #[arg(long)]
         socket: PathBuf,
+        /// Jail spec (JSON, see `stasis::jail::JailSpec`): confine this
+        /// worker before serving.
+        #[arg(long)]
+        jail: Option<String>,
     },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
@@ -187,7 +191,13 @@ fn main() -> ExitCode {
             .and_then(stasis::api::serve_blocking)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
-        Cmd::Worker { socket } => stasis::worker::run_worker(&socket)
+        Cmd::Worker { socket, jail: None } => stasis::worker::run_worker(&socket)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
+        Cmd::Worker {
+            socket,
+            jail: Some(spec),
+        } => stasis::worker::run_worker_jailed(&socket, &spec)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
         Cmd::Bench {
