@@ -581,8 +581,14 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), Error> {
     check(unsafe { libc::setresuid(uid, uid, uid) }, || {
         "setresuid".into()
     })?;
-    // A credential change resets the parent-death signal.
+    // A credential change resets the parent-death signal, and makes the
+    // process non-dumpable, which leaves its /proc/self files owned by root
+    // (the VMM reads /proc/self/pagemap). Core dumps stay off (RLIMIT_CORE
+    // is 0) and nothing else runs as this uid in this pid namespace.
     set_pdeathsig()?;
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+    check(rc, || "prctl(PR_SET_DUMPABLE)".into())?;
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check(rc, || "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
