@@ -33,6 +33,9 @@ fn jailer(test: &str, dir: &Path, uid_base: u32) -> Option<Arc<Jailer>> {
     // must not.
     std::env::set_var("STASIS_FAULT", "jail-probe");
     std::env::set_var("STASIS_API_KEY", "test-secret-must-not-leak");
+    // As the server runs (the jail must not depend on the umask).
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     match Jailer::detect(&dir.join("jail"), uid_base, 64) {
         Ok(j) => Some(j),
         Err(e) => {
@@ -359,7 +362,20 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
             peak >> 20
         );
     }
-    s2.worker.shutdown(T).await;
+    // Paused again while lazily restored (the loader finishes under its
+    // filter).
+    let r = s2
+        .worker
+        .request(
+            Request::Pause {
+                snapshot_dir: s2.dir.join("snapshot-2"),
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Paused { .. }), "{r:?}");
+    s2.worker.wait_exit().await;
     common::wait_for(T, "the uids to be freed", || j.uids().in_use() == 0);
     finish(&root);
 }

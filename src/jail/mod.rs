@@ -421,6 +421,15 @@ fn mount(
 fn setup_fs(spec: &JailSpec) -> Result<(), Error> {
     let root = cstr(&spec.root)?;
     let slash = CString::from(c"/");
+    // The jail's own directories must be traversable by the sandbox's uid
+    // whatever umask the server runs with; what the worker creates later
+    // (in its sandbox dir) is private to it.
+    // SAFETY: umask only swaps the process's file mode mask.
+    unsafe { libc::umask(0o022) };
+    let restore_umask = || {
+        // SAFETY: as above.
+        unsafe { libc::umask(0o077) };
+    };
     // Nothing we mount may propagate back to the host.
     mount(
         None,
@@ -541,6 +550,7 @@ fn setup_fs(spec: &JailSpec) -> Result<(), Error> {
     check(rc, || "detach the host's root".into())?;
     // SAFETY: NUL-terminated path.
     check(unsafe { libc::chdir(slash.as_ptr()) }, || "chdir /".into())?;
+    restore_umask();
     Ok(())
 }
 

@@ -218,7 +218,9 @@ const DEVICE: &[i64] = &[
 ];
 
 /// The userfaultfd loader's extras.
-const UFFD: &[i64] = &[libc::SYS_fadvise64];
+/// (On a pause after a lazy restore it opens the memory file again to
+/// finish loading.)
+const UFFD: &[i64] = &[libc::SYS_fadvise64, libc::SYS_openat];
 
 /// ioctl request types allowed (the `_IOC_TYPE` byte).
 const IOCTL_TYPES: &[u64] = &[
