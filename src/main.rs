@@ -82,6 +82,10 @@ enum Cmd {
         /// With --api: clients in the concurrent phase.
         #[arg(long, default_value_t = 4, requires = "api")]
         concurrency: usize,
+        /// With --api: run the workers without the jail (to measure its
+        /// cost).
+        #[arg(long, requires = "api")]
+        no_jail: bool,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
     Serve(Box<stasis::api::ServeArgs>),
@@ -206,8 +210,9 @@ fn main() -> ExitCode {
             json,
             count,
             concurrency,
+            no_jail,
             ..
-        } => api_bench(count, concurrency, dir, json),
+        } => api_bench(count, concurrency, dir, json, no_jail),
         Cmd::Bench {
             sizes,
             touched,
@@ -461,8 +466,10 @@ fn api_bench(
     concurrency: usize,
     dir: PathBuf,
     json: Option<PathBuf>,
+    no_jail: bool,
 ) -> Result<ExitCode, String> {
     let opts = stasis::api::bench::ApiBenchOpts {
+        no_jail,
         count,
         concurrency,
         dir: dir.clone(),
