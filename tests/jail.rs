@@ -60,7 +60,7 @@ async fn spawn(j: &Arc<Jailer>, root: &Path, name: &str, memory_max: Option<u64>
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mine.txt"), b"sandbox file").unwrap();
     let req = JailRequest {
-        name: format!("jailtest-{}-{name}", std::process::id()),
+        name: format!("jailtest-{name}"),
         sandbox_dir: dir.clone(),
         mem_bytes: 64 << 20,
         vcpus: 1,
@@ -159,9 +159,12 @@ async fn jailed_worker_sees_only_its_sandbox() {
     let r = probe(w, "ioctl-kvm").await.unwrap();
     assert_eq!(r, "ok: KVM API 12");
 
+    let cgroup_dirs = w.jail().unwrap().cgroup.dirs();
+    assert!(cgroup_dirs.iter().all(|d| d.is_dir()));
     s.worker.shutdown(T).await;
     // The uid and the cgroup are released once the worker is gone.
     common::wait_for(T, "the uid to be freed", || j.uids().in_use() == 0);
+    assert!(cgroup_dirs.iter().all(|d| !d.exists()), "{cgroup_dirs:?}");
     finish(&root);
 }
 
@@ -377,5 +380,31 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
     assert!(matches!(r, Reply::Paused { .. }), "{r:?}");
     s2.worker.wait_exit().await;
     common::wait_for(T, "the uids to be freed", || j.uids().in_use() == 0);
+    finish(&root);
+}
+
+/// Cgroups left by a server that died (`kill -9`) are removed by the next
+/// one: their names start with the dead server's pid.
+#[test]
+fn stale_cgroups_of_a_dead_server_are_swept() {
+    let root = common::scratch("jail-sweep");
+    if jailer("stale_cgroups_of_a_dead_server_are_swept", &root, 915_000).is_none() {
+        return;
+    }
+    let layout = stasis::jail::cgroup::Layout::detect().unwrap();
+    // No pid is this large (pid_max is at most 2^22).
+    let cg = layout
+        .create(
+            "4000000000-jailtest-stale",
+            stasis::jail::cgroup::Limits {
+                memory: 64 << 20,
+                cpus: 1,
+                pids: 16,
+            },
+        )
+        .unwrap();
+    assert!(cg.dirs().iter().all(|d| d.is_dir()));
+    assert!(layout.sweep_stale() >= 1);
+    assert!(cg.dirs().iter().all(|d| !d.exists()));
     finish(&root);
 }

@@ -103,6 +103,37 @@ impl Layout {
         }
     }
 
+    /// Removes groups left by servers that are gone: names start with the
+    /// creating server's pid (`<pid>-...`, see `Jailer::prepare`); a group
+    /// whose server no longer runs is emptied and removed. Returns how many.
+    pub fn sweep_stale(&self) -> usize {
+        let parent = match self {
+            Layout::V2(root) => root.join(PARENT),
+            Layout::V1 { memory, .. } => memory.join(PARENT),
+        };
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            return 0;
+        };
+        let mut n = 0;
+        for ent in entries.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !ent.path().is_dir() || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let cg = Cgroup {
+                layout: self.clone(),
+                name,
+            };
+            if cg.destroy().is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Creates `stasis/<name>` with `limits`. An existing group of that name
     /// (left by a crashed server) is emptied and reused.
     pub fn create(&self, name: &str, limits: Limits) -> Result<Cgroup, Error> {

@@ -204,6 +204,10 @@ impl Jailer {
             return Err(Error::NotRoot(euid));
         }
         let layout = cgroup::Layout::detect()?;
+        let swept = layout.sweep_stale();
+        if swept > 0 {
+            tracing::info!("removed {swept} cgroups left by stopped stasis servers");
+        }
         std::fs::create_dir_all(jail_dir)
             .map_err(|e| Error::Sys(format!("create {}", jail_dir.display()), e))?;
         Ok(Arc::new(Jailer {
@@ -250,9 +254,12 @@ impl Jailer {
             cpus: req.vcpus.saturating_add(1),
             pids: req.vcpus.saturating_add(64),
         };
+        // Named after this server's pid too, so a later server can tell
+        // the groups of a crashed one (`Layout::sweep_stale`).
+        let cg_name = format!("{}-{}", std::process::id(), req.name);
         let cg = self
             .layout
-            .create(&req.name, limits)
+            .create(&cg_name, limits)
             .map_err(|e| undo_uid(e.into()))?;
         let root = self.jail_dir.join(&req.name);
         let made = std::fs::create_dir_all(&root)

@@ -230,11 +230,11 @@ const IOCTL_TYPES: &[u64] = &[
 
 /// Exact ioctl requests allowed besides those families.
 const IOCTL_REQUESTS: &[u64] = &[
-    libc::FIONBIO as u64,
-    libc::FIOCLEX as u64,
-    libc::FIONCLEX as u64,
-    libc::TCGETS as u64,
-    libc::TIOCGWINSZ as u64,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+    libc::TCGETS,
+    libc::TIOCGWINSZ,
 ];
 
 fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
