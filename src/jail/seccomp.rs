@@ -177,6 +177,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
+    libc::SYS_getpeername,
     libc::SYS_socketpair,
     libc::SYS_getuid,
     libc::SYS_geteuid,
@@ -215,6 +216,11 @@ const DEVICE: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_timerfd_settime,
+    libc::SYS_sync_file_range,
+    libc::SYS_copy_file_range,
+    libc::SYS_fstatfs,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
 ];
 
 /// The userfaultfd loader's extras.
@@ -235,6 +241,8 @@ const IOCTL_REQUESTS: &[u64] = &[
     libc::FIONCLEX,
     libc::TCGETS,
     libc::TIOCGWINSZ,
+    // FICLONE: a pause reflinks the disk overlay into the snapshot.
+    0x4004_9409,
 ];
 
 fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
