@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::guest::Workload;
-use crate::vmm::{Console, RestoreMode, Vm, VmConfig};
+use crate::vmm::memory::MemoryBacking;
+use crate::vmm::{Console, RestoreMode, RestorePaths, Vm, VmConfig};
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,12 @@ pub enum Error {
 /// One measured case.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseResult {
+    /// Memory backing in use (hugetlb, thp or 4k), the same for boot and
+    /// both restores.
+    pub backing: String,
+    /// Boot until the workload finished its first pass over the touched
+    /// memory (fill + one round) (ms).
+    pub boot_touch_ms: f64,
     /// Guest memory, MiB.
     pub guest_mib: u64,
     /// Memory the workload touched, MiB.
@@ -95,6 +102,8 @@ pub struct BenchOpts {
     pub percents: Vec<u64>,
     /// Scratch directory (on the disk to measure).
     pub dir: PathBuf,
+    /// Memory backings, each measured in turn (empty: `auto`).
+    pub backings: Vec<MemoryBacking>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -177,8 +186,19 @@ fn steady_round(vm: &Vm, min: Duration) -> Result<f64, Error> {
     }
 }
 
-/// Measures one guest size and touched fraction.
+/// Measures one guest size and touched fraction on `auto` memory.
 pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, Error> {
+    run_case_backed(dir, mem_bytes, percent, MemoryBacking::Auto)
+}
+
+/// Measures one guest size and touched fraction on a memory backing (boot
+/// and both restores on it).
+pub fn run_case_backed(
+    dir: &Path,
+    mem_bytes: u64,
+    percent: u64,
+    backing: MemoryBacking,
+) -> Result<CaseResult, Error> {
     let mem_mib = mem_bytes >> 20;
     let touched_mib = (mem_mib * percent / 100).clamp(1, mem_mib - 17);
     let w = Workload {
@@ -188,11 +208,16 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
         report: 0,
         base_mib: 16,
     };
+    let t_boot = Instant::now();
     let mut vm = Vm::boot(VmConfig {
         cmdline: w.cmdline(),
         mem_bytes,
+        memory_backing: backing,
         ..VmConfig::default()
     })?;
+    let backing = vm.config().memory_backing;
+    let (_, t1) = wait_round(&vm, 0, Duration::from_secs(600))?;
+    let boot_touch = t1 - t_boot;
     // Past the fill and the first rounds, then steady state.
     wait_round(&vm, 2, Duration::from_secs(600))?;
     let steady = steady_round(&vm, Duration::from_millis(300))?;
@@ -225,11 +250,21 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
     let write_gbps = st.bytes_written as f64 / st.memory_time.as_secs_f64() / 1e9;
 
     // Eager restore, for comparison.
-    let (vm, es) = Vm::restore(&snap, RestoreMode::Eager, Console::Sink, None)?;
+    let restore = |mode| {
+        Vm::restore_backed(
+            &snap,
+            mode,
+            Console::Sink,
+            None,
+            RestorePaths::default(),
+            backing,
+        )
+    };
+    let (vm, es) = restore(RestoreMode::Eager)?;
     drop(vm);
 
     let t = Instant::now();
-    let (vm, rs) = Vm::restore(&snap, RestoreMode::Lazy, Console::Sink, None)?;
+    let (vm, rs) = restore(RestoreMode::Lazy)?;
     let (_, t_round) = wait_round(&vm, paused_round, Duration::from_secs(600))?;
     let first_round = t_round - t;
     let ws = vm.wait_working_set()?.unwrap_or_default();
@@ -242,6 +277,8 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(CaseResult {
+        backing: backing.name().into(),
+        boot_touch_ms: ms(boot_touch),
         guest_mib: mem_mib,
         touched_mib,
         stop_ms: ms(stop),
@@ -275,24 +312,33 @@ pub fn run_case(dir: &Path, mem_bytes: u64, percent: u64) -> Result<CaseResult, 
 /// Runs every case, printing each row as it completes.
 pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Error> {
     std::fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
+    let _ = writeln!(out, "{}", crate::vmm::backing::describe_host());
     let _ = writeln!(
         out,
-        "{:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
-        "guest", "touched", "pause", "s/GiB", "s/GiB", "written", "write", "raw", "ratio",
+        "{:>7} {:>8} {:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
+        "backing", "boot+tch", "guest", "touched", "pause", "s/GiB", "s/GiB", "written", "write", "raw", "ratio",
         "resume", "ws-res", "all-res", "fill", "eager", "round", "1st-rnd", "slow"
     );
     let _ = writeln!(
         out,
-        "{:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
-        "MiB", "MiB", "ms", "guest", "touched", "MiB", "GB/s", "GB/s", "", "ms", "ms", "ms", "GB/s", "ms", "ms", "ms", "x"
+        "{:>7} {:>8} {:>7} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>8} {:>6} | {:>7} | {:>7} {:>8} {:>6}",
+        "", "ms", "MiB", "MiB", "ms", "guest", "touched", "MiB", "GB/s", "GB/s", "", "ms", "ms", "ms", "GB/s", "ms", "ms", "ms", "x"
     );
     let mut rows = Vec::new();
+    let backings = if opts.backings.is_empty() {
+        vec![MemoryBacking::Auto]
+    } else {
+        opts.backings.clone()
+    };
     for &size in &opts.sizes {
         for &pct in &opts.percents {
-            let r = run_case(&opts.dir, size, pct)?;
-            let _ = writeln!(
+            for &backing in &backings {
+                let r = run_case_backed(&opts.dir, size, pct, backing)?;
+                let _ = writeln!(
                 out,
-                "{:>7} {:>8} | {:>8.1} {:>7.3} {:>7.3} | {:>8.1} {:>6.2} {:>6.2} {:>5.2} | {:>7.2} {:>7.1} {:>8.1} {:>6.2} | {:>7.1} | {:>7.2} {:>8.1} {:>6.1}",
+                "{:>7} {:>8.0} {:>7} {:>8} | {:>8.1} {:>7.3} {:>7.3} | {:>8.1} {:>6.2} {:>6.2} {:>5.2} | {:>7.2} {:>7.1} {:>8.1} {:>6.2} | {:>7.1} | {:>7.2} {:>8.1} {:>6.1}",
+                r.backing,
+                r.boot_touch_ms,
                 r.guest_mib,
                 r.touched_mib,
                 r.pause_ms,
@@ -311,7 +357,7 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.first_round_after_resume_ms,
                 r.slowdown
             );
-            let _ = writeln!(
+                let _ = writeln!(
                 out,
                 "{:>16}   checksums: {:.1} ms hashing in the pause ({} write{}); same write with / without checksums: {:.1} / {:.1} ms; lazy faulters woken by timeout: {}",
                 "",
@@ -322,8 +368,9 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.probe_without_sums_ms,
                 r.timeout_wakes
             );
-            let _ = out.flush();
-            rows.push(r);
+                let _ = out.flush();
+                rows.push(r);
+            }
         }
     }
     Ok(rows)

@@ -52,6 +52,10 @@ enum Cmd {
         /// the path the snapshot records is never used).
         #[arg(long, value_name = "BASE")]
         disk: Option<PathBuf>,
+        /// Guest memory backing: auto (default), hugetlb, thp or 4k; any
+        /// snapshot restores on any backing.
+        #[arg(long, default_value = "auto")]
+        memory_backing: stasis::vmm::memory::MemoryBacking,
     },
     /// Inspect snapshots.
     Snapshot {
@@ -86,6 +90,9 @@ enum Cmd {
         /// cost).
         #[arg(long, requires = "api")]
         no_jail: bool,
+        /// Memory backings to measure, each a row (auto, hugetlb, thp, 4k).
+        #[arg(long, default_value = "auto")]
+        backing: String,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
     Serve(Box<stasis::api::ServeArgs>),
@@ -154,6 +161,11 @@ struct RunArgs {
     /// socket ("CONNECT <port>\n" reaches guest port <port>).
     #[arg(long)]
     vsock: Option<PathBuf>,
+    /// Guest memory backing: auto (default: hugetlb if the pool has room,
+    /// else THP, else 4k), hugetlb, thp or 4k. On auto and hugetlb the
+    /// memory is rounded up to a multiple of 2 MiB.
+    #[arg(long, default_value = "auto")]
+    memory_backing: stasis::vmm::memory::MemoryBacking,
 }
 
 /// Parses "512M", "2G", "65536K" or a plain byte count.
@@ -218,8 +230,11 @@ fn main() -> ExitCode {
             touched,
             dir,
             json,
+            backing,
             ..
-        } => bench(sizes, touched, dir, json),
+        } => stasis::vmm::memory::MemoryBacking::parse_list(&backing)
+            .map_err(|e| e.to_string())
+            .and_then(|b| bench(sizes, touched, dir, json, b)),
         Cmd::Resume {
             dir,
             eager,
@@ -229,13 +244,18 @@ fn main() -> ExitCode {
             snapshot_on_signal,
             vsock,
             disk,
+            memory_backing,
         } => resume(
             dir,
             eager,
             vcpus,
             console,
             snapshot_on_signal,
-            RestorePathArgs { vsock, disk },
+            RestorePathArgs {
+                vsock,
+                disk,
+                memory_backing,
+            },
         ),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
@@ -271,9 +291,17 @@ fn run(a: RunArgs) -> Result<ExitCode, String> {
             overlay: a.overlay,
         }),
         vsock: a.vsock,
+        memory_backing: a.memory_backing,
     };
     let signals = a.snapshot_on_signal.as_ref().map(|_| block_signals());
+    let t = Instant::now();
     let vm = Vm::boot(cfg).map_err(|e| chain(&e))?;
+    eprintln!(
+        "stasis: booted a {} MiB guest on {} memory in {:.1} ms",
+        vm.config().mem_bytes >> 20,
+        vm.config().memory_backing,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     supervise(vm, a.snapshot_on_signal, signals)
 }
 
@@ -338,6 +366,7 @@ fn supervise(
 struct RestorePathArgs {
     vsock: Option<PathBuf>,
     disk: Option<PathBuf>,
+    memory_backing: stasis::vmm::memory::MemoryBacking,
 }
 
 fn resume(
@@ -355,15 +384,18 @@ fn resume(
         RestoreMode::Lazy
     };
     let console = console.map(Console::File).unwrap_or(Console::Stdout);
+    let backing = paths.memory_backing;
     let paths = stasis::vmm::RestorePaths {
         vsock: paths.vsock.as_deref(),
         disk_base: paths.disk.as_deref(),
     };
-    let (vm, stats) = Vm::restore_with(&dir, mode, console, vcpus, paths).map_err(|e| chain(&e))?;
+    let (vm, stats) =
+        Vm::restore_backed(&dir, mode, console, vcpus, paths, backing).map_err(|e| chain(&e))?;
     eprintln!(
-        "stasis: resumed {} ({:?}) in {:.2} ms",
+        "stasis: resumed {} ({:?}, {} memory) in {:.2} ms",
         dir.display(),
         stats.mode,
+        vm.config().memory_backing,
         stats.to_running.as_secs_f64() * 1e3
     );
     let lazy = vm.lazy_stats();
@@ -395,7 +427,14 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
     println!("kernel:          {}", st.kernel);
     println!("cmdline:         {}", st.cmdline);
     println!("vCPUs:           {}", st.vcpus.len());
-    println!("memory:          {:.0} MiB", mib(st.mem_bytes));
+    println!(
+        "memory:          {:.0} MiB (4 KiB pages in the file: restores on any backing; on this host `auto` would pick {})",
+        mib(st.mem_bytes),
+        stasis::vmm::memory::MemoryBacking::Auto
+            .resolve(st.mem_bytes)
+            .map(|b| b.name())
+            .unwrap_or("4k")
+    );
     println!(
         "bytes stored:    {:.1} MiB ({:.1} MiB allocated on disk)",
         mib(st.memory.bytes_stored),
@@ -439,6 +478,7 @@ fn bench(
     touched: Vec<u64>,
     dir: PathBuf,
     json: Option<PathBuf>,
+    backings: Vec<stasis::vmm::memory::MemoryBacking>,
 ) -> Result<ExitCode, String> {
     if let Some(p) = touched.iter().find(|p| **p == 0 || **p > 100) {
         return Err(format!("--touched {p}: a percentage from 1 to 100"));
@@ -447,6 +487,7 @@ fn bench(
         sizes,
         percents: touched,
         dir: dir.clone(),
+        backings,
     };
     println!(
         "stasis bench: built-in test guest, scratch dir {}",

@@ -274,6 +274,7 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
         disk: None,
         vsock: None,
         interpreter: None,
+        memory_backing: Default::default(),
     };
     let r = s
         .worker
@@ -336,6 +337,7 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
                 console: ConsoleSpec::File(s2.dir.join("console.log")),
                 vsock: None,
                 disk_base: None,
+                memory_backing: Default::default(),
             },
             T,
         )

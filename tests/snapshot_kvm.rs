@@ -197,8 +197,15 @@ fn fifty_pause_restore_cycles_keep_progress_and_memory() {
         };
         let (v, _) = Vm::restore(&snap, mode, Console::Buffer(console.clone()), Some(1)).unwrap();
         vm = v;
-        // Restored exactly where it paused.
-        assert_eq!(vm.guest_status().unwrap(), before, "cycle {i} ({mode:?})");
+        // Restored where it paused: the VM runs as soon as restore returns
+        // (on huge-page memory an eagerly restored guest may already have
+        // finished rounds), so the same round means the same status, and
+        // otherwise it can only have moved on.
+        let after = vm.guest_status().unwrap();
+        assert!(
+            after == before || after.round > before.round,
+            "cycle {i} ({mode:?}): paused at {before:?}, restored at {after:?}"
+        );
         std::fs::remove_dir_all(&snap).unwrap();
     }
     assert_eq!(

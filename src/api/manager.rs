@@ -114,6 +114,8 @@ pub struct Config {
     /// Fake backend: the Python that runs the code-interpreter server of
     /// templates with `"interpreter": true` (needs jupyter-client, ipykernel).
     pub interpreter_python: String,
+    /// Guest memory backing of sandboxes whose template names none.
+    pub memory_backing: crate::vmm::memory::MemoryBacking,
 }
 
 struct Rec {
@@ -129,6 +131,8 @@ struct Rec {
     gate: Option<Arc<Gate>>,
     /// Why the last proxied connection to the agent failed, until one works.
     agent_error: Option<String>,
+    /// While running: the guest memory backing the worker reported.
+    memory_backing: Option<crate::vmm::memory::MemoryBacking>,
 }
 
 struct Entry {
@@ -197,6 +201,10 @@ struct TemplateFile {
     /// Whether the sandbox serves the code interpreter (port 49999).
     #[serde(default)]
     interpreter: bool,
+    /// Guest memory backing (`auto`, `hugetlb`, `thp`, `4k`); default: the
+    /// server's `--memory-backing`.
+    #[serde(default)]
+    memory_backing: Option<crate::vmm::memory::MemoryBacking>,
 }
 
 /// Largest `memoryMB` a template may ask for (1 TiB).
@@ -391,6 +399,7 @@ impl Manager {
                     snapshot_usage,
                     gate: None,
                     agent_error: None,
+                    memory_backing: None,
                 }),
             });
             self.map().insert(entry.id.clone(), entry);
@@ -598,6 +607,7 @@ impl Manager {
                         disk: None,
                         vsock: None,
                         interpreter: None,
+                        memory_backing: f.memory_backing.unwrap_or(self.cfg.memory_backing),
                     },
                     cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
@@ -626,6 +636,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    memory_backing: self.cfg.memory_backing,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
@@ -658,6 +669,7 @@ impl Manager {
                     disk: None,
                     vsock: None,
                     interpreter: None,
+                    memory_backing: self.cfg.memory_backing,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
@@ -1041,15 +1053,25 @@ impl Manager {
             backend: self.cfg.backend,
             config: template.boot.clone(),
         };
-        let guest_round = match worker.request(req_boot, BOOT_TIMEOUT).await {
-            Ok(Reply::Running { guest }) => guest.map(|g| g.round),
+        let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
+            Ok(Reply::Running {
+                guest,
+                memory_backing,
+            }) => (guest.map(|g| g.round), memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 return Err(fail(format!("boot: unexpected reply {other:?}")).await);
             }
             Err(e) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
-                return Err(fail(format!("booting the sandbox failed: {e}")).await);
+                let msg = format!("booting the sandbox failed: {e}");
+                if msg.contains(crate::vmm::backing::NR_HUGEPAGES) {
+                    // The hugetlb pool cannot hold this sandbox: like
+                    // max_running, a capacity limit (others unaffected).
+                    let _ = fail(msg.clone()).await;
+                    return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, msg));
+                }
+                return Err(fail(msg).await);
             }
         };
         let envd_token = (template.agent && req.secure == Some(true)).then(new_envd_token);
@@ -1132,6 +1154,7 @@ impl Manager {
                 snapshot_usage: None,
                 gate: Some(Gate::new()),
                 agent_error: None,
+                memory_backing,
             }),
         });
         self.map().insert(id.clone(), entry.clone());
@@ -1152,6 +1175,7 @@ impl Manager {
             }
             (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_usage)
         };
+        let memory_backing = e.rec().memory_backing;
         let mut guest_round = row.guest_round;
         if row.state == RowState::Paused {
             // The guest's own state: what its snapshot holds, not the round
@@ -1224,6 +1248,7 @@ impl Manager {
                 snapshot_bytes: snapshot_usage.filter(|_| !running).map(|u| u.allocated),
                 snapshot_apparent_bytes: snapshot_usage.filter(|_| !running).map(|u| u.apparent),
                 busy,
+                memory_backing: memory_backing.filter(|_| running),
                 agent,
             },
         })
@@ -1420,9 +1445,13 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
+            memory_backing: self.cfg.memory_backing,
         };
-        let guest = match worker.request(req, RESTORE_TIMEOUT).await {
-            Ok(Reply::Running { guest }) => guest,
+        let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
+            Ok(Reply::Running {
+                guest,
+                memory_backing,
+            }) => (guest, memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
@@ -1483,6 +1512,7 @@ impl Manager {
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
             r.agent_error = agent_error;
+            r.memory_backing = memory_backing;
         }
         self.watch_worker(e.clone(), worker.clone());
         self.timer.notify_one();

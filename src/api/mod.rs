@@ -104,6 +104,8 @@ pub struct ServeOptions {
     pub no_jail: bool,
     /// First uid/gid of jailed workers (each gets `base + slot`).
     pub jail_uid_base: u32,
+    /// Guest memory backing of sandboxes (templates may name their own).
+    pub memory_backing: crate::vmm::memory::MemoryBacking,
 }
 
 impl Default for ServeOptions {
@@ -130,6 +132,7 @@ impl Default for ServeOptions {
             tls_listen: None,
             tls_source: None,
             interpreter_python: "python3".into(),
+            memory_backing: crate::vmm::memory::MemoryBacking::Auto,
         }
     }
 }
@@ -227,6 +230,11 @@ pub struct ServeArgs {
     /// the code-interpreter server of `"interpreter": true` templates.
     #[arg(long, default_value = "python3")]
     pub interpreter_python: String,
+    /// Guest memory backing of sandboxes: auto (hugetlb if the pool has
+    /// room, else THP, else 4k), hugetlb, thp or 4k; a template's
+    /// "memoryBacking" overrides it.
+    #[arg(long, default_value = "auto")]
+    pub memory_backing: crate::vmm::memory::MemoryBacking,
 }
 
 /// Reads an API key file: its content, trimmed; empty is an error. Warns
@@ -328,6 +336,7 @@ impl ServeArgs {
             tls_listen: self.tls_listen,
             tls_source,
             interpreter_python: self.interpreter_python,
+            memory_backing: self.memory_backing,
             listen: self.listen,
             data_dir: self.data_dir,
             api_key,
@@ -430,7 +439,13 @@ pub async fn serve(
         agent_timeout: opts.agent_timeout,
         domain: opts.domain.clone(),
         interpreter_python: opts.interpreter_python.clone(),
+        memory_backing: opts.memory_backing,
     };
+    tracing::info!(
+        memory_backing = %opts.memory_backing,
+        "{}",
+        crate::vmm::backing::describe_host()
+    );
     let mgr = manager::Manager::start(cfg).await?;
     let listener =
         listen(opts.listen).map_err(|e| Error::Io(format!("listening on {}", opts.listen), e))?;

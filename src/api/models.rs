@@ -155,6 +155,10 @@ pub struct StasisOut {
     pub snapshot_apparent_bytes: Option<u64>,
     /// Whether an operation (pause/resume) is in progress.
     pub busy: Option<&'static str>,
+    /// While running (VM backend): what backs guest memory (`hugetlb`,
+    /// `thp` or `4k`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<crate::vmm::memory::MemoryBacking>,
     /// Agent templates: `ready`, `unreachable: <why>` (it does not answer
     /// `GET /health`), `paused`, or the operation in progress.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -49,6 +49,18 @@
 //! the regions; a thread still blocked is woken and sees **zero pages**, so
 //! stop a VM (or `wait_complete`) before stopping its loader.
 //!
+//! **hugetlb memory** (2 MiB pages, `vmm::backing`) is detected at
+//! registration: the kernel offers COPY and WAKE but no ZEROPAGE there.
+//! Memory is then filled in whole huge pages, the only unit the kernel
+//! accepts: the present 4 KiB pages of the 2 MiB block are read from the
+//! file into a zeroed 2 MiB buffer (holes stay zero), verified, and the
+//! block is one `UFFDIO_COPY`. A fault (present page or hole) fills its
+//! block; the prefetcher fills the blocks holding working-set pages first,
+//! then every block holding a present page; blocks of holes only are left
+//! to fault (after release, the kernel's own hugetlb fault path zeroes
+//! them). Fill state is kept per 4 KiB page as elsewhere, always set for a
+//! whole block at once.
+//!
 //! **Wake-ups**: unregistering a region wakes the threads blocked on it,
 //! but on this kernel (per-VMA locks) the wake comes before the region's
 //! VMA is write-locked: a faulter that had just found the region registered
@@ -77,6 +89,9 @@ use super::bitmap::PageBitmap;
 use super::memfile::{self, AnonMapping, MemRegion, MemoryMeta, PAGE_SIZE};
 
 const PAGE_SHIFT: u32 = 12;
+/// Pages of a 2 MiB huge page (the fill unit on hugetlb memory).
+const HUGE_PAGES: usize = (2 << 20) / PAGE_SIZE;
+
 /// Consecutive `EAGAIN`s (with nothing copied) before a fill is abandoned.
 const MAX_EAGAIN: u32 = 100_000;
 
@@ -365,6 +380,8 @@ struct Shared {
     stop_fd: OwnedFd,
     file: File,
     regions: Vec<MemRegion>,
+    /// hugetlb memory: filled in whole 2 MiB blocks.
+    huge: bool,
     present: PageBitmap,
     /// Checksums of the present pages and their index.
     sums: Vec<u32>,
@@ -433,7 +450,8 @@ impl LazyLoader {
         // KVM touches guest memory from kernel mode (get_user_pages); those
         // faults must reach us too: not user-mode only.
         let uffd = Uffd::create(false).map_err(Error::Create)?;
-        let needed = IOCTL_COPY | IOCTL_ZEROPAGE | IOCTL_WAKE;
+        let needed = IOCTL_COPY | IOCTL_WAKE;
+        let mut huge = None;
         for r in &regions {
             let offered = uffd
                 .register(r.host_addr().cast(), r.len())
@@ -442,13 +460,25 @@ impl LazyLoader {
                     len: r.len(),
                     source,
                 })?;
-            if offered & needed != needed {
+            // No ZEROPAGE: hugetlb memory (see the module doc); all
+            // regions must agree.
+            let is_huge = offered & IOCTL_ZEROPAGE == 0;
+            let huge_unit = HUGE_PAGES * PAGE_SIZE;
+            if offered & needed != needed
+                || huge.is_some_and(|h| h != is_huge)
+                || (is_huge
+                    && (!r.addr().is_multiple_of(huge_unit)
+                        || !r.len().is_multiple_of(huge_unit)
+                        || !r.file_offset().is_multiple_of(huge_unit as u64)))
+            {
                 return Err(Error::MissingIoctls {
                     addr: r.addr(),
                     offered: format!("{offered:#x}"),
                 });
             }
+            huge = Some(is_huge);
         }
+        let huge = huge.unwrap_or(false);
         // SAFETY: eventfd has no memory effects; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -487,6 +517,7 @@ impl LazyLoader {
             sum_index: memfile::SumIndex::new(&meta.present),
             ws,
             regions,
+            huge,
             present_filled: AtomicUsize::new(0),
             ws_filled: AtomicUsize::new(0),
             stats,
@@ -1009,6 +1040,16 @@ impl Shared {
         who: Who,
         buf: &mut CopyBuf,
     ) -> Result<()> {
+        if self.huge {
+            // Every block holding a missing present page in lo..hi.
+            let mut p = lo;
+            while let Some(s) = self.next_missing(&self.present, p, hi) {
+                let b0 = Self::block_start(r, s);
+                self.fill_huge(r, b0, who, buf)?;
+                p = b0 + HUGE_PAGES;
+            }
+            return Ok(());
+        }
         let mut p = lo;
         while let Some(s) = self.next_missing(&self.present, p, hi) {
             let e = self.next_not_missing(&self.present, s, hi);
@@ -1058,6 +1099,107 @@ impl Shared {
         self.fill(r, s, e - s, Some(buf.map.addr() as *const u8), who)
     }
 
+    /// First page of the 2 MiB block holding page `gp` of region `r`.
+    fn block_start(r: &MemRegion, gp: usize) -> usize {
+        let rp0 = r.first_page();
+        rp0 + (gp - rp0) / HUGE_PAGES * HUGE_PAGES
+    }
+
+    /// hugetlb: installs the 2 MiB block starting at page `b0` of region
+    /// `r` (its present pages read and verified into a zeroed buffer, holes
+    /// zero) with one `UFFDIO_COPY`, unless it is filled already.
+    fn fill_huge(&self, r: &MemRegion, b0: usize, who: Who, buf: &mut CopyBuf) -> Result<()> {
+        let b1 = b0 + HUGE_PAGES;
+        let len = HUGE_PAGES * PAGE_SIZE;
+        let dst = Self::page_addr(r, b0);
+        if self.failed() {
+            return Ok(());
+        }
+        if self.is_filled(b0) {
+            let _ = self.uffd.wake(dst as *mut libc::c_void, len);
+            return Ok(());
+        }
+        debug_assert!(buf.pages() >= HUGE_PAGES);
+        // SAFETY: `buf.map` is our own mapping of at least 2 MiB, used by
+        // this thread only.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.map.addr(), len) };
+        data.fill(0);
+        let mut present = 0usize;
+        let mut p = b0;
+        while p < b1 {
+            if !self.present.get(p) {
+                p += 1;
+                continue;
+            }
+            let mut e = p + 1;
+            while e < b1 && self.present.get(e) {
+                e += 1;
+            }
+            let part = &mut data[(p - b0) * PAGE_SIZE..(e - b0) * PAGE_SIZE];
+            memfile::read_exact_at(&self.file, part, (p as u64) << PAGE_SHIFT)?;
+            memfile::verify_run(
+                &self.file,
+                &self.present,
+                &self.sums,
+                &self.sum_index,
+                p,
+                part,
+                &mut buf.scratch,
+            )?;
+            present += e - p;
+            p = e;
+        }
+        self.stats
+            .pages_verified
+            .fetch_add(present as u64, Ordering::Relaxed);
+        let mut again = 0u32;
+        loop {
+            match ioctl_fill(self.fd(), dst, Some(buf.map.addr() as *const u8), len) {
+                Ok(_) => {
+                    let counter = match (who, present) {
+                        (_, 0) => &self.stats.pages_zero_filled,
+                        (Who::Prefetch, _) => &self.stats.pages_prefetched,
+                        _ => &self.stats.pages_demand,
+                    };
+                    counter.fetch_add(
+                        if present == 0 { HUGE_PAGES } else { present } as u64,
+                        Ordering::Relaxed,
+                    );
+                    self.stats
+                        .bytes_copied
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    self.mark_filled(b0, b1);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.stats
+                        .pages_already_filled
+                        .fetch_add(HUGE_PAGES as u64, Ordering::Relaxed);
+                    self.mark_filled(b0, b1);
+                    let _ = self.uffd.wake(dst as *mut libc::c_void, len);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < MAX_EAGAIN => {
+                    again += 1;
+                    std::thread::yield_now();
+                }
+                Err(_) if self.released.load(Ordering::SeqCst) => {
+                    let _ = self.uffd.wake(dst as *mut libc::c_void, len);
+                    return Ok(());
+                }
+                Err(source) => {
+                    return Err(Error::Fill {
+                        op: "UFFDIO_COPY (2 MiB)",
+                        addr: dst,
+                        len,
+                        file_offset: (b0 as u64) << PAGE_SHIFT,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
     fn fault_thread(self: Arc<Self>) {
         if let Err(e) = self.fault_loop() {
             // Regions are released by `fail`, which wakes every faulter.
@@ -1068,7 +1210,12 @@ impl Shared {
     fn fault_loop(&self) -> Result<()> {
         let zero = AnonMapping::new(PAGE_SIZE)
             .map_err(|e| Error::Sys("mapping the zero page buffer", e))?;
-        let mut buf = CopyBuf::new(self.opts.fault_block)?;
+        let block = if self.huge {
+            self.opts.fault_block.max(HUGE_PAGES * PAGE_SIZE)
+        } else {
+            self.opts.fault_block
+        };
+        let mut buf = CopyBuf::new(block)?;
         // Threads that faulted on our regions (for stall detection).
         let mut faulters = std::collections::BTreeSet::new();
         let mut events: Vec<Fault> = Vec::with_capacity(64);
@@ -1129,8 +1276,13 @@ impl Shared {
                         // wakes faulters, but one queued around it was seen
                         // asleep: wake it here too; it faults again on the
                         // plain mapping.
-                        let page = (f.addr as usize) & !(PAGE_SIZE - 1);
-                        let _ = self.uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
+                        let unit = if self.huge {
+                            HUGE_PAGES * PAGE_SIZE
+                        } else {
+                            PAGE_SIZE
+                        };
+                        let page = (f.addr as usize) & !(unit - 1);
+                        let _ = self.uffd.wake(page as *mut libc::c_void, unit);
                         continue;
                     }
                     self.on_fault(f.addr as usize, f.write, &zero, &mut buf)?;
@@ -1209,6 +1361,9 @@ impl Shared {
         // The guest needed this page before anyone brought it: its working
         // set (recorded for the next restore).
         self.demanded[gp / 64].fetch_or(1 << (gp % 64), Ordering::AcqRel);
+        if self.huge {
+            return self.fill_huge(r, Self::block_start(r, gp), Who::Demand, buf);
+        }
         let bp = self.opts.fault_block / PAGE_SIZE;
         let rp0 = r.first_page();
         let rp1 = rp0 + r.len() / PAGE_SIZE;
@@ -1264,7 +1419,17 @@ impl Shared {
         let total = self.map.len / PAGE_SIZE;
         while let Some(s) = self.next_missing(&self.ws, p, total) {
             let e = self.next_not_missing(&self.ws, s, total);
-            let (off, len) = (s << PAGE_SHIFT, (e - s) << PAGE_SHIFT);
+            // hugetlb fills whole blocks: read their other pages ahead too
+            // (regions start on 2 MiB boundaries in the file).
+            let (rs, re) = if self.huge {
+                (
+                    s / HUGE_PAGES * HUGE_PAGES,
+                    e.next_multiple_of(HUGE_PAGES).min(total),
+                )
+            } else {
+                (s, e)
+            };
+            let (off, len) = (rs << PAGE_SHIFT, (re - rs) << PAGE_SHIFT);
             // SAFETY: advice on a sub-range of our own read-only file
             // mapping; it only starts reads into the page cache.
             unsafe {
@@ -1279,7 +1444,10 @@ impl Shared {
     }
 
     fn prefetch_all(&self) -> Result<()> {
-        let chunk = (self.opts.prefetch_chunk / PAGE_SIZE).max(1);
+        let mut chunk = (self.opts.prefetch_chunk / PAGE_SIZE).max(1);
+        if self.huge {
+            chunk = chunk.next_multiple_of(HUGE_PAGES);
+        }
         let mut buf = CopyBuf::new(chunk * PAGE_SIZE)?;
         self.read_ahead_working_set();
         for (pass, bits) in [&self.ws, &self.present].into_iter().enumerate() {

@@ -6,6 +6,7 @@
 //! thread starts; callers talk to vCPU threads over channels whose commands
 //! carry their own reply senders.
 
+pub mod backing;
 pub mod boot;
 pub mod devices;
 pub mod memory;
@@ -127,6 +128,9 @@ pub struct VmConfig {
     pub disk: Option<DiskConfig>,
     /// A virtio-vsock device whose host side is this Unix socket.
     pub vsock: Option<PathBuf>,
+    /// What backs guest memory: asked for in a config given to
+    /// [`Vm::boot`]; the backing in use in [`Vm::config`].
+    pub memory_backing: memory::MemoryBacking,
 }
 
 impl Default for VmConfig {
@@ -140,6 +144,7 @@ impl Default for VmConfig {
             console: Console::Sink,
             disk: None,
             vsock: None,
+            memory_backing: memory::MemoryBacking::Auto,
         }
     }
 }
@@ -205,15 +210,16 @@ struct Shell {
     mem: GuestMemoryMmap,
     caps: vcpu::Caps,
     msr_indices: Vec<u32>,
+    backing: memory::MemoryBacking,
 }
 
-fn new_shell(mem_bytes: u64, vcpus: u8) -> Result<Shell, Error> {
+fn new_shell(mem_bytes: u64, vcpus: u8, backing: memory::MemoryBacking) -> Result<Shell, Error> {
     let kvm = Kvm::new().map_err(Error::NoKvm)?;
     let max = kvm.get_max_vcpus().min(MAX_VCPUS as usize) as u8;
     if vcpus == 0 || vcpus > max {
         return Err(Error::BadVcpus { asked: vcpus, max });
     }
-    let mem = memory::create(mem_bytes)?;
+    let (mem, backing) = memory::create_backed(mem_bytes, backing)?;
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     fd.set_tss_address(TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -242,13 +248,30 @@ fn new_shell(mem_bytes: u64, vcpus: u8) -> Result<Shell, Error> {
         mem,
         caps,
         msr_indices,
+        backing,
     })
 }
 
 impl Vm {
     /// Creates and boots a VM; it is running when this returns.
-    pub fn boot(config: VmConfig) -> Result<Vm, Error> {
-        let shell = new_shell(config.mem_bytes, config.vcpus)?;
+    pub fn boot(mut config: VmConfig) -> Result<Vm, Error> {
+        // A new VM that may go on hugetlb gets whole 2 MiB pages.
+        if matches!(
+            config.memory_backing,
+            memory::MemoryBacking::Auto | memory::MemoryBacking::Hugetlb
+        ) && config.mem_bytes.is_multiple_of(memory::PAGE_SIZE)
+            && !config.mem_bytes.is_multiple_of(memory::HUGE_PAGE)
+        {
+            let up = backing::round_up(config.mem_bytes);
+            tracing::info!(
+                asked = config.mem_bytes,
+                rounded = up,
+                "guest memory rounded up to a multiple of 2 MiB"
+            );
+            config.mem_bytes = up;
+        }
+        let shell = new_shell(config.mem_bytes, config.vcpus, config.memory_backing)?;
+        config.memory_backing = shell.backing;
         let virtio = virtio::Virtio::create(
             &shell.fd,
             &shell.mem,

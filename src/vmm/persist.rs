@@ -372,6 +372,27 @@ impl Vm {
         vcpus: Option<u8>,
         paths: RestorePaths<'_>,
     ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_backed(
+            dir,
+            mode,
+            console,
+            vcpus,
+            paths,
+            memory::MemoryBacking::Auto,
+        )
+    }
+
+    /// [`Vm::restore_with`] onto guest memory of the given backing (any
+    /// backing restores any snapshot; `Auto` picks by the host's pool).
+    /// The backing in use is in the restored VM's [`Vm::config`].
+    pub fn restore_backed(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        paths: RestorePaths<'_>,
+        backing: memory::MemoryBacking,
+    ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
         let st: VmState = snap.load_state().map_err(PersistError::from)?;
@@ -401,7 +422,8 @@ impl Vm {
             .into());
         }
         let t_state = t0.elapsed();
-        let shell = new_shell(st.mem_bytes, n)?;
+        let shell = new_shell(st.mem_bytes, n, backing)?;
+        let backing = shell.backing;
         let t_shell = t0.elapsed();
         let regions = file_regions(&shell.mem);
         let file = snap.open_memory().map_err(PersistError::from)?;
@@ -488,6 +510,7 @@ impl Vm {
             console,
             disk,
             vsock: vsock_path,
+            memory_backing: backing,
         };
         let stats = RestoreStats {
             mode,

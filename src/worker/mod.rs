@@ -323,8 +323,15 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             match vm::boot(backend, &config) {
                 Ok(v) => {
                     let guest = v.guest();
+                    let memory_backing = v.memory_backing();
                     *slot = Some(v);
-                    (Reply::Running { guest }, false)
+                    (
+                        Reply::Running {
+                            guest,
+                            memory_backing,
+                        },
+                        false,
+                    )
                 }
                 Err(e) => (err(e), false),
             }
@@ -336,6 +343,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             console,
             vsock,
             disk_base,
+            memory_backing,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -348,11 +356,25 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
             };
-            match vm::restore(backend, &snapshot_dir, mode, &console, paths) {
+            match vm::restore_backed(
+                backend,
+                &snapshot_dir,
+                mode,
+                &console,
+                paths,
+                memory_backing,
+            ) {
                 Ok(v) => {
                     let guest = v.guest();
+                    let memory_backing = v.memory_backing();
                     *slot = Some(v);
-                    (Reply::Running { guest }, false)
+                    (
+                        Reply::Running {
+                            guest,
+                            memory_backing,
+                        },
+                        false,
+                    )
                 }
                 Err(e) => (err(e), false),
             }
@@ -470,6 +492,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            memory_backing: Default::default(),
         };
         let rep = roundtrip(
             &mut w,

@@ -97,6 +97,9 @@ pub struct BootConfig {
     /// run it from their image's init instead.
     #[serde(default)]
     pub interpreter: Option<String>,
+    /// Guest memory backing (`auto` when absent).
+    #[serde(default)]
+    pub memory_backing: crate::vmm::memory::MemoryBacking,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -129,6 +132,9 @@ pub enum Request {
         /// recorded in the snapshot is never used.
         #[serde(default)]
         disk_base: Option<PathBuf>,
+        /// Guest memory backing of the restored VM (`auto` when absent).
+        #[serde(default)]
+        memory_backing: crate::vmm::memory::MemoryBacking,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
@@ -157,6 +163,9 @@ pub struct GuestProgress {
 pub enum Reply {
     Running {
         guest: Option<GuestProgress>,
+        /// The memory backing in use (real VMs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_backing: Option<crate::vmm::memory::MemoryBacking>,
     },
     Paused {
         snapshot_bytes: u64,
@@ -219,6 +228,7 @@ mod tests {
                     }),
                     vsock: Some("/v.sock".into()),
                     interpreter: None,
+                    memory_backing: Default::default(),
                 },
             },
         };

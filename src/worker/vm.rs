@@ -46,6 +46,10 @@ pub(crate) trait VmBackend: Send {
     fn guest(&self) -> Option<GuestProgress>;
     /// Kills the VM.
     fn kill(self: Box<Self>);
+    /// The guest memory backing in use (real VMs only).
+    fn memory_backing(&self) -> Option<crate::vmm::memory::MemoryBacking> {
+        None
+    }
 }
 
 /// Boots a VM with the chosen backend.
@@ -59,7 +63,8 @@ pub(crate) fn boot(backend: BackendKind, cfg: &BootConfig) -> Result<Box<dyn VmB
 /// Host paths of a restore, from the request.
 pub(crate) use crate::vmm::RestorePaths;
 
-/// Restores a VM from `dir` with the chosen backend.
+/// Restores a VM from `dir` with the chosen backend on `auto` memory.
+#[cfg(test)]
 pub(crate) fn restore(
     backend: BackendKind,
     dir: &Path,
@@ -67,9 +72,29 @@ pub(crate) fn restore(
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
 ) -> Result<Box<dyn VmBackend>, Error> {
+    restore_backed(
+        backend,
+        dir,
+        mode,
+        console,
+        paths,
+        crate::vmm::memory::MemoryBacking::Auto,
+    )
+}
+
+/// Restores a VM from `dir` with the chosen backend, onto guest memory of
+/// the given backing (the fake backend ignores it).
+pub(crate) fn restore_backed(
+    backend: BackendKind,
+    dir: &Path,
+    mode: RestoreModeSpec,
+    console: &ConsoleSpec,
+    paths: RestorePaths<'_>,
+    backing: crate::vmm::memory::MemoryBacking,
+) -> Result<Box<dyn VmBackend>, Error> {
     match backend {
         BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
-        BackendKind::Vm => real::restore(dir, mode, console, paths),
+        BackendKind::Vm => real::restore(dir, mode, console, paths, backing),
     }
 }
 
@@ -686,6 +711,7 @@ mod real {
                 overlay: Some(d.overlay.clone()),
             }),
             vsock: cfg.vsock.clone(),
+            memory_backing: cfg.memory_backing,
         };
         let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
@@ -722,6 +748,7 @@ mod real {
         mode: RestoreModeSpec,
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
+        backing: vmm::memory::MemoryBacking,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
         // place, over the template's base image named by the request); the
@@ -730,7 +757,7 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_with(dir, mode, console(c), None, paths)
+        let (vm, _) = vmm::Vm::restore_backed(dir, mode, console(c), None, paths, backing)
             .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
@@ -765,6 +792,10 @@ mod real {
         fn kill(self: Box<Self>) {
             self.vm.kill();
         }
+
+        fn memory_backing(&self) -> Option<vmm::memory::MemoryBacking> {
+            Some(self.vm.config().memory_backing)
+        }
     }
 }
 
@@ -785,6 +816,7 @@ mod tests {
             disk: None,
             vsock: None,
             interpreter: None,
+            memory_backing: Default::default(),
         }
     }
 

@@ -26,12 +26,37 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
-/// A fresh scratch directory under the target dir.
+/// A fresh scratch directory under the target dir, `NAME-PID`. It stays
+/// after the test for inspection; the next run that asks for `NAME` removes
+/// the ones whose process is gone, so leftovers never pile up.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    sweep_stale(root, name);
+    let d = root.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Removes `root/NAME-PID` directories whose PID is no longer running.
+pub fn sweep_stale(root: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(name))
+            .and_then(|f| f.strip_prefix('-'))
+            .and_then(|f| f.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Polls `cond` until it holds or `limit` passes.
