@@ -91,6 +91,10 @@ enum Cmd {
         /// With --api: clients in the concurrent phase.
         #[arg(long, default_value_t = 4, requires = "api")]
         concurrency: usize,
+        /// With --api: run the workers without the jail (to measure its
+        /// cost).
+        #[arg(long, requires = "api")]
+        no_jail: bool,
         /// Memory backings to measure, each a row (auto, hugetlb, thp, 4k).
         #[arg(long, default_value = "auto")]
         backing: String,
@@ -110,6 +114,10 @@ enum Cmd {
     Worker {
         #[arg(long)]
         socket: PathBuf,
+        /// Jail spec (JSON, see `stasis::jail::JailSpec`): confine this
+        /// worker before serving.
+        #[arg(long)]
+        jail: Option<String>,
     },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
@@ -246,7 +254,13 @@ fn main() -> ExitCode {
         Cmd::Images {
             cmd: ImagesCmd::Build { source, base_only },
         } => images_build(source, base_only),
-        Cmd::Worker { socket } => stasis::worker::run_worker(&socket)
+        Cmd::Worker { socket, jail: None } => stasis::worker::run_worker(&socket)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
+        Cmd::Worker {
+            socket,
+            jail: Some(spec),
+        } => stasis::worker::run_worker_jailed(&socket, &spec)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
         Cmd::Bench {
@@ -255,8 +269,9 @@ fn main() -> ExitCode {
             json,
             count,
             concurrency,
+            no_jail,
             ..
-        } => api_bench(count, concurrency, dir, json),
+        } => api_bench(count, concurrency, dir, json, no_jail),
         Cmd::Bench {
             sizes,
             touched,
@@ -632,8 +647,10 @@ fn api_bench(
     concurrency: usize,
     dir: PathBuf,
     json: Option<PathBuf>,
+    no_jail: bool,
 ) -> Result<ExitCode, String> {
     let opts = stasis::api::bench::ApiBenchOpts {
+        no_jail,
         count,
         concurrency,
         dir: dir.clone(),

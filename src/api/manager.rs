@@ -115,6 +115,9 @@ pub struct LinuxTemplate {
 /// What the manager needs to know from the server's options.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Jails VM workers (`crate::jail`); `None`: unconfined (`--no-jail`,
+    /// or the fake backend).
+    pub jail: Option<Arc<crate::jail::Jailer>>,
     pub data_dir: PathBuf,
     pub backend: BackendKind,
     pub retention_ms: i64,
@@ -820,10 +823,35 @@ impl Manager {
         )))
     }
 
-    async fn spawn_worker(&self, id: &str) -> Result<WorkerClient, WorkerError> {
+    async fn spawn_worker(
+        &self,
+        id: &str,
+        ro: Vec<PathBuf>,
+        mem_bytes: u64,
+        vcpus: u32,
+    ) -> Result<WorkerClient, WorkerError> {
         let _permit = self.spawns.acquire().await;
         let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
-        WorkerClient::spawn(&self.cfg.worker_exe, &socket, CONNECT_TIMEOUT).await
+        let jail = match &self.cfg.jail {
+            None => None,
+            Some(j) => {
+                let req = crate::jail::JailRequest {
+                    name: id.to_string(),
+                    sandbox_dir: self.sandbox_dir(id),
+                    ro,
+                    mem_bytes,
+                    vcpus,
+                    ..Default::default()
+                };
+                let j = j.clone();
+                let prepared = tokio::task::spawn_blocking(move || j.prepare(&req))
+                    .await
+                    .map_err(|e| WorkerError::Vm(format!("jail setup panicked: {e}")))?
+                    .map_err(|e| WorkerError::Vm(format!("jail: {}", crate::error_chain(&e))))?;
+                Some(prepared)
+            }
+        };
+        WorkerClient::spawn_jailed(&self.cfg.worker_exe, &socket, CONNECT_TIMEOUT, jail).await
     }
 
     /// Removes the sandbox when its worker dies while it is its worker.
@@ -1158,7 +1186,23 @@ impl Manager {
                 ApiError::internal(msg)
             }
         };
-        let worker = match self.spawn_worker(&id).await {
+        let ro: Vec<PathBuf> = match &template.boot.kernel {
+            KernelSpec::Path(k) => vec![k.clone()],
+            KernelSpec::TestGuest => vec![],
+        }
+        .into_iter()
+        .chain(template.boot.initrd.clone())
+        .chain(template.boot.disk.as_ref().map(|d| d.base.clone()))
+        .collect();
+        let worker = match self
+            .spawn_worker(
+                &id,
+                ro,
+                template.boot.mem_bytes,
+                u32::from(template.boot.vcpus),
+            )
+            .await
+        {
             Ok(w) => Arc::new(w),
             Err(e) => return Err(fail(format!("starting the sandbox worker failed: {e}")).await),
         };
@@ -1641,10 +1685,6 @@ impl Manager {
             tracing::warn!(sandbox = %e.id, "resume failed: {msg}");
             ApiError::internal(format!("resuming failed (the sandbox stays paused): {msg}"))
         };
-        let worker = match self.spawn_worker(&e.id).await {
-            Ok(w) => Arc::new(w),
-            Err(err) => return Err(fail(err.to_string())),
-        };
         // The disk's base image is the template's root filesystem, never a
         // path recorded in the snapshot (untrusted input). A template that
         // is gone leaves none: a snapshot with a disk then fails to restore.
@@ -1656,6 +1696,17 @@ impl Manager {
                     "resume: template unavailable ({}); restoring without a disk base", err.message);
                 None
             }
+        };
+        let (mem_bytes, vcpus) = {
+            let r = e.rec();
+            (r.row.memory_mb.saturating_mul(1 << 20), r.row.cpu_count)
+        };
+        let worker = match self
+            .spawn_worker(&e.id, disk_base.iter().cloned().collect(), mem_bytes, vcpus)
+            .await
+        {
+            Ok(w) => Arc::new(w),
+            Err(err) => return Err(fail(err.to_string())),
         };
         // From here on the guest may run and write to the snapshot's disk
         // overlay (used in place): the marker says so to a later recovery,

@@ -98,6 +98,12 @@ pub struct ServeOptions {
     pub tls_source: Option<tls::CertSource>,
     /// Fake backend: the Python that runs code-interpreter servers.
     pub interpreter_python: String,
+    /// Run VM workers unconfined (no jail: debugging only). By default
+    /// every VM worker is jailed (`crate::jail`), and a host that cannot
+    /// jail (not root, no cgroups) is a startup error.
+    pub no_jail: bool,
+    /// First uid/gid of jailed workers (each gets `base + slot`).
+    pub jail_uid_base: u32,
     /// Guest memory backing of sandboxes (templates may name their own).
     pub memory_backing: crate::vmm::memory::MemoryBacking,
     /// Header-read timeout and per-client-IP connection limit of every
@@ -137,6 +143,8 @@ impl Default for ServeOptions {
             agent_timeout: Duration::from_secs(180),
             sandbox_listen: None,
             shutdown_pause: Duration::from_secs(60),
+            no_jail: false,
+            jail_uid_base: crate::jail::DEFAULT_UID_BASE,
             domain: None,
             tls_listen: None,
             tls_source: None,
@@ -181,6 +189,14 @@ pub struct ServeArgs {
     /// Most sandboxes running at once.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
+    /// Run VM workers without the jail (namespaces, pivot_root, cgroup,
+    /// unprivileged uid, seccomp): for debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
+    /// First uid/gid of jailed workers; each running sandbox gets
+    /// `base + slot` (65536 slots).
+    #[arg(long, default_value_t = crate::jail::DEFAULT_UID_BASE)]
+    pub jail_uid_base: u32,
     /// Linux kernel (vmlinux or bzImage) for the built-in templates: with
     /// --rootfs, `base` and `code-interpreter-v1` become Linux guests that
     /// run the stasis agent.
@@ -423,6 +439,8 @@ impl ServeArgs {
             max_paused: self.max_paused,
             max_snapshot_bytes: self.max_snapshot_bytes,
             network,
+            no_jail: self.no_jail,
+            jail_uid_base: self.jail_uid_base,
             ..ServeOptions::default()
         })
     }
@@ -523,7 +541,20 @@ pub async fn serve(
         None => std::env::current_exe()
             .map_err(|e| Error::Io("locating the stasis binary".into(), e))?,
     };
+    let jail = if opts.no_jail || opts.backend != BackendKind::Vm {
+        None
+    } else {
+        Some(
+            crate::jail::Jailer::detect(
+                &opts.data_dir.join("jail"),
+                opts.jail_uid_base,
+                crate::jail::DEFAULT_UID_COUNT,
+            )
+            .map_err(|e| Error::Config(crate::error_chain(&e)))?,
+        )
+    };
     let cfg = manager::Config {
+        jail,
         data_dir: opts.data_dir.clone(),
         backend: opts.backend,
         retention_ms: i64::try_from(opts.retention.as_millis()).unwrap_or(i64::MAX / 4),

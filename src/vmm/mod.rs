@@ -368,7 +368,10 @@ impl Vm {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || t.run())
+                .spawn(move || {
+                    crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Vcpu);
+                    t.run()
+                })
                 .map_err(Error::Thread)?;
             vcpus.push(VcpuHandle {
                 cmds: tx,

@@ -158,6 +158,10 @@ pub enum Request {
     Status,
     /// Kill the VM, reply [`Reply::ShuttingDown`], exit.
     Shutdown,
+    /// Tests of the jail only: try `op` from inside the worker and reply
+    /// [`Reply::Probe`]. Refused unless the worker runs with
+    /// `STASIS_FAULT=jail-probe` (see `worker::probe`).
+    Probe { probe: String },
 }
 
 /// Progress of the built-in test guest.
@@ -187,6 +191,10 @@ pub enum Reply {
         guest: Option<GuestProgress>,
     },
     ShuttingDown,
+    /// What a [`Request::Probe`] found.
+    Probe {
+        outcome: String,
+    },
     Error {
         message: String,
     },

@@ -632,7 +632,9 @@ if [ -n "$DATA_SIZE" ]; then
     say "/data: a tmpfs of $DATA_SIZE"
 fi
 export NO_COLOR=1
-set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
+# --no-jail: this L1 init mounts no cgroups, and the jail is proven on the
+# host by tests/jail.rs.
+set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data --no-jail
 # shellcheck disable=SC2086 # lists of words
 set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
 # Sandbox networking needs nftables, which L1 does not carry: without it,

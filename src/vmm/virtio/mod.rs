@@ -644,7 +644,10 @@ impl Virtio {
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("disk-check".into())
-            .spawn(move || scrub_thread(dev, fault, stop2))
+            .spawn(move || {
+                crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Device);
+                scrub_thread(dev, fault, stop2)
+            })
             .map_err(sys("the disk check thread"))?;
         self.scrub = Scrub::Started { stop, thread };
         Ok(())
@@ -718,7 +721,10 @@ impl Virtio {
         let mem = self.mem.clone();
         let thread = std::thread::Builder::new()
             .name("virtio".into())
-            .spawn(move || device_thread(epoll, devs, mem))
+            .spawn(move || {
+                crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Device);
+                device_thread(epoll, devs, mem)
+            })
             .map_err(sys("the device thread"))?;
         self.running = Some(Running { stop, thread });
         Ok(())
