@@ -56,6 +56,16 @@ struct Sandbox {
 }
 
 async fn spawn(j: &Arc<Jailer>, root: &Path, name: &str, memory_max: Option<u64>) -> Sandbox {
+    spawn_in(j, root, name, memory_max, None).await
+}
+
+async fn spawn_in(
+    j: &Arc<Jailer>,
+    root: &Path,
+    name: &str,
+    memory_max: Option<u64>,
+    netns: Option<&Path>,
+) -> Sandbox {
     let dir = root.join("sandboxes").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mine.txt"), b"sandbox file").unwrap();
@@ -65,6 +75,9 @@ async fn spawn(j: &Arc<Jailer>, root: &Path, name: &str, memory_max: Option<u64>
         mem_bytes: 64 << 20,
         vcpus: 1,
         memory_max,
+        netns: netns.map_or(stasis::jail::Netns::New, |p| {
+            stasis::jail::Netns::Join(p.to_owned())
+        }),
         ..Default::default()
     };
     let prepared = j.prepare(&req).unwrap();
@@ -245,18 +258,74 @@ async fn memory_limit_kills_only_that_worker() {
 /// all run under their seccomp filters.
 #[tokio::test(flavor = "multi_thread")]
 async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
-    if !common::kvm_or_skip("kvm_guest_boots_pauses_and_resumes_in_jails") {
+    kvm_cycle(
+        "kvm_guest_boots_pauses_and_resumes_in_jails",
+        914_000,
+        false,
+    )
+    .await;
+}
+
+/// The same with a virtio-net device: the jailed worker joins the
+/// sandbox's network namespace and opens its tap before it drops its
+/// privileges (after `pivot_root` neither the namespace nor /dev/net/tun is
+/// reachable), at boot and again at the restore in a fresh jail.
+#[tokio::test(flavor = "multi_thread")]
+async fn kvm_guest_with_a_network_device_in_jails() {
+    kvm_cycle("kvm_guest_with_a_network_device_in_jails", 916_000, true).await;
+}
+
+/// A namespace `stasis-jt<pid>` holding a tap `tap0`, removed on drop.
+struct TapNs(PathBuf);
+
+impl TapNs {
+    fn new() -> TapNs {
+        let name = format!("stasis-jt{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+            vec!["-n", &name, "link", "set", "tap0", "up"],
+        ] {
+            let st = std::process::Command::new("ip").args(&args).status();
+            assert!(
+                st.map(|s| s.success()).unwrap_or(false),
+                "ip {args:?} failed (iproute2 and netns support are needed)"
+            );
+        }
+        TapNs(PathBuf::from("/run/netns").join(name))
+    }
+}
+
+impl Drop for TapNs {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.file_name().and_then(|n| n.to_str()) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
+        }
+    }
+}
+
+async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
+    if !common::kvm_or_skip(test) {
         return;
     }
-    let root = common::scratch("jail-kvm");
-    let Some(j) = jailer(
-        "kvm_guest_boots_pauses_and_resumes_in_jails",
-        &root,
-        914_000,
-    ) else {
+    let root = common::scratch(if with_net { "jail-kvm-net" } else { "jail-kvm" });
+    let Some(j) = jailer(test, &root, uid_base) else {
         return;
     };
-    let s = spawn(&j, &root, "vm", None).await;
+    let tapns = with_net.then(TapNs::new);
+    let netns = tapns.as_ref().map(|t| t.0.as_path());
+    let net = netns.map(|p| stasis::vmm::NetAttach {
+        netns: p.to_owned(),
+        mac: [0x02, 0x5e, 0, 0, 0, 1],
+    });
+    // Cgroups are named for the sandbox: each test its own.
+    let name = if with_net { "vmnet" } else { "vm" };
+    let s = spawn_in(&j, &root, name, None, netns).await;
     let workload = stasis::guest::Workload {
         mib: 16,
         rounds: 0,
@@ -275,7 +344,7 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
         vsock: None,
         interpreter: None,
         memory_backing: Default::default(),
-        net: None,
+        net: net.clone(),
     };
     let r = s
         .worker
@@ -327,7 +396,7 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
     s.worker.wait_exit().await;
 
     // Resume in a fresh jail (the sandbox dir is handed to the new uid).
-    let s2 = spawn(&j, &root, "vm", None).await;
+    let s2 = spawn_in(&j, &root, name, None, netns).await;
     let r = s2
         .worker
         .request(
@@ -340,7 +409,7 @@ async fn kvm_guest_boots_pauses_and_resumes_in_jails() {
                 disk_base: None,
                 own_overlay: None,
                 memory_backing: Default::default(),
-                net: None,
+                net: net.clone(),
             },
             T,
         )

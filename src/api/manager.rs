@@ -829,6 +829,7 @@ impl Manager {
         ro: Vec<PathBuf>,
         mem_bytes: u64,
         vcpus: u32,
+        netns: Option<PathBuf>,
     ) -> Result<WorkerClient, WorkerError> {
         let _permit = self.spawns.acquire().await;
         let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
@@ -841,6 +842,7 @@ impl Manager {
                     ro,
                     mem_bytes,
                     vcpus,
+                    netns: netns.map_or(crate::jail::Netns::New, crate::jail::Netns::Join),
                     ..Default::default()
                 };
                 let j = j.clone();
@@ -1200,6 +1202,7 @@ impl Manager {
                 ro,
                 template.boot.mem_bytes,
                 u32::from(template.boot.vcpus),
+                self.net_live_path(&id),
             )
             .await
         {
@@ -1701,12 +1704,26 @@ impl Manager {
             let r = e.rec();
             (r.row.memory_mb.saturating_mul(1 << 20), r.row.cpu_count)
         };
+        // The namespace first: a jailed worker joins it.
+        let net = match self.net_for_resume(&e.id).await {
+            Ok(n) => n,
+            Err(err) => return Err(fail(err.message)),
+        };
         let worker = match self
-            .spawn_worker(&e.id, disk_base.iter().cloned().collect(), mem_bytes, vcpus)
+            .spawn_worker(
+                &e.id,
+                disk_base.iter().cloned().collect(),
+                mem_bytes,
+                vcpus,
+                net.as_ref().map(|n| n.netns.clone()),
+            )
             .await
         {
             Ok(w) => Arc::new(w),
-            Err(err) => return Err(fail(err.to_string())),
+            Err(err) => {
+                self.net_release(&e.id, true, None).await;
+                return Err(fail(err.to_string()));
+            }
         };
         // From here on the guest may run and write to the snapshot's disk
         // overlay (used in place): the marker says so to a later recovery,
@@ -1714,15 +1731,9 @@ impl Manager {
         let marker = self.snapshot_dir(&e.id, gen).join(RESUMED_MARKER);
         if let Err(err) = tokio::fs::write(&marker, b"").await {
             worker.shutdown(SHUTDOWN_GRACE).await;
+            self.net_release(&e.id, true, None).await;
             return Err(fail(format!("writing {}: {err}", marker.display())));
         }
-        let net = match self.net_for_resume(&e.id).await {
-            Ok(n) => n,
-            Err(err) => {
-                worker.shutdown(SHUTDOWN_GRACE).await;
-                return Err(fail(err.message));
-            }
-        };
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),

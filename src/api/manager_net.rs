@@ -159,6 +159,13 @@ impl Manager {
         Ok(())
     }
 
+    /// The network namespace of a sandbox whose network is set up now: a
+    /// jailed worker joins it (and opens the tap there before it drops its
+    /// privileges).
+    pub(super) fn net_live_path(&self, id: &str) -> Option<std::path::PathBuf> {
+        lock(&self.net().live).get(id).map(|s| s.netns.clone())
+    }
+
     /// Removes a sandbox's namespace and rules; with `keep_slot` false also
     /// its address slot and settings (the sandbox is gone).
     pub(super) async fn net_release(&self, id: &str, keep_slot: bool, slot_hint: Option<u32>) {

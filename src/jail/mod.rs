@@ -351,6 +351,8 @@ pub fn enter(spec: &JailSpec) -> Result<Entered, Error> {
             // SAFETY: setns on a descriptor we own; no memory is passed.
             let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
             check(rc, || format!("join netns {}", path.display()))?;
+            // The sandbox's tap, while this process may still open it.
+            crate::net::tap::preopen_here(crate::net::TAP_NAME);
         }
     }
     // SAFETY: unshare takes flags only.

@@ -93,6 +93,9 @@ pub fn open_here(name: &str) -> Result<File, Error> {
 /// Opens the tap `name` inside the namespace at `netns` (a file such as
 /// `/run/netns/stasis-0a0b0008`), from a short-lived helper thread.
 pub fn open_in(netns: &Path, name: &str) -> Result<File, Error> {
+    if let Some(f) = take_preopened(name) {
+        return Ok(f);
+    }
     let ns = File::open(netns).map_err(|source| Error::Io {
         name: name.to_string(),
         what: "open the network namespace",
@@ -129,3 +132,30 @@ pub fn open_in(netns: &Path, name: &str) -> Result<File, Error> {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// A tap opened by a jailed worker in its (joined) namespace while it was
+/// still privileged: after `pivot_root` and with every capability dropped
+/// neither the namespace path nor `/dev/net/tun` is reachable, so
+/// [`open_in`] hands this one out instead.
+static PREOPENED: std::sync::Mutex<Option<(String, File)>> = std::sync::Mutex::new(None);
+
+/// Opens tap `name` in this process's network namespace and keeps it for
+/// the next [`open_in`] of that name. A namespace without the tap is not
+/// an error here (the sandbox may have no network device); the later
+/// [`open_in`] then fails as usual.
+pub fn preopen_here(name: &str) {
+    if let Ok(f) = open_here(name) {
+        *PREOPENED.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), f));
+    }
+}
+
+fn take_preopened(name: &str) -> Option<File> {
+    let mut g = PREOPENED.lock().unwrap_or_else(|e| e.into_inner());
+    match g.take() {
+        Some((n, f)) if n == name => Some(f),
+        other => {
+            *g = other;
+            None
+        }
+    }
+}
