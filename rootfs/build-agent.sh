@@ -26,6 +26,18 @@ main() {
         || [[ -f "$repo/src/bin/stasis-envd.rs" || -f "$repo/src/bin/stasis-envd/main.rs" ]] \
         || prereq "this tree has no stasis-envd binary (src/bin/stasis-envd*) yet"
     target_dir="${STASIS_AGENT_TARGET_DIR:-$repo/target/agent-static}"
+    # A cargo started by `cargo test` inherits the test's CARGO_PKG_NAME,
+    # CARGO_MANIFEST_DIR, ... and ring's build script reruns when they change
+    # (rerun-if-env-changed): the same build from a test and from a shell
+    # would rebuild the whole dependency tree each time. The same
+    # environment either way:
+    local v
+    for v in $(compgen -e); do
+        case "$v" in
+        CARGO | CARGO_PKG_* | CARGO_MANIFEST_* | CARGO_CRATE_NAME | CARGO_BIN_* | CARGO_PRIMARY_PACKAGE \
+            | CARGO_TARGET_TMPDIR | CARGO_RUSTC_CURRENT_DIR | OUT_DIR) unset "$v" ;;
+        esac
+    done
     log "cargo rustc --release --bin stasis-envd (+crt-static) into $target_dir"
     # Only the final link differs from a normal build: glibc's static libc.
     # No debug info: the guest's copy is stripped anyway, and it builds faster.

@@ -18,9 +18,15 @@
 # Output: the last line on stdout is the image's absolute path,
 #   $STASIS_CACHE/image/<hash>/rootfs.ext4
 # with a `manifest` beside it listing every installed package and version.
-# <hash> covers this script, rootfs/init-debian.sh, the interpreter server,
-# the agent, the package list and the free space. Exit status: 0 built or
-# cached, 1 failed, 2 a prerequisite is missing.
+# Two stages, each cached by content hash:
+#   1. the Debian userland (rootfs/build-userland.sh: mmdebstrap and an ext4
+#      image, 8-13 min on 2 cores), keyed by that script, the package list
+#      and the free space;
+#   2. a sparse copy of it with stasis's files written in by debugfs (no
+#      mount, no loop device; each file read back and compared), keyed by
+#      the userland, this script, and the agent, init and interpreter
+#      server: a new agent makes a new image in seconds.
+# Exit status: 0 built or cached, 1 failed, 2 a prerequisite is missing.
 #
 # What is inside:
 #   - Debian bookworm (minbase) with bash, python3 (`python`, `pip`),
@@ -39,6 +45,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 self="$here/build-image.sh"
 init="$here/init-debian.sh"
 setup="$here/init-setup.sh"
+userland_sh="$here/build-userland.sh"
 interp="$here/interpreter/stasis_interpreter.py"
 cache_root="${STASIS_CACHE:-$HOME/.cache/stasis}"
 icache="$cache_root/image"
@@ -69,6 +76,7 @@ main() {
     need_pkgs=()
     command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
     command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+    command -v debugfs >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
     if ((${#need_pkgs[@]})); then
         [[ "${STASIS_NO_APT:-0}" != 1 ]] \
             || prereq "packages ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
@@ -78,77 +86,80 @@ main() {
     fi
 
     pkgs=("${BASE_PKGS[@]}")
-    files=("$self" "$init" "$setup" "$agent")
-    if ((ci)); then
-        pkgs+=("${CI_PKGS[@]}")
-        files+=("$interp")
-    fi
-    mirror="${STASIS_DEBIAN_MIRROR:-}"
-    if [[ -z "$mirror" ]]; then
-        mirror="$(grep -hs '^URIs:.*/debian$' /etc/apt/sources.list.d/*.sources | head -n1 | awk '{print $2}')"
-        mirror="${mirror:-http://deb.debian.org/debian}"
-    fi
+    ((ci)) && pkgs+=("${CI_PKGS[@]}")
+    t0=$SECONDS
+    log "[1/3] the Debian userland ($( ((ci)) && echo code-interpreter || echo base) packages)"
+    userland="$("$userland_sh" "$free_mib" "${pkgs[@]}" | tail -n1)" \
+        || { st=$?; ((st == 2)) && exit 2; die "rootfs/build-userland.sh failed"; }
+    [[ -s "$userland" ]] || die "rootfs/build-userland.sh printed no image"
 
-    hash="$( { sha256sum "${files[@]}" | cut -d' ' -f1; echo "ci=$ci free=$free_mib"
-        echo "${pkgs[*]}"; } | sha256sum | cut -c1-16)"
+    # name in the image, host file, mode (octal, no leading 0)
+    files=("/usr/local/bin/stasis-envd" "$agent" 755
+        "/usr/sbin/init" "$init" 755
+        "/etc/stasis/init-setup.sh" "$setup" 644)
+    ((ci)) && files+=("/usr/local/lib/stasis/stasis_interpreter.py" "$interp" 644)
+    hash="$( { echo "userland $userland"; sha256sum "$self"
+        for ((i = 0; i < ${#files[@]}; i += 3)); do
+            echo "${files[i]} ${files[i + 2]} $(sha256sum "${files[i + 1]}" | cut -d' ' -f1)"
+        done; } | sha256sum | cut -c1-16)"
     out_dir="$icache/$hash"
     out="$out_dir/rootfs.ext4"
-    if [[ -s "$out" ]]; then
+    if [[ -s "$out" && -s "$out_dir/manifest" ]]; then
         log "cached: $out"
         echo "$out"
         exit 0
     fi
     mkdir -p "$icache"
     stage="$(mktemp -d "$icache/stage.XXXXXX")"
-    trap 'rm -rf "$stage"' EXIT
-    root="$stage/root"
-    t0=$SECONDS
+    trap '[[ -n "${STASIS_KEEP_STAGE:-}" ]] || rm -rf "$stage"' EXIT
 
-    log "[1/4] mmdebstrap bookworm (${#pkgs[@]} packages and their dependencies) from $mirror"
-    include="$(IFS=,; echo "${pkgs[*]}")"
-    mmdebstrap --mode=root --variant=minbase --include="$include" \
-        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-        --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
-        --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-        --customize-hook='chroot "$1" useradd -m -u 1000 -U -s /bin/bash user' \
-        --customize-hook='echo "user ALL=(ALL:ALL) NOPASSWD: ALL" > "$1/etc/sudoers.d/user" && chmod 0440 "$1/etc/sudoers.d/user"' \
-        --customize-hook='chroot "$1" dpkg-query -W -f="\${Package} \${Version}\n" > "$1/.stasis-manifest"' \
-        --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' \
-        bookworm "$root" "$mirror" >&2 || die "mmdebstrap failed"
-    log "[1/4] done in $((SECONDS - t0)) s: $(du -sh "$root" | cut -f1)"
-
-    log "[2/4] the agent, init$( ((ci)) && echo ', the interpreter server')"
-    install -m 0755 "$agent" "$root/usr/local/bin/stasis-envd"
-    strip --strip-debug "$root/usr/local/bin/stasis-envd" 2>/dev/null || true
-    rm -f "$root/sbin/init"
-    install -m 0755 "$init" "$root/sbin/init"
-    install -D -m 0644 "$setup" "$root/etc/stasis/init-setup.sh"
-    if ((ci)); then
-        install -d -m 0755 "$root/usr/local/lib/stasis"
-        install -m 0644 "$interp" "$root/usr/local/lib/stasis/stasis_interpreter.py"
-    fi
-    echo stasis >"$root/etc/hostname"
-    printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tstasis\n' >"$root/etc/hosts"
-    : >"$root/etc/resolv.conf"
-    mv "$root/.stasis-manifest" "$stage/manifest"
-
-    log "[3/4] ext4 image"
-    content_kib="$(du -sk --apparent-size "$root" | cut -f1)"
-    size_mib=$(((content_kib / 1024) * 5 / 4 + free_mib + 64))
+    log "[2/3] stasis's files into a copy of $userland: agent, init$( ((ci)) && echo ', the interpreter server')"
     img="$stage/rootfs.ext4"
-    # Built as root: the tree's owners (root, user's home) go into the image as they are.
-    mkfs.ext4 -q -F -L stasis-root -m 0 -d "$root" "$img" "${size_mib}M" >&2 || die "mkfs.ext4 -d failed"
+    cp --sparse=always "$userland" "$img" || die "copying $userland failed"
+    agent_copy="$stage/stasis-envd"
+    cp "$agent" "$agent_copy"
+    strip --strip-debug "$agent_copy" 2>/dev/null || true
+    files[1]="$agent_copy"
+    # debugfs writes into the image without mounting it (no loop device
+    # needed). It reports errors but exits 0, so each file is read back
+    # below; and one session per file (a session that allocates after it
+    # freed was seen to hand out a block twice).
+    for ((i = 0; i < ${#files[@]}; i += 3)); do
+        name="${files[i]}" src="${files[i + 1]}" mode="${files[i + 2]}"
+        cmds="$stage/debugfs.cmds"
+        {
+            echo "rm $name"
+            echo "write $src $name"
+            echo "sif $name mode 0100$mode"
+            echo "sif $name uid 0"
+            echo "sif $name gid 0"
+        } >"$cmds"
+        # A missing directory first, in a session of its own.
+        debugfs -R "stat $(dirname "$name")" "$img" 2>/dev/null | grep -q '^Inode:' \
+            || debugfs -w -R "mkdir $(dirname "$name")" "$img" >>"$stage/debugfs.log" 2>&1
+        debugfs -w -f "$cmds" "$img" >>"$stage/debugfs.log" 2>&1 \
+            || { cat "$stage/debugfs.log" >&2; die "debugfs failed"; }
+    done
+    for ((i = 0; i < ${#files[@]}; i += 3)); do
+        name="${files[i]}" src="${files[i + 1]}" mode="${files[i + 2]}"
+        debugfs -R "dump $name $stage/check" "$img" >/dev/null 2>&1 || true
+        cmp -s "$src" "$stage/check" \
+            || { cat "$stage/debugfs.log" >&2; die "$name in the image differs from $src after debugfs"; }
+        got="$(debugfs -R "stat $name" "$img" 2>/dev/null | sed -n 's/.*Mode: *\(0[0-7]*\).*/\1/p' | head -n1)"
+        [[ "$got" == "0$mode" ]] || die "$name has mode ${got:-?} in the image, not 0$mode"
+        rm -f "$stage/check"
+    done
     e2fsck -fn "$img" >"$stage/fsck.log" 2>&1 \
         || { tail -n 20 "$stage/fsck.log" >&2; die "e2fsck found problems in the new image"; }
 
-    log "[4/4] cache"
+    log "[3/3] cache"
     mkdir -p "$out_dir.tmp.$$"
     mv "$img" "$out_dir.tmp.$$/rootfs.ext4"
-    { echo "agent $(sha256sum "$agent" | cut -d' ' -f1)"; echo "size_mib $size_mib"
-      echo "build_secs $((SECONDS - t0))"; cat "$stage/manifest"; } >"$out_dir.tmp.$$/manifest"
+    { echo "agent $(sha256sum "$agent" | cut -d' ' -f1)"; echo "userland $userland"
+      echo "image_secs $((SECONDS - t0))"; cat "$(dirname "$userland")/manifest"; } >"$out_dir.tmp.$$/manifest"
     rm -rf "$out_dir"
     mv "$out_dir.tmp.$$" "$out_dir"
-    log "built in $((SECONDS - t0)) s: $out (${size_mib} MiB, $(du -h "$out" | cut -f1) on disk)"
+    log "done in $((SECONDS - t0)) s: $out ($(du -h --apparent-size "$out" | cut -f1), $(du -h "$out" | cut -f1) on disk)"
     echo "$out"
 }
 

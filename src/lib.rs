@@ -10,6 +10,8 @@ pub mod api;
 pub mod bench;
 pub mod envd;
 pub mod guest;
+pub mod jail;
+pub mod net;
 pub mod snapshot;
 pub mod vmm;
 pub mod vsock;

@@ -52,6 +52,11 @@ enum Cmd {
         /// the path the snapshot records is never used).
         #[arg(long, value_name = "BASE")]
         disk: Option<PathBuf>,
+        /// The resumed VM's own writable disk overlay (must not exist):
+        /// forked from the snapshot's, which is left untouched, so the
+        /// snapshot can be resumed again, even concurrently.
+        #[arg(long, value_name = "OWN")]
+        overlay: Option<PathBuf>,
         /// Guest memory backing: auto (default), hugetlb, thp or 4k; any
         /// snapshot restores on any backing.
         #[arg(long, default_value = "auto")]
@@ -89,17 +94,33 @@ enum Cmd {
         /// With --api: guest sizes, a run each (e.g. 256M,1G).
         #[arg(long, value_delimiter = ',', default_value = "256M", value_parser = parse_size, requires = "api")]
         api_sizes: Vec<u64>,
+        /// With --api: run the workers without the jail (to measure its
+        /// cost).
+        #[arg(long, requires = "api")]
+        no_jail: bool,
         /// Memory backings to measure, each a row (auto, hugetlb, thp, 4k).
         #[arg(long, default_value = "auto")]
         backing: String,
     },
     /// Serve the sandbox lifecycle HTTP API (what the novita-sandbox SDK speaks).
     Serve(Box<stasis::api::ServeArgs>),
+    /// Build the Linux sandbox artifacts: kernel, agent, the `base` image and
+    /// the `code-interpreter-v1` image (cached by content hash; the first
+    /// build of an image downloads Debian packages, 8-13 min on 2 cores).
+    /// The last stdout line is the `stasis serve` arguments that use them.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+    },
     /// Internal: run one sandbox's VM, driven by the server over a socket.
     #[command(hide = true)]
     Worker {
         #[arg(long)]
         socket: PathBuf,
+        /// Jail spec (JSON, see `stasis::jail::JailSpec`): confine this
+        /// worker before serving.
+        #[arg(long)]
+        jail: Option<String>,
     },
     /// Boot the built-in test guest on a workload and report what happened.
     Demo {
@@ -113,11 +134,42 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum ImagesCmd {
+    /// Build (or find cached) the kernel, the agent and both images, one
+    /// progress line per step; prints `--kernel K --rootfs BASE
+    /// --interpreter-rootfs CI` last, e.g. `stasis serve $(stasis images build | tail -n1)`.
+    Build {
+        /// The stasis source tree whose kernel/ and rootfs/ scripts build
+        /// them (default: $STASIS_SOURCE, else the tree this binary was
+        /// built from).
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Only the kernel, the agent and the base image (`code-interpreter-v1`
+        /// then runs on it without the interpreter server).
+        #[arg(long)]
+        base_only: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum SnapshotCmd {
     /// Print a snapshot's format version, vCPUs, memory and checksum status.
     Info {
         /// Snapshot directory.
         dir: PathBuf,
+    },
+    /// Make a snapshot directory a reusable snapshot of a store
+    /// (`<data>/snapshots`): writes its manifest and moves it there;
+    /// prints its path.
+    Save {
+        /// Snapshot directory (moved into the store).
+        dir: PathBuf,
+        /// The store's directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The snapshot's id (default: a new random one).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -202,7 +254,16 @@ fn main() -> ExitCode {
             .and_then(stasis::api::serve_blocking)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
-        Cmd::Worker { socket } => stasis::worker::run_worker(&socket)
+        Cmd::Images {
+            cmd: ImagesCmd::Build { source, base_only },
+        } => images_build(source, base_only),
+        Cmd::Worker { socket, jail: None } => stasis::worker::run_worker(&socket)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
+        Cmd::Worker {
+            socket,
+            jail: Some(spec),
+        } => stasis::worker::run_worker_jailed(&socket, &spec)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),
         Cmd::Bench {
@@ -212,8 +273,9 @@ fn main() -> ExitCode {
             count,
             concurrency,
             api_sizes,
+            no_jail,
             ..
-        } => api_bench_sizes(&api_sizes, count, concurrency, dir, json),
+        } => api_bench_sizes(&api_sizes, count, concurrency, dir, json, no_jail),
         Cmd::Bench {
             sizes,
             touched,
@@ -233,6 +295,7 @@ fn main() -> ExitCode {
             snapshot_on_signal,
             vsock,
             disk,
+            overlay,
             memory_backing,
         } => resume(
             dir,
@@ -243,12 +306,16 @@ fn main() -> ExitCode {
             RestorePathArgs {
                 vsock,
                 disk,
+                overlay,
                 memory_backing,
             },
         ),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
         } => snapshot_info(dir),
+        Cmd::Snapshot {
+            cmd: SnapshotCmd::Save { dir, store, id },
+        } => snapshot_save(dir, store, id),
     };
     match r {
         Ok(code) => code,
@@ -355,6 +422,7 @@ fn supervise(
 struct RestorePathArgs {
     vsock: Option<PathBuf>,
     disk: Option<PathBuf>,
+    overlay: Option<PathBuf>,
     memory_backing: stasis::vmm::memory::MemoryBacking,
 }
 
@@ -373,10 +441,13 @@ fn resume(
         RestoreMode::Lazy
     };
     let console = console.map(Console::File).unwrap_or(Console::Stdout);
+    let own_overlay = paths.overlay.clone();
     let backing = paths.memory_backing;
     let paths = stasis::vmm::RestorePaths {
         vsock: paths.vsock.as_deref(),
         disk_base: paths.disk.as_deref(),
+        own_overlay: own_overlay.as_deref(),
+        netns: None,
     };
     let (vm, stats) =
         Vm::restore_backed(&dir, mode, console, vcpus, paths, backing).map_err(|e| chain(&e))?;
@@ -403,7 +474,84 @@ fn resume(
     res
 }
 
+/// `stasis snapshot save`: imports a snapshot directory into a store.
+fn snapshot_save(dir: PathBuf, store: PathBuf, id: Option<String>) -> Result<ExitCode, String> {
+    use stasis::snapshot::store::{ImportOpts, SnapshotStore};
+    let store = SnapshotStore::open(store).map_err(|e| chain(&e))?;
+    let id = id.unwrap_or_else(SnapshotStore::new_id);
+    let s = store
+        .import(
+            &dir,
+            &id,
+            ImportOpts {
+                kind: stasis::snapshot::manifest::SnapshotKind::User,
+                source_sandbox: None,
+                labels: Default::default(),
+            },
+        )
+        .map_err(|e| chain(&e))?;
+    println!("{}", s.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The manifest part of `snapshot info` (a store's snapshot has one).
+fn print_manifest(dir: &std::path::Path) -> Result<(), String> {
+    use stasis::snapshot::manifest::{Manifest, MANIFEST_FILE, MANIFEST_VERSION};
+    if !dir.join(MANIFEST_FILE).exists() {
+        return Ok(());
+    }
+    let m = Manifest::read_from(dir).map_err(|e| chain(&e))?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "manifest:        version {MANIFEST_VERSION} (checksum OK), id {}, {:?}",
+        m.id, m.kind
+    );
+    println!(
+        "parent:          {}",
+        m.parent.as_deref().unwrap_or("none (full snapshot)")
+    );
+    for (i, l) in m.layers.iter().enumerate() {
+        println!(
+            "layer {i}:         {} ({}), {:.1} MiB stored",
+            l.file,
+            l.parent
+                .as_deref()
+                .map(|p| format!("pages changed since {p}"))
+                .unwrap_or_else(|| "full".into()),
+            mib(l.bytes_stored)
+        );
+    }
+    if let Some(d) = &m.disk_layer {
+        let len = m.files.iter().find(|f| &f.name == d).map(|f| f.allocated);
+        println!(
+            "disk layer:      {d} ({:.1} MiB allocated)",
+            mib(len.unwrap_or(0))
+        );
+    }
+    let host = stasis::snapshot::manifest::HostFingerprint::current();
+    println!(
+        "host:            {} signature {:#x}, KVM API {}{}",
+        m.fingerprint.cpu_vendor,
+        m.fingerprint.cpu_signature,
+        m.fingerprint.kvm_api_version,
+        match m.fingerprint.mismatch(&host) {
+            None => " (this host matches)".to_string(),
+            Some(d) => format!(" (this host differs: {d})"),
+        }
+    );
+    println!(
+        "layout:          {}",
+        if m.chunk_size == 0 {
+            "per-layer files".to_string()
+        } else {
+            format!("{} MiB chunks", m.chunk_size >> 20)
+        }
+    );
+    Ok(())
+}
+
 fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
+    print_manifest(&dir)?;
     let (st, found) = stasis::vmm::persist::inspect(&dir).map_err(|e| chain(&e))?;
     let on_disk = found.allocated;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -456,6 +604,13 @@ fn snapshot_info(dir: PathBuf) -> Result<ExitCode, String> {
                     "vsock:           guest CID {cid} (`resume --vsock` names the host socket)"
                 )
             }
+            DeviceKind::Net { mac } => println!(
+                "network:         virtio-net, MAC {} (the tap is re-created on resume)",
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
         }
     }
     println!("taken at:        {} (unix seconds)", st.created_unix);
@@ -496,8 +651,10 @@ fn api_bench(
     concurrency: usize,
     dir: PathBuf,
     json: Option<PathBuf>,
+    no_jail: bool,
 ) -> Result<ExitCode, String> {
     let opts = stasis::api::bench::ApiBenchOpts {
+        no_jail,
         count,
         concurrency,
         dir: dir.clone(),
@@ -519,15 +676,17 @@ fn api_bench_sizes(
     concurrency: usize,
     dir: PathBuf,
     json: Option<PathBuf>,
+    no_jail: bool,
 ) -> Result<ExitCode, String> {
     if let [one] = sizes {
         if *one == 256 << 20 {
-            return api_bench(count, concurrency, dir, json);
+            return api_bench(count, concurrency, dir, json, no_jail);
         }
     }
     let mut reports = Vec::new();
     for &size in sizes {
         let opts = stasis::api::bench::ApiBenchOpts {
+            no_jail,
             count,
             concurrency,
             dir: dir.clone(),
@@ -681,4 +840,88 @@ fn demo(mib: u64, rounds: u64) -> Result<ExitCode, String> {
     })();
     let _ = std::fs::remove_dir_all(&base);
     result
+}
+
+/// `stasis images build`: runs the source tree's build scripts in order
+/// (each prints its artifact's path as its last stdout line and logs to
+/// stderr), one progress line per step on stderr.
+fn images_build(source: Option<PathBuf>, base_only: bool) -> Result<ExitCode, String> {
+    let source = source
+        .or_else(|| std::env::var_os("STASIS_SOURCE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    if !source.join("rootfs/build-image.sh").is_file() || !source.join("kernel/build.sh").is_file()
+    {
+        return Err(format!(
+            "{} is not a stasis source tree (no rootfs/build-image.sh and kernel/build.sh): \
+             pass --source DIR or set STASIS_SOURCE",
+            source.display()
+        ));
+    }
+    let total = if base_only { 3 } else { 4 };
+    let started = Instant::now();
+    let step = |n: usize, what: &str, script: &str, args: &[&std::ffi::OsStr]| {
+        eprintln!("stasis images: [{n}/{total}] {what} ({script})");
+        let t = Instant::now();
+        let out = std::process::Command::new(source.join(script))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("starting {script}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = stdout
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .filter(|p| p.is_file());
+        match (out.status.code(), path) {
+            (Some(0), Some(path)) => {
+                eprintln!(
+                    "stasis images: [{n}/{total}] {what}: {} ({:.1} s)",
+                    path.display(),
+                    t.elapsed().as_secs_f64()
+                );
+                Ok(path)
+            }
+            (Some(2), _) => Err(format!(
+                "{script}: a prerequisite is missing (its message is above)"
+            )),
+            (code, _) => Err(format!(
+                "{script} failed ({}); its log is above",
+                code.map_or("killed by a signal".to_owned(), |c| format!(
+                    "exit status {c}"
+                ))
+            )),
+        }
+    };
+    let kernel = step(1, "the guest kernel", "kernel/build.sh", &[])?;
+    let agent = step(2, "the static agent", "rootfs/build-agent.sh", &[])?;
+    let base = step(
+        3,
+        "the base image (Debian bookworm)",
+        "rootfs/build-image.sh",
+        &[agent.as_os_str()],
+    )?;
+    let mut args = format!("--kernel {} --rootfs {}", kernel.display(), base.display());
+    if !base_only {
+        let ci = step(
+            4,
+            "the code-interpreter image",
+            "rootfs/build-image.sh",
+            &[
+                std::ffi::OsStr::new("--code-interpreter"),
+                agent.as_os_str(),
+            ],
+        )?;
+        args.push_str(&format!(" --interpreter-rootfs {}", ci.display()));
+    }
+    eprintln!(
+        "stasis images: done in {:.1} s; serve them with: stasis serve {args}",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{args}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -120,6 +120,7 @@ fn with_base(dir: &Path) -> RestorePaths<'static> {
     RestorePaths {
         disk_base: Some(base),
         vsock: None,
+        ..Default::default()
     }
 }
 

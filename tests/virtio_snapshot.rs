@@ -35,6 +35,7 @@ fn with_base(base: &Path) -> RestorePaths<'_> {
     RestorePaths {
         disk_base: Some(base),
         vsock: None,
+        ..Default::default()
     }
 }
 

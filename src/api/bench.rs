@@ -116,6 +116,8 @@ pub struct ApiBenchOpts {
     pub worker_exe: Option<PathBuf>,
     /// Longest wait for a guest to make progress after create or connect.
     pub progress_timeout: Duration,
+    /// Run the workers without the jail (`serve --no-jail`).
+    pub no_jail: bool,
 }
 
 impl Default for ApiBenchOpts {
@@ -128,6 +130,7 @@ impl Default for ApiBenchOpts {
             touched_mib: 64,
             worker_exe: None,
             progress_timeout: Duration::from_secs(60),
+            no_jail: false,
         }
     }
 }
@@ -742,6 +745,7 @@ pub fn run_api_bench(opts: ApiBenchOpts, out: &mut dyn Write) -> Result<ApiBench
         api_key: None,
         backend: BackendKind::Vm,
         worker_exe: opts.worker_exe.clone(),
+        no_jail: opts.no_jail,
         ..ServeOptions::default()
     })?;
     let client = Client { addr: server.addr };

@@ -22,6 +22,18 @@
 //! crash loses the sandbox like a running one. Resume during the write goes
 //! on from the worker's memory and abandons the write; shutdown waits for
 //! every write.
+//! Admission: besides `max_running`, running sandboxes' memory is a budget
+//! (a share of the host's RAM, one semaphore permit per MiB, held while
+//! running); pausing is bounded by the paused-sandbox and snapshot-byte
+//! quotas. All answer 429 with the numbers.
+//!
+//! Faults (`super::fault` injects them in tests): a pause whose record
+//! fails to save stays paused and resumable, keeps the previous snapshot,
+//! and the timer task saves the record again; a resume that fails after
+//! the guest ran removes the sandbox with the reason (its disk may be newer
+//! than its memory; a `resumed` marker in the snapshot tells a restart the
+//! same); a failed auto-pause keeps the sandbox running and retries. Bad
+//! stored rows are quarantined at start ([`Store::load_all_quarantining`]).
 //!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
@@ -59,6 +71,9 @@ use crate::worker::protocol::{
 use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
+#[path = "manager_net.rs"]
+mod net_ext;
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -83,6 +98,12 @@ const AGENT_POLL: Duration = Duration::from_millis(50);
 const RESUME_AGENT_WAIT: Duration = Duration::from_secs(30);
 /// The vsock socket in a sandbox's directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// Written into a snapshot's directory before a guest is resumed from it:
+/// from then on the snapshot's disk overlay may be newer than its memory.
+pub const RESUMED_MARKER: &str = "resumed";
+/// After a failed auto-pause, the next attempt comes this much later (the
+/// sandbox keeps running meanwhile, until its retention ends).
+const AUTO_PAUSE_RETRY: Duration = Duration::from_secs(3);
 /// The copy-on-write disk overlay in a sandbox's directory.
 pub const DISK_OVERLAY: &str = "disk.overlay";
 
@@ -103,6 +124,9 @@ pub struct LinuxTemplate {
 /// What the manager needs to know from the server's options.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Jails VM workers (`crate::jail`); `None`: unconfined (`--no-jail`,
+    /// or the fake backend).
+    pub jail: Option<Arc<crate::jail::Jailer>>,
     pub data_dir: PathBuf,
     pub backend: BackendKind,
     pub retention_ms: i64,
@@ -123,13 +147,66 @@ pub struct Config {
     pub interpreter_python: String,
     /// Guest memory backing of sandboxes whose template names none.
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Admission limits (memory, paused sandboxes, snapshot bytes).
+    pub limits: Limits,
+    /// Sandbox networking (namespaces, taps, nftables); None: Linux
+    /// sandboxes get no network device (`--no-network`).
+    pub network: Option<Arc<crate::net::Network>>,
 }
+
+/// Admission limits beyond `max_running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// MiB of guest memory (templates' `memoryMB`) running sandboxes may
+    /// hold together; a create or resume beyond is answered 429.
+    pub memory_budget_mb: u64,
+    /// Most paused sandboxes at once (0: no limit).
+    pub max_paused: usize,
+    /// Most bytes of snapshots on disk, paused sandboxes together (0: no
+    /// limit).
+    pub max_snapshot_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_budget_mb: memory_budget_mb(super::DEFAULT_MAX_MEMORY_SHARE),
+            max_paused: 0,
+            max_snapshot_bytes: 0,
+        }
+    }
+}
+
+/// The host's RAM in MiB (`MemTotal` of /proc/meminfo); `None` if unknown.
+pub fn host_memory_mb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// `share` of the host's RAM in MiB (at least 1; unlimited if the host's RAM
+/// is unknown).
+pub fn memory_budget_mb(share: f64) -> u64 {
+    match host_memory_mb() {
+        Some(mb) => ((mb as f64 * share.clamp(0.0, 1.0)) as u64).max(1),
+        None => u64::MAX >> 4,
+    }
+}
+
+/// Most permits one admission may take from the memory semaphore.
+const MAX_MEMORY_PERMITS: u64 = u32::MAX as u64;
 
 struct Rec {
     row: Row,
     busy: Option<&'static str>,
     worker: Option<Arc<WorkerClient>>,
     slot: Option<OwnedSemaphorePermit>,
+    /// While running: this sandbox's share of the memory budget.
+    mem: Option<OwnedSemaphorePermit>,
+    /// The stored row lags behind `row` (saving it failed); the timer task
+    /// retries until it is saved.
+    unsaved: bool,
     gone: bool,
     expiry_queued: bool,
     /// While paused: what the current snapshot takes on disk.
@@ -174,11 +251,14 @@ pub struct Manager {
     map: StdMutex<HashMap<String, Arc<Entry>>>,
     tombstones: StdMutex<HashMap<String, String>>,
     slots: Arc<Semaphore>,
+    /// The memory budget, one permit per MiB.
+    memory: Arc<Semaphore>,
     spawns: Semaphore,
     seq: AtomicI64,
     timer: Notify,
     /// Asynchronous pauses whose snapshot is not durable yet, by sandbox.
     writes: StdMutex<HashMap<String, Arc<WriteJob>>>,
+    net_state: net_ext::NetState,
 }
 
 /// A template resolved to a VM configuration.
@@ -313,6 +393,11 @@ impl Manager {
                 .map_err(io(format!("chmod 600 {}", db.display())))?;
         }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
+        let budget = cfg
+            .limits
+            .memory_budget_mb
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
+        let memory = Arc::new(Semaphore::new(budget));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
         let mgr = Arc::new(Manager {
             seq: AtomicI64::new(store.max_seq()?),
@@ -321,11 +406,14 @@ impl Manager {
             map: StdMutex::new(HashMap::new()),
             tombstones: StdMutex::new(HashMap::new()),
             slots,
+            memory,
             spawns,
             timer: Notify::new(),
             writes: StdMutex::new(HashMap::new()),
+            net_state: Default::default(),
         });
         mgr.recover()?;
+        mgr.net_recover()?;
         tokio::spawn(mgr.clone().timer_loop());
         Ok(mgr)
     }
@@ -366,7 +454,17 @@ impl Manager {
         }
         let now = now_ms();
         let mut kept = std::collections::HashSet::new();
-        for row in self.store.load_all()? {
+        let (rows, quarantined) = self.store.load_all_quarantining()?;
+        for q in quarantined {
+            // Its files stay for inspection (not swept as orphans below).
+            tracing::error!(
+                sandbox = ?q.id,
+                "quarantined a stored sandbox row (moved to the quarantine table of stasis.db): {}",
+                q.why
+            );
+            kept.insert(q.id);
+        }
+        for row in rows {
             if !models::valid_name(&row.id, false) {
                 tracing::warn!(id = ?row.id, "dropping a stored sandbox with an invalid id");
                 self.store.delete(&row.id)?;
@@ -384,6 +482,14 @@ impl Manager {
                 }
                 RowState::Paused if !self.snapshot_dir(&row.id, row.snapshot_gen).is_dir() => {
                     Some("its snapshot is missing")
+                }
+                RowState::Paused
+                    if self
+                        .snapshot_dir(&row.id, row.snapshot_gen)
+                        .join(RESUMED_MARKER)
+                        .exists() =>
+                {
+                    Some("its snapshot was resumed before the server stopped, so its disk may be newer than its memory")
                 }
                 RowState::Paused => None,
             };
@@ -417,6 +523,8 @@ impl Manager {
                     busy: None,
                     worker: None,
                     slot: None,
+                    mem: None,
+                    unsaved: false,
                     gone: false,
                     expiry_queued: false,
                     snapshot_usage,
@@ -514,6 +622,7 @@ impl Manager {
             }
             r.gone = true;
             r.slot = None;
+            r.mem = None;
             r.busy = Some("removing");
             if let Some(g) = r.gate.take() {
                 g.close();
@@ -529,6 +638,7 @@ impl Manager {
         if let Some(w) = worker {
             w.shutdown(SHUTDOWN_GRACE).await;
         }
+        self.net_release(&e.id, false, None).await;
         // A paused sandbox's host agent (fake backend) has no worker.
         let vsock = self.vsock_path(&e.id);
         let _ =
@@ -569,6 +679,33 @@ impl Manager {
                 ),
             )
         })
+    }
+
+    /// Reserves `memory_mb` of the memory budget for a sandbox about to
+    /// run (429 with the numbers if it does not fit).
+    fn take_memory(&self, memory_mb: u64) -> Result<OwnedSemaphorePermit, ApiError> {
+        let budget = self.cfg.limits.memory_budget_mb;
+        let refuse = || {
+            let in_use = budget.saturating_sub(self.memory.available_permits() as u64);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "not enough memory: the sandbox needs {memory_mb} MiB, running sandboxes hold {in_use} MiB of the {budget} MiB allowed (--max-memory-share of the host's RAM); pause or kill one first"
+                ),
+            )
+        };
+        if memory_mb > budget.min(MAX_MEMORY_PERMITS) {
+            return Err(refuse());
+        }
+        self.memory
+            .clone()
+            .try_acquire_many_owned(memory_mb.max(1) as u32)
+            .map_err(|_| refuse())
+    }
+
+    /// The sandbox domain (`--domain`), if any.
+    pub fn domain(&self) -> Option<&str> {
+        self.cfg.domain.as_deref()
     }
 
     async fn resolve_template(&self, name: &str) -> Result<Template, ApiError> {
@@ -636,6 +773,7 @@ impl Manager {
                         vsock: None,
                         interpreter: None,
                         memory_backing: f.memory_backing.unwrap_or(self.cfg.memory_backing),
+                        net: None,
                     },
                     cpu_count: u32::from(vcpus),
                     memory_mb: f.memory_mb,
@@ -665,6 +803,7 @@ impl Manager {
                     vsock: None,
                     interpreter: None,
                     memory_backing: self.cfg.memory_backing,
+                    net: None,
                 },
                 cpu_count: u32::from(l.vcpus),
                 memory_mb: l.memory_mb,
@@ -698,6 +837,7 @@ impl Manager {
                     vsock: None,
                     interpreter: None,
                     memory_backing: self.cfg.memory_backing,
+                    net: None,
                 },
                 cpu_count: 1,
                 memory_mb: 64,
@@ -713,10 +853,37 @@ impl Manager {
         )))
     }
 
-    async fn spawn_worker(&self, id: &str) -> Result<WorkerClient, WorkerError> {
+    async fn spawn_worker(
+        &self,
+        id: &str,
+        ro: Vec<PathBuf>,
+        mem_bytes: u64,
+        vcpus: u32,
+        netns: Option<PathBuf>,
+    ) -> Result<WorkerClient, WorkerError> {
         let _permit = self.spawns.acquire().await;
         let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
-        WorkerClient::spawn(&self.cfg.worker_exe, &socket, CONNECT_TIMEOUT).await
+        let jail = match &self.cfg.jail {
+            None => None,
+            Some(j) => {
+                let req = crate::jail::JailRequest {
+                    name: id.to_string(),
+                    sandbox_dir: self.sandbox_dir(id),
+                    ro,
+                    mem_bytes,
+                    vcpus,
+                    netns: netns.map_or(crate::jail::Netns::New, crate::jail::Netns::Join),
+                    ..Default::default()
+                };
+                let j = j.clone();
+                let prepared = tokio::task::spawn_blocking(move || j.prepare(&req))
+                    .await
+                    .map_err(|e| WorkerError::Vm(format!("jail setup panicked: {e}")))?
+                    .map_err(|e| WorkerError::Vm(format!("jail: {}", crate::error_chain(&e))))?;
+                Some(prepared)
+            }
+        };
+        WorkerClient::spawn_jailed(&self.cfg.worker_exe, &socket, CONNECT_TIMEOUT, jail).await
     }
 
     /// Removes the sandbox when its worker dies while it is its worker.
@@ -947,6 +1114,7 @@ impl Manager {
             envd_access_token: row.envd_token.clone(),
             alias: row.alias.clone(),
             domain: self.cfg.domain.clone(),
+            traffic_access_token: self.net_token(&row.id),
         }
     }
 
@@ -977,6 +1145,7 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<SandboxOut, ApiError> {
         let template_name = req.template_id.clone().unwrap_or_else(|| "base".into());
         let timeout = self.timeout_secs(req.timeout, true)?;
+        models::check_sizes(&req).map_err(ApiError::bad_request)?;
         if req.volume_mounts.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(ApiError::bad_request("volume mounts are not supported"));
         }
@@ -999,14 +1168,28 @@ impl Manager {
             .and_then(|l| l.auto_resume)
             .or(req.auto_resume.as_ref().map(|a| a.enabled))
             .unwrap_or(false);
-        let mut template = self.resolve_template(&template_name).await?;
+        // A snapshot id where a template id goes: the sandbox resumes from
+        // the snapshot (left untouched) with the template it was taken from.
+        let from_snapshot = self.snapshot_for_create(&template_name).await?;
+        let template_for = from_snapshot
+            .as_ref()
+            .and_then(|s| s.manifest.labels.get("template").cloned())
+            .unwrap_or_else(|| template_name.clone());
+        let mut template = self.resolve_template(&template_for).await?;
         let slot = self.take_slot()?;
+        let mem = self.take_memory(template.memory_mb)?;
 
         let id = models::new_id();
+        let net_spec = self.net_prepare_create(&req, &mut template, &id).await?;
+        let net_slot = net_spec.slot;
         let dir = self.sandbox_dir(&id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+            self.net_release(&id, false, net_slot).await;
+            return Err(internal(&format!("create {}", dir.display()), e));
+        }
+        if super::fault("slow-create") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         template.boot.console = self.console(&id);
         if let Some(base) = &template.rootfs {
             template.boot.disk = Some(DiskSpec {
@@ -1024,21 +1207,58 @@ impl Manager {
         let fail = |msg: String| {
             let dir = dir.clone();
             let vsock = vsock.clone();
+            let mgr = self.clone();
+            let id = id.clone();
             async move {
                 let _ =
                     tokio::task::spawn_blocking(move || crate::worker::vm::kill_host_agent(&vsock))
                         .await;
+                mgr.net_release(&id, false, net_slot).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 ApiError::internal(msg)
             }
         };
-        let worker = match self.spawn_worker(&id).await {
+        let ro: Vec<PathBuf> = match &template.boot.kernel {
+            KernelSpec::Path(k) => vec![k.clone()],
+            KernelSpec::TestGuest => vec![],
+        }
+        .into_iter()
+        .chain(template.boot.initrd.clone())
+        .chain(template.boot.disk.as_ref().map(|d| d.base.clone()))
+        .collect();
+        let worker = match self
+            .spawn_worker(
+                &id,
+                ro,
+                template.boot.mem_bytes,
+                u32::from(template.boot.vcpus),
+                self.net_live_path(&id),
+            )
+            .await
+        {
             Ok(w) => Arc::new(w),
             Err(e) => return Err(fail(format!("starting the sandbox worker failed: {e}")).await),
         };
-        let req_boot = Request::Boot {
-            backend: self.cfg.backend,
-            config: template.boot.clone(),
+        let req_boot = match &from_snapshot {
+            None => Request::Boot {
+                backend: self.cfg.backend,
+                config: template.boot.clone(),
+            },
+            Some(s) => Request::Restore {
+                backend: self.cfg.backend,
+                snapshot_dir: s.dir.clone(),
+                mode: RestoreModeSpec::Lazy,
+                console: template.boot.console.clone(),
+                vsock: template.agent.then(|| vsock.clone()),
+                disk_base: template.rootfs.clone(),
+                own_overlay: Some(dir.join(DISK_OVERLAY)),
+                memory_backing: self.cfg.memory_backing,
+                // A clone's guest keeps the address of the sandbox it was
+                // snapshotted from, which belongs to that sandbox's slot:
+                // snapshots of networked sandboxes are not cloned with a
+                // network yet (README, Snapshots and clones).
+                net: None,
+            },
         };
         let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
             Ok(Reply::Running {
@@ -1081,7 +1301,27 @@ impl Manager {
             tracing::info!(sandbox = %id, ms = waited.elapsed().as_millis() as u64, "agent answered");
             let no_envs = Default::default();
             let envs = req.env_vars.as_ref().unwrap_or(&no_envs);
-            if !envs.is_empty() || envd_token.is_some() {
+            if let Some(s) = &from_snapshot {
+                // Clones must diverge: fresh entropy, own env vars and token,
+                // before anyone can reach the sandbox.
+                let entropy: [u8; 64] = rand::random();
+                if let Err(why) = proxy::refresh_agent(
+                    &vsock,
+                    envs,
+                    envd_token.as_deref(),
+                    s.manifest.labels.get("envd_token").map(String::as_str),
+                    &entropy,
+                    proxy::HANDSHAKE_TIMEOUT,
+                )
+                .await
+                {
+                    worker.shutdown(SHUTDOWN_GRACE).await;
+                    return Err(fail(format!(
+                        "the sandbox's agent refused its fresh state: {why}; the sandbox was removed"
+                    ))
+                    .await);
+                }
+            } else if !envs.is_empty() || envd_token.is_some() {
                 if let Err(why) = proxy::init_agent(
                     &vsock,
                     envs,
@@ -1102,7 +1342,7 @@ impl Manager {
         let row = Row {
             id: id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            template_id: template_name.clone(),
+            template_id: template_for,
             alias: Some(template_name),
             state: RowState::Running,
             created_ms: now,
@@ -1127,6 +1367,11 @@ impl Manager {
             worker.shutdown(SHUTDOWN_GRACE).await;
             return Err(fail(e.message).await);
         }
+        if let Err(e) = self.net_commit(&id, net_spec).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.delete_row(&id).await;
+            return Err(fail(e.message).await);
+        }
         let out = self.sandbox_out(&row);
         let entry = Arc::new(Entry {
             id: id.clone(),
@@ -1136,6 +1381,8 @@ impl Manager {
                 busy: None,
                 worker: Some(worker.clone()),
                 slot: Some(slot),
+                mem: Some(mem),
+                unsaved: false,
                 gone: false,
                 expiry_queued: false,
                 snapshot_usage: None,
@@ -1216,6 +1463,7 @@ impl Manager {
             listed: self.listed_out(&row),
             domain: self.cfg.domain.clone(),
             allow_internet_access: row.allow_internet,
+            network: self.net_out(&row.id),
             lifecycle: LifecycleOut {
                 on_timeout: if row.on_timeout_pause {
                     "pause"
@@ -1288,6 +1536,49 @@ impl Manager {
         self.do_pause(&e).await
     }
 
+    /// The paused-sandbox quotas (`--max-paused`, `--max-snapshot-bytes`):
+    /// 429 if pausing one more sandbox would exceed them. Sandboxes being
+    /// paused count as paused.
+    fn check_pause_quota(&self, id: &str) -> Result<(), ApiError> {
+        let l = self.cfg.limits;
+        if l.max_paused == 0 && l.max_snapshot_bytes == 0 {
+            return Ok(());
+        }
+        let (mut paused, mut bytes) = (0usize, 0u64);
+        for (other, e) in self.map().iter() {
+            if other == id {
+                continue;
+            }
+            let r = e.rec();
+            if r.gone {
+                continue;
+            }
+            if r.row.state == RowState::Paused || r.busy == Some("pausing") {
+                paused += 1;
+                bytes += r.snapshot_usage.map_or(0, |u| u.allocated);
+            }
+        }
+        if l.max_paused != 0 && paused >= l.max_paused {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the limit of {} paused sandboxes is reached (--max-paused); kill a paused sandbox first (this one keeps running)",
+                    l.max_paused
+                ),
+            ));
+        }
+        if l.max_snapshot_bytes != 0 && bytes >= l.max_snapshot_bytes {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "snapshots already take {bytes} bytes of the {} allowed (--max-snapshot-bytes); kill a paused sandbox first (this one keeps running)",
+                    l.max_snapshot_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Under the op lock, state running: snapshot and stop the worker.
     async fn do_pause(&self, e: &Entry) -> Result<(), ApiError> {
         self.do_pause_mode(e, false).await.map(|_| ())
@@ -1302,6 +1593,7 @@ impl Manager {
         e: &Entry,
         background: bool,
     ) -> Result<Option<Arc<WriteJob>>, ApiError> {
+        self.check_pause_quota(&e.id)?;
         let (worker, gen) = {
             let mut r = e.rec();
             r.busy = Some("pausing");
@@ -1326,7 +1618,11 @@ impl Manager {
                 snapshot_dir: dir.clone(),
             }
         };
-        let res = worker.request(req, PAUSE_TIMEOUT).await;
+        let res = if super::fault("pause") {
+            Err(WorkerError::Remote("injected fault: pause".into()))
+        } else {
+            worker.request(req, PAUSE_TIMEOUT).await
+        };
         match res {
             Ok(Reply::PausedWriting { guest }) => {
                 let (done, _) = tokio::sync::watch::channel(None);
@@ -1370,6 +1666,7 @@ impl Manager {
                     let mut r = e.rec();
                     r.worker = None; // its exit is expected now
                     r.slot = None;
+                    r.mem = None;
                     r.row.clone()
                 };
                 if tokio::time::timeout(SHUTDOWN_GRACE, worker.wait_exit())
@@ -1378,6 +1675,8 @@ impl Manager {
                 {
                     worker.kill();
                 }
+                // The namespace goes; the slot (the guest's address) stays.
+                self.net_release(&e.id, true, None).await;
                 let old = row.snapshot_gen;
                 row.state = RowState::Paused;
                 row.snapshot_gen = gen;
@@ -1385,14 +1684,30 @@ impl Manager {
                 if let Some(g) = guest {
                     row.guest_round = Some(g.round);
                 }
-                let saved = self.put_row(row.clone()).await;
+                let saved = if super::fault("db-after-pause") {
+                    Err(ApiError::internal("store: injected fault: db-after-pause"))
+                } else {
+                    self.put_row(row.clone()).await
+                };
                 let usage_dir = dir.clone();
                 let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
                     .await
                     .unwrap_or_default();
-                if old > 0 {
+                // The previous snapshot goes only once the new one is on
+                // record: if saving failed, the stored row still names it.
+                if old > 0 && saved.is_ok() {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
                 }
+                if saved.is_err() {
+                    e.rec().unsaved = true;
+                }
+                let saved = saved.map_err(|err| {
+                    tracing::error!(sandbox = %e.id, "paused, but saving its record failed (retried in the background): {}", err.message);
+                    ApiError::internal(format!(
+                        "the sandbox is paused (and can be resumed) but saving its record failed: {}",
+                        err.message
+                    ))
+                });
                 {
                     let mut r = e.rec();
                     r.row = row;
@@ -1535,16 +1850,28 @@ impl Manager {
                 let row = {
                     let mut r = e.rec();
                     r.slot = None;
+                    r.mem = None;
                     r.row.worker_pid = None;
                     r.row.clone()
                 };
-                let saved = self.put_row(row).await;
+                // The namespace goes; the slot (the guest's address) stays.
+                self.net_release(&e.id, true, None).await;
+                let saved = if super::fault("db-after-pause") {
+                    Err(ApiError::internal("store: injected fault: db-after-pause"))
+                } else {
+                    self.put_row(row).await
+                };
                 let usage_dir = self.snapshot_dir(&e.id, job.gen);
                 let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
                     .await
                     .unwrap_or_default();
-                if job.old_gen > 0 {
+                // As in a synchronous pause: the previous snapshot goes only
+                // once the new one is on record.
+                if job.old_gen > 0 && saved.is_ok() {
                     let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
+                }
+                if saved.is_err() {
+                    e.rec().unsaved = true;
                 }
                 e.rec().snapshot_usage = Some(usage);
                 self.take_write(&e.id);
@@ -1652,6 +1979,7 @@ impl Manager {
             return self.resume_from_memory(e, &job, timeout_s).await;
         }
         let slot = self.take_slot()?;
+        let mem = self.take_memory(e.rec().row.memory_mb)?;
         let gen = {
             let mut r = e.rec();
             r.busy = Some("resuming");
@@ -1662,10 +1990,6 @@ impl Manager {
             e.rec().busy = None;
             tracing::warn!(sandbox = %e.id, "resume failed: {msg}");
             ApiError::internal(format!("resuming failed (the sandbox stays paused): {msg}"))
-        };
-        let worker = match self.spawn_worker(&e.id).await {
-            Ok(w) => Arc::new(w),
-            Err(err) => return Err(fail(err.to_string())),
         };
         // The disk's base image is the template's root filesystem, never a
         // path recorded in the snapshot (untrusted input). A template that
@@ -1679,6 +2003,40 @@ impl Manager {
                 None
             }
         };
+        let (mem_bytes, vcpus) = {
+            let r = e.rec();
+            (r.row.memory_mb.saturating_mul(1 << 20), r.row.cpu_count)
+        };
+        // The namespace first: a jailed worker joins it.
+        let net = match self.net_for_resume(&e.id).await {
+            Ok(n) => n,
+            Err(err) => return Err(fail(err.message)),
+        };
+        let worker = match self
+            .spawn_worker(
+                &e.id,
+                disk_base.iter().cloned().collect(),
+                mem_bytes,
+                vcpus,
+                net.as_ref().map(|n| n.netns.clone()),
+            )
+            .await
+        {
+            Ok(w) => Arc::new(w),
+            Err(err) => {
+                self.net_release(&e.id, true, None).await;
+                return Err(fail(err.to_string()));
+            }
+        };
+        // From here on the guest may run and write to the snapshot's disk
+        // overlay (used in place): the marker says so to a later recovery,
+        // which then must not offer this snapshot as a paused sandbox.
+        let marker = self.snapshot_dir(&e.id, gen).join(RESUMED_MARKER);
+        if let Err(err) = tokio::fs::write(&marker, b"").await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.net_release(&e.id, true, None).await;
+            return Err(fail(format!("writing {}: {err}", marker.display())));
+        }
         let req = Request::Restore {
             backend: self.cfg.backend,
             snapshot_dir: self.snapshot_dir(&e.id, gen),
@@ -1686,7 +2044,9 @@ impl Manager {
             console: self.console(&e.id),
             vsock: e.rec().row.agent.then(|| self.vsock_path(&e.id)),
             disk_base,
+            own_overlay: None,
             memory_backing: self.cfg.memory_backing,
+            net,
         };
         let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running {
@@ -1695,10 +2055,16 @@ impl Manager {
             }) => (guest, memory_backing),
             Ok(other) => {
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                let _ = tokio::fs::remove_file(&marker).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
+                // The worker answers Running only once the guest runs: it
+                // has not run, the snapshot is intact.
                 worker.shutdown(SHUTDOWN_GRACE).await;
+                let _ = tokio::fs::remove_file(&marker).await;
+                self.net_release(&e.id, true, None).await;
                 return Err(fail(err.to_string()));
             }
         };
@@ -1740,15 +2106,35 @@ impl Manager {
         if let Some(g) = guest {
             row.guest_round = Some(g.round);
         }
-        if let Err(err) = self.put_row(row.clone()).await {
+        let saved = if super::fault("db-after-resume") {
+            Err(ApiError::internal("store: injected fault: db-after-resume"))
+        } else {
+            self.put_row(row.clone()).await
+        };
+        if let Err(err) = saved {
+            // The guest ran: its disk (the snapshot's overlay, used in
+            // place) may be newer than the snapshot's memory, so the
+            // snapshot cannot be offered as "paused" again. The sandbox is
+            // marked broken: removed, with the reason kept for its 404.
             worker.shutdown(SHUTDOWN_GRACE).await;
-            return Err(fail(err.message));
+            e.rec().busy = None;
+            let why = format!(
+                "resuming failed after the guest ran ({}); its disk may be newer than its memory snapshot, so it cannot be resumed again",
+                err.message
+            );
+            tracing::error!(sandbox = %e.id, "{why}");
+            self.remove(e, &why).await;
+            return Err(ApiError::internal(format!(
+                "{why}; the sandbox was removed"
+            )));
         }
         {
             let mut r = e.rec();
             r.row = row.clone();
             r.worker = Some(worker.clone());
             r.slot = Some(slot);
+            r.mem = Some(mem);
+            r.unsaved = false;
             r.busy = None;
             r.snapshot_usage = None;
             r.gate = Some(Gate::new());
@@ -1910,6 +2296,7 @@ impl Manager {
         for t in tasks {
             let _ = t.await;
         }
+        self.net_shutdown().await;
     }
 
     /// Waits until every asynchronous pause's snapshot is durable (server
@@ -1971,10 +2358,44 @@ impl Manager {
                 let mgr = self.clone();
                 tokio::spawn(async move { mgr.expire(e).await });
             }
+            let unsaved: Vec<Arc<Entry>> = self
+                .map()
+                .values()
+                .filter(|e| {
+                    let r = e.rec();
+                    r.unsaved && !r.gone && r.busy.is_none()
+                })
+                .cloned()
+                .collect();
+            for e in unsaved {
+                let mgr = self.clone();
+                tokio::spawn(async move { mgr.save_again(e).await });
+            }
             let wait = Duration::from_millis((next - now).max(1) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = &mut notified => {}
+            }
+        }
+    }
+
+    /// Retries saving a row whose save failed (see `Rec::unsaved`).
+    async fn save_again(self: Arc<Self>, e: Arc<Entry>) {
+        let Ok(_g) = e.op.try_lock() else { return };
+        let row = {
+            let r = e.rec();
+            if !r.unsaved || r.gone {
+                return;
+            }
+            r.row.clone()
+        };
+        match self.put_row(row).await {
+            Ok(()) => {
+                e.rec().unsaved = false;
+                tracing::info!(sandbox = %e.id, "its record is saved now");
+            }
+            Err(err) => {
+                tracing::warn!(sandbox = %e.id, "saving its record failed again: {}", err.message)
             }
         }
     }
@@ -2002,11 +2423,26 @@ impl Manager {
                 RowState::Running if pause => {
                     tracing::info!(sandbox = %e.id, "timeout reached: auto-pausing");
                     if let Err(err) = self.do_pause(&e).await {
-                        let live = {
+                        let (live, retained) = {
                             let r = e.rec();
-                            !r.gone && r.row.state == RowState::Running
+                            (
+                                !r.gone && r.row.state == RowState::Running,
+                                now_ms() + (AUTO_PAUSE_RETRY.as_millis() as i64)
+                                    < self.retention_end(&r.row),
+                            )
                         };
-                        if live {
+                        if live && retained && e.rec().worker.is_some() {
+                            // Still running: try again later rather than
+                            // lose the sandbox.
+                            let mut r = e.rec();
+                            r.row.end_ms = now_ms() + AUTO_PAUSE_RETRY.as_millis() as i64;
+                            tracing::warn!(
+                                sandbox = %e.id,
+                                retry_ms = AUTO_PAUSE_RETRY.as_millis() as u64,
+                                "auto-pause failed, the sandbox keeps running and is paused later: {}",
+                                err.message
+                            );
+                        } else if live {
                             self.remove(
                                 &e,
                                 &format!(
@@ -2090,4 +2526,306 @@ fn console_tail(path: &std::path::Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&bytes[start..]);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---- Reusable snapshots (issue 12): `POST /sandboxes/{id}/snapshots`,
+// `GET /snapshots`, `DELETE /templates/{snapshot id}`. ----
+
+/// What the SDK reads of a snapshot (`SnapshotInfo`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotOut {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
+impl Manager {
+    /// The store of reusable snapshots, `<data>/snapshots`.
+    pub fn snapshot_store(&self) -> Result<crate::snapshot::store::SnapshotStore, ApiError> {
+        crate::snapshot::store::SnapshotStore::open(self.cfg.data_dir.join("snapshots"))
+            .map_err(|e| internal("snapshot store", crate::error_chain(&e)))
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: a running sandbox pauses briefly
+    /// (its snapshot is taken as by a pause), is copied into the store and
+    /// resumes with its id and end time unchanged; a paused one is copied
+    /// as it is. A sandbox already busy (snapshotting, pausing, resuming)
+    /// answers 409.
+    pub async fn create_snapshot(self: &Arc<Self>, id: &str) -> Result<SnapshotOut, ApiError> {
+        let e = self.entry(id)?;
+        // Busy with a pause, resume or snapshot: 409 at once. (The op lock
+        // is also taken briefly by reads, so it is waited for.)
+        if let Some(b) = e.rec().busy {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is busy ({b}); try again"
+            )));
+        }
+        let _g = e.op.lock().await;
+        self.check_live(&e).await?;
+        let (was_running, end_ms) = {
+            let r = e.rec();
+            (r.row.state == RowState::Running, r.row.end_ms)
+        };
+        let started = std::time::Instant::now();
+        if was_running {
+            self.do_pause(&e).await?;
+        }
+        let gen = {
+            let mut r = e.rec();
+            r.busy = Some("snapshotting");
+            r.row.snapshot_gen
+        };
+        let store = match self.snapshot_store() {
+            Ok(s) => s,
+            Err(err) => {
+                e.rec().busy = None;
+                return Err(err);
+            }
+        };
+        let sid = crate::snapshot::store::SnapshotStore::new_id();
+        let src = self.snapshot_dir(id, gen);
+        let incoming = store.root().join(format!(".incoming-{sid}"));
+        let tree = self.sandbox_dir(id).join("root");
+        let agent = e.rec().row.agent && self.cfg.backend == BackendKind::Fake;
+        let source = id.to_owned();
+        let sid2 = sid.clone();
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("template".to_string(), e.rec().row.template_id.clone());
+        // The snapshot's agent was initialized with this token: a sandbox
+        // made from it needs it for its agent's `/init` (the same secret
+        // the store's database already holds for the sandbox).
+        if let Some(t) = e.rec().row.envd_token.clone() {
+            labels.insert("envd_token".to_string(), t);
+        }
+        let copied = tokio::task::spawn_blocking(move || {
+            use crate::snapshot::store::{copy_snapshot_files, ImportOpts};
+            let r = copy_snapshot_files(&src, &incoming, agent.then_some(tree.as_path())).and_then(
+                |()| {
+                    store.import(
+                        &incoming,
+                        &sid2,
+                        ImportOpts {
+                            kind: crate::snapshot::manifest::SnapshotKind::User,
+                            source_sandbox: Some(source),
+                            labels,
+                        },
+                    )
+                },
+            );
+            if r.is_err() {
+                let _ = std::fs::remove_dir_all(&incoming);
+            }
+            r
+        })
+        .await
+        .map_err(|e| internal("snapshot", e))?;
+        let pause_ms = started.elapsed().as_millis() as u64;
+        e.rec().busy = None;
+        // Running again whatever the copy did, with the same end time.
+        if was_running {
+            let left_s = ((end_ms - now_ms()) / 1000).max(1);
+            self.do_resume(&e, left_s).await?;
+            e.rec().row.end_ms = end_ms;
+            self.timer.notify_one();
+        }
+        let stored = copied
+            .map_err(|err| ApiError::internal(format!("snapshot: {}", crate::error_chain(&err))))?;
+        tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
+            total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        Ok(SnapshotOut {
+            snapshot_id: stored.manifest.id.clone(),
+            names: vec![stored.manifest.id],
+        })
+    }
+
+    /// `GET /snapshots?sandboxID=&limit=&nextToken=`: oldest first; the
+    /// next page's token is the id of its first snapshot.
+    pub fn list_snapshots(
+        &self,
+        sandbox: Option<&str>,
+        limit: usize,
+        next: Option<&str>,
+    ) -> Result<(Vec<SnapshotOut>, Option<String>), ApiError> {
+        let all: Vec<_> = self
+            .snapshot_store()?
+            .list()
+            .into_iter()
+            .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
+            .collect();
+        let start = match next {
+            Some(t) => all
+                .iter()
+                .position(|m| m.id == t)
+                .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {t:?}")))?,
+            None => 0,
+        };
+        let page: Vec<SnapshotOut> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|m| SnapshotOut {
+                snapshot_id: m.id.clone(),
+                names: vec![m.id.clone()],
+            })
+            .collect();
+        let token = all.get(start + limit).map(|m| m.id.clone());
+        Ok((page, token))
+    }
+
+    /// `DELETE /templates/{id}` for a snapshot id (the SDK's
+    /// `delete_snapshot`): 404 if there is none, 409 while another
+    /// snapshot needs it (the store's rule).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let store = self.snapshot_store()?;
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || store.delete(&id))
+            .await
+            .map_err(|e| internal("snapshot delete", e))?
+            .map_err(|e| {
+                use crate::snapshot::store::Error as E;
+                match e {
+                    E::NotFound(_) | E::InvalidId(_) => {
+                        ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+                    }
+                    E::InUse { .. } => ApiError::conflict(e.to_string()),
+                    other => ApiError::internal(crate::error_chain(&other)),
+                }
+            })
+    }
+}
+
+/// Most sandboxes one `POST /sandboxes/{id}/clone` makes.
+pub const MAX_CLONES: u32 = 16;
+
+/// Body of `POST /sandboxes/{id}/clone` (what the SDK's `clone` sends).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneBody {
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub strict: bool,
+    pub timeout: Option<i64>,
+    #[serde(rename = "nodeID")]
+    pub node_id: Option<String>,
+}
+
+impl Manager {
+    /// The store's snapshot named by a create's `templateID`, if it names
+    /// one (`snap-…`); a snapshot taken on a host with another CPU/KVM
+    /// fingerprint is refused (400) on the VM backend.
+    async fn snapshot_for_create(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::snapshot::store::StoredSnapshot>, ApiError> {
+        if !name.starts_with("snap-") || !crate::snapshot::manifest::valid_id(name) {
+            return Ok(None);
+        }
+        let store = self.snapshot_store()?;
+        let n = name.to_owned();
+        let got = tokio::task::spawn_blocking(move || store.get(&n))
+            .await
+            .map_err(|e| internal("snapshot", e))?;
+        let s = match got {
+            Ok(s) => s,
+            Err(crate::snapshot::store::Error::NotFound(_)) => return Ok(None),
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "snapshot {name} cannot be used: {}",
+                    crate::error_chain(&e)
+                )))
+            }
+        };
+        if self.cfg.backend == BackendKind::Vm {
+            let host = crate::snapshot::manifest::HostFingerprint::current();
+            if let Some(d) = s.manifest.fingerprint.mismatch(&host) {
+                return Err(ApiError::bad_request(format!(
+                    "snapshot {name} was taken on a different host ({d}); it cannot be resumed here"
+                )));
+            }
+        }
+        Ok(Some(s))
+    }
+
+    /// `POST /sandboxes/{id}/clone`: snapshots the sandbox (running: a brief
+    /// pause; paused: as it is) and creates `count` sandboxes from the
+    /// snapshot. Without `strict`, the sandboxes that could be made are
+    /// returned; with it, any failure removes them all and fails. 400 for a
+    /// count of 0 or above [`MAX_CLONES`]; 409 while the parent is busy.
+    pub async fn clone_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        body: CloneBody,
+    ) -> Result<serde_json::Value, ApiError> {
+        let count = body.count.unwrap_or(1);
+        if count == 0 || count > MAX_CLONES {
+            return Err(ApiError::bad_request(format!(
+                "count must be within 1..={MAX_CLONES} (got {count})"
+            )));
+        }
+        let (secure, metadata, inherited) = {
+            let e = self.entry(id)?;
+            let r = e.rec();
+            // Without a timeout (the SDK's doc): a running parent's
+            // remaining time, 15 s for a paused one.
+            let inherited = match r.row.state {
+                RowState::Running => ((r.row.end_ms - now_ms()) / 1000).max(1),
+                RowState::Paused => 15,
+            };
+            (
+                r.row.envd_token.is_some(),
+                r.row.metadata.clone(),
+                inherited,
+            )
+        };
+        let timeout = self.timeout_secs(Some(body.timeout.unwrap_or(inherited)), true)?;
+        let snap = self.create_snapshot(id).await?;
+        let mut made = Vec::new();
+        let mut failed = Vec::new();
+        for _ in 0..count {
+            let req = NewSandbox {
+                template_id: Some(snap.snapshot_id.clone()),
+                timeout: Some(timeout),
+                metadata: Some(metadata.clone()),
+                secure: Some(secure),
+                ..Default::default()
+            };
+            match self.create(req).await {
+                Ok(out) => made.push(out),
+                Err(e) => failed.push(e),
+            }
+        }
+        if !failed.is_empty() && (body.strict || made.is_empty()) {
+            for m in &made {
+                let _ = self.kill(&m.sandbox_id).await;
+            }
+            // Capacity (429) or another client error shared by every
+            // failure keeps its status: it is not a server error.
+            let status = match failed[0].status {
+                s if s.is_client_error() && failed.iter().all(|f| f.status == s) => s,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let msgs: Vec<&str> = failed.iter().map(|f| f.message.as_str()).collect();
+            return Err(ApiError::new(
+                status,
+                format!(
+                    "cloning failed for {} of {count}: {}",
+                    failed.len(),
+                    msgs.join("; ")
+                ),
+            ));
+        }
+        let sandboxes: Vec<serde_json::Value> = made
+            .into_iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(&o).unwrap_or_default();
+                v["trafficAccessToken"] = serde_json::Value::Null;
+                v
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "sandboxes": sandboxes,
+            "snapshotTemplateId": snap.snapshot_id,
+            "failed": failed.iter().map(|f| f.message.as_str()).collect::<Vec<_>>(),
+        }))
+    }
 }

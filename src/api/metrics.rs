@@ -219,6 +219,7 @@ impl Registry {
         for f in facts {
             let st = map.entry(f.id.clone()).or_default();
             tail_console(st, &f.dir.join("console.log"));
+            rotate_console(st, &f.dir.join("console.log"), MAX_CONSOLE_BYTES);
             if !f.running {
                 st.last_cpu = None;
                 continue;
@@ -316,6 +317,42 @@ impl Registry {
     }
 }
 
+/// A console log is rotated once it reaches this size: it becomes
+/// `console.log.1` (replacing the previous one) and starts over empty, so a
+/// sandbox's console takes at most about twice this on disk, whatever its
+/// guest prints (checked at each sampling tick).
+pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
+
+/// Rotates `path` (copy to `<path>.1`, then truncate: the worker appends
+/// with `O_APPEND`, so its next write lands at the new start) once it has
+/// reached `max` bytes and has been read to its end, or once it has grown
+/// far past `max` (a guest printing faster than the tailer reads: its
+/// unread lines are in `.1`).
+fn rotate_console(st: &mut PerSandbox, path: &Path, max: u64) {
+    let Ok(m) = std::fs::metadata(path) else {
+        return;
+    };
+    let len = m.len();
+    if len < max || (len != st.log_offset && len < 8 * max) {
+        return;
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    if let Err(e) = std::fs::copy(path, &old) {
+        tracing::warn!(file = %path.display(), "console log rotation failed: {e}");
+        return;
+    }
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => {
+            if f.set_len(0).is_ok() {
+                st.log_offset = 0;
+                st.partial.clear();
+            }
+        }
+        Err(e) => tracing::warn!(file = %path.display(), "console log rotation failed: {e}"),
+    }
+}
+
 /// Reads what was appended to `path` since the last call.
 fn tail_console(st: &mut PerSandbox, path: &Path) {
     use std::io::{Read, Seek, SeekFrom};
@@ -389,6 +426,50 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn console_logs_are_capped_and_rotated() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("console.log");
+        let reg = Registry::default();
+        let facts = vec![SandboxFacts {
+            id: "s".into(),
+            running: false,
+            worker_pid: None,
+            cpu_count: 1,
+            memory_mb: 64,
+            disk_mb: 100,
+            dir: d.path().to_path_buf(),
+        }];
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let line = "x".repeat(1023);
+        for round in 0..3u64 {
+            // 1.5 MiB per round, through the worker's O_APPEND descriptor.
+            for i in 0..1536 {
+                writeln!(f, "{round}-{i} {line}").unwrap();
+            }
+            reg.sample(&facts);
+            let len = std::fs::metadata(&log).unwrap().len();
+            let old = std::fs::metadata(d.path().join("console.log.1"))
+                .unwrap()
+                .len();
+            assert_eq!(len, 0, "round {round}: rotated after it was read");
+            assert!((MAX_CONSOLE_BYTES..2 * MAX_CONSOLE_BYTES).contains(&old));
+        }
+        // The worker's next line lands at the start of the fresh file.
+        writeln!(f, "after").unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "after\n");
+        reg.sample(&facts);
+        let all = reg.logs("s", None, LOG_LINES, true, None);
+        // Every line was read before its rotation.
+        assert_eq!(all.len(), 3 * 1536 + 1);
+        assert_eq!(all.last().unwrap().line, "after");
     }
 
     #[test]

@@ -98,8 +98,31 @@ pub struct ServeOptions {
     pub tls_source: Option<tls::CertSource>,
     /// Fake backend: the Python that runs code-interpreter servers.
     pub interpreter_python: String,
+    /// Run VM workers unconfined (no jail: debugging only). By default
+    /// every VM worker is jailed (`crate::jail`), and a host that cannot
+    /// jail (not root, no cgroups) is a startup error.
+    pub no_jail: bool,
+    /// First uid/gid of jailed workers (each gets `base + slot`).
+    pub jail_uid_base: u32,
     /// Guest memory backing of sandboxes (templates may name their own).
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Header-read timeout and per-client-IP connection limit of every
+    /// listener.
+    pub conn_limits: proxy::ConnLimits,
+    /// Running sandboxes' memory (their templates' `memoryMB`) may use at
+    /// most this share of the host's RAM; a create or resume beyond it is
+    /// answered 429.
+    pub max_memory_share: f64,
+    /// Most paused sandboxes kept at once (a pause beyond is answered 429
+    /// and the sandbox keeps running). 0: no limit.
+    pub max_paused: usize,
+    /// Most bytes all paused sandboxes' snapshots may take on disk together:
+    /// once reached, a pause is answered 429 and the sandbox keeps running.
+    /// 0: no limit.
+    pub max_snapshot_bytes: u64,
+    /// Sandbox networking for Linux sandboxes on the real VMM; None: no
+    /// network device (`--no-network`; the default for embedded servers).
+    pub network: Option<crate::net::NetConfig>,
 }
 
 impl Default for ServeOptions {
@@ -120,11 +143,18 @@ impl Default for ServeOptions {
             agent_timeout: Duration::from_secs(180),
             sandbox_listen: None,
             shutdown_pause: Duration::from_secs(60),
+            no_jail: false,
+            jail_uid_base: crate::jail::DEFAULT_UID_BASE,
             domain: None,
             tls_listen: None,
             tls_source: None,
             interpreter_python: "python3".into(),
             memory_backing: crate::vmm::memory::MemoryBacking::Auto,
+            conn_limits: proxy::ConnLimits::default(),
+            max_memory_share: DEFAULT_MAX_MEMORY_SHARE,
+            max_paused: 0,
+            max_snapshot_bytes: 0,
+            network: None,
         }
     }
 }
@@ -159,6 +189,14 @@ pub struct ServeArgs {
     /// Most sandboxes running at once.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
+    /// Run VM workers without the jail (namespaces, pivot_root, cgroup,
+    /// unprivileged uid, seccomp): for debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
+    /// First uid/gid of jailed workers; each running sandbox gets
+    /// `base + slot` (65536 slots).
+    #[arg(long, default_value_t = crate::jail::DEFAULT_UID_BASE)]
+    pub jail_uid_base: u32,
     /// Linux kernel (vmlinux or bzImage) for the built-in templates: with
     /// --rootfs, `base` and `code-interpreter-v1` become Linux guests that
     /// run the stasis agent.
@@ -219,7 +257,52 @@ pub struct ServeArgs {
     /// "memoryBacking" overrides it.
     #[arg(long, default_value = "auto")]
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// Close a connection that has not sent a complete request head within
+    /// this many seconds (slowloris guard; 0: never).
+    #[arg(long, default_value_t = proxy::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_read_timeout_secs: u64,
+    /// Most connections open at once from one client IP address (beyond:
+    /// 429 and closed; 0: no limit).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNS_PER_IP)]
+    pub max_conns_per_ip: usize,
+    /// Share of the host's RAM that running sandboxes' memory may take
+    /// (a create or resume beyond it is answered 429).
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMORY_SHARE)]
+    pub max_memory_share: f64,
+    /// Most paused sandboxes kept at once (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_paused: usize,
+    /// Most bytes of snapshots on disk, all paused sandboxes together
+    /// (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_snapshot_bytes: u64,
+    /// Private IPv4 range for sandbox addresses, carved into /29s (two /30
+    /// links each: guest↔tap, namespace↔host). Must not overlap another
+    /// server's or the host's networks.
+    #[arg(long, default_value = crate::net::NetConfig::DEFAULT_CIDR)]
+    pub sandbox_cidr: String,
+    /// Resolver given to guests (kernel `ip=`); default: the host's first
+    /// non-loopback nameserver in /etc/resolv.conf.
+    #[arg(long)]
+    pub sandbox_dns: Option<std::net::Ipv4Addr>,
+    /// Run Linux sandboxes without a network device (no namespaces, taps or
+    /// nftables rules; the network controls are still validated and the
+    /// proxy's still enforced). Without it, `serve` with the real VMM
+    /// fails at start when `ip`, `nft` or network namespaces are missing.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Put the uplink side (host veth ends, NAT and the `inet stasis` table)
+    /// in this named network namespace (/run/netns/NAME) instead of the
+    /// host's own: for tests, or to give sandboxes their own uplink.
+    #[arg(long)]
+    pub sandbox_uplink_netns: Option<String>,
 }
+
+/// Default `--max-memory-share`.
+pub const DEFAULT_MAX_MEMORY_SHARE: f64 = 0.8;
+/// Shortest API key accepted on a listener beyond loopback (shorter keys
+/// only warn on loopback).
+pub const MIN_API_KEY_LEN: usize = 16;
 
 /// Reads an API key file: its content, trimmed; empty is an error. Warns
 /// if group or others may read it.
@@ -309,6 +392,21 @@ impl ServeArgs {
         if let Some(d) = &self.domain {
             tls::validate_domain(d).map_err(|e| Error::Config(e.to_string()))?;
         }
+        let network = if self.no_network || backend != BackendKind::Vm {
+            None
+        } else {
+            let cidr: crate::net::Cidr = self
+                .sandbox_cidr
+                .parse()
+                .map_err(|e: crate::net::Error| Error::Config(e.to_string()))?;
+            Some(crate::net::NetConfig {
+                cidr,
+                uplink_netns: self.sandbox_uplink_netns.clone(),
+                dns: self
+                    .sandbox_dns
+                    .or_else(crate::net::NetConfig::host_resolver),
+            })
+        };
         let tls_source = self
             .tls_listen
             .map(|_| match (self.tls_cert, self.tls_key) {
@@ -332,8 +430,49 @@ impl ServeArgs {
             agent_timeout: Duration::from_secs(self.agent_timeout),
             sandbox_listen: self.sandbox_listen,
             shutdown_pause: Duration::from_secs(self.shutdown_pause_secs),
+            conn_limits: proxy::ConnLimits {
+                header_read_timeout: (self.header_read_timeout_secs > 0)
+                    .then(|| Duration::from_secs(self.header_read_timeout_secs)),
+                max_conns_per_ip: self.max_conns_per_ip,
+            },
+            max_memory_share: self.max_memory_share,
+            max_paused: self.max_paused,
+            max_snapshot_bytes: self.max_snapshot_bytes,
+            network,
+            no_jail: self.no_jail,
+            jail_uid_base: self.jail_uid_base,
             ..ServeOptions::default()
         })
+    }
+}
+
+/// An API key shorter than [`MIN_API_KEY_LEN`] bytes is refused when any
+/// listener is reachable beyond loopback (there the key is all that stands
+/// between the network and the API); on loopback it is warned about.
+fn check_api_key_strength(opts: &ServeOptions) -> Result<(), Error> {
+    let Some(key) = &opts.api_key else {
+        return Ok(());
+    };
+    if key.len() >= MIN_API_KEY_LEN {
+        return Ok(());
+    }
+    let exposed = std::iter::once(opts.listen)
+        .chain(opts.sandbox_listen)
+        .chain(opts.tls_listen)
+        .find(|a| !a.ip().is_loopback());
+    match exposed {
+        Some(addr) => Err(Error::Config(format!(
+            "the API key is {} bytes long; listening on {addr} needs one of at least {MIN_API_KEY_LEN} bytes (e.g. `head -c 24 /dev/urandom | base64 > key; --api-key-file key`)",
+            key.len()
+        ))),
+        None => {
+            tracing::warn!(
+                len = key.len(),
+                min = MIN_API_KEY_LEN,
+                "the API key is short; it would be refused on a non-loopback address"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -378,6 +517,13 @@ pub async fn serve(
             return Err(Error::InsecureListen(addr));
         }
     }
+    check_api_key_strength(&opts)?;
+    if !(opts.max_memory_share > 0.0 && opts.max_memory_share <= 1.0) {
+        return Err(Error::Config(format!(
+            "--max-memory-share must be in (0, 1] (got {})",
+            opts.max_memory_share
+        )));
+    }
     if opts.max_running == 0 || opts.max_inflight == 0 {
         return Err(Error::Config(
             "max_running and max_inflight must be positive".into(),
@@ -395,7 +541,20 @@ pub async fn serve(
         None => std::env::current_exe()
             .map_err(|e| Error::Io("locating the stasis binary".into(), e))?,
     };
+    let jail = if opts.no_jail || opts.backend != BackendKind::Vm {
+        None
+    } else {
+        Some(
+            crate::jail::Jailer::detect(
+                &opts.data_dir.join("jail"),
+                opts.jail_uid_base,
+                crate::jail::DEFAULT_UID_COUNT,
+            )
+            .map_err(|e| Error::Config(crate::error_chain(&e)))?,
+        )
+    };
     let cfg = manager::Config {
+        jail,
         data_dir: opts.data_dir.clone(),
         backend: opts.backend,
         retention_ms: i64::try_from(opts.retention.as_millis()).unwrap_or(i64::MAX / 4),
@@ -409,6 +568,18 @@ pub async fn serve(
         domain: opts.domain.clone(),
         interpreter_python: opts.interpreter_python.clone(),
         memory_backing: opts.memory_backing,
+        limits: manager::Limits {
+            memory_budget_mb: manager::memory_budget_mb(opts.max_memory_share),
+            max_paused: opts.max_paused,
+            max_snapshot_bytes: opts.max_snapshot_bytes,
+        },
+        network: match &opts.network {
+            Some(c) => Some(Arc::new(
+                crate::net::Network::new(c.clone())
+                    .map_err(|e| Error::Config(crate::error_chain(&e)))?,
+            )),
+            None => None,
+        },
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,
@@ -457,7 +628,13 @@ pub async fn serve(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "also serving (in-sandbox traffic of debug-mode SDKs)");
         }
-        let extra = proxy::serve_http(l, app.clone(), stopped(stop_rx.clone()), None);
+        let extra = proxy::serve_http_limited(
+            l,
+            app.clone(),
+            stopped(stop_rx.clone()),
+            None,
+            opts.conn_limits,
+        );
         tokio::spawn(async move {
             if let Err(e) = extra.await {
                 tracing::error!("second listener failed: {e}");
@@ -487,13 +664,16 @@ pub async fn serve(
         tracing::info!(addr = %bound, %domain, "serving TLS{ca}");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
         let (app, stop) = (app.clone(), stop_rx.clone());
+        let conn_limits = opts.conn_limits;
         tokio::spawn(async move {
-            if let Err(e) = proxy::serve_http(l, app, stopped(stop), Some(acceptor)).await {
+            if let Err(e) =
+                proxy::serve_http_limited(l, app, stopped(stop), Some(acceptor), conn_limits).await
+            {
                 tracing::error!("TLS listener failed: {e}");
             }
         });
     }
-    let served = proxy::serve_http(listener, app, stopped(stop_rx), None)
+    let served = proxy::serve_http_limited(listener, app, stopped(stop_rx), None, opts.conn_limits)
         .await
         .map_err(|e| Error::Io("serving".into(), e));
     tracing::info!(
@@ -504,13 +684,55 @@ pub async fn serve(
     served
 }
 
+/// Fault injection for tests: `STASIS_FAULT=name[@N][,name[@N]...]` in the
+/// server's environment makes the named fault point fail once, the N-th
+/// time it is reached (default: the first). Read at the first check; never
+/// set it in production. Points: `pause` (the worker's pause fails, the VM
+/// keeps running), `db-after-pause` (saving the paused record fails),
+/// `db-after-resume` (saving the running record fails after the guest
+/// ran), `slow-create` (create waits 2 s after making the sandbox's
+/// directory, so a test can disconnect meanwhile). `tests/faults.rs` proves
+/// what each leaves behind.
+pub fn fault(name: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static ARMED: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let map: HashMap<String, u32> = std::env::var("STASIS_FAULT")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| match s.split_once('@') {
+                Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1).max(1)),
+                None => (s.to_string(), 1),
+            })
+            .collect();
+        if !map.is_empty() {
+            tracing::warn!(faults = ?map, "fault injection armed (STASIS_FAULT)");
+        }
+        Mutex::new(map)
+    });
+    let mut armed = armed.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(left) = armed.get_mut(name) else {
+        return false;
+    };
+    *left -= 1;
+    if *left > 0 {
+        return false;
+    }
+    armed.remove(name);
+    tracing::warn!(fault = name, "injected fault");
+    true
+}
+
 /// Said at start when the built-in templates run the test guest: how to get
 /// Linux sandboxes (`base`, `code-interpreter-v1`) instead.
 pub const IMAGES_HINT: &str =
     "templates base and code-interpreter-v1 run the built-in test guest; \
-for Linux sandboxes build a kernel and images (kernel/build.sh; rootfs/build-agent.sh; \
-rootfs/build-image.sh [--code-interpreter] AGENT) and pass --kernel K --rootfs BASE.ext4 \
---interpreter-rootfs CI.ext4";
+for Linux sandboxes build a kernel and images (`stasis images build`, or kernel/build.sh; \
+rootfs/build-agent.sh; rootfs/build-image.sh [--code-interpreter] AGENT) and pass --kernel K \
+--rootfs BASE.ext4 --interpreter-rootfs CI.ext4 (the last line `stasis images build` prints)";
 
 /// `stasis serve`: runs the server on its own runtime until SIGINT/SIGTERM.
 pub fn serve_blocking(opts: ServeOptions) -> Result<(), Error> {

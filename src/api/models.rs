@@ -32,6 +32,46 @@ pub struct NewSandbox {
     pub allow_internet_access: Option<bool>,
     pub volume_mounts: Option<Vec<serde_json::Value>>,
     pub mcp: Option<serde_json::Value>,
+    /// SDK model `SandboxNetworkConfig`.
+    pub network: Option<NetworkIn>,
+    /// Sent at the top level by some SDK calls instead of in `network`.
+    pub allow_public_traffic: Option<bool>,
+}
+
+/// SDK model `SandboxNetworkConfig` (create).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkIn {
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+    pub allow_public_traffic: Option<bool>,
+    pub mask_request_host: Option<String>,
+}
+
+/// Body of `PUT /sandboxes/{id}/network` (what `Sandbox.set_network` sends).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+}
+
+/// A sandbox's network in `GET /sandboxes/{id}` (SDK `network`, plus the
+/// guest's address when it has a network device).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkOut {
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
+    pub allow_public_traffic: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// The guest's IPv4 address, gateway and prefix (`10.11.0.10/30`),
+    /// when it has a network device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +135,10 @@ pub struct SandboxOut {
     pub alias: Option<String>,
     /// Always present; null means "the SDK's configured domain".
     pub domain: Option<String>,
+    /// Sandboxes created with `allowPublicTraffic: false`: the token their
+    /// user ports need (header `e2b-traffic-access-token`).
+    #[serde(rename = "trafficAccessToken", skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// SDK model `ListedSandbox`.
@@ -131,6 +175,7 @@ pub struct DetailOut {
     pub allow_internet_access: bool,
     pub lifecycle: LifecycleOut,
     pub stasis: StasisOut,
+    pub network: NetworkOut,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,6 +305,63 @@ pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
             Ok((percent_decode(k, true)?, percent_decode(v, true)?))
         })
         .collect()
+}
+
+/// Most entries of a sandbox's `metadata`.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Most bytes of a sandbox's `metadata`, keys and values together.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Most entries of a sandbox's `envVars`.
+pub const MAX_ENV_VARS_ENTRIES: usize = 1024;
+/// Most bytes of a sandbox's `envVars`, names and values together.
+pub const MAX_ENV_VARS_BYTES: usize = 128 * 1024;
+
+/// Checks `metadata` and `envVars` of a new sandbox against the caps above
+/// (the message says which field and limit; the API answers 400). Env var
+/// names must also be non-empty and free of `=` and NUL, values free of NUL.
+pub fn check_sizes(req: &NewSandbox) -> Result<(), String> {
+    fn check(
+        what: &str,
+        map: Option<&BTreeMap<String, String>>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(), String> {
+        let Some(map) = map else { return Ok(()) };
+        if map.len() > max_entries {
+            return Err(format!(
+                "{what} has {} entries; at most {max_entries} are allowed",
+                map.len()
+            ));
+        }
+        let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > max_bytes {
+            return Err(format!(
+                "{what} takes {bytes} bytes; at most {max_bytes} are allowed"
+            ));
+        }
+        Ok(())
+    }
+    check(
+        "metadata",
+        req.metadata.as_ref(),
+        MAX_METADATA_ENTRIES,
+        MAX_METADATA_BYTES,
+    )?;
+    check(
+        "envVars",
+        req.env_vars.as_ref(),
+        MAX_ENV_VARS_ENTRIES,
+        MAX_ENV_VARS_BYTES,
+    )?;
+    for (k, v) in req.env_vars.iter().flatten() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("envVars: invalid variable name {k:?}"));
+        }
+        if v.contains('\0') {
+            return Err(format!("envVars: the value of {k:?} contains a NUL byte"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

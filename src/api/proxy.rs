@@ -35,10 +35,27 @@
 //! (the agent's TCP forwarder). Then HTTP/1.1 over that stream (hyper),
 //! bodies streamed both ways, hop-by-hop headers stripped.
 //!
+//! With a sandbox domain configured (`--domain D`), only a Host under D
+//! routes ([`route_of_in`]): the same `{port}-{id}.` shape under any other
+//! domain is answered 421 (Misdirected Request), never forwarded.
+//!
+//! Limits ([`serve_http_limited`], [`ConnLimits`]): a connection must send
+//! a complete request head within the header-read timeout (after it was
+//! accepted, or after its previous response) or it is closed (slowloris);
+//! one client IP address may hold at most so many connections (beyond: a
+//! raw 429 and close). Per-request log lines are limited per sandbox
+//! ([`LOG_LINES_PER_SEC`]).
+//!
 //! Proxied traffic needs no API key (the SDK sends none; envd's own
 //! `X-Access-Token` is passed through). Each running sandbox has a [`Gate`];
 //! pause and kill close it, which aborts every open proxied exchange of that
 //! sandbox (the client sees the connection end with an error).
+//!
+//! Network controls ([`crate::net::spec`]): a sandbox created with
+//! `allowPublicTraffic: false` answers on its user ports only to requests
+//! carrying its token in `e2b-traffic-access-token` (403 otherwise; the
+//! envd port has its own token); with `maskRequestHost` the sandbox sees
+//! that `Host` (`${PORT}` replaced by the port) instead of the client's.
 //!
 //! Errors are JSON `{"code", "message"}`: 400 for a malformed routing
 //! header; 502 when the sandbox cannot be reached — unknown, paused, being
@@ -176,6 +193,54 @@ fn route_from_host(host: &str) -> Option<Route> {
         sandbox_id: id.to_string(),
         port,
     })
+}
+
+/// Like [`route_of`], for a server with a configured sandbox domain: a
+/// `{port}-{id}.D` Host routes only when D is that domain (ASCII case
+/// ignored); a Host of that shape under any other domain is answered 421
+/// (Misdirected Request) instead of reaching a sandbox, and every other Host
+/// is an API request. Without a domain, [`route_of`]'s rule (any domain).
+pub fn route_of_in(
+    method_path: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    domain: Option<&str>,
+) -> Result<Option<Route>, ApiError> {
+    let route = route_of(method_path, headers, uri)?;
+    let (Some(domain), Some(r)) = (domain, &route) else {
+        return Ok(route);
+    };
+    if header_str(headers, &["novita-sandbox-id", "e2b-sandbox-id"]).is_some() {
+        return Ok(route);
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if host_in_domain(host, domain) {
+        return Ok(route);
+    }
+    Err(ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "host {host:?} is not under this server's sandbox domain {domain:?} (sandbox {} port {} is reached at {}-{}.{domain})",
+            r.sandbox_id, r.port, r.port, r.sandbox_id
+        ),
+    ))
+}
+
+/// Whether `host` (`label.rest[:port]`) has exactly `domain` after its first
+/// label.
+fn host_in_domain(host: &str, domain: &str) -> bool {
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let domain = domain.trim_end_matches('.');
+    host.trim_end_matches('.')
+        .split_once('.')
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(domain))
 }
 
 /// Decides whether `req` is in-sandbox traffic. `Ok(None)`: a lifecycle API
@@ -326,6 +391,41 @@ pub async fn init_agent(
     .await
 }
 
+/// For a sandbox made from a shared snapshot (create from a snapshot id,
+/// clone), before user code runs: fresh `entropy` for the guest's RNG (the
+/// agent mixes it in with `RNDADDENTROPY` and reseeds the CRNG, so clones
+/// of one snapshot draw different random numbers), this sandbox's env vars
+/// and its own envd token. `old_token` is the token the snapshot's agent
+/// was initialized with (its `/init` needs it).
+pub async fn refresh_agent(
+    socket: &Path,
+    env_vars: &std::collections::BTreeMap<String, String>,
+    access_token: Option<&str>,
+    old_token: Option<&str>,
+    entropy: &[u8],
+    timeout: Duration,
+) -> Result<(), Error> {
+    let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
+    let mut body = serde_json::json!({ "envVars": env_vars, "entropy": hex });
+    if let Some(t) = access_token {
+        body["accessToken"] = serde_json::Value::String(t.to_string());
+    }
+    let body = body.to_string();
+    let headers: Vec<(&str, &str)> = old_token
+        .map(|t| vec![("X-Access-Token", t)])
+        .unwrap_or_default();
+    agent_request_with(
+        socket,
+        ENVD_PORT as u16,
+        "POST",
+        "/init",
+        Some(body.as_bytes()),
+        &headers,
+        timeout,
+    )
+    .await
+}
+
 /// One small HTTP/1.1 request to `port` in the sandbox; `Ok` on a 2xx
 /// answer (only the status line is read).
 async fn agent_request(
@@ -336,12 +436,28 @@ async fn agent_request(
     json_body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(), Error> {
+    agent_request_with(socket, port, method, path, json_body, &[], timeout).await
+}
+
+/// [`agent_request`] with extra request headers.
+async fn agent_request_with(
+    socket: &Path,
+    port: u16,
+    method: &str,
+    path: &str,
+    json_body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(socket, port, timeout).await?;
     let left = deadline.saturating_duration_since(Instant::now());
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")
             .into_bytes();
+    for (k, v) in headers {
+        request.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
     if let Some(b) = json_body {
         request.extend_from_slice(
             format!(
@@ -652,17 +768,156 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
-/// then lets open connections finish (as `axum::serve` with graceful
-/// shutdown). Unlike `axum::serve` it records header-name case
-/// (`preserve_header_case`), so the proxy forwards names as the client
-/// wrote them, and it serves protocol upgrades (WebSocket).
+/// Most per-request log lines (proxied, refused, failed) one sandbox's
+/// traffic may cause per second; a guest (or a client) that makes its
+/// traffic fail on purpose cannot flood the server's log. The lines left
+/// out are counted in the next one (`suppressed`).
+pub const LOG_LINES_PER_SEC: u32 = 20;
+
+/// Per-key, per-second budget of log lines.
+#[derive(Default)]
+pub struct LogLimiter {
+    seen: std::sync::Mutex<HashMap<String, (u64, u32, u64)>>,
+}
+
+impl LogLimiter {
+    /// Whether a line about `key` may be logged at second `now_s`:
+    /// `Some(n)` with `n` lines left out since the last one logged, `None`
+    /// to leave this one out.
+    pub fn allow(&self, key: &str, now_s: u64, per_sec: u32) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 10_000 && !seen.contains_key(key) {
+            seen.retain(|_, (s, _, left_out)| *s + 60 > now_s && *left_out > 0);
+        }
+        let e = seen.entry(key.to_string()).or_insert((now_s, 0, 0));
+        if e.0 != now_s {
+            e.0 = now_s;
+            e.1 = 0;
+        }
+        if e.1 >= per_sec {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
+/// The proxy's [`LogLimiter`], per sandbox.
+fn log_gate(sandbox: &str) -> Option<u64> {
+    static LIMITER: std::sync::OnceLock<LogLimiter> = std::sync::OnceLock::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LIMITER
+        .get_or_init(LogLimiter::default)
+        .allow(sandbox, now, LOG_LINES_PER_SEC)
+}
+
+/// Per-connection limits of [`serve_http_limited`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// A connection that has not sent a complete request head this long
+    /// after it was accepted (or after its previous response) is closed
+    /// (slowloris). `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
+    /// Most connections open at once from one client IP address; beyond it a
+    /// new connection is answered 429 and closed. 0: no limit.
+    pub max_conns_per_ip: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            max_conns_per_ip: DEFAULT_MAX_CONNS_PER_IP,
+        }
+    }
+}
+
+/// Default [`ConnLimits::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ConnLimits::max_conns_per_ip`].
+pub const DEFAULT_MAX_CONNS_PER_IP: usize = 1024;
+
+/// Open connections per client IP; a [`ConnTicket`] holds one.
+#[derive(Default)]
+struct PerIp {
+    open: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+struct ConnTicket {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ConnTicket> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if max != 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnTicket {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The answer to a connection over the per-IP limit (written raw: the
+/// request is not read).
+fn too_many_connections(max: usize) -> Vec<u8> {
+    let body = serde_json::json!({
+        "code": 429,
+        "message": format!("too many connections from this address (the limit is {max})"),
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// [`serve_http_limited`] with the default [`ConnLimits`].
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
+    serve_http_limited(listener, app, shutdown, tls, ConnLimits::default()).await
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes,
+/// then lets open connections finish (as `axum::serve` with graceful
+/// shutdown). Unlike `axum::serve` it records header-name case
+/// (`preserve_header_case`), so the proxy forwards names as the client
+/// wrote them, and it serves protocol upgrades (WebSocket). `limits` bound
+/// how long a client may take to send a request head and how many
+/// connections one client address may hold.
+pub async fn serve_http_limited(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ConnLimits,
+) -> std::io::Result<()> {
+    let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -671,8 +926,8 @@ pub async fn serve_http(
             r = listener.accept() => r,
             _ = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (mut stream, peer) = match accepted {
+            Ok(sp) => sp,
             Err(e) => {
                 // Out of descriptors or a connection reset before accept:
                 // back off briefly instead of spinning.
@@ -682,16 +937,30 @@ pub async fn serve_http(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Some(ticket) = per_ip.take(peer.ip(), limits.max_conns_per_ip) else {
+            tracing::warn!(client = %peer.ip(), limit = limits.max_conns_per_ip, "connection refused: too many from this address");
+            let answer = (tls.is_none()).then(|| too_many_connections(limits.max_conns_per_ip));
+            conns.spawn(async move {
+                if let Some(a) = answer {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&a)).await;
+                }
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = stop_rx.clone();
         let tls = tls.clone();
+        let head_timeout = limits.header_read_timeout;
         conns.spawn(async move {
+            let _ticket = ticket;
             match tls {
-                None => serve_connection(stream, svc, stop).await,
+                None => serve_connection_limited(stream, svc, stop, head_timeout).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(t)) => serve_connection(t, svc, stop).await,
+                        Ok(Ok(t)) => serve_connection_limited(t, svc, stop, head_timeout).await,
                         Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -709,16 +978,20 @@ pub async fn serve_http(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP/1.1 on one accepted connection (plain or TLS), header case kept,
-/// upgrades allowed, until it closes or the server stops.
-async fn serve_connection<IO>(
+/// upgrades allowed, until it closes or the server stops; a request head
+/// must arrive within `head_timeout`.
+async fn serve_connection_limited<IO>(
     io: IO,
     svc: hyper_util::service::TowerToHyperService<axum::Router>,
     mut stop: watch::Receiver<bool>,
+    head_timeout: Option<Duration>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.preserve_header_case(true);
+    b.timer(hyper_util::rt::TokioTimer::new());
+    b.header_read_timeout(head_timeout);
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -737,7 +1010,7 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let signed = signed_files_request(&req);
-    let route = match route_of(req.uri().path(), req.headers(), req.uri()) {
+    let route = match route_of_in(req.uri().path(), req.headers(), req.uri(), st.mgr.domain()) {
         Ok(Some(r)) => r,
         Ok(None) => {
             // No routing headers: a secured sandbox's envd token alone names
@@ -808,15 +1081,38 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
             }
         }
     }
+    // A sandbox created with `allowPublicTraffic: false` takes traffic to
+    // its user ports only with its traffic access token; `maskRequestHost`
+    // replaces the Host the sandbox sees.
+    let mut req = req;
+    match st
+        .mgr
+        .traffic_check(&route.sandbox_id, route.port, req.headers())
+    {
+        Ok(Some(host)) => match HeaderValue::from_str(&host) {
+            Ok(v) => {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            Err(_) => return bad_gateway(format!("masked host {host:?} is not a valid Host")),
+        },
+        Ok(None) => {}
+        Err(e) => return e.into_response(),
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     // A paused sandbox created with autoResume wakes up for its traffic.
-    if let Err(e) = st
-        .mgr
-        .auto_resume(&route.sandbox_id, route.port, token.as_deref())
+    // On its own task: a client that hangs up does not cut a resume short.
+    let (mgr, id, port, tok) = (
+        st.mgr.clone(),
+        route.sandbox_id.clone(),
+        route.port,
+        token.clone(),
+    );
+    let resumed = tokio::spawn(async move { mgr.auto_resume(&id, port, tok.as_deref()).await })
         .await
-    {
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("auto-resume task failed: {e}"))));
+    if let Err(e) = resumed {
         return e.into_response();
     }
     let target = match st
@@ -825,28 +1121,35 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
     {
         Ok(t) => t,
         Err(e) => {
-            tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), "proxy refused: {}", e.message);
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::info!(sandbox = %route.sandbox_id, port = route.port, %method, path, status = e.status.as_u16(), suppressed, "proxy refused: {}", e.message);
+            }
             return e.into_response();
         }
     };
     match forward(&target, &route, req).await {
         Ok(resp) => {
             st.mgr.agent_reachable(&route.sandbox_id, route.port, None);
-            tracing::info!(
-                sandbox = %route.sandbox_id,
-                port = route.port,
-                %method,
-                path,
-                status = resp.status().as_u16(),
-                ms = started.elapsed().as_millis() as u64,
-                "proxied"
-            );
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::info!(
+                    sandbox = %route.sandbox_id,
+                    port = route.port,
+                    %method,
+                    path,
+                    status = resp.status().as_u16(),
+                    ms = started.elapsed().as_millis() as u64,
+                    suppressed,
+                    "proxied"
+                );
+            }
             resp
         }
         Err(msg) => {
             st.mgr
                 .agent_reachable(&route.sandbox_id, route.port, Some(&msg));
-            tracing::warn!(sandbox = %route.sandbox_id, port = route.port, %method, path, "proxy failed: {msg}");
+            if let Some(suppressed) = log_gate(&route.sandbox_id) {
+                tracing::warn!(sandbox = %route.sandbox_id, port = route.port, %method, path, suppressed, "proxy failed: {msg}");
+            }
             bad_gateway(format!("sandbox {}: {msg}", route.sandbox_id))
         }
     }
@@ -862,6 +1165,57 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn log_lines_are_limited_per_sandbox_and_second() {
+        let l = LogLimiter::default();
+        for _ in 0..3 {
+            assert_eq!(l.allow("a", 100, 3), Some(0));
+        }
+        assert_eq!(l.allow("a", 100, 3), None);
+        assert_eq!(l.allow("a", 100, 3), None);
+        // Another sandbox has its own budget.
+        assert_eq!(l.allow("b", 100, 3), Some(0));
+        // The next second: allowed again, with the count left out.
+        assert_eq!(l.allow("a", 101, 3), Some(2));
+        assert_eq!(l.allow("a", 101, 3), Some(0));
+    }
+
+    #[test]
+    fn host_routing_is_confined_to_the_domain() {
+        let u: Uri = "/".parse().unwrap();
+        let h = |host: &'static str| hm(&[("host", host)]);
+        let r = route_of_in("/", &h("80-abc.sandbox.test"), &u, Some("sandbox.test")).unwrap();
+        assert_eq!(r.map(|r| r.port), Some(80));
+        let r = route_of_in(
+            "/",
+            &h("80-abc.SANDBOX.test.:8443"),
+            &u,
+            Some("sandbox.test."),
+        );
+        assert_eq!(r.unwrap().map(|r| r.port), Some(80));
+        for host in ["80-abc.other.test", "80-abc.a.sandbox.test", "80-abc.test"] {
+            let e = route_of_in("/", &h(host), &u, Some("sandbox.test")).unwrap_err();
+            assert_eq!(e.status, StatusCode::MISDIRECTED_REQUEST, "{host}");
+        }
+        // Not routing-shaped: the API's; headers route whatever the Host.
+        assert_eq!(
+            route_of_in("/", &h("api.other.test"), &u, Some("sandbox.test")).unwrap(),
+            None
+        );
+        let hd = hm(&[
+            ("host", "x.other.test"),
+            ("novita-sandbox-id", "abc"),
+            ("novita-sandbox-port", "8080"),
+        ]);
+        assert!(route_of_in("/", &hd, &u, Some("sandbox.test"))
+            .unwrap()
+            .is_some());
+        // Without a domain, any domain routes.
+        assert!(route_of_in("/", &h("80-abc.other.test"), &u, None)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

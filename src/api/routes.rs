@@ -44,10 +44,18 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", axum::routing::put(set_network))
         .route("/sandboxes/metrics", get(metrics_many))
         .route("/sandboxes/{id}/metrics", get(metrics_one))
         .route("/sandboxes/{id}/logs", get(logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route("/sandboxes/{id}/clone", post(clone_sandbox))
+        .route(
+            "/templates/{template_id}",
+            axum::routing::delete(delete_snapshot),
+        )
         .merge(unsupported_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -326,6 +334,7 @@ async fn openapi() -> Json<serde_json::Value> {
     let mut doc = super::openapi::document();
     add_metrics_and_logs_to(&mut doc);
     add_unsupported_to(&mut doc);
+    add_snapshots_to(&mut doc);
     Json(doc)
 }
 
@@ -346,24 +355,12 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
         "/sandboxes/{id}/refreshes",
         "refreshes (use POST /sandboxes/{id}/timeout)",
     ),
-    (
-        "POST",
-        "/sandboxes/{id}/snapshots",
-        "persistent snapshots (pause keeps the sandbox's state)",
-    ),
-    ("POST", "/sandboxes/{id}/clone", "cloning sandboxes"),
     ("POST", "/sandboxes/{id}/reset", "resetting sandboxes"),
     ("POST", "/sandboxes/{id}/hotplug-memory", "memory hotplug"),
-    (
-        "PUT",
-        "/sandboxes/{id}/network",
-        "network rules (sandboxes have no network device yet)",
-    ),
     ("POST", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("DELETE", "/sandboxes/{id}/volume-mounts", "volume mounts"),
     ("GET", "/sandboxes/events", "sandbox events"),
     ("GET", "/sandboxes/quota", "quotas"),
-    ("GET", "/snapshots", "persistent snapshots"),
     (
         "GET",
         "/templates",
@@ -376,7 +373,6 @@ pub const UNSUPPORTED: &[(&str, &str, &str)] = &[
     ("GET", "/templates/{template_id}", "template management"),
     ("POST", "/templates/{template_id}", "template builds"),
     ("PATCH", "/templates/{template_id}", "template management"),
-    ("DELETE", "/templates/{template_id}", "template management"),
     ("GET", "/templates/{template_id}/tags", "template tags"),
     (
         "GET",
@@ -499,6 +495,16 @@ fn add_metrics_and_logs_to(doc: &mut serde_json::Value) {
             "logs": { "type": "array", "items": entry } } } } } }, "400": err, "401": err, "404": err } } }));
 }
 
+/// OpenAPI path parameters for each `{name}` segment of `path`.
+fn path_params(path: &str) -> serde_json::Value {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            serde_json::json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } })
+        })
+        .collect()
+}
+
 /// Lists [`UNSUPPORTED`] in the OpenAPI document, each answering 501.
 fn add_unsupported_to(doc: &mut serde_json::Value) {
     let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
@@ -514,6 +520,9 @@ fn add_unsupported_to(doc: &mut serde_json::Value) {
                 serde_json::json!({
                     "summary": format!("Not supported by stasis: {what}"),
                     "x-stasis-unsupported": true,
+                    // Its path parameters, so the document is valid OpenAPI
+                    // (schemathesis refused it without them).
+                    "parameters": path_params(path),
                     "responses": { "501": { "description": format!("not supported by stasis: {what}"),
                         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } } }
                 }),
@@ -522,11 +531,25 @@ fn add_unsupported_to(doc: &mut serde_json::Value) {
     }
 }
 
+/// Runs a lifecycle operation on its own task and awaits it: a client that
+/// disconnects (dropping the handler's future) does not cancel it halfway,
+/// between its steps (a created sandbox's files without its record, a
+/// paused worker without the paused state). The operation finishes and its
+/// result is kept in the server's state; only the answer is lost.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation's task failed: {e}")))?
+}
+
 async fn create(
     State(st): State<AppState>,
     JsonBody(body): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let out = st.mgr.create(body).await?;
+    let mgr = st.mgr.clone();
+    let out = detached(async move { mgr.create(body).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -542,7 +565,8 @@ async fn kill(
     State(st): State<AppState>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    st.mgr.kill(&id_of(p)?).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    detached(async move { mgr.kill(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -551,7 +575,7 @@ async fn pause(
     p: Result<Path<String>, PathRejection>,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let id = id_of(p)?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
     // No body (the SDK's generated client) or no `sync`: synchronous.
     let body: models::PauseBody = if body.iter().all(|b| b.is_ascii_whitespace()) {
         models::PauseBody::default()
@@ -559,7 +583,8 @@ async fn pause(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("invalid pause body: {e}")))?
     };
-    st.mgr.pause_with(&id, body.sync.unwrap_or(true)).await?;
+    let sync = body.sync.unwrap_or(true);
+    detached(async move { mgr.pause_with(&id, sync).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -568,7 +593,8 @@ async fn connect(
     p: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<ConnectBody>,
 ) -> Result<Response, ApiError> {
-    let (resumed, out) = st.mgr.connect(&id_of(p)?, body).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    let (resumed, out) = detached(async move { mgr.connect(&id, body).await }).await?;
     let code = if resumed {
         StatusCode::CREATED
     } else {
@@ -582,7 +608,8 @@ async fn resume(
     p: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<ResumeBody>,
 ) -> Result<Response, ApiError> {
-    let out = st.mgr.resume(&id_of(p)?, body).await?;
+    let (mgr, id) = (st.mgr.clone(), id_of(p)?);
+    let out = detached(async move { mgr.resume(&id, body).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -592,6 +619,19 @@ async fn set_timeout(
     JsonBody(body): JsonBody<TimeoutBody>,
 ) -> Result<StatusCode, ApiError> {
     st.mgr.set_timeout(&id_of(p)?, body.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress lists given (a
+/// running sandbox's rules change at once; a paused one's on resume).
+async fn set_network(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<models::NetworkUpdate>,
+) -> Result<StatusCode, ApiError> {
+    st.mgr
+        .set_network(&id_of(p)?, body.allow_out, body.deny_out)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -677,6 +717,133 @@ async fn list_v1(
     let q = parse_list_query(raw.as_deref(), false)?;
     let (items, _) = st.mgr.list(&q);
     Ok(Json(items).into_response())
+}
+
+/// `POST /sandboxes/{id}/snapshots` (the body's optional `name` is
+/// accepted and not used: the snapshot's id is its name).
+async fn create_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.create_snapshot(&id_of(p)?).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// `GET /snapshots?sandboxID=&limit=&nextToken=` (the SDK's paginator
+/// reads `x-next-token`).
+async fn list_snapshots(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = models::parse_query(raw.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;
+    let (mut sandbox, mut limit, mut next) = (None, MAX_LIMIT, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit must be 1..={MAX_LIMIT}"))
+                    })?
+            }
+            "nextToken" => next = Some(v),
+            _ => {}
+        }
+    }
+    let (items, token) = st
+        .mgr
+        .list_snapshots(sandbox.as_deref(), limit, next.as_deref())?;
+    let mut resp = Json(items).into_response();
+    if let Some(t) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut().insert("x-next-token", t);
+    }
+    Ok(resp)
+}
+
+/// `DELETE /templates/{id}`: the SDK's `delete_snapshot` (templates
+/// themselves are files in `<data-dir>/templates`, not deleted here).
+async fn delete_snapshot(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = p.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    st.mgr.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /sandboxes/{id}/clone` (`count`, `strict`, `timeout`).
+async fn clone_sandbox(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<super::manager::CloneBody>,
+) -> Result<Response, ApiError> {
+    let out = st.mgr.clone_sandbox(&id_of(p)?, body).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// The snapshot and clone routes in `/openapi.json` (merged into path
+/// objects that other routes already have).
+fn add_snapshots_to(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let id = |n: &str| json!({ "name": n, "in": "path", "required": true, "schema": { "type": "string" } });
+    let err = json!({ "description": "Error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let info = json!({ "type": "object", "properties": {
+        "snapshotID": { "type": "string" }, "names": { "type": "array", "items": { "type": "string" } } } });
+    let mut put = |path: &str, method: &str, op: serde_json::Value| {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(method.into(), op);
+        }
+    };
+    put(
+        "/sandboxes/{id}/snapshots",
+        "post",
+        json!({
+        "summary": "Snapshot a sandbox into a reusable snapshot (a running one pauses briefly and keeps running)",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": { "name": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "The snapshot", "content": { "application/json": { "schema": info.clone() } } },
+            "401": err, "404": err, "409": err, "500": err } }),
+    );
+    put(
+        "/snapshots",
+        "get",
+        json!({
+        "summary": "List snapshots, oldest first, paginated",
+        "parameters": [
+            { "name": "sandboxID", "in": "query", "schema": { "type": "string" } },
+            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100 } },
+            { "name": "nextToken", "in": "query", "schema": { "type": "string" } } ],
+        "responses": { "200": { "description": "A page; the next page's token is in the x-next-token header",
+            "content": { "application/json": { "schema": { "type": "array", "items": info } } } },
+            "400": err, "401": err } }),
+    );
+    put(
+        "/templates/{template_id}",
+        "delete",
+        json!({
+        "summary": "Delete a snapshot (the SDK's delete_snapshot); 409 while another snapshot names it as parent",
+        "parameters": [id("template_id")],
+        "responses": { "204": { "description": "Deleted" }, "401": err, "404": err, "409": err } }),
+    );
+    put(
+        "/sandboxes/{id}/clone",
+        "post",
+        json!({
+        "summary": "Clone a sandbox: snapshot it and create count sandboxes from the snapshot",
+        "parameters": [id("id")],
+        "requestBody": { "required": false, "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "count": { "type": "integer", "minimum": 1, "maximum": 16 }, "strict": { "type": "boolean" },
+            "timeout": { "type": "integer" }, "nodeID": { "type": "string" } } } } } },
+        "responses": { "201": { "description": "{sandboxes: [{sandboxID, envdVersion, envdAccessToken, trafficAccessToken}], snapshotTemplateId}" },
+            "400": err, "401": err, "404": err, "409": err, "500": err } }),
+    );
 }
 
 #[cfg(test)]

@@ -126,9 +126,49 @@ impl Store {
                 conn.execute_batch(ddl)?;
             }
         }
+        // Network settings (src/net/spec.rs), one JSON document per
+        // sandbox, deleted with the sandbox's row.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sandbox_network (
+                id TEXT PRIMARY KEY,
+                spec TEXT NOT NULL
+            );
+            CREATE TRIGGER IF NOT EXISTS sandbox_network_gone AFTER DELETE ON sandboxes
+            BEGIN DELETE FROM sandbox_network WHERE id = old.id; END;",
+        )?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Stores a sandbox's network settings.
+    pub fn put_network(&self, id: &str, spec: &crate::net::spec::NetSpec) -> Result<(), Error> {
+        let json = serde_json::to_string(spec).map_err(|e| Error::Corrupt {
+            id: id.to_string(),
+            what: e.to_string(),
+        })?;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO sandbox_network (id, spec) VALUES (?1, ?2)",
+            params![id, json],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored network setting (sandbox id, settings).
+    pub fn load_networks(&self) -> Result<Vec<(String, crate::net::spec::NetSpec)>, Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, spec FROM sandbox_network")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            let spec = serde_json::from_str(&json).map_err(|e| Error::Corrupt {
+                id: id.clone(),
+                what: format!("network settings: {e}"),
+            })?;
+            out.push((id, spec));
+        }
+        Ok(out)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -188,6 +228,78 @@ impl Store {
             .optional()?
             .flatten();
         Ok(v.unwrap_or(0))
+    }
+
+    /// Every valid row, in `seq` order; a row that cannot be decoded or
+    /// holds values out of range (a negative or absurd `memory_mb`, an
+    /// unknown state, bad metadata JSON, a wrong column type, ...) is
+    /// quarantined: moved, with the reason and its raw values, to the
+    /// `quarantine` table, and reported here, so one bad row never stops
+    /// the server from starting.
+    pub fn load_all_quarantining(&self) -> Result<(Vec<Row>, Vec<Quarantined>), Error> {
+        let mut conn = self.conn();
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS quarantine (
+                id TEXT,
+                reason TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                raw TEXT NOT NULL
+            );",
+        )?;
+        let mut bad: Vec<(i64, Quarantined, String)> = Vec::new();
+        {
+            let mut stmt = conn.prepare("SELECT rowid, * FROM sandboxes")?;
+            let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let rowid: i64 = r.get(0)?;
+                if let Err(why) = check_row(r) {
+                    let mut raw = serde_json::Map::new();
+                    for (i, n) in names.iter().enumerate().skip(1) {
+                        let v = match r.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => serde_json::Value::Null,
+                            rusqlite::types::ValueRef::Integer(n) => n.into(),
+                            rusqlite::types::ValueRef::Real(f) => f.into(),
+                            rusqlite::types::ValueRef::Text(t) => {
+                                String::from_utf8_lossy(t).into_owned().into()
+                            }
+                            rusqlite::types::ValueRef::Blob(b) => {
+                                format!("<{} bytes of blob>", b.len()).into()
+                            }
+                        };
+                        raw.insert(n.clone(), v);
+                    }
+                    let id = match r.get_ref(1)? {
+                        rusqlite::types::ValueRef::Text(t) => {
+                            String::from_utf8_lossy(t).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    bad.push((
+                        rowid,
+                        Quarantined { id, why },
+                        serde_json::Value::Object(raw).to_string(),
+                    ));
+                }
+            }
+        }
+        if !bad.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let tx = conn.transaction()?;
+            for (rowid, q, raw) in &bad {
+                tx.execute(
+                    "INSERT INTO quarantine (id, reason, at_ms, raw) VALUES (?1, ?2, ?3, ?4)",
+                    params![q.id, q.why, now, raw],
+                )?;
+                tx.execute("DELETE FROM sandboxes WHERE rowid = ?1", params![rowid])?;
+            }
+            tx.commit()?;
+        }
+        drop(conn);
+        let rows = self.load_all()?;
+        Ok((rows, bad.into_iter().map(|(_, q, _)| q).collect()))
     }
 
     /// Every row, in `seq` order.
@@ -281,6 +393,66 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A stored row that was moved to the `quarantine` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Its `id` column as stored (may be anything).
+    pub id: String,
+    /// Why it was refused.
+    pub why: String,
+}
+
+/// Largest `memory_mb` a stored row may hold (1 TiB, as templates).
+const MAX_ROW_MEMORY_MB: i64 = 1 << 20;
+/// Largest `cpu_count` a stored row may hold.
+const MAX_ROW_VCPUS: i64 = 255;
+
+/// Whether a `SELECT rowid, *` row decodes into a valid [`Row`].
+fn check_row(r: &rusqlite::Row<'_>) -> Result<(), String> {
+    fn col<T: rusqlite::types::FromSql>(r: &rusqlite::Row<'_>, name: &str) -> Result<T, String> {
+        r.get::<_, T>(name)
+            .map_err(|e| format!("column {name}: {e}"))
+    }
+    let id: String = col(r, "id")?;
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("id {id:?} has a bad length"));
+    }
+    col::<i64>(r, "seq")?;
+    col::<String>(r, "template_id")?;
+    col::<Option<String>>(r, "alias")?;
+    let state: String = col(r, "state")?;
+    if state != "running" && state != "paused" {
+        return Err(format!("unknown state {state:?}"));
+    }
+    for c in ["created_ms", "started_ms", "end_ms"] {
+        col::<i64>(r, c)?;
+    }
+    for c in ["on_timeout_pause", "auto_resume", "allow_internet", "agent"] {
+        col::<bool>(r, c)?;
+    }
+    let metadata: String = col(r, "metadata")?;
+    serde_json::from_str::<BTreeMap<String, String>>(&metadata)
+        .map_err(|e| format!("metadata: {e}"))?;
+    let cpus: i64 = col(r, "cpu_count")?;
+    if !(1..=MAX_ROW_VCPUS).contains(&cpus) {
+        return Err(format!("cpu_count {cpus} is not in 1..={MAX_ROW_VCPUS}"));
+    }
+    let mem: i64 = col(r, "memory_mb")?;
+    if !(1..=MAX_ROW_MEMORY_MB).contains(&mem) {
+        return Err(format!("memory_mb {mem} is not in 1..={MAX_ROW_MEMORY_MB}"));
+    }
+    for c in ["disk_mb", "snapshot_gen"] {
+        let v: i64 = col(r, c)?;
+        if v < 0 {
+            return Err(format!("{c} {v} is negative"));
+        }
+    }
+    col::<Option<i64>>(r, "guest_round")?;
+    col::<Option<i64>>(r, "worker_pid")?;
+    col::<Option<String>>(r, "envd_token")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -216,9 +216,33 @@ async fn init(
         env_vars: HashMap<String, String>,
         #[serde(rename = "accessToken", default)]
         access_token: Option<String>,
+        /// Hex: fresh entropy for a sandbox resumed from a shared snapshot.
+        #[serde(default)]
+        entropy: Option<String>,
     }
     match serde_json::from_slice::<Init>(&body) {
         Ok(i) => {
+            if let Some(hex) = &i.entropy {
+                let bytes = match decode_hex(hex) {
+                    Some(b) if !b.is_empty() && b.len() <= MAX_ENTROPY => b,
+                    _ => {
+                        return files::Error::BadRequest(format!(
+                            "entropy must be 1..={MAX_ENTROPY} bytes of hex"
+                        ))
+                        .into_response()
+                    }
+                };
+                match add_entropy_and_reseed(&bytes) {
+                    Ok(how) => tracing::info!(
+                        "stasis-envd: fresh entropy: {} bytes mixed into the kernel RNG ({how})",
+                        bytes.len()
+                    ),
+                    Err(e) => {
+                        return files::Error::BadRequest(format!("adding entropy failed: {e}"))
+                            .into_response()
+                    }
+                }
+            }
             agent
                 .envs
                 .write()
@@ -701,5 +725,71 @@ pub(crate) mod tests {
             assert!(Instant::now() < end, "condition not met in time");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// Most entropy one `/init` may carry.
+const MAX_ENTROPY: usize = 512;
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Mixes `bytes` into the kernel's entropy pool and reseeds its CRNG, so
+/// that `/dev/urandom` (and every process seeded from it after this, such
+/// as a new Python interpreter's `random`) differs between sandboxes
+/// resumed from one snapshot: `RNDADDENTROPY` (credited; needs
+/// CAP_SYS_ADMIN, which the agent has as the guest's init-started root),
+/// then `RNDRESEEDCRNG`. Without the capability the bytes are written to
+/// `/dev/urandom` (mixed in, not credited) and the reseed is left to the
+/// kernel. Returns what was done.
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> std::io::Result<&'static str> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    // _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: `info` is a valid rand_pool_info of buf_size bytes of data,
+    // alive for the call; the kernel only reads it.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc != 0 {
+        f.write_all(bytes)?;
+        return Ok("written to /dev/urandom, not credited");
+    }
+    // SAFETY: an argument-less ioctl on our own descriptor.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) };
+    Ok(if rc == 0 {
+        "RNDADDENTROPY + RNDRESEEDCRNG"
+    } else {
+        "RNDADDENTROPY; reseed refused"
+    })
+}
+
+#[cfg(test)]
+mod entropy_tests {
+    use super::*;
+
+    #[test]
+    fn entropy_is_mixed_in_and_bad_hex_is_refused() {
+        assert_eq!(decode_hex("00ff10"), Some(vec![0, 0xff, 0x10]));
+        assert_eq!(decode_hex("0"), None);
+        assert_eq!(decode_hex("zz"), None);
+        let bytes: Vec<u8> = (0..64).map(|i| i as u8 ^ 0x5a).collect();
+        let how = add_entropy_and_reseed(&bytes).expect("adding entropy");
+        assert!(!how.is_empty());
     }
 }

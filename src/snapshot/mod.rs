@@ -11,11 +11,16 @@
 //! This module owns the directory: [`TmpDir`] builds a snapshot next to its
 //! final path and [`TmpDir::commit`] makes it appear atomically and durably;
 //! [`SnapshotDir::open`] checks that a directory is a snapshot.
+//!
+//! Reusable snapshots (any number of resumes, concurrently) live in a
+//! [`store::SnapshotStore`], each with a [`manifest::Manifest`].
 
 pub mod bitmap;
 pub mod crc32c;
 pub mod format;
+pub mod manifest;
 pub mod memfile;
+pub mod store;
 pub mod uffd;
 pub mod uffd_sys;
 

@@ -539,7 +539,10 @@ impl LazyLoader {
         let s = shared.clone();
         let fault = std::thread::Builder::new()
             .name("stasis-uffd".into())
-            .spawn(move || s.fault_thread())
+            .spawn(move || {
+                crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Uffd);
+                s.fault_thread()
+            })
             .map_err(|e| Error::Sys("spawning the userfaultfd thread", e))?;
         loader.threads.lock().expect("not poisoned").push(fault);
         if shared.opts.prefetch {
@@ -547,7 +550,10 @@ impl LazyLoader {
             // On failure `loader` is dropped, which stops the fault thread.
             let pf = std::thread::Builder::new()
                 .name("stasis-prefetch".into())
-                .spawn(move || s.prefetch_thread())
+                .spawn(move || {
+                    crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Uffd);
+                    s.prefetch_thread()
+                })
                 .map_err(|e| Error::Sys("spawning the prefetch thread", e))?;
             loader.threads.lock().expect("not poisoned").push(pf);
         }

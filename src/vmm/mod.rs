@@ -79,6 +79,9 @@ pub enum Error {
     /// A virtio device failed.
     #[error(transparent)]
     Virtio(#[from] virtio::Error),
+    /// The network device's tap could not be opened.
+    #[error("network device: {0}")]
+    Tap(#[from] crate::net::tap::Error),
     /// vCPU state save/restore failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
@@ -131,6 +134,23 @@ pub struct VmConfig {
     /// What backs guest memory: asked for in a config given to
     /// [`Vm::boot`]; the backing in use in [`Vm::config`].
     pub memory_backing: memory::MemoryBacking,
+}
+
+/// A virtio-net device for a VM: the tap [`crate::net::TAP_NAME`] inside
+/// the sandbox's network namespace (made by [`crate::net::Network::setup`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetAttach {
+    /// The namespace (a file such as `/run/netns/stasis-0a0b0008`).
+    pub netns: PathBuf,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl NetAttach {
+    /// Opens the tap inside the namespace.
+    pub fn open_tap(&self) -> Result<std::fs::File, Error> {
+        Ok(crate::net::tap::open_in(&self.netns, crate::net::TAP_NAME)?)
+    }
 }
 
 impl Default for VmConfig {
@@ -254,7 +274,14 @@ fn new_shell(mem_bytes: u64, vcpus: u8, backing: memory::MemoryBacking) -> Resul
 
 impl Vm {
     /// Creates and boots a VM; it is running when this returns.
-    pub fn boot(mut config: VmConfig) -> Result<Vm, Error> {
+    pub fn boot(config: VmConfig) -> Result<Vm, Error> {
+        Vm::boot_with_net(config, None)
+    }
+
+    /// [`Vm::boot`] with a virtio-net device over the tap in `net`'s
+    /// namespace (after the disk and vsock devices). The caller puts the
+    /// guest's `ip=` on the command line.
+    pub fn boot_with_net(mut config: VmConfig, net: Option<&NetAttach>) -> Result<Vm, Error> {
         // A new VM that may go on hugetlb gets whole 2 MiB pages.
         if matches!(
             config.memory_backing,
@@ -272,12 +299,15 @@ impl Vm {
         }
         let shell = new_shell(config.mem_bytes, config.vcpus, config.memory_backing)?;
         config.memory_backing = shell.backing;
-        let virtio = virtio::Virtio::create(
+        let mut virtio = virtio::Virtio::create(
             &shell.fd,
             &shell.mem,
             config.disk.as_ref(),
             config.vsock.as_deref(),
         )?;
+        if let Some(n) = net {
+            virtio.add_net(&shell.fd, n.open_tap()?, n.mac)?;
+        }
         let cmdline = format!("{}{}", config.cmdline, virtio.cmdline());
         let loaded = boot::load(
             &shell.mem,
@@ -338,7 +368,10 @@ impl Vm {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || t.run())
+                .spawn(move || {
+                    crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Vcpu);
+                    t.run()
+                })
                 .map_err(Error::Thread)?;
             vcpus.push(VcpuHandle {
                 cmds: tx,

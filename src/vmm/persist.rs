@@ -91,6 +91,15 @@ pub struct RestorePaths<'a> {
     pub vsock: Option<&'a Path>,
     /// The disk's base image (a snapshot with a disk needs it).
     pub disk_base: Option<&'a Path>,
+    /// A new writable disk overlay forked from the snapshot's
+    /// ([`virtio::cow::CowDisk::fork`]): the snapshot is never written and
+    /// any number of VMs restore it, concurrently. `None`: the snapshot's
+    /// overlay is used in place (it resumes once).
+    pub own_overlay: Option<&'a Path>,
+    /// The sandbox's network namespace, re-created by the caller with the
+    /// same addresses: the saved network device's tap is opened in it. A
+    /// snapshot with a network device and no namespace is an error.
+    pub netns: Option<&'a Path>,
 }
 
 // The state-file cap covers the memory metadata of the largest guest (a
@@ -395,7 +404,9 @@ impl Vm {
 
     /// [`Vm::restore_with`] onto guest memory of the given backing (any
     /// backing restores any snapshot; `Auto` picks by the host's pool).
-    /// The backing in use is in the restored VM's [`Vm::config`].
+    /// The backing in use is in the restored VM's [`Vm::config`]. Memory is
+    /// read from `memory.bin` read-only (concurrent resumes share its page
+    /// cache); see [`RestorePaths`] for the disk and network.
     pub fn restore_backed(
         dir: &Path,
         mode: RestoreMode,
@@ -486,6 +497,17 @@ impl Vm {
             fds.push(v);
         }
         let devices = Devices::new(&console, Some(&st.devices))?;
+        let mut net_tap = None;
+        if let Some(ns) = paths.netns {
+            if st
+                .virtio
+                .devices
+                .iter()
+                .any(|d| matches!(d.kind, DeviceKind::Net { .. }))
+            {
+                net_tap = Some(crate::net::tap::open_in(ns, crate::net::TAP_NAME)?);
+            }
+        }
         let virtio = Virtio::restore(
             &shell.fd,
             &shell.mem,
@@ -493,6 +515,8 @@ impl Vm {
             dir,
             paths.vsock,
             paths.disk_base,
+            paths.own_overlay,
+            net_tap,
         )?;
         // Virtio::restore refused a device without its caller-given path.
         let mut disk = None;
@@ -502,10 +526,16 @@ impl Vm {
                 DeviceKind::Block { .. } => {
                     disk = paths.disk_base.map(|b| DiskConfig {
                         base: b.to_owned(),
-                        overlay: Some(dir.join(virtio::SNAPSHOT_OVERLAY)),
+                        overlay: Some(
+                            paths
+                                .own_overlay
+                                .map(Path::to_owned)
+                                .unwrap_or_else(|| dir.join(virtio::SNAPSHOT_OVERLAY)),
+                        ),
                     })
                 }
                 DeviceKind::Vsock { .. } => vsock_path = paths.vsock.map(Path::to_owned),
+                DeviceKind::Net { .. } => {}
             }
         }
         let config = VmConfig {

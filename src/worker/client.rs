@@ -17,7 +17,17 @@ use tokio::process::Command;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::protocol::{self, Reply, ReplyFrame, Request, RequestFrame, MAX_FRAME};
-use super::{Error, PARENT_PID_ENV};
+use super::{Error, FAULT_ENV, PARENT_PID_ENV};
+use crate::jail::Prepared;
+
+/// The only environment variables a jailed worker gets (besides
+/// [`PARENT_PID_ENV`]): logging and the tests' fault switch. No secret.
+pub const JAIL_ENV: &[&str] = &[
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    FAULT_ENV,
+    "STASIS_SECCOMP_LOG",
+];
 
 type ReplyTx = oneshot::Sender<Result<Reply, Error>>;
 
@@ -41,6 +51,8 @@ impl Pending {
 
 /// A live worker process and the socket to it.
 pub struct WorkerClient {
+    /// The worker's jail, when it has one.
+    jail: Option<Arc<Prepared>>,
     pid: u32,
     next_id: AtomicU64,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
@@ -62,20 +74,64 @@ impl WorkerClient {
         socket: &Path,
         connect_timeout: Duration,
     ) -> Result<Self, Error> {
+        Self::spawn_jailed(exe, socket, connect_timeout, None).await
+    }
+
+    /// [`Self::spawn`], and with `jail` the worker confines itself
+    /// (`worker --jail SPEC`, see [`crate::jail`]) with an environment
+    /// cleared down to [`JAIL_ENV`]. The jail's cgroup and uid are released
+    /// once the worker has exited, whatever happens.
+    pub async fn spawn_jailed(
+        exe: &Path,
+        socket: &Path,
+        connect_timeout: Duration,
+        jail: Option<Prepared>,
+    ) -> Result<Self, Error> {
+        let jail = jail.map(Arc::new);
+        let undo = |jail: &Option<Arc<Prepared>>| {
+            if let Some(j) = jail.clone() {
+                // The cgroup cleanup polls briefly; not on a runtime thread.
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = j.cleanup() {
+                        tracing::warn!("jail cleanup: {}", crate::error_chain(&e));
+                    }
+                });
+            }
+        };
         let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)
-            .map_err(|e| Error::Io(format!("bind {}", socket.display()), e))?;
-        let mut child = Command::new(exe)
-            .arg("worker")
-            .arg("--socket")
-            .arg(socket)
+        let listener = match UnixListener::bind(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                undo(&jail);
+                return Err(Error::Io(format!("bind {}", socket.display()), e));
+            }
+        };
+        let mut cmd = Command::new(exe);
+        cmd.arg("worker").arg("--socket").arg(socket);
+        if let Some(j) = &jail {
+            let spec =
+                serde_json::to_string(&j.spec).map_err(|e| Error::Protocol(e.to_string()))?;
+            cmd.arg("--jail").arg(spec).env_clear();
+            for k in JAIL_ENV {
+                if let Some(v) = std::env::var_os(k) {
+                    cmd.env(k, v);
+                }
+            }
+        }
+        let spawned = cmd
             .env(PARENT_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Error::Io(format!("spawn worker {}", exe.display()), e))?;
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                undo(&jail);
+                return Err(Error::Io(format!("spawn worker {}", exe.display()), e));
+            }
+        };
         let pid = child.id().unwrap_or(0);
         let accepted = tokio::select! {
             r = listener.accept() => r.map_err(|e| Error::Io("accept worker".into(), e)),
@@ -92,6 +148,7 @@ impl WorkerClient {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                undo(&jail);
                 return Err(e);
             }
         };
@@ -100,6 +157,7 @@ impl WorkerClient {
         if peer != Some(pid as i32) {
             let _ = child.start_kill();
             let _ = child.wait().await;
+            undo(&jail);
             return Err(Error::Protocol(format!(
                 "unexpected peer {peer:?} on the worker socket (expected pid {pid})"
             )));
@@ -114,6 +172,7 @@ impl WorkerClient {
         // fails pending requests, on EOF, so a reply written just before the
         // worker exited is still delivered.)
         let kill2 = kill.clone();
+        let jail2 = jail.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
@@ -122,7 +181,20 @@ impl WorkerClient {
                     child.wait().await
                 }
             };
-            let _ = exit_tx.send(Some(describe_exit(status)));
+            let mut why = describe_exit(status);
+            if let Some(j) = jail2 {
+                if j.cgroup.oom_kills() > 0 {
+                    why.push_str(" (out of memory: its cgroup reached its memory limit)");
+                }
+                let j2 = j.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = j2.cleanup() {
+                        tracing::warn!("jail cleanup: {}", crate::error_chain(&e));
+                    }
+                })
+                .await;
+            }
+            let _ = exit_tx.send(Some(why));
         });
 
         // Reply reader.
@@ -165,6 +237,7 @@ impl WorkerClient {
         });
 
         Ok(WorkerClient {
+            jail,
             pid,
             next_id: AtomicU64::new(1),
             writer: tokio::sync::Mutex::new(write_half),
@@ -172,6 +245,11 @@ impl WorkerClient {
             kill,
             exit: exit_rx,
         })
+    }
+
+    /// The worker's jail (uid, cgroup), when it has one.
+    pub fn jail(&self) -> Option<&Prepared> {
+        self.jail.as_deref()
     }
 
     /// The worker's process id.
@@ -191,6 +269,7 @@ impl WorkerClient {
             Request::ResumeFromMemory => "resume from memory",
             Request::Status => "status",
             Request::Shutdown => "shutdown",
+            Request::Probe { .. } => "probe",
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let line = protocol::encode(&RequestFrame { id, request: req })

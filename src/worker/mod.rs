@@ -152,6 +152,148 @@ pub fn run_worker(socket: &Path) -> Result<(), Error> {
     serve(stream)
 }
 
+/// The jailed worker's entry point (`stasis worker --socket PATH --jail
+/// JSON`): connect to the server while still root, enter the jail
+/// ([`crate::jail::enter`]), then serve as [`run_worker`] does. The process
+/// the server started stays outside as the keeper and exits as the jailed
+/// worker does. If the jail cannot be entered, the first request is
+/// answered with the reason and the worker exits.
+pub fn run_worker_jailed(socket: &Path, spec: &str) -> Result<(), Error> {
+    set_parent_death_signal()?;
+    let spec: crate::jail::JailSpec =
+        serde_json::from_str(spec).map_err(|e| Error::Protocol(format!("bad --jail spec: {e}")))?;
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| Error::Io(format!("connect to {}", socket.display()), e))?;
+    match crate::jail::enter(&spec) {
+        Ok(crate::jail::Entered::Keeper(child)) => {
+            drop(stream);
+            crate::jail::keep(child)
+        }
+        Ok(crate::jail::Entered::Jailed) => serve(stream),
+        Err(e) => {
+            let msg = format!("entering the jail failed: {}", crate::error_chain(&e));
+            eprintln!("stasis worker: {msg}");
+            refuse(stream, &msg);
+            Err(Error::Vm(msg))
+        }
+    }
+}
+
+/// Answers the first request with `message` (a worker that cannot serve).
+fn refuse(stream: UnixStream, message: &str) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut line = Vec::new();
+    if BufReader::new(stream)
+        .take(MAX_FRAME)
+        .read_until(b'\n', &mut line)
+        .is_err()
+    {
+        return;
+    }
+    if let Ok(frame) = serde_json::from_slice::<RequestFrame>(&line) {
+        let reply = ReplyFrame {
+            id: frame.id,
+            reply: Reply::Error {
+                message: message.to_string(),
+            },
+        };
+        if let Ok(out) = protocol::encode(&reply) {
+            let _ = writer.write_all(&out);
+        }
+    }
+}
+
+/// Jail tests: runs one probe from inside the worker, if the worker was
+/// started with `STASIS_FAULT=jail-probe`. Ops: `read:PATH` (read a file),
+/// `write:PATH` (create a file), `exec:PATH` (execve: seccomp kills the
+/// jailed worker), `ioctl-kvm` (an allowed ioctl on /dev/kvm),
+/// `ioctl-tty` (`TIOCSTI`: not on the allowlist, kills the jailed worker),
+/// `alloc:MIB` (allocate and touch memory), `env` (the environment),
+/// `id` (uid, gid, pid, effective capabilities, hostname).
+fn probe(op: &str) -> Reply {
+    if std::env::var(FAULT_ENV).ok().as_deref() != Some("jail-probe") {
+        return Reply::Error {
+            message: "probes are disabled".into(),
+        };
+    }
+    let outcome = run_probe(op);
+    Reply::Probe { outcome }
+}
+
+fn run_probe(op: &str) -> String {
+    let res = |r: std::io::Result<String>| match r {
+        Ok(s) => format!("ok: {s}"),
+        Err(e) => format!("error: {e}"),
+    };
+    if let Some(p) = op.strip_prefix("read:") {
+        return res(std::fs::read(p).map(|b| format!("{} bytes", b.len())));
+    }
+    if let Some(p) = op.strip_prefix("write:") {
+        return res(std::fs::write(p, b"probe").map(|()| "written".into()));
+    }
+    if let Some(p) = op.strip_prefix("exec:") {
+        let Ok(path) = std::ffi::CString::new(p) else {
+            return "error: bad path".into();
+        };
+        let argv = [path.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        // SAFETY: NUL-terminated path, null-terminated argv/envp arrays that
+        // outlive the call.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        return res(Err(std::io::Error::last_os_error()));
+    }
+    if op == "ioctl-kvm" {
+        use std::os::fd::AsRawFd;
+        return res(std::fs::File::open("/dev/kvm").and_then(|f| {
+            // SAFETY: KVM_GET_API_VERSION takes no argument.
+            let v = unsafe { libc::ioctl(f.as_raw_fd(), 0xAE00, 0) };
+            if v < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(format!("KVM API {v}"))
+            }
+        }));
+    }
+    if op == "ioctl-tty" {
+        let c: u8 = b'x';
+        // SAFETY: TIOCSTI reads one byte from a valid pointer.
+        let rc = unsafe { libc::ioctl(2, libc::TIOCSTI, &c as *const u8) };
+        return if rc < 0 {
+            res(Err(std::io::Error::last_os_error()))
+        } else {
+            "ok: TIOCSTI accepted".into()
+        };
+    }
+    if let Some(m) = op.strip_prefix("alloc:") {
+        let Ok(mib) = m.parse::<usize>() else {
+            return "error: bad size".into();
+        };
+        let mut v = vec![0u8; mib << 20];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        let touched = v.iter().step_by(4096).filter(|b| **b == 1).count();
+        return format!("ok: touched {touched} pages");
+    }
+    if op == "env" {
+        let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+        return format!("ok: {}", vars.join(","));
+    }
+    if op == "id" {
+        // SAFETY: none of these calls has preconditions.
+        let (uid, gid, pid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        return format!(
+            "ok: uid={uid} gid={gid} pid={pid} capeff={:?} host={}",
+            crate::jail::effective_caps(),
+            host.trim()
+        );
+    }
+    format!("error: unknown probe {op:?}")
+}
+
 type SharedVm = Arc<Mutex<Option<Box<dyn VmBackend>>>>;
 
 fn lock(vm: &SharedVm) -> std::sync::MutexGuard<'_, Option<Box<dyn VmBackend>>> {
@@ -280,7 +422,9 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             console,
             vsock,
             disk_base,
+            own_overlay,
             memory_backing,
+            net,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -292,6 +436,8 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             let paths = vm::RestorePaths {
                 vsock: vsock.as_deref(),
                 disk_base: disk_base.as_deref(),
+                own_overlay: own_overlay.as_deref(),
+                netns: net.as_ref().map(|n| n.netns.as_path()),
             };
             match vm::restore_backed(
                 backend,
@@ -372,6 +518,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             )),
             false,
         ),
+        Request::Probe { probe: op } => (probe(&op), false),
         Request::Shutdown => {
             stopping.store(true, Ordering::Release);
             if let Some(v) = lock(vm).take() {
@@ -546,6 +693,7 @@ mod tests {
             vsock: None,
             interpreter: None,
             memory_backing: Default::default(),
+            net: None,
         };
         let rep = roundtrip(
             &mut w,
@@ -605,6 +753,7 @@ mod tests {
             vsock: None,
             interpreter: None,
             memory_backing: Default::default(),
+            net: None,
         };
         let boot = Request::Boot {
             backend: BackendKind::Fake,

@@ -103,6 +103,10 @@ pub struct BootConfig {
     /// Guest memory backing (`auto` when absent).
     #[serde(default)]
     pub memory_backing: crate::vmm::memory::MemoryBacking,
+    /// A virtio-net device over the tap in this sandbox network namespace
+    /// (real VMM only; the fake backend has no network device).
+    #[serde(default)]
+    pub net: Option<crate::vmm::NetAttach>,
 }
 
 /// Mirrors `vmm::RestoreMode`.
@@ -135,9 +139,19 @@ pub enum Request {
         /// recorded in the snapshot is never used.
         #[serde(default)]
         disk_base: Option<PathBuf>,
+        /// Restore from a reusable snapshot, leaving it untouched: the
+        /// VM's own disk overlay (forked from the snapshot's; real VMs) or
+        /// the new sandbox's directory for its host agent's files (fake).
+        /// `None`: the snapshot is the sandbox's own, used in place.
+        #[serde(default)]
+        own_overlay: Option<PathBuf>,
         /// Guest memory backing of the restored VM (`auto` when absent).
         #[serde(default)]
         memory_backing: crate::vmm::memory::MemoryBacking,
+        /// The re-created network namespace whose tap backs a saved
+        /// network device.
+        #[serde(default)]
+        net: Option<crate::vmm::NetAttach>,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
@@ -165,6 +179,10 @@ pub enum Request {
     Status,
     /// Kill the VM, reply [`Reply::ShuttingDown`], exit.
     Shutdown,
+    /// Tests of the jail only: try `op` from inside the worker and reply
+    /// [`Reply::Probe`]. Refused unless the worker runs with
+    /// `STASIS_FAULT=jail-probe` (see `worker::probe`).
+    Probe { probe: String },
 }
 
 /// Progress of the built-in test guest.
@@ -203,6 +221,10 @@ pub enum Reply {
         guest: Option<GuestProgress>,
     },
     ShuttingDown,
+    /// What a [`Request::Probe`] found.
+    Probe {
+        outcome: String,
+    },
     Error {
         message: String,
     },
@@ -251,6 +273,7 @@ mod tests {
                     vsock: Some("/v.sock".into()),
                     interpreter: None,
                     memory_backing: Default::default(),
+                    net: None,
                 },
             },
         };

@@ -104,7 +104,10 @@ pub(crate) fn restore(
 }
 
 /// Restores a VM from `dir` with the chosen backend, onto guest memory of
-/// the given backing (the fake backend ignores it).
+/// the given backing (the fake backend ignores it); with
+/// `paths.own_overlay`, from a reusable snapshot that is left untouched;
+/// with `paths.netns`, a saved network device's tap is opened there (real
+/// VMM only).
 pub(crate) fn restore_backed(
     backend: BackendKind,
     dir: &Path,
@@ -113,9 +116,12 @@ pub(crate) fn restore_backed(
     paths: RestorePaths<'_>,
     backing: crate::vmm::memory::MemoryBacking,
 ) -> Result<Box<dyn VmBackend>, Error> {
-    match backend {
-        BackendKind::Fake => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
-        BackendKind::Vm => real::restore(dir, mode, console, paths, backing),
+    match (backend, paths.own_overlay) {
+        (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
+        (BackendKind::Fake, Some(_)) => {
+            Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
+        }
+        (BackendKind::Vm, _) => real::restore(dir, mode, console, paths, backing),
     }
 }
 
@@ -545,6 +551,52 @@ impl FakeVm {
         Ok(vm)
     }
 
+    /// A new sandbox from a reusable (fake) snapshot in `dir`, which is
+    /// left untouched: the counter continues from the snapshot's; an agent
+    /// snapshot gets a new host agent on `vsock` whose files start as a
+    /// copy of the snapshot's (`dir/root`: the agent's directory tree at
+    /// the snapshot; its processes are not carried over by the fake).
+    fn restore_fork(
+        dir: &Path,
+        vsock: Option<&Path>,
+        console: &ConsoleSpec,
+    ) -> Result<Self, Error> {
+        let path = dir.join(FAKE_STATE_FILE);
+        let bytes =
+            fs::read(&path).map_err(|e| Error::Io(format!("read {}", path.display()), e))?;
+        let st: FakeState = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Vm(format!("corrupt fake snapshot {}: {e}", path.display())))?;
+        let agent = match (st.agent.is_some(), vsock) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(Error::Vm(
+                    "the snapshot has an agent: its socket path must be given".into(),
+                ))
+            }
+            (true, Some(v)) => {
+                let from = dir.join("root");
+                let to = v
+                    .parent()
+                    .ok_or_else(|| {
+                        Error::Vm(format!("vsock path {} has no directory", v.display()))
+                    })?
+                    .join("root");
+                if from.is_dir() && !to.exists() {
+                    crate::snapshot::store::copy_tree(&from, &to).map_err(|e| {
+                        Error::Vm(format!(
+                            "copying the snapshot's files: {}",
+                            crate::error_chain(&e)
+                        ))
+                    })?;
+                }
+                Some(HostAgent::spawn(v, console, None)?)
+            }
+        };
+        let mut vm = Self::start(st.round, st.acc, st.cmdline);
+        vm.agent = agent;
+        Ok(vm)
+    }
+
     fn start(round: u64, acc: u64, cmdline: String) -> Self {
         let shared = Arc::new(FakeShared {
             round: AtomicU64::new(round),
@@ -734,7 +786,8 @@ mod real {
             vsock: cfg.vsock.clone(),
             memory_backing: cfg.memory_backing,
         };
-        let vm = vmm::Vm::boot(vm_cfg).map_err(|e| Error::Vm(e.to_string()))?;
+        let vm = vmm::Vm::boot_with_net(vm_cfg, cfg.net.as_ref())
+            .map_err(|e| Error::Vm(e.to_string()))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -779,7 +832,7 @@ mod real {
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
         let (vm, _) = vmm::Vm::restore_backed(dir, mode, console(c), None, paths, backing)
-            .map_err(|e| Error::Vm(e.to_string()))?;
+            .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         Ok(Box::new(RealVm { vm }))
     }
 
@@ -866,6 +919,7 @@ mod tests {
             vsock: None,
             interpreter: None,
             memory_backing: Default::default(),
+            net: None,
         }
     }
 

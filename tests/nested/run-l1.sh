@@ -98,6 +98,13 @@
 #                         /rootfs.ext4"; empty: only the built-in templates)
 #   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
 #   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
+#   STASIS_L1_DATA_SIZE   serve: /data (the server's data dir) is a tmpfs of
+#                         this size (e.g. 60%) instead of part of L1's root
+#                         tmpfs (half of L1's memory, shared with the rootfs
+#                         image)
+#   STASIS_L1_FWD         serve: more forwarded ports, space separated
+#                         HOSTIP:HOSTPORT-L1PORT (e.g. 127.9.8.7:443-443 for
+#                         the server's --tls-listen 0.0.0.0:443)
 #   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
 #   STASIS_PR_PAUSED_S    pause-resume: seconds the snapshot stays on disk
 #                         before the lazy resume (6), long enough for the
@@ -358,6 +365,7 @@ PY
         printf 'LAUNCH_IN_SCENARIO=%q\n' "$([[ "$scenario" == serve && -z "${STASIS_L1_COMMAND:-}" ]] && echo 1 || echo 0)"
         printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
         printf 'SERVE_ARGS=%q\n' "${STASIS_SERVE_ARGS:-}"
+        printf 'DATA_SIZE=%q\n' "${STASIS_L1_DATA_SIZE:-}"
         printf 'SERVE_LINUX_ARGS=%q\n' "${STASIS_SERVE_LINUX_ARGS---kernel /vmlinux --rootfs /rootfs.ext4}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
         [[ -z "${STASIS_FAULT:-}" ]] || printf 'export STASIS_FAULT=%q\n' "$STASIS_FAULT"
@@ -617,10 +625,21 @@ for f in /l1/sparse/rootfs/blk.*; do
 done
 say "rootfs: /rootfs.ext4 $(stat -c %s /rootfs.ext4) bytes; memory: $(grep MemFree /proc/meminfo)"
 mkdir -p /data
+# The initramfs root is a tmpfs of half of L1's memory; with a large rootfs
+# image in it, a sandbox's snapshot may not fit beside it.
+if [ -n "$DATA_SIZE" ]; then
+    mount -t tmpfs -o "size=$DATA_SIZE,mode=0700" tmpfs /data || { say "FAIL: mount /data"; exit 1; }
+    say "/data: a tmpfs of $DATA_SIZE"
+fi
 export NO_COLOR=1
-set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data
+# --no-jail: this L1 init mounts no cgroups, and the jail is proven on the
+# host by tests/jail.rs.
+set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data --no-jail
 # shellcheck disable=SC2086 # lists of words
 set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
+# Sandbox networking needs nftables, which L1 does not carry: without it,
+# serve would refuse to start (src/net), so its sandboxes go without.
+command -v nft >/dev/null 2>&1 || set -- "$@" --no-network
 say "starting: $*"
 echo "STASIS-L1-LAUNCH at L1 uptime $(cut -d' ' -f1 /proc/uptime)s"
 "$@" &
@@ -692,7 +711,13 @@ EOF
     [[ -z "${STASIS_L1_QEMU_ARGS:-}" ]] || read -r -a qemu_extra <<<"$STASIS_L1_QEMU_ARGS"
     net=()
     # shellcheck disable=SC2054 # the commas are inside one QEMU argument
-    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+    fwd="hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+    for f in ${STASIS_L1_FWD:-}; do
+        [[ "$f" =~ ^([0-9.]+):([0-9]+)-([0-9]+)$ ]] \
+            || { echo "run-l1: STASIS_L1_FWD entry '$f' is not HOSTIP:HOSTPORT-L1PORT" >&2; exit 2; }
+        fwd+=",hostfwd=tcp:${BASH_REMATCH[1]}:${BASH_REMATCH[2]}-10.0.2.15:${BASH_REMATCH[3]}"
+    done
+    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,$fwd"
         -device virtio-net-pci,netdev=n0)
     qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
         -nographic -no-reboot -nodefaults

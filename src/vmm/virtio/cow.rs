@@ -172,6 +172,31 @@ pub struct CowDisk {
     shared: bool,
 }
 
+/// A snapshot's overlay opened read-only, the source of [`CowDisk::fork`].
+struct ReadOnlyLayer {
+    base: File,
+    overlay: File,
+    size: u64,
+    map: PageBitmap,
+    crcs: Vec<u32>,
+}
+
+impl ReadOnlyLayer {
+    fn copy_blocks_to(&self, out: &File, out_path: &Path) -> Result<(), Error> {
+        out.set_len(self.size).map_err(io_err("sizing", out_path))?;
+        for (s, e) in self.map.iter_runs() {
+            let bs = s as u64 * BLOCK;
+            let be = (e as u64 * BLOCK).min(self.size);
+            copy_range(&self.overlay, out, bs, be - bs).map_err(|source| Error::Io {
+                op: "copying snapshot layer blocks to",
+                path: out_path.to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// What [`CowDisk::unshare`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnshareStats {
@@ -249,6 +274,86 @@ impl CowDisk {
             disk.write_map_to(&map_file)?;
         }
         Ok(disk)
+    }
+
+    /// Opens a new writable overlay at `own` that starts as a copy of a
+    /// snapshot's overlay `layer` (the middle of the chain template base ←
+    /// snapshot layer ← this VM's overlay). The snapshot's files are never
+    /// written: `own` is a reflink of `layer` where the filesystem can make
+    /// one, else a hard link marked shared (copied away before this disk's
+    /// first data write, see [`CowDisk::unshare`]), else a copy of the
+    /// written blocks; its map is written fresh from the layer's (verified)
+    /// map. Any number of disks can be forked from one layer at once.
+    /// `own` and its map must not exist.
+    pub fn fork(base: &Path, layer: &Path, own: &Path) -> Result<CowDisk, Error> {
+        let src = Self::open_existing_readonly(base, layer)?;
+        if own.symlink_metadata().is_ok() || map_path(own).symlink_metadata().is_ok() {
+            return Err(Error::Io {
+                op: "creating overlay",
+                path: own.to_owned(),
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        let mut shared = false;
+        if reflink(&src.overlay, own).is_err() {
+            if fs::hard_link(layer, own).is_ok() {
+                shared = true;
+            } else {
+                let out = File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(own)
+                    .map_err(io_err("creating", own))?;
+                src.copy_blocks_to(&out, own)?;
+                out.sync_all().map_err(io_err("syncing", own))?;
+            }
+        }
+        let overlay = File::options()
+            .read(true)
+            .write(true)
+            .open(own)
+            .map_err(io_err("opening overlay", own))?;
+        let disk = CowDisk {
+            base: src.base,
+            base_path: base.to_owned(),
+            overlay,
+            overlay_path: own.to_owned(),
+            size: src.size,
+            map: src.map,
+            crcs: src.crcs,
+            map_dirty: false,
+            data_dirty: false,
+            shared,
+        };
+        disk.write_map_to(&map_path(own))?;
+        Ok(disk)
+    }
+
+    /// Opens a snapshot layer for reading only (its overlay and map are
+    /// checked like [`CowDisk::open_existing`]; nothing is ever written).
+    fn open_existing_readonly(base: &Path, layer: &Path) -> Result<ReadOnlyLayer, Error> {
+        let base_file = File::open(base).map_err(io_err("opening base image", base))?;
+        let size = base_file
+            .metadata()
+            .map_err(io_err("reading size of", base))?
+            .len();
+        let f = File::open(layer).map_err(io_err("opening snapshot layer", layer))?;
+        check_len(&f, layer, size)?;
+        let map_file = map_path(layer);
+        if !map_file.exists() {
+            return Err(Error::MissingMap {
+                overlay: layer.to_owned(),
+                map: map_file,
+            });
+        }
+        let (map, crcs) = read_map(&map_file, size)?;
+        Ok(ReadOnlyLayer {
+            base: base_file,
+            overlay: f,
+            size,
+            map,
+            crcs,
+        })
     }
 
     /// Size in bytes (the base image's).
@@ -1066,5 +1171,64 @@ mod tests {
         fs::write(map_path(&ov), &v2).unwrap();
         let e = CowDisk::open(&b, &ov).unwrap_err().to_string();
         assert!(e.contains("block checksums"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod fork_tests {
+    use super::*;
+
+    #[test]
+    fn forks_of_one_layer_diverge_and_never_touch_it() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path().join("base.img");
+        fs::write(&b, vec![7u8; 64 * 1024]).unwrap();
+        let ov = d.path().join("ov");
+        let mut disk = CowDisk::open(&b, &ov).unwrap();
+        disk.write_at(0, b"snapshot").unwrap();
+        let snap = d.path().join("snap");
+        fs::create_dir(&snap).unwrap();
+        disk.save_into(&snap, "disk").unwrap();
+        drop(disk);
+        let layer = snap.join("disk");
+        let layer_bytes = fs::read(&layer).unwrap();
+        let layer_map = fs::read(map_path(&layer)).unwrap();
+
+        let (a, c) = (d.path().join("a"), d.path().join("c"));
+        let mut fa = CowDisk::fork(&b, &layer, &a).unwrap();
+        let mut fc = CowDisk::fork(&b, &layer, &c).unwrap();
+        let mut buf = [0u8; 8];
+        for f in [&fa, &fc] {
+            f.read_at(0, &mut buf).unwrap();
+            assert_eq!(&buf, b"snapshot");
+        }
+        fa.write_at(0, b"clone--A").unwrap();
+        fc.write_at(4096, b"clone--C").unwrap();
+        fa.flush().unwrap();
+        fc.flush().unwrap();
+        fa.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"clone--A");
+        fc.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"snapshot", "a fork saw its sibling's write");
+        fc.read_at(4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"clone--C");
+        fa.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, [7u8; 8]);
+        drop((fa, fc));
+        assert_eq!(fs::read(&layer).unwrap(), layer_bytes, "layer data changed");
+        assert_eq!(
+            fs::read(map_path(&layer)).unwrap(),
+            layer_map,
+            "layer map changed"
+        );
+        // Reopened, each fork keeps its own writes.
+        let ra = CowDisk::open_existing(&b, &a).unwrap();
+        ra.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"clone--A");
+        // A fork onto an existing path is refused; a missing layer is an
+        // error naming it.
+        assert!(CowDisk::fork(&b, &layer, &a).is_err());
+        let e = CowDisk::fork(&b, &d.path().join("nope"), &d.path().join("x")).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 }

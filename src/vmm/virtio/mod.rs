@@ -40,6 +40,7 @@
 pub mod block;
 pub mod cow;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};
@@ -152,6 +153,11 @@ pub enum DeviceKind {
         /// The guest's CID.
         cid: u64,
     },
+    /// virtio-net; the tap is the caller's (re-created on restore).
+    Net {
+        /// The guest's MAC address.
+        mac: [u8; 6],
+    },
 }
 
 /// One device with its transport. A VM has at most two, so the size
@@ -162,6 +168,8 @@ pub enum Device {
     Block(Transport<Block>),
     /// virtio-vsock.
     Vsock(Transport<Vsock<Muxer>>),
+    /// virtio-net over a tap.
+    Net(Transport<net::Net<net::Tap>>),
 }
 
 impl Device {
@@ -169,6 +177,7 @@ impl Device {
         match self {
             Device::Block(t) => t.read(offset, data),
             Device::Vsock(t) => t.read(offset, data),
+            Device::Net(t) => t.read(offset, data),
         }
     }
 
@@ -176,6 +185,7 @@ impl Device {
         match self {
             Device::Block(t) => t.write(offset, data),
             Device::Vsock(t) => t.write(offset, data),
+            Device::Net(t) => t.write(offset, data),
         }
     }
 
@@ -183,6 +193,7 @@ impl Device {
         match self {
             Device::Block(t) => t.queues.len(),
             Device::Vsock(t) => t.queues.len(),
+            Device::Net(t) => t.queues.len(),
         }
     }
 
@@ -190,6 +201,7 @@ impl Device {
         match self {
             Device::Block(t) => &t.interrupt,
             Device::Vsock(t) => &t.interrupt,
+            Device::Net(t) => &t.interrupt,
         }
     }
 
@@ -224,6 +236,23 @@ impl Device {
                 n |= device.process_rx(rx, mem);
                 n
             }
+            Device::Net(t) => {
+                if !t.activated() {
+                    return;
+                }
+                let Transport { device, queues, .. } = t;
+                let [rx, tx] = &mut queues[..] else {
+                    return;
+                };
+                let mut n = false;
+                if q.is_none() || q == Some(net::TXQ) {
+                    n |= device.process_tx(tx, mem);
+                }
+                if q.is_none() || q == Some(net::RXQ) {
+                    n |= device.process_rx(rx, mem);
+                }
+                n
+            }
         };
         if notify {
             self.interrupt().raise(mmio::INT_VRING);
@@ -243,6 +272,12 @@ impl Device {
                 DeviceKind::Vsock {
                     uds: PathBuf::new(),
                     cid: t.device.cid(),
+                },
+                t.save(),
+            ),
+            Device::Net(t) => (
+                DeviceKind::Net {
+                    mac: t.device.mac(),
                 },
                 t.save(),
             ),
@@ -387,7 +422,12 @@ impl Virtio {
     /// with no connections. The state is untrusted input: no host path it
     /// records is used (the overlay is the snapshot's, the base and the
     /// socket are the caller's); a snapshot with a disk or a vsock device
-    /// and no such path given is [`Error::BadState`].
+    /// and no such path given is [`Error::BadState`]. With `own_overlay`
+    /// the disk is a new writable overlay forked from the snapshot's
+    /// ([`CowDisk::fork`]): the snapshot is never written and can be
+    /// restored again, concurrently. `net_tap` (opened in the sandbox's
+    /// re-created namespace) backs a saved network device.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
@@ -395,6 +435,8 @@ impl Virtio {
         snapshot: &Path,
         vsock_uds: Option<&Path>,
         disk_base: Option<&Path>,
+        own_overlay: Option<&Path>,
+        mut net_tap: Option<std::fs::File>,
     ) -> Result<Virtio, Error> {
         let mut v = Virtio::none(mem);
         for (i, d) in st.devices.iter().enumerate() {
@@ -427,7 +469,11 @@ impl Virtio {
                              records; using the given one"
                         );
                     }
-                    let disk = CowDisk::open_existing(base, &snapshot.join(SNAPSHOT_OVERLAY))?;
+                    let layer = snapshot.join(SNAPSHOT_OVERLAY);
+                    let disk = match own_overlay {
+                        Some(own) => CowDisk::fork(base, &layer, own)?,
+                        None => CowDisk::open_existing(base, &layer)?,
+                    };
                     if disk.size() != *size {
                         return Err(Error::BadState(format!(
                             "base image {} is {} bytes now, {size} when the snapshot was taken",
@@ -460,10 +506,27 @@ impl Virtio {
                     }
                     Device::Vsock(t)
                 }
+                DeviceKind::Net { mac } => {
+                    let tap = net_tap.take().ok_or_else(|| {
+                        Error::BadState(
+                            "the snapshot has a network device: a tap must be given".into(),
+                        )
+                    })?;
+                    let dev = net::Net::new(net::Tap(tap), *mac);
+                    Device::Net(Transport::restore(dev, interrupt, &d.transport).map_err(bad)?)
+                }
             };
             v.add(vm, dev)?;
         }
         Ok(v)
+    }
+
+    /// Adds a virtio-net device over `tap` (opened with a 12-byte virtio
+    /// header, see [`crate::net::tap`]), after the disk and vsock devices.
+    pub fn add_net(&mut self, vm: &VmFd, tap: std::fs::File, mac: [u8; 6]) -> Result<(), Error> {
+        let irq = Interrupt::new().map_err(sys("an interrupt eventfd"))?;
+        let dev = net::Net::new(net::Tap(tap), mac);
+        self.add(vm, Device::Net(Transport::new(dev, irq)))
     }
 
     fn add(&mut self, vm: &VmFd, dev: Device) -> Result<(), Error> {
@@ -581,7 +644,10 @@ impl Virtio {
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("disk-check".into())
-            .spawn(move || scrub_thread(dev, fault, stop2))
+            .spawn(move || {
+                crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Device);
+                scrub_thread(dev, fault, stop2)
+            })
             .map_err(sys("the disk check thread"))?;
         self.scrub = Scrub::Started { stop, thread };
         Ok(())
@@ -632,12 +698,33 @@ impl Virtio {
                     add(fd, token(i, BACKEND_QUEUE))?;
                 }
             }
+            if let Device::Net(t) = &*lock(&s.dev) {
+                use self::net::NetBackend;
+                let fd = t.device.backend().fd();
+                if fd >= 0 {
+                    // Edge-triggered: with the RX ring full the tap stays
+                    // readable; the guest's RX notification resumes reading.
+                    epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(
+                                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                                token(i, BACKEND_QUEUE),
+                            ),
+                        )
+                        .map_err(sys("an epoll registration"))?;
+                }
+            }
             devs.push((s.dev.clone(), fds));
         }
         let mem = self.mem.clone();
         let thread = std::thread::Builder::new()
             .name("virtio".into())
-            .spawn(move || device_thread(epoll, devs, mem))
+            .spawn(move || {
+                crate::jail::seccomp::install_for(crate::jail::seccomp::ThreadKind::Device);
+                device_thread(epoll, devs, mem)
+            })
             .map_err(sys("the device thread"))?;
         self.running = Some(Running { stop, thread });
         Ok(())
@@ -706,7 +793,7 @@ fn scrub_thread(dev: Arc<Mutex<Device>>, fault: Arc<DiskFault>, stop: Arc<Atomic
     while !stop.load(Ordering::Relaxed) {
         let step = match &*lock(&dev) {
             Device::Block(b) => b.device.disk().scrub_step(pos),
-            Device::Vsock(_) => return,
+            Device::Vsock(_) | Device::Net(_) => return,
         };
         match step {
             Ok(Some(next)) => pos = next,
@@ -759,7 +846,11 @@ fn device_thread(epoll: Epoll, devs: ThreadDevices, mem: GuestMemoryMmap) {
                 if let Device::Vsock(t) = &mut *d {
                     t.device.backend_mut().process();
                 }
-                d.process(Some(vsock::RXQ), &mem);
+                let rxq = match &*d {
+                    Device::Net(_) => net::RXQ,
+                    _ => vsock::RXQ,
+                };
+                d.process(Some(rxq), &mem);
             } else if let Some(e) = fds.get(q) {
                 // Reset the counter first: a notification that arrives
                 // while we work wakes us again.
