@@ -6,8 +6,9 @@
 //!
 //! The VM tests run the built-in test guest (`base`: an endless workload
 //! that checks its own memory and publishes its round) with the worker's
-//! fault hook `STASIS_FAULT=hold-pause-write:PATH`, which holds the
-//! background write until PATH exists: the tests act while the snapshot is
+//! fault hook `STASIS_FAULT=hold-pause-write:NAME`, which holds the
+//! background write until the file NAME exists in the sandbox's directory
+//! (the one host directory a jailed worker sees): the tests act while the snapshot is
 //! certainly not durable, without racing the write. They need /dev/kvm and
 //! fail loudly without it (or print a "SKIPPED (not passed)" banner with
 //! STASIS_ALLOW_SKIP=1).
@@ -34,7 +35,9 @@ struct Setup {
 impl Setup {
     fn new() -> Setup {
         let tmp = tempfile::tempdir().unwrap();
-        let release = tmp.path().join("release-write");
+        // Relative: in each sandbox's directory, the one host directory a
+        // jailed worker sees.
+        let release = PathBuf::from("release-write");
         Setup { tmp, release }
     }
 
@@ -54,8 +57,23 @@ impl Setup {
         .unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
+    /// Where the release file of sandbox `id` goes.
+    fn release_of(&self, id: &str) -> PathBuf {
+        self.data().join("sandboxes").join(id).join(&self.release)
+    }
+
+    /// Releases the held writes of every sandbox.
     fn release_writes(&self) {
-        std::fs::write(&self.release, b"go").unwrap();
+        let sandboxes = self.data().join("sandboxes");
+        // No sandbox directory yet: nothing is held.
+        let Ok(dirs) = std::fs::read_dir(&sandboxes) else {
+            return;
+        };
+        for e in dirs.flatten() {
+            if e.path().is_dir() {
+                std::fs::write(e.path().join(&self.release), b"go").unwrap();
+            }
+        }
     }
 }
 
@@ -183,7 +201,7 @@ fn vm_connect_during_the_write_resumes_from_memory() {
     // The write is still held: only an abandoned write lets this answer.
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
-    assert!(!st.release.exists());
+    assert!(!st.release_of(&id).exists());
     let d = s.info(&id).json();
     assert_eq!(d["state"], "running", "{d}");
     assert_eq!(
@@ -239,7 +257,7 @@ fn vm_second_pause_during_the_write_reuses_it() {
 
     let addr = s.addr;
     let path = format!("/sandboxes/{id}/pause");
-    let release = st.release.clone();
+    let release = st.release_of(&id);
     let sync_pause = std::thread::spawn(move || {
         let body = json!({"sync": true}).to_string();
         let r = api_support::http(
@@ -397,7 +415,6 @@ fn vm_connect_racing_a_running_write_leaves_no_partial_snapshot() {
         return;
     }
     let st = Setup::new();
-    st.release_writes();
     let templates = st.data().join("templates");
     std::fs::create_dir_all(&templates).unwrap();
     let workload = stasis::guest::Workload {
@@ -416,6 +433,8 @@ fn vm_connect_racing_a_running_write_leaves_no_partial_snapshot() {
     std::fs::write(templates.join("big.json"), spec.to_string()).unwrap();
     let s = st.start_vm();
     let id = s.create(json!({"templateID": "big"}));
+    // Nothing is held in this test.
+    st.release_writes();
     let pid = s.worker_pid(&id).unwrap();
     wait_round(&s, &id, 2);
     pause(&s, &id, false);

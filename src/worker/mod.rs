@@ -44,17 +44,23 @@ fn fault_abort_after_resume() -> bool {
     std::env::var(FAULT_ENV).is_ok_and(|v| v == "abort-after-resume")
 }
 
-/// `STASIS_FAULT=hold-pause-write:PATH` holds an asynchronous pause's
-/// background write (before it starts) until the file PATH exists, so the
-/// tests can act while a snapshot is not yet durable. Unset in production.
+/// `STASIS_FAULT=hold-pause-write:NAME` holds an asynchronous pause's
+/// background write (before it starts) until the file NAME exists, so the
+/// tests can act while a snapshot is not yet durable. A relative NAME is in
+/// the sandbox's directory (the snapshot directory's parent): the one host
+/// directory a jailed worker sees. Unset in production.
 const FAULT_HOLD_PAUSE_WRITE: &str = "hold-pause-write:";
 
-fn fault_hold_pause_write(cancel: &AtomicBool) {
-    let Some(path) = std::env::var(FAULT_ENV)
+fn fault_hold_pause_write(cancel: &AtomicBool, snapshot_dir: &Path) {
+    let Some(name) = std::env::var(FAULT_ENV)
         .ok()
         .and_then(|v| v.strip_prefix(FAULT_HOLD_PAUSE_WRITE).map(PathBuf::from))
     else {
         return;
+    };
+    let path = match snapshot_dir.parent() {
+        Some(sandbox) if name.is_relative() => sandbox.join(name),
+        _ => name,
     };
     eprintln!(
         "stasis worker: {FAULT_ENV}: holding the snapshot write until {} exists",
@@ -568,7 +574,7 @@ fn handle_background(
                 .name("snapshot-writer".into())
                 .spawn(move || {
                     let write = || {
-                        fault_hold_pause_write(&cancel2);
+                        fault_hold_pause_write(&cancel2, &snapshot_dir);
                         if cancel2.load(Ordering::Acquire) {
                             return Err("the write was abandoned (resumed from memory)".to_string());
                         }
