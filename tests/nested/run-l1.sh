@@ -710,15 +710,17 @@ EOF
     qemu_extra=()
     [[ -z "${STASIS_L1_QEMU_ARGS:-}" ]] || read -r -a qemu_extra <<<"$STASIS_L1_QEMU_ARGS"
     net=()
-    # shellcheck disable=SC2054 # the commas are inside one QEMU argument
-    fwd="hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
-    for f in ${STASIS_L1_FWD:-}; do
-        [[ "$f" =~ ^([0-9.]+):([0-9]+)-([0-9]+)$ ]] \
-            || { echo "run-l1: STASIS_L1_FWD entry '$f' is not HOSTIP:HOSTPORT-L1PORT" >&2; exit 2; }
-        fwd+=",hostfwd=tcp:${BASH_REMATCH[1]}:${BASH_REMATCH[2]}-10.0.2.15:${BASH_REMATCH[3]}"
-    done
-    [[ "$scenario" != serve ]] || net=(-netdev "user,id=n0,$fwd"
-        -device virtio-net-pci,netdev=n0)
+    if [[ "$scenario" == serve ]]; then
+        # Only the serve scenario has a host port (and a network).
+        fwd="hostfwd=tcp:127.0.0.1:${host_port}-10.0.2.15:3000"
+        for f in ${STASIS_L1_FWD:-}; do
+            [[ "$f" =~ ^([0-9.]+):([0-9]+)-([0-9]+)$ ]] \
+                || { echo "run-l1: STASIS_L1_FWD entry '$f' is not HOSTIP:HOSTPORT-L1PORT" >&2; exit 2; }
+            fwd+=",hostfwd=tcp:${BASH_REMATCH[1]}:${BASH_REMATCH[2]}-10.0.2.15:${BASH_REMATCH[3]}"
+        done
+        # shellcheck disable=SC2054 # the commas are inside one QEMU argument
+        net=(-netdev "user,id=n0,$fwd" -device virtio-net-pci,netdev=n0)
+    fi
     qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
         -nographic -no-reboot -nodefaults
         -serial stdio -serial "file:$kernlog" -serial "file:$hb"
