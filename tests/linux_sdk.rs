@@ -34,7 +34,7 @@ use support::{
 const TEST: &str = "linux_sdk";
 /// The SDK release the proof speaks (as tests/sdk/run.sh).
 const SDK_VERSION: &str = "2.1.1";
-const API_KEY: &str = "linux-sdk-proof";
+const API_KEY: &str = "linux-sdk-proof-key";
 
 const KERNEL_BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
 /// A first static build compiles every dependency again (its own target dir).

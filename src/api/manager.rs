@@ -1225,6 +1225,9 @@ impl Manager {
         .into_iter()
         .chain(template.boot.initrd.clone())
         .chain(template.boot.disk.as_ref().map(|d| d.base.clone()))
+        // A sandbox made from a snapshot reads it (memory, state, disk
+        // layer): visible, read-only, in its jail.
+        .chain(from_snapshot.as_ref().map(|s| s.dir.clone()))
         .collect();
         let worker = match self
             .spawn_worker(

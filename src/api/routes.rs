@@ -842,6 +842,18 @@ fn add_snapshots_to(doc: &mut serde_json::Value) {
             "count": { "type": "integer", "minimum": 1, "maximum": 16 }, "strict": { "type": "boolean" },
             "timeout": { "type": "integer" }, "nodeID": { "type": "string" } } } } } },
         "responses": { "201": { "description": "{sandboxes: [{sandboxID, envdVersion, envdAccessToken, trafficAccessToken}], snapshotTemplateId}" },
+            "400": err, "401": err, "404": err, "409": err, "429": err, "500": err } }),
+    );
+    put(
+        "/sandboxes/{id}/network",
+        "put",
+        json!({
+        "summary": "Replace a sandbox's egress lists (running: applied at once; paused: applied on resume)",
+        "parameters": [id("id")],
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "properties": {
+            "allowOut": { "type": "array", "items": { "type": "string" } },
+            "denyOut": { "type": "array", "items": { "type": "string" } } } } } } },
+        "responses": { "204": { "description": "Applied (or stored for the resume)" },
             "400": err, "401": err, "404": err, "409": err, "500": err } }),
     );
 }

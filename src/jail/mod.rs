@@ -264,7 +264,8 @@ impl Jailer {
         let root = self.jail_dir.join(&req.name);
         let made = std::fs::create_dir_all(&root)
             .map_err(|e| Error::Sys(format!("create {}", root.display()), e))
-            .and_then(|()| chown_tree(&req.sandbox_dir, uid, uid));
+            .and_then(|()| chown_tree(&req.sandbox_dir, uid, uid))
+            .and_then(|()| req.ro.iter().try_for_each(|p| readable_by_others(p)));
         if let Err(e) = made {
             let _ = cg.destroy();
             return Err(undo_uid(e));
@@ -294,6 +295,36 @@ impl Prepared {
         self.jailer.uids.give(self.spec.uid);
         r.map_err(Error::from)
     }
+}
+
+/// Makes a read-only input (a snapshot directory that many sandboxes
+/// resume from, each as its own uid; a kernel or base image) readable by
+/// every jailed uid: files `o+r`, directories `o+rx`, recursively, not
+/// following links. Safe because permissions are not what confines it: on
+/// the host the data directory is 0700 (no other user reaches inside), and
+/// a jailed worker sees only the paths its own jail binds.
+fn readable_by_others(p: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let md =
+        std::fs::symlink_metadata(p).map_err(|e| Error::Sys(format!("stat {}", p.display()), e))?;
+    if md.file_type().is_symlink() {
+        return Ok(());
+    }
+    let want = if md.is_dir() { 0o005 } else { 0o004 };
+    let mode = md.permissions().mode();
+    if mode & want != want {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode((mode | want) & 0o7777))
+            .map_err(|e| Error::Sys(format!("chmod {}", p.display()), e))?;
+    }
+    if md.is_dir() {
+        let entries =
+            std::fs::read_dir(p).map_err(|e| Error::Sys(format!("list {}", p.display()), e))?;
+        for ent in entries {
+            let ent = ent.map_err(|e| Error::Sys(format!("list {}", p.display()), e))?;
+            readable_by_others(&ent.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Gives `dir` and everything under it (not following links) to uid:gid.
