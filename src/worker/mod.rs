@@ -682,13 +682,22 @@ mod tests {
         serde_json::from_str(&line).unwrap()
     }
 
-    #[test]
-    fn worker_loop_boot_status_pause() {
+    /// A worker loop on one end of a socket pair: its thread, and the
+    /// other end to write requests to and read replies from.
+    fn start_worker_loop() -> (
+        std::thread::JoinHandle<Result<(), Error>>,
+        UnixStream,
+        BufReader<UnixStream>,
+    ) {
         let (server, worker) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || serve(worker));
-        let mut w = server.try_clone().unwrap();
-        let mut r = BufReader::new(server);
-        let cfg = BootConfig {
+        let w = server.try_clone().unwrap();
+        (t, w, BufReader::new(server))
+    }
+
+    /// A 64 MiB test-guest boot, for the fake backend.
+    fn fake_boot_config() -> BootConfig {
+        BootConfig {
             kernel: KernelSpec::TestGuest,
             initrd: None,
             cmdline: String::new(),
@@ -700,7 +709,13 @@ mod tests {
             interpreter: None,
             memory_backing: Default::default(),
             net: None,
-        };
+        }
+    }
+
+    #[test]
+    fn worker_loop_boot_status_pause() {
+        let (t, mut w, mut r) = start_worker_loop();
+        let cfg = fake_boot_config();
         let rep = roundtrip(
             &mut w,
             &mut r,
@@ -744,23 +759,8 @@ mod tests {
     /// asynchronous pause's follow-ups without one are errors.
     #[test]
     fn fake_background_pause_is_a_synchronous_one() {
-        let (server, worker) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || serve(worker));
-        let mut w = server.try_clone().unwrap();
-        let mut r = BufReader::new(server);
-        let cfg = BootConfig {
-            kernel: KernelSpec::TestGuest,
-            initrd: None,
-            cmdline: String::new(),
-            mem_bytes: 1 << 26,
-            vcpus: 1,
-            console: ConsoleSpec::Sink,
-            disk: None,
-            vsock: None,
-            interpreter: None,
-            memory_backing: Default::default(),
-            net: None,
-        };
+        let (t, mut w, mut r) = start_worker_loop();
+        let cfg = fake_boot_config();
         let boot = Request::Boot {
             backend: BackendKind::Fake,
             config: cfg,
