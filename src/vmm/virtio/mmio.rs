@@ -59,6 +59,31 @@ pub trait VirtioDevice {
     fn reset(&mut self) {}
 }
 
+/// Copies the device-readable parts of a descriptor chain into `buf`, in
+/// order, as far as `buf` holds (the rest is cut off); the bytes copied, or
+/// `None` if a descriptor points outside guest memory. Shared by the
+/// devices whose TX queue carries one packet per chain (vsock, net).
+pub fn gather_readable(
+    chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+    mem: &vm_memory::GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Option<usize> {
+    use vm_memory::Bytes;
+    let mut got = 0usize;
+    for d in chain {
+        if d.is_write_only() {
+            continue;
+        }
+        let n = (d.len() as usize).min(buf.len() - got);
+        mem.read_slice(&mut buf[got..got + n], d.addr()).ok()?;
+        got += n;
+        if got == buf.len() {
+            break;
+        }
+    }
+    Some(got)
+}
+
 /// Reads `data.len()` bytes at `offset` of `config`, zero past its end.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {

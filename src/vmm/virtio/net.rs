@@ -31,7 +31,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::mmio::{read_config_bytes, VirtioDevice};
+use super::mmio::{gather_readable, read_config_bytes, VirtioDevice};
 
 /// Virtio device ID of a network device.
 pub const DEVICE_TYPE: u32 = 1;
@@ -143,23 +143,9 @@ impl<B: NetBackend> Net<B> {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let mut got = 0usize;
-            let mut ok = true;
-            for d in chain {
-                if d.is_write_only() {
-                    continue;
-                }
-                let n = (d.len() as usize).min(self.buf.len() - got);
-                if mem
-                    .read_slice(&mut self.buf[got..got + n], d.addr())
-                    .is_err()
-                {
-                    ok = false;
-                    break;
-                }
-                got += n;
-            }
-            if ok && got > HDR_LEN && self.backend.send(&self.buf[..got]) {
+            let sent = gather_readable(chain, mem, &mut self.buf)
+                .is_some_and(|got| got > HDR_LEN && self.backend.send(&self.buf[..got]));
+            if sent {
                 self.stats.tx_frames += 1;
             } else {
                 self.stats.tx_dropped += 1;

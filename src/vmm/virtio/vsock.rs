@@ -13,7 +13,7 @@
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::mmio::{read_config_bytes, VirtioDevice};
+use super::mmio::{gather_readable, read_config_bytes, VirtioDevice};
 use crate::vsock::{Header, Muxer, HDR_LEN};
 
 /// Virtio device ID of a vsock device.
@@ -113,27 +113,9 @@ impl<B: Backend> Vsock<B> {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let mut got = 0usize;
-            let mut ok = true;
-            for d in chain {
-                if d.is_write_only() {
-                    continue;
-                }
-                let n = (d.len() as usize).min(self.buf.len() - got);
-                if mem
-                    .read_slice(&mut self.buf[got..got + n], d.addr())
-                    .is_err()
-                {
-                    ok = false;
-                    break;
-                }
-                got += n;
-                if got == self.buf.len() {
-                    break;
-                }
-            }
-            match Header::parse(&self.buf[..got]).filter(|_| ok) {
-                Some(hdr) if (hdr.len as usize) <= got - HDR_LEN => {
+            let got = gather_readable(chain, mem, &mut self.buf);
+            match got.and_then(|got| Some((got, Header::parse(&self.buf[..got])?))) {
+                Some((got, hdr)) if (hdr.len as usize) <= got - HDR_LEN => {
                     let payload = &self.buf[HDR_LEN..HDR_LEN + hdr.len as usize];
                     self.backend.send_pkt(&hdr, payload);
                 }
