@@ -30,15 +30,14 @@
 #[path = "nested/support.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{
     build_artifact, build_artifact_with, host_runs_ring0_natively, on_path, prerequisite_missing,
-    repo, run_bounded, run_nested, tail, Prereq, Run,
+    repo, run_bounded, run_nested, sdk_python, sh_quote, spawn_serve, tail, Prereq, Run,
 };
 
 const TEST: &str = "linux_interpreter";
@@ -244,7 +243,11 @@ fn build_all() -> Result<Artifacts, Prereq> {
     Ok(Artifacts {
         vmlinux,
         image,
-        python: sdk_python()?,
+        python: sdk_python(
+            "import novita_sandbox.code_interpreter",
+            SDK_VERSION,
+            VENV_LIMIT,
+        )?,
     })
 }
 
@@ -290,46 +293,11 @@ extendedKeyUsage=serverAuth\\nkeyUsage=critical,digitalSignature\\n' > leaf.ext
     Ok(())
 }
 
-/// target/sdk-venv (STASIS_SDK_VENV) with the SDK and its code interpreter,
-/// made as tests/sdk/run.sh makes it when it lacks them.
-fn sdk_python() -> Result<PathBuf, Prereq> {
-    let venv = std::env::var_os("STASIS_SDK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/sdk-venv"));
-    let python = venv.join("bin/python");
-    let ready = || {
-        Command::new(&python)
-            .args(["-c", "import novita_sandbox.code_interpreter"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ready() {
-        return Ok(python);
-    }
-    let mut make = Command::new("bash");
-    make.arg("-c").arg(format!(
-        "exec 9>{lock}; flock 9; python3 -m venv {v} && \
-         {v}/bin/pip install --quiet novita-sandbox=={SDK_VERSION} pytest",
-        v = sh_quote(&venv),
-        lock = sh_quote(&venv.with_extension("lock"))
-    ));
-    let run = run_bounded(make, VENV_LIMIT);
-    if !run.status.is_some_and(|s| s.success()) || !ready() {
-        return Err(Prereq(format!(
-            "the SDK virtualenv {} could not be made (python3-venv and PyPI needed):\n{}",
-            venv.display(),
-            tail(&run.output, 20)
-        )));
-    }
-    Ok(python)
-}
-
 /// The direct route: `stasis serve` with the code-interpreter image here.
 fn run_direct(stasis: &Path, a: &Artifacts, serve_args: &str, client: &str, work: &Path) -> Run {
     let data = work.join("data");
-    let mut server = Command::new(stasis)
+    let mut serve = Command::new(stasis);
+    serve
         .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&data)
@@ -339,42 +307,14 @@ fn run_direct(stasis: &Path, a: &Artifacts, serve_args: &str, client: &str, work
         .arg(&a.image)
         .arg("--interpreter-rootfs")
         .arg(&a.image)
-        .args(serve_args.split_whitespace())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting stasis serve");
-    let (tx, rx) = mpsc::channel();
-    let stdout = server.stdout.take().expect("piped stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("stasis: listening on ") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let url = match rx.recv_timeout(DIRECT_SERVER_START) {
-        Ok(url) => url,
-        Err(_) => {
-            let _ = server.kill();
-            let _ = server.wait();
-            panic!(
-                "{TEST}: stasis serve did not say where it listens within {DIRECT_SERVER_START:?}"
-            );
-        }
-    };
+        .args(serve_args.split_whitespace());
+    let (mut server, url) = spawn_serve(TEST, serve, DIRECT_SERVER_START);
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(client).env("NOVITA_API_URL", &url);
     let run = run_bounded(cmd, DIRECT_RUN_LIMIT);
     let _ = server.kill();
     let _ = server.wait();
     run
-}
-
-/// Single-quotes a path for `bash -c`.
-fn sh_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
 /// `stasis images build` runs the tree's scripts in order (kernel, agent,

@@ -20,15 +20,14 @@
 #[path = "nested/support.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{
     build_artifact, build_artifact_with, host_runs_ring0_natively, on_path, prerequisite_missing,
-    repo, run_bounded, run_nested, tail, Prereq, Run,
+    repo, run_bounded, run_nested, sdk_python, sh_quote, spawn_serve, Prereq, Run,
 };
 
 const TEST: &str = "linux_sdk";
@@ -169,80 +168,23 @@ fn build_all() -> Result<Artifacts, Prereq> {
     Ok(Artifacts {
         vmlinux,
         rootfs,
-        python: sdk_python()?,
+        python: sdk_python("import novita_sandbox, pytest", SDK_VERSION, VENV_LIMIT)?,
     })
-}
-
-/// target/sdk-venv (STASIS_SDK_VENV), made as tests/sdk/run.sh makes it when
-/// it lacks the SDK or pytest.
-fn sdk_python() -> Result<PathBuf, Prereq> {
-    let venv = std::env::var_os("STASIS_SDK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/sdk-venv"));
-    let python = venv.join("bin/python");
-    let ready = || {
-        Command::new(&python)
-            .args(["-c", "import novita_sandbox, pytest"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ready() {
-        return Ok(python);
-    }
-    let mut make = Command::new("bash");
-    make.arg("-c").arg(format!(
-        "python3 -m venv {v} && {v}/bin/pip install --quiet novita-sandbox=={SDK_VERSION} pytest",
-        v = sh_quote(&venv)
-    ));
-    let run = run_bounded(make, VENV_LIMIT);
-    if !run.status.is_some_and(|s| s.success()) || !ready() {
-        return Err(Prereq(format!(
-            "the SDK virtualenv {} could not be made (python3-venv and PyPI needed):\n{}",
-            venv.display(),
-            tail(&run.output, 20)
-        )));
-    }
-    Ok(python)
 }
 
 /// The direct route: `stasis serve` with the Linux template on this host.
 fn run_direct(stasis: &Path, a: &Artifacts, pytest: &str) -> Run {
     let data = tempfile::tempdir().expect("creating a data dir");
-    let mut server = Command::new(stasis)
+    let mut serve = Command::new(stasis);
+    serve
         .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
         .arg("--data-dir")
         .arg(data.path())
         .arg("--kernel")
         .arg(&a.vmlinux)
         .arg("--rootfs")
-        .arg(&a.rootfs)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting stasis serve");
-    // Its first stdout line says where it listens.
-    let (tx, rx) = mpsc::channel();
-    let stdout = server.stdout.take().expect("piped stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("stasis: listening on ") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let url = match rx.recv_timeout(DIRECT_SERVER_START) {
-        Ok(url) => url,
-        Err(_) => {
-            let _ = server.kill();
-            let _ = server.wait();
-            panic!(
-                "{TEST}: stasis serve did not say where it listens within {DIRECT_SERVER_START:?}"
-            );
-        }
-    };
+        .arg(&a.rootfs);
+    let (mut server, url) = spawn_serve(TEST, serve, DIRECT_SERVER_START);
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(format!("exec {pytest}"));
     cmd.env("NOVITA_API_URL", &url)
@@ -254,9 +196,4 @@ fn run_direct(stasis: &Path, a: &Artifacts, pytest: &str) -> Run {
     let _ = server.kill();
     let _ = server.wait();
     run
-}
-
-/// Single-quotes a path for `bash -c`.
-fn sh_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }

@@ -550,3 +550,83 @@ pub fn on_path(program: &str) -> bool {
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Single-quotes a path for `bash -c`.
+pub fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The SDK virtualenv's python (target/sdk-venv, or `STASIS_SDK_VENV`),
+/// made as tests/sdk/run.sh makes it (novita-sandbox `sdk_version` and
+/// pytest, under the venv's lock) when `python -c import_check` fails.
+pub fn sdk_python(
+    import_check: &str,
+    sdk_version: &str,
+    limit: Duration,
+) -> Result<PathBuf, Prereq> {
+    let venv = std::env::var_os("STASIS_SDK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/sdk-venv"));
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", import_check])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready() {
+        return Ok(python);
+    }
+    let mut make = Command::new("bash");
+    make.arg("-c").arg(format!(
+        "exec 9>{lock}; flock 9; python3 -m venv {v} && \
+         {v}/bin/pip install --quiet novita-sandbox=={sdk_version} pytest",
+        v = sh_quote(&venv),
+        lock = sh_quote(&venv.with_extension("lock"))
+    ));
+    let run = run_bounded(make, limit);
+    if !run.status.is_some_and(|s| s.success()) || !ready() {
+        return Err(Prereq(format!(
+            "the SDK virtualenv {} could not be made (python3-venv and PyPI needed):\n{}",
+            venv.display(),
+            tail(&run.output, 20)
+        )));
+    }
+    Ok(python)
+}
+
+/// Starts `stasis serve` (its stdout piped) and returns it with the URL its
+/// first "listening on" line names; panics (after killing it) naming `test`
+/// if that line does not come within `limit`.
+pub fn spawn_serve(
+    test: &str,
+    mut serve: Command,
+    limit: Duration,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut server = serve
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting stasis serve");
+    let (tx, rx) = mpsc::channel();
+    let stdout = server.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("stasis: listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(limit) {
+        Ok(url) => (server, url),
+        Err(_) => {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("{test}: stasis serve did not say where it listens within {limit:?}");
+        }
+    }
+}
