@@ -1,6 +1,7 @@
 # Sourced by every sandbox image's /sbin/init (busybox sh or bash), installed
 # as /etc/stasis/init-setup.sh: mounts the usual filesystems, points the
-# console at init, brings up lo and reads `stasis.init=` from the kernel
+# console at init, brings up lo, writes /etc/resolv.conf from the kernel's
+# boot-time network configuration (if any) and reads `stasis.init=` from the kernel
 # command line into $mode (agent, or shell for debugging).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=linux
@@ -20,6 +21,12 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 [ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
 hostname -F /etc/hostname
 ip link set lo up || echo "stasis-init: WARNING: cannot bring up lo"
+# A networked sandbox's kernel configured eth0 from `ip=` and lists the
+# resolver it was given in /proc/net/pnp; programs read /etc/resolv.conf.
+if grep -q '^nameserver' /proc/net/pnp 2>/dev/null; then
+    grep '^nameserver' /proc/net/pnp >/etc/resolv.conf ||
+        echo "stasis-init: WARNING: cannot write /etc/resolv.conf"
+fi
 
 mode=agent
 for arg in $(cat /proc/cmdline); do
