@@ -65,10 +65,63 @@ fn via_headers(s: &Server, id: &str, port: &str, method: &str, path: &str) -> Re
     )
 }
 
+/// The host pid of the stand-in agent (it answers `/pid` with its pid in
+/// its sandbox's pid namespace).
 fn agent_pid(s: &Server, id: &str) -> i32 {
     let r = via_headers(s, id, ENVD, "GET", "/pid");
     assert_eq!(r.status, 200, "{}", r.body);
-    r.body.trim().parse().unwrap()
+    host_pid(s, id, r.body.trim().parse().unwrap())
+}
+
+/// The host pid of the process that is `ns_pid` in the sandbox's pid
+/// namespace: the process of the agent's tree (its root in `agent.pid`)
+/// whose innermost `NSpid` is `ns_pid`.
+fn host_pid(s: &Server, id: &str, ns_pid: i32) -> i32 {
+    let root: i32 = std::fs::read_to_string(s.data_dir.join(format!("sandboxes/{id}/agent.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ppid_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let in_tree = |mut pid: i32| {
+        while pid > 1 {
+            if pid == root {
+                return true;
+            }
+            match ppid_of(pid) {
+                Some(p) => pid = p,
+                None => return false,
+            }
+        }
+        false
+    };
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|p| p.parse::<i32>().ok());
+        if inner == Some(ns_pid) && pid != ns_pid && in_tree(pid) {
+            return pid;
+        }
+    }
+    panic!(
+        "no process of sandbox {id}'s agent tree (root {root}) is pid {ns_pid} in its namespace"
+    );
 }
 
 fn counter(s: &Server, id: &str) -> u64 {
@@ -426,6 +479,7 @@ fn pause_and_kill_reach_every_process_the_agent_started() {
         .trim()
         .parse()
         .unwrap();
+    let pid = host_pid(&s, &id, pid);
     // An orphan in its own session, still in the agent's tree.
     assert!(!process_dead(pid));
 

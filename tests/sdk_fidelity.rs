@@ -12,7 +12,9 @@
 //! - `test_metrics_logs.py`: `get_metrics()` after CPU load, the
 //!   multi-sandbox metrics route, logs with paging;
 //! - `test_js.py`: the JS SDK under node (signed URLs, getMetrics); needs
-//!   Debian's `nodejs` and `npm` (fails loudly without them).
+//!   Debian's `nodejs` and `npm` (fails loudly without them);
+//! - `test_confinement.py`: the fake agent runs confined by bwrap as `user`
+//!   and sees nothing of the host.
 
 use std::path::Path;
 use std::process::Command;
@@ -74,4 +76,9 @@ fn sdk_metrics_and_logs() {
 #[test]
 fn js_sdk_signed_urls_and_metrics() {
     run_fidelity("test_js.py");
+}
+
+#[test]
+fn fake_agent_is_confined() {
+    run_fidelity("test_confinement.py");
 }

@@ -11,6 +11,7 @@
 //! KVM work never happens in the server process: only here, in the worker,
 //! on plain threads.
 
+pub(crate) mod agent_box;
 pub mod client;
 pub mod protocol;
 pub(crate) mod vm;

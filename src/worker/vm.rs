@@ -14,8 +14,9 @@
 //! (boot fails).
 //!
 //! Agent templates (a `vsock` socket in the boot config) get a **host agent**
-//! with the fake backend: `stasis-envd --uds <vsock> --root <dir>/root` (the
-//! binary next to this one, or `$STASIS_ENVD_BIN`) in its own session, a
+//! with the fake backend: `stasis-envd` (the binary next to this one, or
+//! `$STASIS_ENVD_BIN`) confined by bwrap as `user` with `<dir>/root` as its
+//! home ([`super::agent_box`]), in its own session, a
 //! child subreaper (so every process it starts stays in its process tree,
 //! whatever sessions or groups they make), its pid in `<dir>/agent.pid`
 //! ([`AGENT_PID_FILE`]). Pause SIGSTOPs the whole tree (its processes keep
@@ -329,8 +330,10 @@ pub(crate) fn is_host_agent(pid: i32, vsock: &Path) -> bool {
     };
     let want = vsock.as_os_str().as_encoded_bytes();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2)
-        .any(|w| w[0] == b"--uds".as_slice() && w[1] == want)
+    super::agent_box::is_box_for(&args, vsock)
+        || args
+            .windows(2)
+            .any(|w| w[0] == b"--uds".as_slice() && w[1] == want)
 }
 
 /// Kills the host agent of the sandbox whose vsock socket is `vsock`, if one
@@ -382,14 +385,13 @@ impl HostAgent {
         interpreter: Option<&str>,
     ) -> Result<Self, Error> {
         use std::os::unix::process::CommandExt;
-        use std::process::{Command, Stdio};
+        use std::process::Stdio;
         let dir = vsock
             .parent()
             .ok_or_else(|| Error::Vm(format!("vsock path {} has no directory", vsock.display())))?;
         let root = dir.join("root");
         fs::create_dir_all(&root)
             .map_err(|e| Error::Io(format!("create {}", root.display()), e))?;
-        let _ = fs::remove_file(vsock);
         // The agent's stdout and stderr both go to the console.
         let open_log = || -> Result<Stdio, Error> {
             Ok(match console {
@@ -405,15 +407,13 @@ impl HostAgent {
         };
         let (log, log2) = (open_log()?, open_log()?);
         let exe = agent_exe()?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("--uds")
-            .arg(vsock)
-            .arg("--root")
-            .arg(&root)
-            .current_dir(&root);
-        if let Some(python) = interpreter {
-            cmd.arg("--interpreter").arg(python);
-        }
+        let mut cmd = super::agent_box::command(&super::agent_box::Spec {
+            agent_exe: &exe,
+            vsock,
+            home: &root,
+            interpreter,
+        })
+        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         // Its own session (and so process group): when this worker exits
         // after a pause, the stopped group must not count as orphaned within
         // our session, or the kernel would send it SIGHUP + SIGCONT. A child

@@ -58,7 +58,7 @@ def sandbox():
 
 @pytest.fixture
 def root(sandbox):
-    """The sandbox's home directory on the host (fake backend)."""
+    """The sandbox's home directory (the commands' default working directory)."""
     r = sandbox.commands.run("pwd")
     assert r.exit_code == 0
     return r.stdout.strip()

@@ -1,13 +1,15 @@
-"""Agent behaviours as E2B's envd, through the real SDK (fake backend, so
-the test can compare what the SDK parses with the host's own view of the
-same files): remove of a missing path, entry fields (mode, permissions,
-owner, group, size, modified time, symlink target), gzip both ways."""
+"""Agent behaviours as E2B's envd, through the real SDK (the test compares
+what the SDK parses with the sandbox's own view of the same files, read by
+a python3 inside it): remove of a missing path, entry fields (mode,
+permissions, owner, group, size, modified time, symlink target), gzip both
+ways."""
 
 import datetime
-import grp
 import gzip
+import hashlib
+import json
 import os
-import pwd
+import shlex
 import stat
 import uuid
 
@@ -43,6 +45,33 @@ def go_mode_string(st_mode):
     return out + "".join(c if st_mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
 
 
+BOX_STAT = r"""
+import grp, hashlib, json, os, pwd, stat, sys
+out = {}
+for p in sys.argv[1:]:
+    if not os.path.lexists(p):
+        out[p] = None
+        continue
+    l = os.lstat(p)
+    t = os.stat(p)
+    out[p] = {
+        "size": l.st_size, "lmode": l.st_mode, "tmode": t.st_mode, "mtime": l.st_mtime,
+        "owner": pwd.getpwuid(l.st_uid).pw_name, "group": grp.getgrgid(l.st_gid).gr_name,
+        "real": os.path.realpath(p),
+        "sha256": hashlib.sha256(open(p, "rb").read()).hexdigest() if stat.S_ISREG(t.st_mode) else None,
+    }
+print(json.dumps(out))
+"""
+
+
+def box_stats(sandbox, paths):
+    """lstat/stat, owner and group names, realpath and content hash of each
+    path, as seen inside the sandbox (None: it does not exist)."""
+    r = sandbox.commands.run("python3 -c " + shlex.quote(BOX_STAT) + " " + " ".join(map(shlex.quote, paths)))
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_remove_of_a_missing_path_succeeds(sandbox):
     sandbox.files.remove("no/such/file")
     sandbox.files.remove("/definitely/not/here")
@@ -66,20 +95,19 @@ def test_entry_fields_match_the_filesystem(sandbox, root):
     entries = {e.name: e for e in sandbox.files.list("d")}
     # The SDK drops entries of unspecified type (a dangling symlink), as with E2B.
     assert set(entries) == {"f.txt", "sub", "link", "dirlink"}, set(entries)
+    seen = box_stats(sandbox, [os.path.join(d, name) for name in entries])
     for name, e in entries.items():
         p = os.path.join(d, name)
-        lst = os.lstat(p)
-        target = os.stat(p)
+        box = seen[p]
         assert e.path == p
-        assert e.size == lst.st_size, name
-        assert e.mode == stat.S_IMODE(target.st_mode) & 0o777, (name, oct(e.mode))
-        assert e.permissions == go_mode_string(lst.st_mode), (name, e.permissions)
-        assert e.owner == pwd.getpwuid(lst.st_uid).pw_name
-        assert e.group == grp.getgrgid(lst.st_gid).gr_name
-        mtime = datetime.datetime.fromtimestamp(lst.st_mtime, datetime.timezone.utc).replace(tzinfo=None)
+        assert e.size == box["size"], name
+        assert e.mode == stat.S_IMODE(box["tmode"]) & 0o777, (name, oct(e.mode))
+        assert e.permissions == go_mode_string(box["lmode"]), (name, e.permissions)
+        assert e.owner == box["owner"] and e.group == box["group"], (name, e.owner, e.group)
+        mtime = datetime.datetime.fromtimestamp(box["mtime"], datetime.timezone.utc).replace(tzinfo=None)
         assert abs((e.modified_time - mtime).total_seconds()) < 1e-3, (name, e.modified_time, mtime)
-        if stat.S_ISLNK(lst.st_mode):
-            assert e.symlink_target == os.path.realpath(p)
+        if stat.S_ISLNK(box["lmode"]):
+            assert e.symlink_target == box["real"]
         else:
             assert e.symlink_target is None
     assert entries["f.txt"].mode == 0o640 and entries["f.txt"].type == FileType.FILE
@@ -108,9 +136,9 @@ def test_gzip_uploads_both_forms_and_gzip_downloads(sandbox, root):
         headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Encoding": "gzip"},
     )
     assert r.status_code == 200, r.text
-    assert r.json()[0]["path"] == os.path.join(root, "gz/multi.bin")
-    with open(os.path.join(root, "gz/multi.bin"), "rb") as f:
-        assert f.read() == data
+    multi = os.path.join(root, "gz/multi.bin")
+    assert r.json()[0]["path"] == multi
+    assert box_stats(sandbox, [multi])[multi]["sha256"] == hashlib.sha256(data).hexdigest()
 
     # Downloads: gzip when asked, identity otherwise.
     r = httpx.get(f"{url}/files", params={"path": "gz/octet.bin"}, headers={**headers, "Accept-Encoding": "gzip"})
@@ -158,7 +186,8 @@ def test_malformed_gzip_upload_is_400_and_leaves_no_file(sandbox, root, form):
         )
         assert r.status_code == 400, (why, r.status_code, r.text)
         assert r.json()["code"] == 400 and "gzip" in r.json()["message"], r.text
-        assert not os.path.exists(os.path.join(root, target)), f"{why}: partial file left"
+        left = os.path.join(root, target)
+        assert box_stats(sandbox, [left])[left] is None, f"{why}: partial file left"
     # An unknown coding is refused outright.
     r = httpx.post(
         f"{url}/files",
