@@ -328,7 +328,7 @@ fn readable_by_others(p: &Path) -> Result<(), Error> {
 }
 
 /// Gives `dir` and everything under it (not following links) to uid:gid.
-fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| Error::Sys(format!("stat {}", dir.display()), e))?;
     std::os::unix::fs::lchown(dir, Some(uid), Some(gid))

@@ -4,9 +4,14 @@
 //! The fake backend stands in for a VM, so what its agent and the commands
 //! it runs can reach should look like a VM and harm nothing:
 //! - **user namespace**: the agent runs as `user` (uid/gid 1000, home
-//!   `/home/user`) as the SDK expects; that uid maps to the worker's own
-//!   (root) outside, with every capability dropped, so it holds no
-//!   privilege on the host.
+//!   `/home/user`) as the SDK expects, with no capabilities. Run by root
+//!   (as stasis is), uid 1000 maps to an unprivileged host uid of its own
+//!   ([`FAKE_UID_BASE`] + a hash of the sandbox directory): the user
+//!   namespace is made and mapped by the worker (`0 → 0` for bwrap's own
+//!   setup, `1000 → that uid`), bwrap enters it, and `setpriv` drops to
+//!   1000 with an empty bounding set before the agent starts (bwrap sets
+//!   `no_new_privs`, so no setuid binary brings root back). Run by anyone
+//!   else, bwrap maps 1000 to the caller's own uid.
 //! - **mount namespace**: a fresh root holding `/usr` (and the merged-/usr
 //!   links), read-only; a private `/proc` (its own pid namespace), a
 //!   minimal `/dev`, a private `/tmp`; its own `/etc/passwd` and
@@ -42,6 +47,10 @@ const RUN_DIR: &str = "/run/stasis";
 const HOME: &str = "/home/user";
 /// Overrides where the worker finds bwrap.
 pub const BWRAP_ENV: &str = "STASIS_BWRAP";
+/// First host uid of fake agents (below the jail's default range).
+pub const FAKE_UID_BASE: u32 = 800_000;
+const FAKE_UID_COUNT: u32 = 65_536;
+const SETPRIV: &str = "/usr/bin/setpriv";
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
 user:x:1000:1000:user:/home/user:/bin/bash\n\
@@ -90,6 +99,15 @@ fn bwrap() -> Result<PathBuf, Error> {
         .ok_or(Error::NoBwrap)
 }
 
+/// A command ready to spawn, with the user namespace it enters (held open
+/// until the spawn: bwrap receives it as an inherited descriptor).
+pub struct Boxed {
+    /// bwrap's command line.
+    pub cmd: Command,
+    /// The user namespace (root only).
+    pub userns: Option<std::os::fd::OwnedFd>,
+}
+
 /// What the box runs.
 pub struct Spec<'a> {
     /// The stasis-envd binary.
@@ -103,13 +121,112 @@ pub struct Spec<'a> {
 }
 
 /// Prepares the box's files in the sandbox directory (socket directory and
-/// link, passwd and group) and returns the command that runs the agent in
-/// it. The caller adds stdio and its pre-exec steps.
-pub fn command(spec: &Spec) -> Result<Command, Error> {
-    command_with(bwrap()?, spec)
+/// link, passwd and group, the home owned by the box's uid) and returns
+/// the command that runs the agent in it. The caller adds stdio and its
+/// pre-exec steps and keeps [`Boxed::userns`] open until it spawned.
+pub fn command(spec: &Spec) -> Result<Boxed, Error> {
+    let bwrap = bwrap()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(Boxed {
+            cmd: command_with(bwrap, spec, None)?,
+            userns: None,
+        });
+    }
+    if !Path::new(SETPRIV).is_file() {
+        return Err(Error::Io(
+            format!("{SETPRIV} (util-linux) is needed to drop to the box's user"),
+            enoent(),
+        ));
+    }
+    let dir = spec.vsock.parent().unwrap_or(Path::new("/"));
+    let uid = box_uid(dir);
+    for (path, deep) in [(spec.home, true), (&dir.join("agent-run"), false)] {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Io(format!("create {}", path.display()), e))?;
+        let owned = if deep {
+            crate::jail::chown_tree(path, uid, uid)
+                .map_err(|e| Error::Io(crate::error_chain(&e), std::io::Error::other("chown")))
+        } else {
+            std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+                .map_err(|e| Error::Io(format!("chown {}", path.display()), e))
+        };
+        owned?;
+    }
+    let userns = mapped_userns(uid)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&userns);
+    let mut cmd = command_with(bwrap, spec, Some(fd))?;
+    // SAFETY: fcntl on a descriptor this process owns (inherited by the
+    // fork); async-signal-safe, touches no memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(Boxed {
+        cmd,
+        userns: Some(userns),
+    })
 }
 
-fn command_with(bwrap: PathBuf, spec: &Spec) -> Result<Command, Error> {
+/// The host uid of the box of the sandbox in `dir` (stable for the dir).
+fn box_uid(dir: &Path) -> u32 {
+    let h = dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    FAKE_UID_BASE + u32::try_from(h % u64::from(FAKE_UID_COUNT)).unwrap_or(0)
+}
+
+/// A new user namespace mapping 0 → 0 and 1000 → `uid` (uid and gid),
+/// made by a short-lived `sleep` that unshares it; its descriptor keeps
+/// it alive after that process is gone.
+fn mapped_userns(uid: u32) -> Result<std::os::fd::OwnedFd, Error> {
+    use std::os::unix::process::CommandExt;
+    let mut holder = Command::new("sleep");
+    holder
+        .arg("60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: unshare is async-signal-safe and touches no memory; it runs
+    // in the forked child before exec.
+    unsafe {
+        holder.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = holder
+        .spawn()
+        .map_err(|e| Error::Io("making the box's user namespace".into(), e))?;
+    let proc = PathBuf::from(format!("/proc/{}", child.id()));
+    let map = format!("0 0 1\n1000 {uid} 1\n");
+    let made = ["uid_map", "gid_map"]
+        .iter()
+        .try_for_each(|f| {
+            // One write: the kernel takes a map in a single write only.
+            std::fs::write(proc.join(f), &map)
+                .map_err(|e| Error::Io(format!("write {}/{f}", proc.display()), e))
+        })
+        .and_then(|()| {
+            std::fs::File::open(proc.join("ns/user"))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| Error::Io(format!("open {}/ns/user", proc.display()), e))
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    made
+}
+
+fn command_with(bwrap: PathBuf, spec: &Spec, userns: Option<i32>) -> Result<Command, Error> {
     let dir = spec.vsock.parent().ok_or_else(|| {
         Error::Io(
             format!("{} has no directory", spec.vsock.display()),
@@ -123,61 +240,93 @@ fn command_with(bwrap: PathBuf, spec: &Spec) -> Result<Command, Error> {
     }
     write(&etc.join("passwd"), PASSWD)?;
     write(&etc.join("group"), GROUP)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755));
+    }
     let _ = std::fs::remove_file(run.join("vsock"));
     let _ = std::fs::remove_file(spec.vsock);
     std::os::unix::fs::symlink("agent-run/vsock", spec.vsock)
         .map_err(|e| Error::Io(format!("link {}", spec.vsock.display()), e))?;
 
     let mut cmd = Command::new(bwrap);
+    match userns {
+        Some(fd) => {
+            cmd.arg("--userns").arg(fd.to_string());
+        }
+        None => {
+            cmd.args(["--unshare-user", "--uid", "1000", "--gid", "1000"]);
+            cmd.args(["--cap-drop", "ALL"]);
+        }
+    }
     cmd.args([
-        "--unshare-user",
-        "--uid",
-        "1000",
-        "--gid",
-        "1000",
         "--unshare-pid",
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
         "--hostname",
         "sandbox",
-        "--cap-drop",
-        "ALL",
     ]);
-    cmd.arg("--ro-bind").arg("/usr").arg("/usr");
+    // (option, source, destination) of every mount, made after the
+    // directories above them exist with mode 0755: bwrap would make
+    // missing parents 0700, owned by its root, closed to `user`.
+    let mut mounts: Vec<(&str, PathBuf, PathBuf)> = Vec::new();
+    let same = |p: &Path| (p.to_path_buf(), p.to_path_buf());
+    let (src, dst) = same(Path::new("/usr"));
+    mounts.push(("--ro-bind", src, dst));
     for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
         let host = Path::new("/").join(top);
         match std::fs::read_link(&host) {
-            Ok(target) => {
-                cmd.arg("--symlink").arg(target).arg(&host);
-            }
-            Err(_) if host.is_dir() => {
-                cmd.arg("--ro-bind").arg(&host).arg(&host);
-            }
+            Ok(target) => mounts.push(("--symlink", target, host)),
+            Err(_) if host.is_dir() => mounts.push(("--ro-bind", host.clone(), host)),
             Err(_) => {}
         }
     }
     for f in ETC_FILES {
-        cmd.arg("--ro-bind-try").arg(f).arg(f);
+        let (src, dst) = same(Path::new(f));
+        mounts.push(("--ro-bind-try", src, dst));
     }
-    cmd.arg("--ro-bind")
-        .arg(etc.join("passwd"))
-        .arg("/etc/passwd");
-    cmd.arg("--ro-bind")
-        .arg(etc.join("group"))
-        .arg("/etc/group");
-    cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
-    cmd.arg("--bind").arg(spec.home).arg(HOME);
-    cmd.arg("--bind").arg(&run).arg(RUN_DIR);
-    cmd.arg("--ro-bind").arg(spec.agent_exe).arg(spec.agent_exe);
+    mounts.push(("--ro-bind", etc.join("passwd"), "/etc/passwd".into()));
+    mounts.push(("--ro-bind", etc.join("group"), "/etc/group".into()));
+    mounts.push(("--bind", spec.home.to_path_buf(), HOME.into()));
+    mounts.push(("--bind", run.clone(), RUN_DIR.into()));
+    let (src, dst) = same(spec.agent_exe);
+    mounts.push(("--ro-bind", src, dst));
     if let Some(python) = spec.interpreter {
         for prefix in python_prefixes(Path::new(python)) {
-            cmd.arg("--ro-bind").arg(&prefix).arg(&prefix);
+            mounts.push(("--ro-bind", prefix.clone(), prefix));
         }
+    }
+    let mut parents: Vec<&Path> = mounts
+        .iter()
+        .flat_map(|(_, _, dst)| dst.ancestors().skip(1))
+        .filter(|p| *p != Path::new("/"))
+        .collect();
+    parents.sort();
+    parents.dedup();
+    cmd.args(["--proc", "/proc", "--dev", "/dev"]);
+    cmd.args(["--perms", "1777", "--tmpfs", "/tmp"]);
+    for p in parents {
+        cmd.args(["--perms", "0755", "--dir"]).arg(p);
+    }
+    for (opt, src, dst) in &mounts {
+        cmd.arg(opt).arg(src).arg(dst);
     }
     cmd.arg("--setenv").arg(HOST_VSOCK_ENV).arg(spec.vsock);
     cmd.args(["--setenv", "HOME", HOME, "--setenv", "USER", "user"]);
     cmd.args(["--setenv", "LOGNAME", "user", "--chdir", HOME, "--"]);
+    if userns.is_some() {
+        // In the mapped namespace bwrap's child is its root: drop to user.
+        cmd.args([
+            SETPRIV,
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+        ]);
+        cmd.args(["--bounding-set", "-all", "--inh-caps", "-all", "--"]);
+    }
     cmd.arg(spec.agent_exe)
         .arg("--uds")
         .arg(format!("{RUN_DIR}/vsock"))
@@ -222,8 +371,12 @@ fn python_prefixes(python: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Writes a file the box reads (mode 0644 whatever the umask).
 fn write(path: &Path, text: &str) -> Result<(), Error> {
-    std::fs::write(path, text).map_err(|e| Error::Io(format!("write {}", path.display()), e))
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| Error::Io(format!("write {}", path.display()), e))
 }
 
 fn enoent() -> std::io::Error {
@@ -257,6 +410,7 @@ mod tests {
                 home: &home,
                 interpreter: None,
             },
+            Some(7),
         )
         .unwrap();
         let args: Vec<String> = cmd

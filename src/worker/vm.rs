@@ -407,13 +407,14 @@ impl HostAgent {
         };
         let (log, log2) = (open_log()?, open_log()?);
         let exe = agent_exe()?;
-        let mut cmd = super::agent_box::command(&super::agent_box::Spec {
-            agent_exe: &exe,
-            vsock,
-            home: &root,
-            interpreter,
-        })
-        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
+        let super::agent_box::Boxed { mut cmd, userns } =
+            super::agent_box::command(&super::agent_box::Spec {
+                agent_exe: &exe,
+                vsock,
+                home: &root,
+                interpreter,
+            })
+            .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         // Its own session (and so process group): when this worker exits
         // after a pause, the stopped group must not count as orphaned within
         // our session, or the kernel would send it SIGHUP + SIGCONT. A child
@@ -440,6 +441,8 @@ impl HostAgent {
             .stderr(log2)
             .spawn()
             .map_err(|e| Error::Io(format!("start the host agent {}", exe.display()), e))?;
+        // bwrap holds its own reference to the namespace now.
+        drop(userns);
         let pid =
             i32::try_from(child.id()).map_err(|_| Error::Vm("agent pid out of range".into()))?;
         let agent = HostAgent {

@@ -33,6 +33,8 @@ def test_the_host_is_out_of_sight(sandbox, tmp_path):
     pids = [p for p in sh(sandbox, "ls /proc").split() if p.isdigit()]
     assert len(pids) < 20, pids
     assert sh(sandbox, "cat /proc/1/comm") == "bwrap"
+    # Its uid outside is an unprivileged one of its own, not root.
+    assert sh(sandbox, "cat /proc/self/uid_map").split()[-3:][1] != "0"
     # No capabilities.
     caps = dict(line.split(":\t") for line in sh(sandbox, "grep ^Cap /proc/self/status").splitlines())
     assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, caps
