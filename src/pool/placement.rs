@@ -482,6 +482,7 @@ mod tests {
             assert_eq!(c.reason, Reason::LeastLoadedOfSample(2));
             *counts.entry(c.host_id).or_insert(0u32) += 1;
         }
+        println!("2000 placements, 2 of 10 sampled, load i on host hi: {counts:?}");
         assert!(!counts.contains_key("h9"), "{counts:?}");
         assert!(counts["h0"] > counts["h8"], "{counts:?}");
         // Same seed, same choices.
