@@ -86,7 +86,10 @@ fn validate(args: &[&Path]) -> (bool, String, String) {
 
 /// The long flags `stasis serve --help` lists.
 fn serve_flags() -> BTreeSet<String> {
-    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "stasis serve --help failed");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut flags = BTreeSet::new();
@@ -170,7 +173,10 @@ fn deploy_files_validate_and_match_the_binary() {
             ["nomad", "kubernetes"].contains(&discovery),
             "{name}: {discovery}"
         );
-        println!("{name}: {} flags checked, drain {pause}s < kill {kill}s", used.len());
+        println!(
+            "{name}: {} flags checked, drain {pause}s < kill {kill}s",
+            used.len()
+        );
     }
     assert_eq!(summary["nomad"][0]["health_path"], "/health");
     assert_eq!(summary["nomad"][0]["driver"], "raw_exec");
@@ -238,7 +244,7 @@ fn validator_rejects_broken_files() {
     ];
     for (name, text, want) in cases {
         assert_ne!(
-            text,
+            &text,
             if name.ends_with(".hcl") { &nomad } else { &k8s },
             "{name}: the edit did not apply"
         );
@@ -297,7 +303,12 @@ fn health_probe_answers_without_the_api_key_and_pool_flags_are_checked() {
             "port 0",
         ),
         (
-            &["--pool-discovery", "nomad", "--nomad-addr", "https://n:4646"][..],
+            &[
+                "--pool-discovery",
+                "nomad",
+                "--nomad-addr",
+                "https://n:4646",
+            ][..],
             "--nomad-ca-cert",
         ),
     ] {

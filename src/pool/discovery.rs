@@ -261,11 +261,13 @@ impl KubeSource {
         service: String,
         port_name: Option<String>,
     ) -> Result<KubeSource, Error> {
-        let host = host.filter(|h| !h.is_empty()).ok_or_else(|| Error::BadUrl {
-            source_name: "kubernetes",
-            url: String::new(),
-            why: "KUBERNETES_SERVICE_HOST is not set (not running in a pod?)".into(),
-        })?;
+        let host = host
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| Error::BadUrl {
+                source_name: "kubernetes",
+                url: String::new(),
+                why: "KUBERNETES_SERVICE_HOST is not set (not running in a pod?)".into(),
+            })?;
         let port = port.unwrap_or_else(|| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")
@@ -356,13 +358,14 @@ impl Discovery {
                     .await
                     .map_err(|e| Error::Store(format!("the store call panicked: {e}")))?
                     .map_err(Error::Store)?;
+                let rows = within_ttl(rows, SystemTime::now(), ttl);
                 for r in &rows {
                     check_address("postgres", &r.address).map_err(|e| Error::BadRecord {
                         id: r.id.clone(),
                         why: e.to_string(),
                     })?;
                 }
-                within_ttl(rows, SystemTime::now(), ttl)
+                rows
             }
             Discovery::Nomad(n) => nomad_hosts(n).await?,
             Discovery::Kubernetes(k) => kube_hosts(k).await?,
@@ -393,10 +396,8 @@ pub fn within_ttl(rows: Vec<HostRecord>, now: SystemTime, ttl: Duration) -> Vec<
 /// the same address: the heartbeat knows fingerprint, load and draining;
 /// the scheduler's source decides who is in the pool.
 pub fn merge(found: Vec<HostRecord>, heartbeats: &[HostRecord]) -> Vec<HostRecord> {
-    let by_addr: BTreeMap<&str, &HostRecord> = heartbeats
-        .iter()
-        .map(|h| (h.address.as_str(), h))
-        .collect();
+    let by_addr: BTreeMap<&str, &HostRecord> =
+        heartbeats.iter().map(|h| (h.address.as_str(), h)).collect();
     found
         .into_iter()
         .map(|f| match by_addr.get(f.address.as_str()) {
@@ -617,16 +618,15 @@ async fn kube_hosts(k: &KubeSource) -> Result<Vec<HostRecord>, Error> {
         _ => None,
     };
     let mut headers = HeaderMap::new();
-    let auth = HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
-        Error::Read {
+    let auth =
+        HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| Error::Read {
             source_name: SRC,
             path: k.token_file.clone(),
             err: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "the token is not a valid header value",
             ),
-        }
-    })?;
+        })?;
     headers.insert(hyper::header::AUTHORIZATION, auth);
     let path = format!(
         "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector={}",
@@ -672,7 +672,10 @@ async fn kube_hosts(k: &KubeSource) -> Result<Vec<HostRecord>, Error> {
                 url: url.clone(),
                 why: format!("endpoint {ip:?}: {why}"),
             })?;
-            let id = e.node_name.filter(|n| !n.is_empty()).unwrap_or_else(|| address.clone());
+            let id = e
+                .node_name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| address.clone());
             out.push(HostRecord::address_only(id, address));
         }
     }
@@ -741,8 +744,11 @@ async fn get(
         path
     );
     let u = url.clone();
-    match tokio::time::timeout(HTTP_TIMEOUT, get_inner(source_name, base, path, headers, tls, &u))
-        .await
+    match tokio::time::timeout(
+        HTTP_TIMEOUT,
+        get_inner(source_name, base, path, headers, tls, &u),
+    )
+    .await
     {
         Ok(r) => r.map(|(h, b)| (url, h, b)),
         Err(_) => Err(Error::Http {
@@ -843,7 +849,9 @@ where
     if !parts.status.is_success() {
         let text = String::from_utf8_lossy(&buf[..buf.len().min(300)]).into_owned();
         return Err(match http(String::new()) {
-            Error::Http { source_name, url, .. } => Error::Status {
+            Error::Http {
+                source_name, url, ..
+            } => Error::Status {
                 source_name,
                 url,
                 status: parts.status,
@@ -890,7 +898,9 @@ mod tests {
                         }
                         head.push(b[0]);
                     }
-                    h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                    h.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
                     let mut out = format!(
                         "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n",
                         body.len()
@@ -1104,7 +1114,9 @@ mod tests {
                 "{}",
                 heads[0]
             );
-            assert!(heads[0].to_ascii_lowercase().contains("x-nomad-token: secret-acl"));
+            assert!(heads[0]
+                .to_ascii_lowercase()
+                .contains("x-nomad-token: secret-acl"));
             assert!(
                 heads[1].starts_with("GET /v1/service/stasis?namespace=prod&next_token=tok%202 "),
                 "{}",
@@ -1127,13 +1139,21 @@ mod tests {
             };
             let cases = [
                 (403, "Permission denied", "403"),
-                (200, "{\"not\": \"a list\"}", "not a list of service registrations"),
+                (
+                    200,
+                    "{\"not\": \"a list\"}",
+                    "not a list of service registrations",
+                ),
                 (
                     200,
                     r#"[{"Address":"10.0.0.1","Port":0,"ID":"x"}]"#,
                     "port 0 is not in 1..=65535",
                 ),
-                (200, r#"[{"Address":"","Port":3000,"ID":"y"}]"#, "empty address"),
+                (
+                    200,
+                    r#"[{"Address":"","Port":3000,"ID":"y"}]"#,
+                    "empty address",
+                ),
             ];
             for (status, body, want) in cases {
                 let srv = replay(vec![(status, vec![], body.into())], None).await;

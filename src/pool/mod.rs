@@ -294,8 +294,14 @@ mod tests {
         }
         for (a, want) in [
             (&["--pool-discovery", "static"][..], "needs --pool-hosts"),
-            (&["--pool-hosts", "a:1"][..], "needs --pool-discovery static"),
-            (&["--pool-discovery", "postgres"][..], "--database postgres://"),
+            (
+                &["--pool-hosts", "a:1"][..],
+                "needs --pool-discovery static",
+            ),
+            (
+                &["--pool-discovery", "postgres"][..],
+                "--database postgres://",
+            ),
             (
                 &["--pool-discovery", "nomad", "--nomad-addr", "ftp://x:1"][..],
                 "must be http://",
@@ -305,11 +311,23 @@ mod tests {
                 "--nomad-ca-cert",
             ),
             (
-                &["--pool-discovery", "nomad", "--nomad-token-file", "/nonexistent/tok"][..],
+                &[
+                    "--pool-discovery",
+                    "nomad",
+                    "--nomad-token-file",
+                    "/nonexistent/tok",
+                ][..],
                 "/nonexistent/tok",
             ),
             (
-                &["--pool-discovery", "static", "--pool-hosts", "a:1", "--pool-sample", "0"][..],
+                &[
+                    "--pool-discovery",
+                    "static",
+                    "--pool-hosts",
+                    "a:1",
+                    "--pool-sample",
+                    "0",
+                ][..],
                 "--pool-sample",
             ),
             (
@@ -326,10 +344,15 @@ mod tests {
                 Ok(vec![])
             }
         }
-        let d = args(&["--pool-discovery", "postgres", "--pool-heartbeat-ttl-secs", "7"])
-            .discovery(Some(Arc::new(Empty)))
-            .unwrap()
-            .unwrap();
+        let d = args(&[
+            "--pool-discovery",
+            "postgres",
+            "--pool-heartbeat-ttl-secs",
+            "7",
+        ])
+        .discovery(Some(Arc::new(Empty)))
+        .unwrap()
+        .unwrap();
         assert_eq!(d.name(), "postgres");
         assert!(format!("{d:?}").contains("7s"));
     }

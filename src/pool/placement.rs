@@ -417,7 +417,10 @@ mod tests {
         match place_resume(&req(&f, Some("a")), &mismatched, 2, &mut rng) {
             Err(Refusal::NoMatchingHost { hosts }) => {
                 assert_eq!(hosts.len(), 2);
-                assert!(hosts[0].starts_with("b: CPU signature 0x1 vs 0x2"), "{hosts:?}");
+                assert!(
+                    hosts[0].starts_with("b: CPU signature 0x1 vs 0x2"),
+                    "{hosts:?}"
+                );
                 assert_eq!(hosts[1], "d: fingerprint unknown");
             }
             other => panic!("{other:?}"),
@@ -450,7 +453,9 @@ mod tests {
         );
         // Not uploaded but live: only "a" can, and "a" is full.
         let full_a = [host("a", Some(1), 3, 0), host("b", Some(1), 0, 60)];
-        let e = place_resume(&r, &full_a, 2, &mut rng).unwrap_err().to_string();
+        let e = place_resume(&r, &full_a, 2, &mut rng)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a: 0 MiB free, 1024 MiB needed"), "{e}");
         r.paused_host_has_data = false;
         assert_eq!(
@@ -460,7 +465,9 @@ mod tests {
         let mut big = req(&f, None);
         big.memory = 100 * GIB;
         match place_resume(&big, &live, 2, &mut rng) {
-            Err(Refusal::NoRoom { hosts }) => assert_eq!(hosts, ["b: 61440 MiB free, 102400 MiB needed"]),
+            Err(Refusal::NoRoom { hosts }) => {
+                assert_eq!(hosts, ["b: 61440 MiB free, 102400 MiB needed"])
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -495,7 +502,10 @@ mod tests {
         assert_eq!(run(s), run(s));
         // A sample as large as the pool is plain least-loaded.
         let mut rng = StdRng::seed_from_u64(s);
-        assert_eq!(place_create(&live, GIB, 10, &mut rng).unwrap().host_id, "h0");
+        assert_eq!(
+            place_create(&live, GIB, 10, &mut rng).unwrap().host_id,
+            "h0"
+        );
     }
 
     #[test]
@@ -523,7 +533,92 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(place_create(&[], GIB, 2, &mut rng), Err(Refusal::NoLiveHosts));
+        assert_eq!(
+            place_create(&[], GIB, 2, &mut rng),
+            Err(Refusal::NoLiveHosts)
+        );
+    }
+
+    /// The rule restated independently and checked against random pools.
+    #[test]
+    fn placement_matches_the_rule_on_random_pools() {
+        let s = seed();
+        let mut rng = StdRng::seed_from_u64(s);
+        let snap = fp(1);
+        let (mut placed, mut refused, mut where_paused) = (0, 0, 0);
+        for round in 0..5000 {
+            let n = rng.random_range(0..7);
+            let live: Vec<HostRecord> = (0..n)
+                .map(|i| {
+                    let sig = [None, Some(1), Some(1), Some(2)][rng.random_range(0..4)];
+                    let mut h = host(
+                        &format!("h{i}"),
+                        sig,
+                        rng.random_range(0..4),
+                        rng.random_range(0..4),
+                    );
+                    if rng.random_bool(0.1) {
+                        h.load = HostLoad::default();
+                    }
+                    h.draining = rng.random_bool(0.15);
+                    h
+                })
+                .collect();
+            let paused_on = format!("h{}", rng.random_range(0..8));
+            let r = ResumeRequest {
+                fingerprint: &snap,
+                paused_on: rng.random_bool(0.9).then_some(paused_on.as_str()),
+                paused_host_has_data: rng.random_bool(0.7),
+                uploaded: rng.random_bool(0.7),
+                memory: rng.random_range(0..3) * GIB,
+            };
+            let sample = rng.random_range(1..8);
+            let eligible = |h: &HostRecord| {
+                !h.draining
+                    && h.fingerprint.as_ref() == Some(&snap)
+                    && (h.load == HostLoad::default() || h.load.memory_free >= r.memory)
+            };
+            let home = r
+                .paused_on
+                .and_then(|p| live.iter().find(|h| h.id == p))
+                .filter(|h| r.paused_host_has_data && eligible(h));
+            let others: Vec<&HostRecord> = live.iter().filter(|h| eligible(h)).collect();
+            let got = place_resume(&r, &live, sample, &mut rng);
+            let ctx = format!("seed {s} round {round}: {r:?} sample {sample} {live:?} -> {got:?}");
+            match (home, got) {
+                (Some(h), Ok(c)) => {
+                    assert_eq!(
+                        (c.host_id.as_str(), c.reason),
+                        (h.id.as_str(), Reason::WherePaused),
+                        "{ctx}"
+                    );
+                    where_paused += 1;
+                }
+                (Some(_), Err(_)) => panic!("{ctx}"),
+                (None, Ok(c)) => {
+                    assert!(r.uploaded, "{ctx}");
+                    let h = live
+                        .iter()
+                        .find(|h| h.id == c.host_id)
+                        .expect("a live host");
+                    assert!(eligible(h), "{ctx}");
+                    assert_eq!(c.address, h.address);
+                    if sample >= others.len() {
+                        let best = others.iter().min_by(|a, b| load_key(a).cmp(&load_key(b)));
+                        assert_eq!(Some(&c.host_id), best.map(|b| &b.id), "{ctx}");
+                    }
+                    placed += 1;
+                }
+                (None, Err(_)) => {
+                    assert!(!r.uploaded || others.is_empty(), "{ctx}");
+                    refused += 1;
+                }
+            }
+        }
+        println!(
+            "5000 random pools: {where_paused} where paused, {placed} elsewhere, {refused} refused"
+        );
+        assert!(where_paused > 100 && placed > 100 && refused > 100);
     }
 
     #[test]
@@ -541,12 +636,16 @@ mod tests {
         // Forwarded already, and not ours: never a second hop.
         assert_eq!(
             route("a", Some("b"), true, true, &live),
-            Route::Moved { host_id: "b".into() }
+            Route::Moved {
+                host_id: "b".into()
+            }
         );
         // Owner gone: running → lost; paused → placed from here.
         assert_eq!(
             route("a", Some("z"), true, false, &live),
-            Route::Lost { host_id: "z".into() }
+            Route::Lost {
+                host_id: "z".into()
+            }
         );
         assert_eq!(route("a", Some("z"), false, false, &live), Route::Local);
         assert_eq!(route("a", Some("a"), true, true, &live), Route::Local);
