@@ -1257,7 +1257,7 @@ mod tests {
                 "{head}"
             );
             assert!(
-                head.to_ascii_lowercase().contains("authorization: bearer eyjhbgcio.sa-token\r\n"),
+                head.to_ascii_lowercase().contains("authorization: bearer eyjhbgcioi.sa-token\r\n"),
                 "{head}"
             );
 
