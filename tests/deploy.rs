@@ -228,7 +228,7 @@ fn validator_rejects_broken_files() {
         ),
         (
             "nograce.yaml",
-            k8s.replacen("terminationGracePeriodSeconds: 300\n", "", 1),
+            k8s.replacen("      terminationGracePeriodSeconds: 300\n", "", 1),
             "terminationGracePeriodSeconds missing",
         ),
         (
