@@ -128,8 +128,10 @@ job "stasis" {
         ]
       }
 
-      # Secrets from the Nomad Variable, rendered into the secrets dir
-      # (never on the command line except through the environment).
+      # Secrets from the Nomad Variable, rendered into the secrets dir and
+      # the task's environment. The database URL reaches --database through
+      # ${STASIS_DATABASE}, so it is in the host's process list like any
+      # argument (the S3 keys and the API key are not).
       template {
         destination = "${NOMAD_SECRETS_DIR}/stasis.env"
         env         = true
