@@ -876,10 +876,10 @@ mod tests {
         heads: Arc<Mutex<Vec<String>>>,
     }
 
-    async fn replay(
-        responses: Vec<(u16, Vec<(&'static str, String)>, String)>,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Replay {
+    /// A canned answer: status, extra headers, body.
+    type Canned = (u16, Vec<(&'static str, String)>, String);
+
+    async fn replay(responses: Vec<Canned>, tls: Option<Arc<rustls::ServerConfig>>) -> Replay {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));
