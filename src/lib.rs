@@ -12,6 +12,7 @@ pub mod envd;
 pub mod guest;
 pub mod jail;
 pub mod net;
+pub mod pool;
 pub mod snapshot;
 pub mod vmm;
 pub mod vsock;

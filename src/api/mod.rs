@@ -296,6 +296,9 @@ pub struct ServeArgs {
     /// host's own: for tests, or to give sandboxes their own uplink.
     #[arg(long)]
     pub sandbox_uplink_netns: Option<String>,
+    /// Pool of hosts (`--pool-*`, `--nomad-*`, `--k8s-*`): see `crate::pool`.
+    #[command(flatten)]
+    pub pool: crate::pool::PoolArgs,
 }
 
 /// Default `--max-memory-share`.
@@ -392,6 +395,10 @@ impl ServeArgs {
         if let Some(d) = &self.domain {
             tls::validate_domain(d).map_err(|e| Error::Config(e.to_string()))?;
         }
+        // Pool flags: a wrong one is a clear error at start.
+        self.pool
+            .check()
+            .map_err(|e| Error::Config(e.to_string()))?;
         let network = if self.no_network || backend != BackendKind::Vm {
             None
         } else {
