@@ -244,7 +244,7 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
     let a = s3_args(&s3);
     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
 
-    let (ok, out, err) = stasis(&[&["snapshot", "push"], &[snap.to_str().unwrap()], &["--id", "rt-1"][..], &a].concat());
+    let (ok, out, err) = stasis(&[&["snapshot", "push", snap.to_str().unwrap(), "--id", "rt-1"][..], &a].concat());
     assert!(ok, "push: {err}");
     let up = stats(&out);
     eprintln!("push: {up}");

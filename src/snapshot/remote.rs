@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::{self, StreamExt, TryStreamExt};
+use futures_util::stream::{self, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -526,10 +526,14 @@ impl RemoteStore {
             return Err(Error::Config(format!("{:?}: no bucket", cfg.url)));
         }
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let allow_http = cfg
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .is_some_and(|e| e.starts_with("http://"));
         if let Some(e) = &cfg.endpoint {
             b = b
                 .with_endpoint(e.clone())
-                .with_allow_http(e.starts_with("http://"))
                 .with_virtual_hosted_style_request(false);
         }
         if let Some(r) = cfg.region.clone().or_else(|| {
@@ -550,7 +554,9 @@ impl RemoteStore {
             retry_timeout: cfg.retry_timeout.unwrap_or(Duration::from_secs(10)),
             ..Default::default()
         };
+        // (Client options replace the builder's: allow_http goes here.)
         let client = object_store::ClientOptions::new()
+            .with_allow_http(allow_http)
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(60));
         let s3 = b
@@ -1148,7 +1154,7 @@ struct Job {
 pub struct Uploader {
     store: RemoteStore,
     jobs: Mutex<HashMap<String, Job>>,
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -1168,15 +1174,16 @@ impl Uploader {
         let u = Arc::new(Uploader {
             store,
             jobs: Mutex::new(HashMap::new()),
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         });
         let weak = Arc::downgrade(&u);
+        let wake = u.wake.clone();
         tokio::spawn(async move {
             loop {
                 let Some(u) = weak.upgrade() else { break };
                 let next = u.run_due().await;
-                let notified = u.wake.notified();
                 drop(u);
+                let notified = wake.notified();
                 tokio::select! {
                     _ = notified => {}
                     _ = tokio::time::sleep(next) => {}
