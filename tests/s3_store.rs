@@ -6,8 +6,9 @@
 //! - a paused test guest's snapshot pushed to the bucket, pulled in a fresh
 //!   process and resumed there ends with the workload's exact checksum; a
 //!   second pull is served by the chunk cache alone;
-//! - dedup: a second upload of the same content puts no chunk; two guests
-//!   of one workload share chunks (the ratio is printed);
+//! - dedup: a second upload of the same content puts no chunk, one with a
+//!   changed 2 MiB piece puts one; two guests of one workload (the ratio
+//!   is printed);
 //! - a corrupt or missing chunk fails the download naming the chunk;
 //! - the commit is a conditional put: of two commits of one id, one wins;
 //! - `stasis serve --snapshot-store`: a pause uploads in the background and
@@ -287,7 +288,7 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
 }
 
 #[test]
-fn uploads_skip_chunks_the_bucket_holds_and_two_guests_of_one_workload_share_chunks() {
+fn uploads_skip_chunks_the_bucket_holds() {
     if !common::kvm_or_skip("s3 dedup") {
         return;
     }
@@ -307,19 +308,45 @@ fn uploads_skip_chunks_the_bucket_holds_and_two_guests_of_one_workload_share_chu
     assert_eq!(again.chunks_uploaded, 0, "{again:?}");
     assert_eq!(again.bytes_uploaded, 0);
     assert_eq!(again.chunks_present, again.chunks_total);
-    // A second guest of the same workload, paused later.
+    // The same snapshot with one 2 MiB piece of memory changed (what a
+    // second pause of a sandbox that wrote little looks like): only that
+    // chunk is put.
+    let changed = dir.join("changed");
+    std::fs::create_dir_all(&changed).unwrap();
+    for e in std::fs::read_dir(&one).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), changed.join(e.file_name())).unwrap();
+    }
+    let m = remote::chunk_dir(&one, "x", Default::default()).unwrap();
+    let mem = m.files.iter().find(|f| f.name == "memory.bin").unwrap();
+    let i = mem.chunks.iter().rposition(|c| c.is_some()).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(changed.join("memory.bin"))
+            .unwrap();
+        f.write_all_at(b"changed", i as u64 * remote::CHUNK_SIZE + 100)
+            .unwrap();
+    }
+    let p = UploadProgress::default();
+    let c = rt.block_on(st.upload_dir(&changed, "dd-1c", Default::default(), &p)).unwrap();
+    assert_eq!(c.chunks_uploaded, 1, "{c:?}");
+    assert_eq!(c.chunks_present, c.chunks_total - 1, "{c:?}");
+    // A second guest of the same workload, paused later: measured, not
+    // asserted (the test guest's workload rewrites all its memory every
+    // round, so two guests share little; Linux guests of one template share
+    // their unchanged kernel and page-cache pages).
     let p2 = UploadProgress::default();
     let s2 = rt.block_on(st.upload_dir(&two, "dd-2", Default::default(), &p2)).unwrap();
-    let ratio = s2.chunks_present as f64 / s2.chunks_total as f64;
     eprintln!(
-        "dedup: second guest of one workload: {} of {} chunks already in the bucket ({:.0}%), {} bytes uploaded of {}; first: {s1:?}",
+        "dedup: second guest of one workload: {} of {} chunks already in the bucket ({:.0}%), {} bytes uploaded of {}; first guest: {s1:?}; one piece changed: {c:?}",
         s2.chunks_present,
         s2.chunks_total,
-        ratio * 100.0,
+        s2.chunks_present as f64 * 100.0 / s2.chunks_total.max(1) as f64,
         s2.bytes_uploaded,
         s2.bytes_total
     );
-    assert!(s2.chunks_present > 0, "nothing shared: {s2:?}");
     drop(s3);
     let _ = std::fs::remove_dir_all(&dir);
 }
