@@ -954,7 +954,9 @@ fn images_build(source: Option<PathBuf>, base_only: bool) -> Result<ExitCode, St
     Ok(ExitCode::SUCCESS)
 }
 
-fn remote_store(s3: &stasis::snapshot::remote::S3Args) -> Result<stasis::snapshot::remote::RemoteStore, String> {
+fn remote_store(
+    s3: &stasis::snapshot::remote::S3Args,
+) -> Result<stasis::snapshot::remote::RemoteStore, String> {
     let cfg = s3
         .config()
         .ok_or("--snapshot-store s3://bucket is required")?;

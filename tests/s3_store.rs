@@ -105,7 +105,12 @@ impl S3Server {
             &[],
             None,
         );
-        assert!(r.status == 200 || r.status == 409, "create bucket: {} {}", r.status, r.body);
+        assert!(
+            r.status == 200 || r.status == 409,
+            "create bucket: {} {}",
+            r.status,
+            r.body
+        );
     }
 
     fn stop(&mut self) {
@@ -204,14 +209,17 @@ fn paused_guest(w: &Workload, dir: &Path, name: &str, after: u64) -> PathBuf {
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
     assert!(child.wait().unwrap().success());
-    assert!(snap.join("state.bin").is_file(), "no snapshot in {}", snap.display());
+    assert!(
+        snap.join("state.bin").is_file(),
+        "no snapshot in {}",
+        snap.display()
+    );
     snap
 }
 
 fn stats(out: &str) -> Value {
-    let v: Value = serde_json::from_str(out.trim().lines().last().unwrap_or("")).unwrap_or_else(
-        |e| panic!("not JSON ({e}): {out}"),
-    );
+    let v: Value = serde_json::from_str(out.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
     v["stats"].clone()
 }
 
@@ -245,7 +253,13 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
     let a = s3_args(&s3);
     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
 
-    let (ok, out, err) = stasis(&[&["snapshot", "push", snap.to_str().unwrap(), "--id", "rt-1"][..], &a].concat());
+    let (ok, out, err) = stasis(
+        &[
+            &["snapshot", "push", snap.to_str().unwrap(), "--id", "rt-1"][..],
+            &a,
+        ]
+        .concat(),
+    );
     assert!(ok, "push: {err}");
     let up = stats(&out);
     eprintln!("push: {up}");
@@ -257,7 +271,14 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
     let cache = dir.join("cache");
     let pulled = dir.join("pulled");
     let cache_args = ["--chunk-cache-dir", cache.to_str().unwrap()];
-    let (ok, out, err) = stasis(&[&["snapshot", "pull", "rt-1", pulled.to_str().unwrap()][..], &a, &cache_args].concat());
+    let (ok, out, err) = stasis(
+        &[
+            &["snapshot", "pull", "rt-1", pulled.to_str().unwrap()][..],
+            &a,
+            &cache_args,
+        ]
+        .concat(),
+    );
     assert!(ok, "pull: {err}");
     let cold = stats(&out);
     eprintln!("pull (cold cache): {cold}");
@@ -265,7 +286,12 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
     assert_eq!(cold["fetched"], cold["chunks"]);
     files_equal(&snap, &pulled);
     let console = dir.join("resumed.console");
-    let (ok, _, err) = stasis(&["resume", pulled.to_str().unwrap(), "--console", console.to_str().unwrap()]);
+    let (ok, _, err) = stasis(&[
+        "resume",
+        pulled.to_str().unwrap(),
+        "--console",
+        console.to_str().unwrap(),
+    ]);
     assert!(ok, "resume: {err}");
     let text = std::fs::read_to_string(&console).unwrap();
     assert_eq!(
@@ -276,7 +302,14 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
 
     // Warm cache: nothing from the bucket.
     let pulled2 = dir.join("pulled2");
-    let (ok, out, err) = stasis(&[&["snapshot", "pull", "rt-1", pulled2.to_str().unwrap()][..], &a, &cache_args].concat());
+    let (ok, out, err) = stasis(
+        &[
+            &["snapshot", "pull", "rt-1", pulled2.to_str().unwrap()][..],
+            &a,
+            &cache_args,
+        ]
+        .concat(),
+    );
     assert!(ok, "pull: {err}");
     let warm = stats(&out);
     eprintln!("pull (warm cache): {warm}");
@@ -300,11 +333,15 @@ fn uploads_skip_chunks_the_bucket_holds() {
     let two = paused_guest(&w, &dir, "two", 600);
     let rt = rt();
     let p1 = UploadProgress::default();
-    let s1 = rt.block_on(st.upload_dir(&one, "dd-1", Default::default(), &p1)).unwrap();
+    let s1 = rt
+        .block_on(st.upload_dir(&one, "dd-1", Default::default(), &p1))
+        .unwrap();
     assert!(s1.chunks_uploaded > 0);
     // The same content again, under another id: no chunk is put.
     let p = UploadProgress::default();
-    let again = rt.block_on(st.upload_dir(&one, "dd-1b", Default::default(), &p)).unwrap();
+    let again = rt
+        .block_on(st.upload_dir(&one, "dd-1b", Default::default(), &p))
+        .unwrap();
     assert_eq!(again.chunks_uploaded, 0, "{again:?}");
     assert_eq!(again.bytes_uploaded, 0);
     assert_eq!(again.chunks_present, again.chunks_total);
@@ -330,7 +367,9 @@ fn uploads_skip_chunks_the_bucket_holds() {
             .unwrap();
     }
     let p = UploadProgress::default();
-    let c = rt.block_on(st.upload_dir(&changed, "dd-1c", Default::default(), &p)).unwrap();
+    let c = rt
+        .block_on(st.upload_dir(&changed, "dd-1c", Default::default(), &p))
+        .unwrap();
     assert_eq!(c.chunks_uploaded, 1, "{c:?}");
     assert_eq!(c.chunks_present, c.chunks_total - 1, "{c:?}");
     // A second guest of the same workload, paused later: measured, not
@@ -338,7 +377,9 @@ fn uploads_skip_chunks_the_bucket_holds() {
     // round, so two guests share little; Linux guests of one template share
     // their unchanged kernel and page-cache pages).
     let p2 = UploadProgress::default();
-    let s2 = rt.block_on(st.upload_dir(&two, "dd-2", Default::default(), &p2)).unwrap();
+    let s2 = rt
+        .block_on(st.upload_dir(&two, "dd-2", Default::default(), &p2))
+        .unwrap();
     eprintln!(
         "dedup: second guest of one workload: {} of {} chunks already in the bucket ({:.0}%), {} bytes uploaded of {}; first guest: {s1:?}; one piece changed: {c:?}",
         s2.chunks_present,
@@ -356,7 +397,11 @@ fn fake_snapshot(dir: &Path, seed: u8) -> PathBuf {
     let d = dir.join(format!("fake-{seed}"));
     std::fs::create_dir_all(&d).unwrap();
     let mut mem = vec![0u8; (remote::CHUNK_SIZE * 4) as usize];
-    for (i, b) in mem.iter_mut().enumerate().take((remote::CHUNK_SIZE * 2) as usize) {
+    for (i, b) in mem
+        .iter_mut()
+        .enumerate()
+        .take((remote::CHUNK_SIZE * 2) as usize)
+    {
         *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
     }
     std::fs::write(d.join("memory.bin"), &mem).unwrap();
@@ -371,11 +416,19 @@ fn a_corrupt_or_missing_chunk_fails_the_download_naming_the_chunk() {
     let st = store(&s3);
     let snap = fake_snapshot(&dir, 1);
     let rt = rt();
-    rt.block_on(st.upload_dir(&snap, "bad-1", Default::default(), &UploadProgress::default()))
-        .unwrap();
+    rt.block_on(st.upload_dir(
+        &snap,
+        "bad-1",
+        Default::default(),
+        &UploadProgress::default(),
+    ))
+    .unwrap();
     let m = rt.block_on(st.manifest("bad-1")).unwrap();
     let mem = m.files.iter().find(|f| f.name == "memory.bin").unwrap();
-    assert!(mem.chunks[2].is_none() && mem.chunks[3].is_none(), "zero chunks are not stored");
+    assert!(
+        mem.chunks[2].is_none() && mem.chunks[3].is_none(),
+        "zero chunks are not stored"
+    );
     let first = mem.chunks[0].clone().unwrap();
     let second = mem.chunks[1].clone().unwrap();
     // Damage one chunk: the download fails naming it, and leaves nothing.
@@ -383,25 +436,47 @@ fn a_corrupt_or_missing_chunk_fails_the_download_naming_the_chunk() {
     junk[0] = 1;
     rt.block_on(st.put_chunk_raw(&first, junk.into())).unwrap();
     let dest = dir.join("dest");
-    let e = rt.block_on(st.download("bad-1", &dest, None)).unwrap_err().to_string();
-    assert!(e.contains(&first) && e.contains("corrupt") && e.contains("memory.bin"), "{e}");
+    let e = rt
+        .block_on(st.download("bad-1", &dest, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&first) && e.contains("corrupt") && e.contains("memory.bin"),
+        "{e}"
+    );
     assert!(!dest.exists());
     // Lose another: named too (through a cache: not cached either).
     rt.block_on(st.delete_chunk(&second)).unwrap();
     let cache = remote::ChunkCache::open(&dir.join("cache"), 1 << 30).unwrap();
-    let e = rt.block_on(st.download("bad-1", &dest, Some(&cache))).unwrap_err().to_string();
+    let e = rt
+        .block_on(st.download("bad-1", &dest, Some(&cache)))
+        .unwrap_err()
+        .to_string();
     assert!(
-        (e.contains(&second) && e.contains("missing")) || (e.contains(&first) && e.contains("corrupt")),
+        (e.contains(&second) && e.contains("missing"))
+            || (e.contains(&first) && e.contains("corrupt")),
         "{e}"
     );
     assert!(!dest.exists());
     // The same in a fresh process, through the CLI.
     let a = s3_args(&s3);
     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-    let (ok, _, err) = stasis(&[&["snapshot", "pull", "bad-1", dest.to_str().unwrap()][..], &a].concat());
-    assert!(!ok && (err.contains(&first) || err.contains(&second)), "{err}");
+    let (ok, _, err) = stasis(
+        &[
+            &["snapshot", "pull", "bad-1", dest.to_str().unwrap()][..],
+            &a,
+        ]
+        .concat(),
+    );
+    assert!(
+        !ok && (err.contains(&first) || err.contains(&second)),
+        "{err}"
+    );
     // An id that was never committed.
-    let e = rt.block_on(st.download("nope", &dest, None)).unwrap_err().to_string();
+    let e = rt
+        .block_on(st.download("nope", &dest, None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not in the snapshot store"), "{e}");
     drop(s3);
     let _ = std::fs::remove_dir_all(&dir);
@@ -428,13 +503,19 @@ fn of_two_commits_of_one_snapshot_id_exactly_one_wins() {
     });
     let wins = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(wins, 1, "{results:?}");
-    let lost = results.iter().find_map(|r| r.as_ref().err()).unwrap().to_string();
+    let lost = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .unwrap()
+        .to_string();
     assert!(lost.contains("already committed"), "{lost}");
     // The bucket holds the winner's manifest, whole.
     let got = rt.block_on(st.manifest("race-1")).unwrap();
     assert!(got == ma || got == mb);
     // And a later commit of the id loses too.
-    let e = rt.block_on(st.upload_dir(&a, "race-1", Default::default(), &p)).unwrap_err();
+    let e = rt
+        .block_on(st.upload_dir(&a, "race-1", Default::default(), &p))
+        .unwrap_err();
     assert!(e.to_string().contains("already committed"), "{e}");
     drop(s3);
     let _ = std::fs::remove_dir_all(&dir);
@@ -456,11 +537,15 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     args.push("--shutdown-pause-secs");
     args.push("5");
     let env = s3_env();
-    let mut srv =
-        api_support::Server::try_start_env(&dir.join("data"), &args, &env).unwrap();
+    let mut srv = api_support::Server::try_start_env(&dir.join("data"), &args, &env).unwrap();
     let id = srv.create(json!({"templateID": "base"}));
     let r = srv.post(&format!("/sandboxes/{id}/pause"), json!({}));
-    assert!(r.status == 204 || r.status == 200, "{} {}", r.status, r.body);
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.body
+    );
     assert!(
         api_support::wait_until(60, || upload_state(&srv, &id)["state"] == "uploaded"),
         "{}\n{}",
@@ -481,7 +566,12 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     s3.stop();
     let id2 = srv.create(json!({"templateID": "base"}));
     let r = srv.post(&format!("/sandboxes/{id2}/pause"), json!({}));
-    assert!(r.status == 204 || r.status == 200, "{} {}", r.status, r.body);
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.body
+    );
     assert_eq!(srv.info(&id2).json()["state"], "paused");
     assert!(
         api_support::wait_until(60, || upload_state(&srv, &id2)["state"] == "failed"),
@@ -489,7 +579,10 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
         upload_state(&srv, &id2)
     );
     let u = upload_state(&srv, &id2);
-    assert!(u["error"].as_str().unwrap_or("").contains("snapshot store"), "{u}");
+    assert!(
+        u["error"].as_str().unwrap_or("").contains("snapshot store"),
+        "{u}"
+    );
     assert!(u["backlog"].as_u64().unwrap() >= 1, "{u}");
     // A resume still works from the local snapshot.
     // The server comes back (empty: moto keeps nothing): the retry uploads.
@@ -503,6 +596,23 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     assert_eq!(upload_state(&srv, &id2)["backlog"], 0);
     let st = store(&s3b);
     rt.block_on(st.manifest(&format!("{id2}-1"))).unwrap();
+    assert_eq!(srv.terminate().code(), Some(0), "{}", srv.log());
+
+    // --durable-pause: the pause answers once the snapshot is in the bucket.
+    let mut dargs = args.clone();
+    dargs.push("--durable-pause");
+    let srv = api_support::Server::try_start_env(&dir.join("data3"), &dargs, &env).unwrap();
+    let id3 = srv.create(json!({"templateID": "base"}));
+    let r = srv.post(&format!("/sandboxes/{id3}/pause"), json!({}));
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    assert_eq!(upload_state(&srv, &id3)["state"], "uploaded");
+    rt.block_on(st.manifest(&format!("{id3}-1"))).unwrap();
+    let mut srv = srv;
     assert_eq!(srv.terminate().code(), Some(0), "{}", srv.log());
     drop(s3b);
 
@@ -524,8 +634,9 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
 /// workload touches 100 MiB or 960 MiB, paused, uploaded to the loopback
 /// S3 server, then resumed from the bucket: download (cold and warm chunk
 /// cache) then a lazy restore of the downloaded snapshot. Prints resume →
-/// running and resume → working set resident, both counted from the start
-/// of the download. `STASIS_S3_BENCH_WS=100,960` picks the working sets.
+/// running and resume → memory resident, both counted from the start
+/// of the download (a fresh snapshot records no working set, so "resident"
+/// is all of its memory). `STASIS_S3_BENCH_WS=100,960` picks the sizes.
 #[test]
 #[ignore]
 fn resume_from_the_bucket_numbers() {
@@ -590,10 +701,12 @@ fn resume_from_the_bucket_numbers() {
             )
             .unwrap();
             let running = dl + stats.to_running;
-            let resident = vm.wait_working_set().unwrap().map(|x| dl + x);
+            // A fresh snapshot records no working set yet: all its memory
+            // is what a resume needs resident.
+            let resident = vm.wait_memory_complete().unwrap().map(|x| dl + x);
             drop(vm);
             let row = format!(
-                "1 GiB guest, {ws} MiB touched, {pass} cache: download {:.0} ms ({} chunks, {} fetched, {} cached, {:.0} MiB), resume->running {:.0} ms, resume->working set resident {}",
+                "1 GiB guest, {ws} MiB touched, {pass} cache: download {:.0} ms ({} chunks, {} fetched, {} cached, {:.0} MiB), resume->running {:.0} ms, resume->memory resident {}",
                 dl.as_secs_f64() * 1e3,
                 d.chunks,
                 d.fetched,

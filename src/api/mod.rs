@@ -578,7 +578,11 @@ pub async fn serve(
                     crate::error_chain(&e)
                 ))
             })?;
-            tracing::info!(store = remote.describe(), durable_pause = opts.durable_pause, "snapshot store");
+            tracing::info!(
+                store = remote.describe(),
+                durable_pause = opts.durable_pause,
+                "snapshot store"
+            );
             Some(crate::snapshot::remote::Uploader::start(remote))
         }
         None => {

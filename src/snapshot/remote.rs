@@ -284,7 +284,10 @@ impl RemoteManifest {
                 return Err(format!("invalid or repeated file name {:?}", f.name));
             }
             if f.len > MAX_FILE_LEN {
-                return Err(format!("file {} is {} bytes, over the limit", f.name, f.len));
+                return Err(format!(
+                    "file {} is {} bytes, over the limit",
+                    f.name, f.len
+                ));
             }
             let want = f.len.div_ceil(CHUNK_SIZE);
             if f.chunks.len() as u64 != want {
@@ -730,7 +733,10 @@ impl RemoteStore {
         if r.meta.size > MAX_REMOTE_MANIFEST {
             return Err(Error::BadManifest {
                 id: id.into(),
-                why: format!("{} bytes, over the {MAX_REMOTE_MANIFEST}-byte limit", r.meta.size),
+                why: format!(
+                    "{} bytes, over the {MAX_REMOTE_MANIFEST}-byte limit",
+                    r.meta.size
+                ),
             });
         }
         let bytes = r
@@ -790,10 +796,9 @@ impl RemoteStore {
         progress
             .chunks_total
             .store(todo.len() as u64, Ordering::Relaxed);
-        progress.bytes_total.store(
-            todo.values().map(|(_, _, l)| l).sum(),
-            Ordering::Relaxed,
-        );
+        progress
+            .bytes_total
+            .store(todo.values().map(|(_, _, l)| l).sum(), Ordering::Relaxed);
         stream::iter(todo.into_iter().map(Ok))
             .try_for_each_concurrent(PARALLEL, |(hash, (path, off, len))| async move {
                 if !self.has_chunk(&hash).await? {
@@ -964,7 +969,10 @@ impl ChunkCache {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<ChunkCache> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let mut used = 0;
-        for e in std::fs::read_dir(dir).map_err(io("reading", dir))?.flatten() {
+        for e in std::fs::read_dir(dir)
+            .map_err(io("reading", dir))?
+            .flatten()
+        {
             let n = e.file_name();
             let n = n.to_string_lossy();
             if n.starts_with('.') {
@@ -1204,7 +1212,13 @@ impl Uploader {
 
     /// Queues the upload of `sandbox`'s snapshot `dir` as `snapshot_id`
     /// (replacing an older one of that sandbox).
-    pub fn submit(&self, sandbox: &str, snapshot_id: String, dir: PathBuf, labels: BTreeMap<String, String>) {
+    pub fn submit(
+        &self,
+        sandbox: &str,
+        snapshot_id: String,
+        dir: PathBuf,
+        labels: BTreeMap<String, String>,
+    ) {
         let (done, _) = tokio::sync::watch::channel(false);
         self.jobs().insert(
             sandbox.to_owned(),
@@ -1232,7 +1246,10 @@ impl Uploader {
 
     /// Snapshots not uploaded yet.
     pub fn backlog(&self) -> usize {
-        self.jobs().values().filter(|j| j.state != "uploaded").count()
+        self.jobs()
+            .values()
+            .filter(|j| j.state != "uploaded")
+            .count()
     }
 
     /// `sandbox`'s upload, if any.
@@ -1277,15 +1294,29 @@ impl Uploader {
     /// Runs every due job once; returns how long until the next is due.
     async fn run_due(self: &Arc<Self>) -> Duration {
         let now = Instant::now();
-        let due: Vec<(String, String, PathBuf, BTreeMap<String, String>, Arc<UploadProgress>)> = {
+        let due: Vec<(
+            String,
+            String,
+            PathBuf,
+            BTreeMap<String, String>,
+            Arc<UploadProgress>,
+        )> = {
             let mut jobs = self.jobs();
             jobs.iter_mut()
-                .filter(|(_, j)| j.state != "uploaded" && j.state != "uploading" && j.next_try <= now)
+                .filter(|(_, j)| {
+                    j.state != "uploaded" && j.state != "uploading" && j.next_try <= now
+                })
                 .map(|(s, j)| {
                     j.state = "uploading";
                     j.attempts += 1;
                     j.progress = Arc::default();
-                    (s.clone(), j.snapshot_id.clone(), j.dir.clone(), j.labels.clone(), j.progress.clone())
+                    (
+                        s.clone(),
+                        j.snapshot_id.clone(),
+                        j.dir.clone(),
+                        j.labels.clone(),
+                        j.progress.clone(),
+                    )
                 })
                 .collect()
         };
@@ -1307,20 +1338,33 @@ impl Uploader {
                     }
                 };
                 let mut jobs = u.jobs();
-                let Some(j) = jobs.get_mut(&sandbox) else { return };
+                let Some(j) = jobs.get_mut(&sandbox) else {
+                    return;
+                };
                 if j.snapshot_id != snap {
                     return; // replaced meanwhile
                 }
                 match res {
                     Ok(()) => {
                         let st = j.progress.stats();
-                        tracing::info!(sandbox, snapshot = snap, uploaded = st.chunks_uploaded, present = st.chunks_present, zero = st.chunks_zero, "snapshot uploaded");
+                        tracing::info!(
+                            sandbox,
+                            snapshot = snap,
+                            uploaded = st.chunks_uploaded,
+                            present = st.chunks_present,
+                            zero = st.chunks_zero,
+                            "snapshot uploaded"
+                        );
                         j.state = "uploaded";
                         j.error = None;
                         j.done.send_replace(true);
                     }
                     Err(e) if !dir.is_dir() => {
-                        tracing::info!(sandbox, snapshot = snap, "upload dropped: the snapshot is gone ({e})");
+                        tracing::info!(
+                            sandbox,
+                            snapshot = snap,
+                            "upload dropped: the snapshot is gone ({e})"
+                        );
                         let j = jobs.remove(&sandbox);
                         if let Some(j) = j {
                             j.done.send_replace(true);
@@ -1328,7 +1372,12 @@ impl Uploader {
                     }
                     Err(e) => {
                         let msg = crate::error_chain(&e);
-                        tracing::warn!(sandbox, snapshot = snap, attempt = j.attempts, "snapshot upload failed (retried): {msg}");
+                        tracing::warn!(
+                            sandbox,
+                            snapshot = snap,
+                            attempt = j.attempts,
+                            "snapshot upload failed (retried): {msg}"
+                        );
                         let back = RETRY_MIN
                             .saturating_mul(1 << j.attempts.min(6))
                             .min(RETRY_MAX);
@@ -1393,14 +1442,19 @@ mod tests {
             (|m| m.files[0].name = "../x".into(), "invalid or repeated"),
             (|m| m.files.push(m.files[0].clone()), "invalid or repeated"),
             (|m| m.files[0].chunks.pop(), "chunks listed"),
-            (|m| m.files[0].chunks[0] = Some("../../etc".into()), "invalid chunk name"),
+            (
+                |m| m.files[0].chunks[0] = Some("../../etc".into()),
+                "invalid chunk name",
+            ),
             (|m| m.chunk_size = 4096, "chunk size"),
             (|m| m.files[0].len = u64::MAX, "over the limit"),
         ];
         for (f, want) in cases {
             let mut m = sample();
             f(&mut m);
-            let e = RemoteManifest::decode(&m.encode(), "s-1").unwrap_err().to_string();
+            let e = RemoteManifest::decode(&m.encode(), "s-1")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
     }
@@ -1438,10 +1492,16 @@ mod tests {
         c.insert(&h[0], &chunks[0]);
         // Ensure distinct mtimes without sleeping: set them explicitly.
         let t0 = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        File::open(d.path().join(&h[0])).unwrap().set_modified(t0).unwrap();
+        File::open(d.path().join(&h[0]))
+            .unwrap()
+            .set_modified(t0)
+            .unwrap();
         c.insert(&h[1], &chunks[1]);
         let t1 = t0 + Duration::from_secs(10);
-        File::open(d.path().join(&h[1])).unwrap().set_modified(t1).unwrap();
+        File::open(d.path().join(&h[1]))
+            .unwrap()
+            .set_modified(t1)
+            .unwrap();
         assert!(c.get(&h[0], 1000).is_some()); // now the most recent
         c.insert(&h[2], &chunks[2]); // over 2500: evicts h[1]
         assert!(c.get(&h[1], 1000).is_none());
