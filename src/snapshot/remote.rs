@@ -365,12 +365,9 @@ pub fn chunk_dir(dir: &Path, id: &str, labels: BTreeMap<String, String>) -> Resu
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: every bit pattern is a valid u64; align_to only splits
-        // the slice at aligned boundaries.
-        unsafe { b.align_to::<u64>() }
-    };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+    // OR-folding fixed blocks vectorises; stop at the first non-zero block.
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 // ---- the store ----------------------------------------------------------
@@ -1173,6 +1170,16 @@ impl std::fmt::Debug for Uploader {
     }
 }
 
+/// A job taken for an attempt: sandbox, snapshot id, directory, labels,
+/// its fresh counters.
+type DueJob = (
+    String,
+    String,
+    PathBuf,
+    BTreeMap<String, String>,
+    Arc<UploadProgress>,
+);
+
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(15);
 
@@ -1294,13 +1301,7 @@ impl Uploader {
     /// Runs every due job once; returns how long until the next is due.
     async fn run_due(self: &Arc<Self>) -> Duration {
         let now = Instant::now();
-        let due: Vec<(
-            String,
-            String,
-            PathBuf,
-            BTreeMap<String, String>,
-            Arc<UploadProgress>,
-        )> = {
+        let due: Vec<DueJob> = {
             let mut jobs = self.jobs();
             jobs.iter_mut()
                 .filter(|(_, j)| {
