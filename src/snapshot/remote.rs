@@ -1442,7 +1442,7 @@ mod tests {
         let cases: Vec<Case> = vec![
             (|m| m.files[0].name = "../x".into(), "invalid or repeated"),
             (|m| m.files.push(m.files[0].clone()), "invalid or repeated"),
-            (|m| m.files[0].chunks.pop(), "chunks listed"),
+            (|m| drop(m.files[0].chunks.pop()), "chunks listed"),
             (
                 |m| m.files[0].chunks[0] = Some("../../etc".into()),
                 "invalid chunk name",
