@@ -14,7 +14,9 @@
 //! - `stasis serve --snapshot-store`: a pause uploads in the background and
 //!   `GET /sandboxes/{id}` shows it; with the server down the pause works,
 //!   the backlog and error show, and the upload completes once the server
-//!   is back; an unreachable bucket at start is a clear startup error.
+//!   is back (also across a restart of serve); `--durable-pause` answers
+//!   once the snapshot is in the bucket; an unreachable bucket at start is
+//!   a clear startup error.
 //!
 //! Needs python3-venv and PyPI the first time (the venv is cached).
 
@@ -614,7 +616,40 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     rt.block_on(st.manifest(&format!("{id3}-1"))).unwrap();
     let mut srv = srv;
     assert_eq!(srv.terminate().code(), Some(0), "{}", srv.log());
-    drop(s3b);
+
+    // A backlog survives a restart of serve: paused while the bucket is
+    // down, the server stops; started again (bucket back), it uploads.
+    let data4 = dir.join("data4");
+    let mut srv = api_support::Server::try_start_env(&data4, &args, &env).unwrap();
+    let id4 = srv.create(json!({"templateID": "base"}));
+    let mut s3b = s3b;
+    s3b.stop();
+    let r = srv.post(&format!("/sandboxes/{id4}/pause"), json!({}));
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    assert!(
+        api_support::wait_until(60, || upload_state(&srv, &id4)["state"] == "failed"),
+        "{}",
+        upload_state(&srv, &id4)
+    );
+    assert_eq!(srv.terminate().code(), Some(0), "{}", srv.log());
+    let s3c = S3Server::start_on(&dir, port);
+    let srv = api_support::Server::try_start_env(&data4, &args, &env).unwrap();
+    assert!(
+        api_support::wait_until(90, || upload_state(&srv, &id4)["state"] == "uploaded"),
+        "{}\n{}",
+        upload_state(&srv, &id4),
+        srv.log()
+    );
+    let st = store(&s3c);
+    rt.block_on(st.manifest(&format!("{id4}-1"))).unwrap();
+    let mut srv = srv;
+    assert_eq!(srv.terminate().code(), Some(0), "{}", srv.log());
+    drop(s3c);
 
     // An unreachable bucket at start: a clear error, no server.
     let dead = format!("http://127.0.0.1:{}", free_port());

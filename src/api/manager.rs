@@ -520,6 +520,9 @@ impl Manager {
             }
             let snapshot_usage = Some(dir_usage(&self.snapshot_dir(&row.id, row.snapshot_gen)));
             tracing::info!(sandbox = %row.id, "recovered paused sandbox");
+            // A backlog survives a restart: every paused sandbox is queued
+            // again (what the bucket holds costs a HEAD per chunk).
+            self.queue_upload(&row.id, row.snapshot_gen);
             kept.insert(row.id.clone());
             let entry = Arc::new(Entry {
                 id: row.id.clone(),
@@ -2324,6 +2327,25 @@ impl Manager {
     }
 
     /// With `--snapshot-store`: queues the upload of `id`'s snapshot
+    /// generation `gen` as `<id>-<gen>` (no wait).
+    fn queue_upload(&self, id: &str, gen: u64) {
+        if let Some(u) = &self.cfg.snapshot_upload {
+            let labels = [
+                ("sandbox".to_string(), id.to_string()),
+                ("generation".to_string(), gen.to_string()),
+            ]
+            .into_iter()
+            .collect();
+            u.submit(
+                id,
+                format!("{id}-{gen}"),
+                self.snapshot_dir(id, gen),
+                labels,
+            );
+        }
+    }
+
+    /// With `--snapshot-store`: queues the upload of `id`'s snapshot
     /// generation `gen` (bucket id `<id>-<gen>`); with `--durable-pause`
     /// waits for it and reports a failed upload (the sandbox stays paused
     /// locally and the upload is retried).
@@ -2331,18 +2353,7 @@ impl Manager {
         let Some(u) = &self.cfg.snapshot_upload else {
             return Ok(());
         };
-        let labels = [
-            ("sandbox".to_string(), id.to_string()),
-            ("generation".to_string(), gen.to_string()),
-        ]
-        .into_iter()
-        .collect();
-        u.submit(
-            id,
-            format!("{id}-{gen}"),
-            self.snapshot_dir(id, gen),
-            labels,
-        );
+        self.queue_upload(id, gen);
         if self.cfg.durable_pause && !u.wait(id, PAUSE_TIMEOUT).await {
             let why = u
                 .status(id)
