@@ -411,7 +411,8 @@ pub struct S3Args {
     /// A pause answers only once its snapshot is in the bucket.
     #[arg(long, requires = "snapshot_store")]
     pub durable_pause: bool,
-    /// Per-host chunk cache directory (downloads go through it).
+    /// Per-host chunk cache directory (downloads go through it; used by
+    /// `stasis snapshot pull`: serve does not resume from the bucket yet).
     #[arg(long, requires = "snapshot_store")]
     pub chunk_cache_dir: Option<PathBuf>,
     /// Most bytes the chunk cache holds (least recently used go first).
