@@ -152,6 +152,12 @@ pub struct Config {
     /// Sandbox networking (namespaces, taps, nftables); None: Linux
     /// sandboxes get no network device (`--no-network`).
     pub network: Option<Arc<crate::net::Network>>,
+    /// `--snapshot-store`: paused sandboxes' snapshots are uploaded to
+    /// the bucket in the background (see [`crate::snapshot::remote`]).
+    pub snapshot_upload: Option<Arc<crate::snapshot::remote::Uploader>>,
+    /// `--durable-pause`: a (synchronous) pause answers only once the
+    /// snapshot is in the bucket.
+    pub durable_pause: bool,
 }
 
 /// Admission limits beyond `max_running`.
@@ -514,6 +520,9 @@ impl Manager {
             }
             let snapshot_usage = Some(dir_usage(&self.snapshot_dir(&row.id, row.snapshot_gen)));
             tracing::info!(sandbox = %row.id, "recovered paused sandbox");
+            // A backlog survives a restart: every paused sandbox is queued
+            // again (what the bucket holds costs a HEAD per chunk).
+            self.queue_upload(&row.id, row.snapshot_gen);
             kept.insert(row.id.clone());
             let entry = Arc::new(Entry {
                 id: row.id.clone(),
@@ -1490,6 +1499,12 @@ impl Manager {
                 memory_backing: memory_backing.filter(|_| running),
                 snapshot_durable: (!running).then_some(!writing),
                 agent,
+                snapshot_upload: self
+                    .cfg
+                    .snapshot_upload
+                    .as_ref()
+                    .and_then(|u| u.status(id))
+                    .filter(|_| !running),
             },
         })
     }
@@ -1718,6 +1733,7 @@ impl Manager {
                     r.snapshot_usage = Some(usage);
                 }
                 self.timer.notify_one();
+                let uploaded = self.remote_upload(&e.id, gen).await;
                 tracing::info!(
                     sandbox = %e.id,
                     snapshot_bytes,
@@ -1725,7 +1741,7 @@ impl Manager {
                     ms = started.elapsed().as_millis() as u64,
                     "sandbox paused"
                 );
-                saved.map(|()| None)
+                saved.and(uploaded).map(|()| None)
             }
             Err(WorkerError::Remote(msg)) => {
                 // The worker kept the VM running.
@@ -1879,6 +1895,7 @@ impl Manager {
                 e.rec().snapshot_usage = Some(usage);
                 self.take_write(&e.id);
                 self.timer.notify_one();
+                let _ = self.remote_upload(&e.id, job.gen).await;
                 tracing::info!(
                     sandbox = %e.id,
                     snapshot_bytes,
@@ -2287,6 +2304,13 @@ impl Manager {
             }
         }
         self.wait_for_writes().await;
+        if let Some(u) = &self.cfg.snapshot_upload {
+            // The drain: paused sandboxes' snapshots reach the bucket first.
+            let left = u.wait_all(pause_within.max(Duration::from_secs(5))).await;
+            if left > 0 {
+                tracing::warn!(backlog = left, "snapshots not uploaded before shutdown (uploaded at the next start only if re-paused)");
+            }
+        }
         let mut tasks = Vec::new();
         for e in entries {
             let w = e.rec().worker.clone();
@@ -2300,6 +2324,46 @@ impl Manager {
             let _ = t.await;
         }
         self.net_shutdown().await;
+    }
+
+    /// With `--snapshot-store`: queues the upload of `id`'s snapshot
+    /// generation `gen` as `<id>-<gen>` (no wait).
+    fn queue_upload(&self, id: &str, gen: u64) {
+        if let Some(u) = &self.cfg.snapshot_upload {
+            let labels = [
+                ("sandbox".to_string(), id.to_string()),
+                ("generation".to_string(), gen.to_string()),
+            ]
+            .into_iter()
+            .collect();
+            u.submit(
+                id,
+                format!("{id}-{gen}"),
+                self.snapshot_dir(id, gen),
+                labels,
+            );
+        }
+    }
+
+    /// With `--snapshot-store`: queues the upload of `id`'s snapshot
+    /// generation `gen` (bucket id `<id>-<gen>`); with `--durable-pause`
+    /// waits for it and reports a failed upload (the sandbox stays paused
+    /// locally and the upload is retried).
+    async fn remote_upload(&self, id: &str, gen: u64) -> Result<(), ApiError> {
+        let Some(u) = &self.cfg.snapshot_upload else {
+            return Ok(());
+        };
+        self.queue_upload(id, gen);
+        if self.cfg.durable_pause && !u.wait(id, PAUSE_TIMEOUT).await {
+            let why = u
+                .status(id)
+                .and_then(|s| s.error)
+                .unwrap_or_else(|| "not finished in time".into());
+            return Err(ApiError::internal(format!(
+                "the sandbox is paused (and can be resumed here) but its snapshot is not in the snapshot store yet (retried in the background): {why}"
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until every asynchronous pause's snapshot is durable (server

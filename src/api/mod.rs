@@ -123,6 +123,10 @@ pub struct ServeOptions {
     /// Sandbox networking for Linux sandboxes on the real VMM; None: no
     /// network device (`--no-network`; the default for embedded servers).
     pub network: Option<crate::net::NetConfig>,
+    /// `--snapshot-store s3://…`: upload paused sandboxes' snapshots there.
+    pub snapshot_store: Option<crate::snapshot::remote::RemoteConfig>,
+    /// `--durable-pause`: a pause answers once its snapshot is in the bucket.
+    pub durable_pause: bool,
 }
 
 impl Default for ServeOptions {
@@ -155,6 +159,8 @@ impl Default for ServeOptions {
             max_paused: 0,
             max_snapshot_bytes: 0,
             network: None,
+            snapshot_store: None,
+            durable_pause: false,
         }
     }
 }
@@ -162,6 +168,11 @@ impl Default for ServeOptions {
 /// `stasis serve` arguments, ready to `#[command(flatten)]` into the CLI.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// Snapshot store in object storage (`--snapshot-store s3://bucket`,
+    /// `--s3-endpoint`, `--durable-pause`; keys from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY).
+    #[command(flatten)]
+    pub s3: crate::snapshot::remote::S3Args,
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
@@ -448,6 +459,8 @@ impl ServeArgs {
             network,
             no_jail: self.no_jail,
             jail_uid_base: self.jail_uid_base,
+            snapshot_store: self.s3.config(),
+            durable_pause: self.s3.durable_pause,
             ..ServeOptions::default()
         })
     }
@@ -560,7 +573,37 @@ pub async fn serve(
             .map_err(|e| Error::Config(crate::error_chain(&e)))?,
         )
     };
+    let snapshot_upload = match &opts.snapshot_store {
+        Some(c) => {
+            let remote = crate::snapshot::remote::RemoteStore::open(c)
+                .map_err(|e| Error::Config(crate::error_chain(&e)))?;
+            // A bucket that does not answer, or refuses the credentials, is
+            // a startup error: better than pauses that never reach it.
+            remote.check().await.map_err(|e| {
+                Error::Config(format!(
+                    "the snapshot store is not usable: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+            tracing::info!(
+                store = remote.describe(),
+                durable_pause = opts.durable_pause,
+                "snapshot store"
+            );
+            Some(crate::snapshot::remote::Uploader::start(remote))
+        }
+        None => {
+            if opts.durable_pause {
+                return Err(Error::Config(
+                    "--durable-pause needs --snapshot-store".into(),
+                ));
+            }
+            None
+        }
+    };
     let cfg = manager::Config {
+        snapshot_upload,
+        durable_pause: opts.durable_pause,
         jail,
         data_dir: opts.data_dir.clone(),
         backend: opts.backend,

@@ -221,6 +221,11 @@ pub struct StasisOut {
     /// `GET /health`), `paused`, or the operation in progress.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// With `--snapshot-store`: the upload of the current snapshot to the
+    /// bucket (state, chunk counters, attempts, last error, this host's
+    /// backlog).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_upload: Option<crate::snapshot::remote::UploadStatusOut>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC

@@ -20,6 +20,7 @@ pub mod crc32c;
 pub mod format;
 pub mod manifest;
 pub mod memfile;
+pub mod remote;
 pub mod store;
 pub mod uffd;
 pub mod uffd_sys;
