@@ -541,6 +541,12 @@ pub struct WriteOpts {
     /// Once set, the write stops at its next chunk with
     /// [`Error::Cancelled`] (an asynchronous pause resumed from memory).
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Incremental (a child layer, see [`super::layers`]): write only the
+    /// pages written since write tracking began ([`super::dirty`]), where
+    /// the bitmap holds the pages the parent layers store. A written page
+    /// that is all zero is stored when a parent has it (it must override
+    /// the parent's page), else left a hole.
+    pub incremental: Option<std::sync::Arc<PageBitmap>>,
 }
 
 impl Default for WriteOpts {
@@ -551,6 +557,7 @@ impl Default for WriteOpts {
             max_write: 4 << 20,
             checksums: true,
             cancel: None,
+            incremental: None,
         }
     }
 }
@@ -663,6 +670,7 @@ pub fn write_memory(
                 let pagemap = &pagemap;
                 let checksums = opts.checksums;
                 let cancel = opts.cancel.as_deref();
+                let base = opts.incremental.as_deref();
                 s.spawn(move || {
                     let slice = Slice {
                         p0,
@@ -670,6 +678,7 @@ pub fn write_memory(
                         max_write_pages,
                         checksums,
                         cancel,
+                        base,
                     };
                     write_slice(file, pagemap, regions, slice)
                 })
@@ -728,6 +737,8 @@ struct Slice<'a> {
     max_write_pages: usize,
     checksums: bool,
     cancel: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Incremental: the parent layers' pages (see [`WriteOpts::incremental`]).
+    base: Option<&'a PageBitmap>,
 }
 
 fn write_slice(
@@ -742,6 +753,7 @@ fn write_slice(
         max_write_pages,
         checksums,
         cancel,
+        base,
     } = slice;
     let mut res = SliceResult {
         words: vec![0; (p1 - p0).div_ceil(64)],
@@ -772,13 +784,18 @@ fn write_slice(
                 if e & (3 << 62) == 0 {
                     continue;
                 }
+                if base.is_some() && !super::dirty::entry_is_dirty(e) {
+                    continue;
+                }
                 res.resident += 1;
                 let gp = page + i;
                 // SAFETY: the page lies inside region `r`, which the
                 // MemRegion contract makes readable and unaliased by writers
                 // for the duration of this call; it is resident, so reading
                 // it does not allocate.
-                if unsafe { is_zero_page((addr + (i << PAGE_SHIFT)) as *const u8) } {
+                if unsafe { is_zero_page((addr + (i << PAGE_SHIFT)) as *const u8) }
+                    && !base.is_some_and(|b| b.get(gp))
+                {
                     res.zero += 1;
                     continue;
                 }

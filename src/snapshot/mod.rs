@@ -17,7 +17,9 @@
 
 pub mod bitmap;
 pub mod crc32c;
+pub mod dirty;
 pub mod format;
+pub mod layers;
 pub mod manifest;
 pub mod memfile;
 pub mod store;
