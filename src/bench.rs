@@ -414,7 +414,7 @@ pub fn run_incremental(
     percent: u64,
     backing: MemoryBacking,
 ) -> Result<IncrementalResult, Error> {
-    use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
     let mem_mib = mem_bytes >> 20;
     let changed_mib = (mem_mib * percent / 100).clamp(1, mem_mib - 17);
     let w = Workload {
