@@ -107,12 +107,18 @@ fn state(dir: &Path) -> VmState {
     SnapshotDir::open(dir).unwrap().load_state().unwrap()
 }
 
-/// Writes a page-sized pattern derived from `page` and `tag` at guest page
-/// `page`.
+/// The page-sized pattern of guest page `page` written by generation
+/// `tag` (never all zero: it starts with the page number).
+fn pattern(page: u64, tag: u8) -> Vec<u8> {
+    let mut data = vec![tag; PAGE as usize];
+    data[..8].copy_from_slice(&page.to_le_bytes());
+    data
+}
+
+/// Writes [`pattern`] at guest page `page`.
 fn write_page(vm: &Vm, page: u64, tag: u8) {
-    let data = vec![(page as u8) ^ tag; PAGE as usize];
     vm.memory()
-        .write_slice(&data, GuestAddress(page * PAGE))
+        .write_slice(&pattern(page, tag), GuestAddress(page * PAGE))
         .unwrap();
 }
 
@@ -218,7 +224,7 @@ fn changed_pages_only(mode: RestoreMode, name: &str) {
     let (mut vm, _) = Vm::restore(&s1, mode, Console::Sink, None).unwrap();
     vm.pause().unwrap();
     for &p in &changed {
-        assert_eq!(read_page(&vm, p), vec![(p as u8) ^ 0x5a; PAGE as usize], "page {p}");
+        assert_eq!(read_page(&vm, p), pattern(p, 0x5a), "page {p}");
     }
     drop(vm);
     let m = if mode == RestoreMode::Eager {
@@ -289,10 +295,10 @@ fn chain_depth_is_bounded_by_a_full_layer() {
     let last = MAX_CHAIN_DEPTH as u8 + 1;
     assert_eq!(
         read_page(&vm, FREE_BASE / PAGE),
-        vec![((FREE_BASE / PAGE) as u8) ^ last; PAGE as usize]
+        pattern(FREE_BASE / PAGE, last)
     );
     for (i, &p) in tags.iter().enumerate() {
-        assert_eq!(read_page(&vm, p), vec![(p as u8) ^ (i as u8 + 1); PAGE as usize]);
+        assert_eq!(read_page(&vm, p), pattern(p, i as u8 + 1), "page {p}");
     }
     drop(vm);
     // The deepest child (depth MAX) also resumes right, lazily.

@@ -299,7 +299,9 @@ impl Vm {
             .layer_parent
             .as_ref()
             .ok_or("the VM was not resumed from a snapshot with write tracking")?;
-        if parent.parents.len() + 1 > layers::MAX_CHAIN_DEPTH {
+        // `parents` (the resumed layer and its own parents) become the
+        // child's parents.
+        if parent.parents.len() > layers::MAX_CHAIN_DEPTH {
             return Err("the layer chain is at its depth limit");
         }
         Ok(parent)
