@@ -733,8 +733,8 @@ fn bench_incremental(
         dir: dir.clone(),
         backings,
     };
-    let rows = stasis::bench::run_incremental_all(&opts, &mut std::io::stdout())
-        .map_err(|e| chain(&e))?;
+    let rows =
+        stasis::bench::run_incremental_all(&opts, &mut std::io::stdout()).map_err(|e| chain(&e))?;
     let _ = std::fs::remove_dir(&dir);
     write_json(json, &rows)
 }

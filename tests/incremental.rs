@@ -219,6 +219,30 @@ fn changed_pages_only(mode: RestoreMode, name: &str) {
     let chain = ChainFile::read(&s1).unwrap().unwrap();
     assert_eq!(chain.parents.len(), 1);
     assert_eq!(chain.parents[0].dir, s0);
+    // `snapshot info` shows the layers, their bytes and parents.
+    let out = Command::new(BIN)
+        .args(["snapshot", "info"])
+        .arg(&s1)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{info}");
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    for want in [
+        "layers:          2 (nearest first".to_string(),
+        format!(
+            "layer 0:       this snapshot, {}, parent {}",
+            mib(m.bytes_stored),
+            s0.display()
+        ),
+        format!(
+            "layer 1:       {}, {}, full layer (intact)",
+            s0.display(),
+            mib(full_bytes)
+        ),
+    ] {
+        assert!(info.contains(&want), "{want:?} not in:\n{info}");
+    }
 
     // The chain resumes with the child's pages over the parent's.
     let (mut vm, _) = Vm::restore(&s1, mode, Console::Sink, None).unwrap();
@@ -277,10 +301,7 @@ fn chain_depth_is_bounded_by_a_full_layer() {
         drop(vm);
         if i <= MAX_CHAIN_DEPTH {
             assert_eq!(st.chain_depth, i, "generation {i}");
-            assert_eq!(
-                ChainFile::read(&next).unwrap().unwrap().parents.len(),
-                i
-            );
+            assert_eq!(ChainFile::read(&next).unwrap().unwrap().parents.len(), i);
         } else {
             // Past the limit: a full layer, no parent.
             assert_eq!(st.chain_depth, 0);

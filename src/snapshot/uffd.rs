@@ -1203,7 +1203,13 @@ impl Shared {
             .fetch_add(present as u64, Ordering::Relaxed);
         let mut again = 0u32;
         loop {
-            match ioctl_fill(self.fd(), dst, Some(buf.map.addr() as *const u8), len, self.copy_mode) {
+            match ioctl_fill(
+                self.fd(),
+                dst,
+                Some(buf.map.addr() as *const u8),
+                len,
+                self.copy_mode,
+            ) {
                 Ok(_) => {
                     let counter = match (who, present) {
                         (_, 0) => &self.stats.pages_zero_filled,

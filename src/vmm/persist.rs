@@ -19,9 +19,9 @@ use super::devices::{Console, Devices, DevicesState};
 use super::vcpu::{self, VcpuState};
 use super::virtio::{self, DeviceKind, DiskConfig, Virtio, VirtioState};
 use super::{kvm_err, memory, new_shell, Error, Kernel, RunState, Vm, VmConfig};
+use crate::snapshot::layers::{self, ChainFile, ParentRef};
 use crate::snapshot::memfile::{self, MemRegion, MemoryMeta, ReadOpts, WriteOpts};
 use crate::snapshot::uffd::{LazyLoader, LazyOpts, LazyStats};
-use crate::snapshot::layers::{self, ChainFile, ParentRef};
 use crate::snapshot::{PageBitmap, SnapshotDir, TmpDir};
 
 /// Errors of snapshot and restore.
@@ -308,7 +308,11 @@ impl Vm {
     }
 
     /// [`Vm::snapshot`] with options: cancellable, incremental.
-    pub fn snapshot_with(&mut self, dir: &Path, opts: SnapshotOpts) -> Result<SnapshotStats, Error> {
+    pub fn snapshot_with(
+        &mut self,
+        dir: &Path,
+        opts: SnapshotOpts,
+    ) -> Result<SnapshotStats, Error> {
         let SnapshotOpts {
             cancel,
             incremental,
@@ -612,7 +616,10 @@ impl Vm {
             let me = ParentRef {
                 dir: dir.to_owned(),
                 state_crc: layers::state_crc(dir).map_err(|e| {
-                    PersistError::Inconsistent(format!("reading {}: {e}", snap.state_path().display()))
+                    PersistError::Inconsistent(format!(
+                        "reading {}: {e}",
+                        snap.state_path().display()
+                    ))
                 })?,
                 bytes_stored: st.memory.bytes_stored,
             };
