@@ -662,11 +662,21 @@ pub fn write_memory(
         .max(1);
     let words_total = total_pages.div_ceil(64);
     let words_per = words_total.div_ceil(threads);
+    let mut bounds: Vec<(usize, usize)> = (0..threads)
+        .map(|t| {
+            (
+                (t * words_per * 64).min(total_pages),
+                ((t + 1) * words_per * 64).min(total_pages),
+            )
+        })
+        .collect();
+    if opts.incremental.is_some() && threads > 1 {
+        bounds = dirty_balanced_slices(&pagemap, regions, total_pages, threads)?;
+    }
     let results: Vec<Result<SliceResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let p0 = (t * words_per * 64).min(total_pages);
-                let p1 = ((t + 1) * words_per * 64).min(total_pages);
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(p0, p1)| {
                 let pagemap = &pagemap;
                 let checksums = opts.checksums;
                 let cancel = opts.cancel.as_deref();
@@ -726,6 +736,50 @@ pub fn write_memory(
     }
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// Incremental writes: slices of whole bitmap words, back to back, each
+/// holding about the same number of dirty pages (they cluster where the
+/// guest worked, so equal address ranges would leave one thread with all
+/// the writing). One extra pass over the pagemap (13 ms for 1 GiB here).
+fn dirty_balanced_slices(
+    pagemap: &File,
+    regions: &[MemRegion],
+    total_pages: usize,
+    threads: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let words = total_pages.div_ceil(64);
+    let mut per_word = vec![0u32; words];
+    let mut entries = vec![0u64; SCAN_CHUNK_PAGES];
+    for r in regions {
+        let mut page = r.first_page();
+        let end = r.first_page() + r.pages();
+        while page < end {
+            let n = (end - page).min(SCAN_CHUNK_PAGES);
+            let addr = r.host_addr + ((page - r.first_page()) << PAGE_SHIFT);
+            read_pagemap(pagemap, addr, &mut entries[..n])?;
+            for (i, &e) in entries[..n].iter().enumerate() {
+                if super::dirty::entry_is_dirty(e) {
+                    per_word[(page + i) / 64] += 1;
+                }
+            }
+            page += n;
+        }
+    }
+    let total: u64 = per_word.iter().map(|&c| c as u64).sum();
+    let mut out = Vec::with_capacity(threads);
+    let (mut start, mut acc) = (0usize, 0u64);
+    for (w, &c) in per_word.iter().enumerate() {
+        acc += c as u64;
+        let k = out.len() as u64 + 1;
+        if out.len() + 1 < threads && acc * threads as u64 >= total * k {
+            let p1 = ((w + 1) * 64).min(total_pages);
+            out.push((start, p1));
+            start = p1;
+        }
+    }
+    out.push((start, total_pages));
+    Ok(out)
 }
 
 /// Writes file pages `p0..p1` (global page indices) and returns their
