@@ -523,7 +523,8 @@ mod tests {
         let (d0, d1) = (root.path().join("l0"), root.path().join("l1"));
         std::fs::create_dir(&d0).unwrap();
         std::fs::create_dir(&d1).unwrap();
-        let n = 64;
+        // Big enough for two writer threads (balanced by dirty pages).
+        let n = 40_000;
         let m = AnonMapping::new(n * PAGE_SIZE).unwrap();
         let fill = |p: usize, v: u8| {
             // SAFETY: page p < n of our own mapping.
@@ -557,14 +558,17 @@ mod tests {
         fill(30, 9); // a new page
         fill(40, 0); // a hole written with zeros: stays a hole
         fill(6, 3); // rewritten with the same bytes: written, so stored
+        fill(39_000, 4); // far away: the other writer thread
         let f1 = new_file(&d1);
         let opts = WriteOpts {
             incremental: Some(std::sync::Arc::new(meta0.present.clone())),
+            threads: 2,
             ..WriteOpts::default()
         };
         let r1 = write_memory(&f1, &regions, &opts).unwrap();
         let got: Vec<usize> = r1.present.iter_ones().collect();
-        assert_eq!(got, vec![2, 5, 6, 30]);
+        assert_eq!(got, vec![2, 5, 6, 30, 39_000]);
+        assert_eq!(r1.threads, 2);
         let meta1 = MemoryMeta::new(&regions, r1.present, r1.sums, PageBitmap::new(0)).unwrap();
         let chain = LayerChain::new(vec![
             MemLayer::new(
