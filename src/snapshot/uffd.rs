@@ -21,6 +21,15 @@
 //!   whole chunks. Holes are never prefetched;
 //!   they are filled when they fault.
 //!
+//! **Layers**: the loader reads through a [`super::layers::LayerChain`]
+//! ([`LazyLoader::start_chain`]): each run of pages comes from the layer
+//! the chain's page table names, checked against that layer's checksums (a
+//! plain snapshot is a chain of one). With [`LazyOpts::track_writes`] the
+//! descriptor also has asynchronous write protection and every copy is
+//! `UFFDIO_COPY_MODE_WP`, so the pagemap tells which pages the guest wrote
+//! ([`super::dirty`]); the regions then stay registered after completion
+//! (unregistering would drop the protection).
+//!
 //! **Verified before it is copied**: each run is `pread` into a private
 //! buffer, every page's CRC32C is checked against the snapshot's
 //! ([`memfile::MemoryMeta::sums`]), and only then is the buffer the
