@@ -375,3 +375,186 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
     }
     Ok(rows)
 }
+
+/// One incremental-pause case: the same paused VM written as a child layer
+/// (only what changed since its resume) and as a full layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncrementalResult {
+    /// Memory backing in use.
+    pub backing: String,
+    /// Guest memory, MiB.
+    pub guest_mib: u64,
+    /// Memory the guest rewrote after the resume, MiB.
+    pub changed_mib: u64,
+    /// The full snapshot the VM was resumed from stores this much (MiB).
+    pub parent_mib: f64,
+    /// Incremental pause: request to durable child layer (ms).
+    pub incremental_ms: f64,
+    /// Bytes the child layer stores (MiB).
+    pub incremental_mib: f64,
+    /// Full pause of the same state, request to durable snapshot (ms; the
+    /// lazy loader had finished before, so no wait is included).
+    pub full_ms: f64,
+    /// Bytes the full layer stores (MiB).
+    pub full_mib: f64,
+    /// incremental_ms / full_ms.
+    pub time_ratio: f64,
+    /// incremental_mib / full_mib.
+    pub bytes_ratio: f64,
+}
+
+/// Measures an incremental pause: boots a guest of `mem_bytes`, fills all
+/// of its memory (the guest's work area plus host-written data), pauses it
+/// into a full snapshot, resumes that lazily with write tracking, lets the
+/// guest rewrite its work area (`percent` of memory) at least once, pauses,
+/// then writes the same paused state as a child layer and as a full layer.
+pub fn run_incremental(
+    dir: &Path,
+    mem_bytes: u64,
+    percent: u64,
+    backing: MemoryBacking,
+) -> Result<IncrementalResult, Error> {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let mem_mib = mem_bytes >> 20;
+    let changed_mib = (mem_mib * percent / 100).clamp(1, mem_mib - 17);
+    let w = Workload {
+        mib: changed_mib,
+        rounds: 0,
+        seed: 4321,
+        report: 0,
+        base_mib: 16,
+    };
+    let mut vm = Vm::boot(VmConfig {
+        cmdline: w.cmdline(),
+        mem_bytes,
+        memory_backing: backing,
+        ..VmConfig::default()
+    })?;
+    let backing = vm.config().memory_backing;
+    wait_round(&vm, 1, Duration::from_secs(600))?;
+    vm.pause()?;
+    // Everything outside the work area (and the guest's low pages) holds
+    // data too, so that a full layer is the whole guest.
+    let work_end = (w.base_mib + w.mib) << 20;
+    let chunk = vec![0xa5u8; 1 << 20];
+    for r in vm.memory().iter() {
+        let (start, len) = (r.start_addr().0, r.len());
+        let mut a = start.max(work_end);
+        while a < start + len {
+            let n = (start + len - a).min(chunk.len() as u64) as usize;
+            vm.memory()
+                .write_slice(&chunk[..n], GuestAddress(a))
+                .map_err(|e| Error::Guest(format!("filling guest memory: {e}")))?;
+            a += n as u64;
+        }
+    }
+    let tag = format!("{mem_mib}-{percent}");
+    let s0 = dir.join(format!("incr-parent-{tag}"));
+    let si = dir.join(format!("incr-child-{tag}"));
+    let sf = dir.join(format!("incr-full-{tag}"));
+    for d in [&s0, &si, &sf] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let parent = vm.snapshot(&s0)?;
+    drop(vm);
+
+    let (mut vm, _) = Vm::restore_opts(
+        &s0,
+        RestoreMode::Lazy,
+        Console::Sink,
+        None,
+        RestorePaths::default(),
+        backing,
+        crate::vmm::RestoreOpts { track_writes: true },
+    )?;
+    // Two rounds: every page of the work area rewritten at least once.
+    let r0 = vm.guest_status().map(|s| s.round).unwrap_or(0);
+    wait_round(&vm, r0 + 2, Duration::from_secs(600))?;
+    vm.pause()?;
+    // The full pause must not pay for the lazy loader: let it finish first.
+    vm.wait_memory_complete()?;
+    let incr = vm.snapshot_with(
+        &si,
+        crate::vmm::SnapshotOpts {
+            incremental: true,
+            ..Default::default()
+        },
+    )?;
+    let full = vm.snapshot(&sf)?;
+    drop(vm);
+    for d in [&s0, &si, &sf] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    if incr.parent.is_none() {
+        return Err(Error::Guest(
+            "the incremental pause wrote a full layer (no write tracking here?)".into(),
+        ));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    Ok(IncrementalResult {
+        backing: backing.name().into(),
+        guest_mib: mem_mib,
+        changed_mib,
+        parent_mib: mib(parent.bytes_written),
+        incremental_ms: ms(incr.total),
+        incremental_mib: mib(incr.bytes_written),
+        full_ms: ms(full.total),
+        full_mib: mib(full.bytes_written),
+        time_ratio: incr.total.as_secs_f64() / full.total.as_secs_f64(),
+        bytes_ratio: incr.bytes_written as f64 / full.bytes_written.max(1) as f64,
+    })
+}
+
+/// Runs the incremental case for every size, percent and backing, printing
+/// incremental and full pause side by side.
+pub fn run_incremental_all(
+    opts: &BenchOpts,
+    out: &mut dyn Write,
+) -> Result<Vec<IncrementalResult>, Error> {
+    std::fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
+    let _ = writeln!(
+        out,
+        "incremental pause: resume (lazy, write tracking) a full snapshot, the guest rewrites N % of memory, pause as a child layer and as a full layer"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} {:>7} {:>8} {:>8} | {:>10} {:>10} | {:>10} {:>10} | {:>6} {:>6}",
+        "backing", "guest", "changed", "parent", "incr", "incr", "full", "full", "time", "bytes"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} {:>7} {:>8} {:>8} | {:>10} {:>10} | {:>10} {:>10} | {:>6} {:>6}",
+        "", "MiB", "MiB", "MiB", "ms", "MiB", "ms", "MiB", "ratio", "ratio"
+    );
+    let backings = if opts.backings.is_empty() {
+        vec![MemoryBacking::Auto]
+    } else {
+        opts.backings.clone()
+    };
+    let mut rows = Vec::new();
+    for &size in &opts.sizes {
+        for &pct in &opts.percents {
+            for &backing in &backings {
+                let r = run_incremental(&opts.dir, size, pct, backing)?;
+                let _ = writeln!(
+                    out,
+                    "{:>7} {:>7} {:>8} {:>8.1} | {:>10.1} {:>10.1} | {:>10.1} {:>10.1} | {:>6.3} {:>6.3}",
+                    r.backing,
+                    r.guest_mib,
+                    r.changed_mib,
+                    r.parent_mib,
+                    r.incremental_ms,
+                    r.incremental_mib,
+                    r.full_ms,
+                    r.full_mib,
+                    r.time_ratio,
+                    r.bytes_ratio
+                );
+                let _ = out.flush();
+                rows.push(r);
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -541,6 +541,12 @@ pub struct WriteOpts {
     /// Once set, the write stops at its next chunk with
     /// [`Error::Cancelled`] (an asynchronous pause resumed from memory).
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Incremental (a child layer, see [`super::layers`]): write only the
+    /// pages written since write tracking began ([`super::dirty`]), where
+    /// the bitmap holds the pages the parent layers store. A written page
+    /// that is all zero is stored when a parent has it (it must override
+    /// the parent's page), else left a hole.
+    pub incremental: Option<std::sync::Arc<PageBitmap>>,
 }
 
 impl Default for WriteOpts {
@@ -551,6 +557,7 @@ impl Default for WriteOpts {
             max_write: 4 << 20,
             checksums: true,
             cancel: None,
+            incremental: None,
         }
     }
 }
@@ -655,14 +662,25 @@ pub fn write_memory(
         .max(1);
     let words_total = total_pages.div_ceil(64);
     let words_per = words_total.div_ceil(threads);
+    let mut bounds: Vec<(usize, usize)> = (0..threads)
+        .map(|t| {
+            (
+                (t * words_per * 64).min(total_pages),
+                ((t + 1) * words_per * 64).min(total_pages),
+            )
+        })
+        .collect();
+    if opts.incremental.is_some() && threads > 1 {
+        bounds = dirty_balanced_slices(&pagemap, regions, total_pages, threads)?;
+    }
     let results: Vec<Result<SliceResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let p0 = (t * words_per * 64).min(total_pages);
-                let p1 = ((t + 1) * words_per * 64).min(total_pages);
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(p0, p1)| {
                 let pagemap = &pagemap;
                 let checksums = opts.checksums;
                 let cancel = opts.cancel.as_deref();
+                let base = opts.incremental.as_deref();
                 s.spawn(move || {
                     let slice = Slice {
                         p0,
@@ -670,6 +688,7 @@ pub fn write_memory(
                         max_write_pages,
                         checksums,
                         cancel,
+                        base,
                     };
                     write_slice(file, pagemap, regions, slice)
                 })
@@ -719,6 +738,50 @@ pub fn write_memory(
     Ok(report)
 }
 
+/// Incremental writes: slices of whole bitmap words, back to back, each
+/// holding about the same number of dirty pages (they cluster where the
+/// guest worked, so equal address ranges would leave one thread with all
+/// the writing). One extra pass over the pagemap (13 ms for 1 GiB here).
+fn dirty_balanced_slices(
+    pagemap: &File,
+    regions: &[MemRegion],
+    total_pages: usize,
+    threads: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let words = total_pages.div_ceil(64);
+    let mut per_word = vec![0u32; words];
+    let mut entries = vec![0u64; SCAN_CHUNK_PAGES];
+    for r in regions {
+        let mut page = r.first_page();
+        let end = r.first_page() + r.pages();
+        while page < end {
+            let n = (end - page).min(SCAN_CHUNK_PAGES);
+            let addr = r.host_addr + ((page - r.first_page()) << PAGE_SHIFT);
+            read_pagemap(pagemap, addr, &mut entries[..n])?;
+            for (i, &e) in entries[..n].iter().enumerate() {
+                if super::dirty::entry_is_dirty(e) {
+                    per_word[(page + i) / 64] += 1;
+                }
+            }
+            page += n;
+        }
+    }
+    let total: u64 = per_word.iter().map(|&c| c as u64).sum();
+    let mut out = Vec::with_capacity(threads);
+    let (mut start, mut acc) = (0usize, 0u64);
+    for (w, &c) in per_word.iter().enumerate() {
+        acc += c as u64;
+        let k = out.len() as u64 + 1;
+        if out.len() + 1 < threads && acc * threads as u64 >= total * k {
+            let p1 = ((w + 1) * 64).min(total_pages);
+            out.push((start, p1));
+            start = p1;
+        }
+    }
+    out.push((start, total_pages));
+    Ok(out)
+}
+
 /// Writes file pages `p0..p1` (global page indices) and returns their
 /// bitmap words (`p0` is a multiple of 64).
 /// One writer thread's part of [`write_memory`].
@@ -728,6 +791,8 @@ struct Slice<'a> {
     max_write_pages: usize,
     checksums: bool,
     cancel: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Incremental: the parent layers' pages (see [`WriteOpts::incremental`]).
+    base: Option<&'a PageBitmap>,
 }
 
 fn write_slice(
@@ -742,6 +807,7 @@ fn write_slice(
         max_write_pages,
         checksums,
         cancel,
+        base,
     } = slice;
     let mut res = SliceResult {
         words: vec![0; (p1 - p0).div_ceil(64)],
@@ -772,13 +838,18 @@ fn write_slice(
                 if e & (3 << 62) == 0 {
                     continue;
                 }
+                if base.is_some() && !super::dirty::entry_is_dirty(e) {
+                    continue;
+                }
                 res.resident += 1;
                 let gp = page + i;
                 // SAFETY: the page lies inside region `r`, which the
                 // MemRegion contract makes readable and unaliased by writers
                 // for the duration of this call; it is resident, so reading
                 // it does not allocate.
-                if unsafe { is_zero_page((addr + (i << PAGE_SHIFT)) as *const u8) } {
+                if unsafe { is_zero_page((addr + (i << PAGE_SHIFT)) as *const u8) }
+                    && !base.is_some_and(|b| b.get(gp))
+                {
                     res.zero += 1;
                     continue;
                 }

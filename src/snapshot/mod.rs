@@ -14,10 +14,16 @@
 //!
 //! Reusable snapshots (any number of resumes, concurrently) live in a
 //! [`store::SnapshotStore`], each with a [`manifest::Manifest`].
+//!
+//! A **child layer** (an incremental pause, [`layers`]) adds `layers.bin`,
+//! naming its parent layers; its `memory.bin` holds only the pages the
+//! guest wrote since it was resumed ([`dirty`] tracks them).
 
 pub mod bitmap;
 pub mod crc32c;
+pub mod dirty;
 pub mod format;
+pub mod layers;
 pub mod manifest;
 pub mod memfile;
 pub mod remote;

@@ -21,6 +21,15 @@
 //!   whole chunks. Holes are never prefetched;
 //!   they are filled when they fault.
 //!
+//! **Layers**: the loader reads through a [`super::layers::LayerChain`]
+//! ([`LazyLoader::start_chain`]): each run of pages comes from the layer
+//! the chain's page table names, checked against that layer's checksums (a
+//! plain snapshot is a chain of one). With [`LazyOpts::track_writes`] the
+//! descriptor also has asynchronous write protection and every copy is
+//! `UFFDIO_COPY_MODE_WP`, so the pagemap tells which pages the guest wrote
+//! ([`super::dirty`]); the regions then stay registered after completion
+//! (unregistering would drop the protection).
+//!
 //! **Verified before it is copied**: each run is `pread` into a private
 //! buffer, every page's CRC32C is checked against the snapshot's
 //! ([`memfile::MemoryMeta::sums`]), and only then is the buffer the
@@ -199,6 +208,11 @@ pub struct LazyOpts {
     /// the kernel zero-fill remaining holes itself. If false, the fault
     /// thread keeps serving hole faults until [`LazyLoader::stop`].
     pub release_when_complete: bool,
+    /// Track the guest's writes ([`super::dirty`]): register in WP mode too
+    /// and install every page write-protected, so the pagemap tells which
+    /// pages the guest wrote. Implies never releasing the regions
+    /// (unregistering would drop the protection).
+    pub track_writes: bool,
 }
 
 impl Default for LazyOpts {
@@ -208,6 +222,7 @@ impl Default for LazyOpts {
             prefetch_chunk: 2 << 20,
             prefetch: true,
             release_when_complete: true,
+            track_writes: false,
         }
     }
 }
@@ -378,14 +393,14 @@ struct Shared {
     uffd: Uffd,
     map: FileMap,
     stop_fd: OwnedFd,
-    file: File,
+    /// The layers pages are read from and the page -> layer table.
+    chain: super::layers::LayerChain,
+    /// `UFFDIO_COPY` mode: write-protected copies when tracking writes.
+    copy_mode: u64,
     regions: Vec<MemRegion>,
     /// hugetlb memory: filled in whole 2 MiB blocks.
     huge: bool,
     present: PageBitmap,
-    /// Checksums of the present pages and their index.
-    sums: Vec<u32>,
-    sum_index: memfile::SumIndex,
     /// Present pages of the working set.
     ws: PageBitmap,
     filled: Vec<AtomicU64>,
@@ -434,10 +449,30 @@ impl LazyLoader {
         opts: LazyOpts,
     ) -> Result<LazyLoader> {
         meta.check_regions(&regions)?;
-        meta.check_file(&memfile)?;
+        let chain = super::layers::LayerChain::single(
+            memfile::file_name(&memfile).into(),
+            memfile,
+            meta.clone(),
+        )?;
+        Self::start_chain(chain, regions, opts)
+    }
+
+    /// [`Self::start`] over a chain of layers: each page is served from the
+    /// layer the chain's table names, verified against that layer's
+    /// checksums. The working set is the nearest layer's.
+    pub fn start_chain(
+        chain: super::layers::LayerChain,
+        regions: Vec<MemRegion>,
+        mut opts: LazyOpts,
+    ) -> Result<LazyLoader> {
+        let meta = &chain.top().meta;
+        chain.check_regions(&regions)?;
         // Holes are never read from the file, so check now that they are
         // holes (a few lseeks for a sparse file).
-        memfile::verify_holes(&memfile, meta)?;
+        chain.verify_holes()?;
+        if opts.track_writes {
+            opts.release_when_complete = false;
+        }
         if !opts.fault_block.is_power_of_two() || opts.fault_block < PAGE_SIZE {
             return Err(memfile::Error::Layout(format!(
                 "fault block {:#x} is not a power of two >= one page",
@@ -449,12 +484,42 @@ impl LazyLoader {
 
         // KVM touches guest memory from kernel mode (get_user_pages); those
         // faults must reach us too: not user-mode only.
-        let uffd = Uffd::create(false).map_err(Error::Create)?;
+        let uffd = if opts.track_writes {
+            match Uffd::create_tracking() {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no write tracking on this kernel: the next pause writes a full layer");
+                    opts.track_writes = false;
+                    Uffd::create(false).map_err(Error::Create)?
+                }
+            }
+        } else {
+            Uffd::create(false).map_err(Error::Create)?
+        };
+        // WP mode on every region, or on none (a backing the kernel
+        // refuses write protection on: no tracking, full layers).
+        if opts.track_writes {
+            let mut done = Vec::new();
+            for r in &regions {
+                match uffd.register_mode(r.host_addr().cast(), r.len(), true, true) {
+                    Ok(_) => done.push(r),
+                    Err(e) => {
+                        tracing::warn!(addr = r.addr(), error = %e,
+                            "write protection refused on guest memory: the next pause writes a full layer");
+                        for d in done.drain(..) {
+                            let _ = uffd.unregister(d.host_addr().cast(), d.len());
+                        }
+                        opts.track_writes = false;
+                        break;
+                    }
+                }
+            }
+        }
         let needed = IOCTL_COPY | IOCTL_WAKE;
         let mut huge = None;
         for r in &regions {
             let offered = uffd
-                .register(r.host_addr().cast(), r.len())
+                .register_mode(r.host_addr().cast(), r.len(), true, opts.track_writes)
                 .map_err(|source| Error::Register {
                     addr: r.addr(),
                     len: r.len(),
@@ -490,31 +555,35 @@ impl LazyLoader {
         // SAFETY: `efd` is a new descriptor owned by nothing else.
         let stop_fd = unsafe { OwnedFd::from_raw_fd(efd) };
 
+        let present = chain.present().clone();
         let ws = if meta.working_set.is_empty() {
-            PageBitmap::new(meta.present.len())
+            PageBitmap::new(present.len())
         } else {
-            meta.present.and(&meta.working_set).ok_or_else(|| {
+            present.and(&meta.working_set).ok_or_else(|| {
                 memfile::Error::Layout("working-set bitmap length differs from the layout".into())
             })?
         };
-        let present_pages = meta.present.count_ones();
+        let present_pages = present.count_ones();
         let ws_pages = ws.count_ones();
         let stats = Arc::new(LazyStats::new(present_pages as u64, ws_pages as u64));
-        let map = FileMap::new(&memfile, meta.total_bytes)?;
+        let map = FileMap::new(&chain.top().file, meta.total_bytes)?;
         let shared = Arc::new(Shared {
             uffd,
             map,
             stop_fd,
-            file: memfile,
-            filled: (0..meta.present.len().div_ceil(64))
+            copy_mode: if opts.track_writes {
+                super::uffd_sys::UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            },
+            chain,
+            filled: (0..present.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            demanded: (0..meta.present.len().div_ceil(64))
+            demanded: (0..present.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            present: meta.present.clone(),
-            sums: meta.sums.clone(),
-            sum_index: memfile::SumIndex::new(&meta.present),
+            present,
             ws,
             regions,
             huge,
@@ -558,6 +627,11 @@ impl LazyLoader {
             loader.threads.lock().expect("not poisoned").push(pf);
         }
         Ok(loader)
+    }
+
+    /// True if the loader installs pages write-protected (write tracking).
+    pub fn tracks_writes(&self) -> bool {
+        self.shared.opts.track_writes
     }
 
     /// Live counters.
@@ -750,6 +824,7 @@ fn ioctl_fill(
     dst: usize,
     src: Option<*const u8>,
     len: usize,
+    copy_mode: u64,
 ) -> std::result::Result<usize, std::io::Error> {
     let (rc, done) = match src {
         Some(src) => {
@@ -757,7 +832,7 @@ fn ioctl_fill(
                 dst: dst as u64,
                 src: src as u64,
                 len: len as u64,
-                mode: 0,
+                mode: copy_mode,
                 copy: 0,
             };
             // SAFETY: `c` is a valid uffdio_copy; the kernel reads `len`
@@ -968,7 +1043,7 @@ impl Shared {
         let mut again = 0u32;
         while off < len {
             let s = src.map(|p| p.wrapping_add(off));
-            match ioctl_fill(self.fd(), dst0 + off, s, len - off) {
+            match ioctl_fill(self.fd(), dst0 + off, s, len - off, self.copy_mode) {
                 Ok(done) => {
                     let p = gp + (off >> PAGE_SHIFT);
                     let k = done >> PAGE_SHIFT;
@@ -1083,16 +1158,8 @@ impl Shared {
         // SAFETY: `buf.map` is our own mapping of at least `len` bytes
         // (e - s <= buf.pages()), used by this thread only.
         let data = unsafe { std::slice::from_raw_parts_mut(buf.map.addr(), len) };
-        memfile::read_exact_at(&self.file, data, off)?;
-        memfile::verify_run(
-            &self.file,
-            &self.present,
-            &self.sums,
-            &self.sum_index,
-            s,
-            data,
-            &mut buf.scratch,
-        )?;
+        let _ = off;
+        self.chain.read_verified(s, data, &mut buf.scratch)?;
         self.stats
             .pages_verified
             .fetch_add((e - s) as u64, Ordering::Relaxed);
@@ -1136,16 +1203,7 @@ impl Shared {
                 e += 1;
             }
             let part = &mut data[(p - b0) * PAGE_SIZE..(e - b0) * PAGE_SIZE];
-            memfile::read_exact_at(&self.file, part, (p as u64) << PAGE_SHIFT)?;
-            memfile::verify_run(
-                &self.file,
-                &self.present,
-                &self.sums,
-                &self.sum_index,
-                p,
-                part,
-                &mut buf.scratch,
-            )?;
+            self.chain.read_verified(p, part, &mut buf.scratch)?;
             present += e - p;
             p = e;
         }
@@ -1154,7 +1212,13 @@ impl Shared {
             .fetch_add(present as u64, Ordering::Relaxed);
         let mut again = 0u32;
         loop {
-            match ioctl_fill(self.fd(), dst, Some(buf.map.addr() as *const u8), len) {
+            match ioctl_fill(
+                self.fd(),
+                dst,
+                Some(buf.map.addr() as *const u8),
+                len,
+                self.copy_mode,
+            ) {
                 Ok(_) => {
                     let counter = match (who, present) {
                         (_, 0) => &self.stats.pages_zero_filled,
@@ -1557,6 +1621,7 @@ fn copy_baseline(bytes: usize) -> Result<f64> {
             dst.addr() as usize + off,
             Some(src.addr()),
             n,
+            0,
         )
         .map_err(|source| Error::Fill {
             op: "UFFDIO_COPY",
@@ -1912,7 +1977,7 @@ mod tests {
         let r = &regions[0];
         let xaddr = r.addr() + x * PAGE_SIZE;
         assert_eq!(
-            ioctl_fill(loader.shared.fd(), xaddr, Some(marker.addr()), PAGE_SIZE).unwrap(),
+            ioctl_fill(loader.shared.fd(), xaddr, Some(marker.addr()), PAGE_SIZE, 0).unwrap(),
             PAGE_SIZE
         );
         // Fault on y: the handler copies the whole block, meeting x.
@@ -2163,6 +2228,7 @@ mod tests {
             m.addr() as usize,
             Some(src.addr()),
             PAGE_SIZE,
+            0,
         )
         .unwrap();
         assert_eq!(rx.recv().unwrap(), 42);
@@ -2274,7 +2340,7 @@ mod tests {
         let r = &regions[0];
         let src = AnonMapping::new(PAGE_SIZE).unwrap();
         let baddr = r.addr() + b * PAGE_SIZE;
-        ioctl_fill(loader.shared.fd(), baddr, Some(src.addr()), PAGE_SIZE).unwrap();
+        ioctl_fill(loader.shared.fd(), baddr, Some(src.addr()), PAGE_SIZE, 0).unwrap();
         loader.shared.mark_filled(b, b + 1);
         let zero = AnonMapping::new(PAGE_SIZE).unwrap();
         let mut buf = CopyBuf::new(PAGE_SIZE).unwrap();

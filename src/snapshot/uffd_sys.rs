@@ -28,6 +28,18 @@ const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 /// `_IO(0xAA, 0x00)` on /dev/userfaultfd.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+/// `UFFDIO_REGISTER_MODE_WP`: write-protect tracking on the range.
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFD_FEATURE_WP_ASYNC` (Linux 6.7+): a write to a write-protected page
+/// is resolved by the kernel itself (the protection is dropped, no message),
+/// so the protection bit left in `/proc/self/pagemap` (bit 57) tells which
+/// pages were written since they were protected.
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFDIO_COPY_MODE_WP`: the copied page is installed write-protected.
+pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 
 /// Bits of the `ioctls` mask that REGISTER returns.
 pub const IOCTL_WAKE: u64 = 1 << 0x02;
@@ -47,6 +59,12 @@ struct UffdioApi {
 struct UffdioRange {
     start: u64,
     len: u64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
 }
 
 #[repr(C)]
@@ -112,6 +130,60 @@ impl Uffd {
         }
     }
 
+    /// Creates a userfaultfd for write tracking (`UFFD_FEATURE_WP_ASYNC`,
+    /// plus thread ids where offered), seeing kernel-mode faults too (KVM's).
+    /// Fails on a kernel without asynchronous write protection.
+    pub fn create_tracking() -> io::Result<Uffd> {
+        match Self::create_with(false, UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_WP_ASYNC) {
+            Ok(u) => Ok(u),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Self::create_with(false, UFFD_FEATURE_WP_ASYNC)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers `[addr, addr+len)` in MISSING mode, plus WP mode if `wp`
+    /// (a descriptor from [`Self::create_tracking`]); returns the mask of
+    /// ioctls allowed on it.
+    pub fn register_mode(
+        &self,
+        addr: *mut libc::c_void,
+        len: usize,
+        missing: bool,
+        wp: bool,
+    ) -> io::Result<u64> {
+        let mut mode = 0;
+        if missing {
+            mode |= UFFDIO_REGISTER_MODE_MISSING;
+        }
+        if wp {
+            mode |= UFFDIO_REGISTER_MODE_WP;
+        }
+        let mut r = UffdioRegister {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode,
+            ioctls: 0,
+        };
+        ioctl(self.0.as_raw_fd(), UFFDIO_REGISTER, &mut r)?;
+        Ok(r.ioctls)
+    }
+
+    /// Write-protects the resident pages of a WP-registered range.
+    pub fn write_protect(&self, addr: *mut libc::c_void, len: usize) -> io::Result<()> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        ioctl(self.0.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut w)
+    }
+
     /// True if fault messages carry the faulting thread's id.
     pub fn has_thread_ids(&self) -> bool {
         self.1
@@ -152,6 +224,9 @@ impl Uffd {
             ioctls: 0,
         };
         ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
+        if features & !api.features & UFFD_FEATURE_WP_ASYNC != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         Ok(Uffd(fd, features & UFFD_FEATURE_THREAD_ID != 0))
     }
 
@@ -235,5 +310,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
         assert_eq!(std::mem::size_of::<UffdioRegister>(), 32);
         assert_eq!(std::mem::size_of::<UffdioRange>(), 16);
+        assert_eq!(std::mem::size_of::<UffdioWriteprotect>(), 24);
     }
 }

@@ -28,7 +28,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use boot::Kernel;
 pub use devices::{Console, ConsoleBuffer};
-pub use persist::{PersistError, RestoreMode, RestorePaths, RestoreStats, SnapshotStats, VmState};
+pub use persist::{
+    PersistError, RestoreMode, RestoreOpts, RestorePaths, RestoreStats, SnapshotOpts,
+    SnapshotStats, VmState,
+};
 pub use vcpu::ExitReason;
 pub use virtio::DiskConfig;
 
@@ -221,6 +224,10 @@ pub struct Vm {
     config: VmConfig,
     /// Working set recorded in the snapshot this VM was restored from.
     working_set: Option<crate::snapshot::PageBitmap>,
+    /// Write tracking of an eagerly restored VM (incremental pause).
+    tracker: Option<crate::snapshot::dirty::WriteTracker>,
+    /// The layer this VM was resumed from, if it tracks writes.
+    layer_parent: Option<persist::LayerParent>,
 }
 
 /// KVM, the VM and its memory, before any vCPU exists.
@@ -395,6 +402,8 @@ impl Vm {
             }),
             config,
             working_set: None,
+            tracker: None,
+            layer_parent: None,
         })
     }
 

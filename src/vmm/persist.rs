@@ -19,6 +19,7 @@ use super::devices::{Console, Devices, DevicesState};
 use super::vcpu::{self, VcpuState};
 use super::virtio::{self, DeviceKind, DiskConfig, Virtio, VirtioState};
 use super::{kvm_err, memory, new_shell, Error, Kernel, RunState, Vm, VmConfig};
+use crate::snapshot::layers::{self, ChainFile, ParentRef};
 use crate::snapshot::memfile::{self, MemRegion, MemoryMeta, ReadOpts, WriteOpts};
 use crate::snapshot::uffd::{LazyLoader, LazyOpts, LazyStats};
 use crate::snapshot::{PageBitmap, SnapshotDir, TmpDir};
@@ -35,6 +36,9 @@ pub enum PersistError {
     /// Lazy restore failed.
     #[error(transparent)]
     Lazy(#[from] crate::snapshot::uffd::Error),
+    /// A layer of the snapshot's chain is missing or damaged.
+    #[error(transparent)]
+    Layers(#[from] layers::Error),
     /// The state is valid as a file but not as a VM.
     #[error("snapshot state is inconsistent: {0}")]
     Inconsistent(String),
@@ -141,6 +145,42 @@ pub struct SnapshotStats {
     pub commit_time: Duration,
     /// All of it.
     pub total: Duration,
+    /// An incremental pause: the parent layer the new snapshot's memory
+    /// layer sits on (`None`: a full layer).
+    pub parent: Option<std::path::PathBuf>,
+    /// Parent layers of the new snapshot (0: a full layer).
+    pub chain_depth: usize,
+}
+
+/// Options of [`Vm::snapshot_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOpts {
+    /// Stop early (an error, nothing left that loads) once set.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Write a child layer holding only the pages written since the resume
+    /// when the VM tracks writes ([`RestoreOpts::track_writes`]) and the
+    /// chain stays within [`layers::MAX_CHAIN_DEPTH`]; else a full layer
+    /// (with a log line saying why). The layer the VM was resumed from must
+    /// then be kept as long as the new snapshot is (see [`layers`]).
+    pub incremental: bool,
+}
+
+/// Options of [`Vm::restore_opts`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOpts {
+    /// Track the guest's writes from the resume on ([`crate::snapshot::dirty`]),
+    /// so that a later [`Vm::snapshot_with`] can write an incremental layer.
+    pub track_writes: bool,
+}
+
+/// The layer a write-tracking VM was resumed from: the parent of its next
+/// incremental snapshot.
+#[derive(Debug)]
+pub(crate) struct LayerParent {
+    /// The parent and its own parents, nearest first.
+    parents: Vec<ParentRef>,
+    /// Pages the parent chain stores.
+    present: Arc<PageBitmap>,
 }
 
 /// What a restore cost.
@@ -243,6 +283,51 @@ impl Vm {
         dir: &Path,
         cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<SnapshotStats, Error> {
+        self.snapshot_with(
+            dir,
+            SnapshotOpts {
+                cancel,
+                incremental: false,
+            },
+        )
+    }
+
+    /// The parent chain of an incremental snapshot taken now, or why a
+    /// full layer is written instead.
+    fn incremental_base(&self) -> Result<&LayerParent, &'static str> {
+        let parent = self
+            .layer_parent
+            .as_ref()
+            .ok_or("the VM was not resumed from a snapshot with write tracking")?;
+        // `parents` (the resumed layer and its own parents) become the
+        // child's parents.
+        if parent.parents.len() > layers::MAX_CHAIN_DEPTH {
+            return Err("the layer chain is at its depth limit");
+        }
+        Ok(parent)
+    }
+
+    /// [`Vm::snapshot`] with options: cancellable, incremental.
+    pub fn snapshot_with(
+        &mut self,
+        dir: &Path,
+        opts: SnapshotOpts,
+    ) -> Result<SnapshotStats, Error> {
+        let SnapshotOpts {
+            cancel,
+            incremental,
+        } = opts;
+        let base = if incremental {
+            match self.incremental_base() {
+                Ok(b) => Some((b.parents.clone(), b.present.clone())),
+                Err(why) => {
+                    tracing::info!(dir = %dir.display(), "incremental pause: writing a full memory layer: {why}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let t0 = Instant::now();
         {
             let c = self.ctl();
@@ -255,7 +340,10 @@ impl Vm {
         }
         // Memory not yet fetched from the previous snapshot isn't resident;
         // it must be before we can write a complete image.
+        // An incremental layer needs no wait: a page not yet fetched was not
+        // written, the parent has it.
         let lazy_wait = match &self.lazy {
+            Some(_) if base.is_some() => Duration::ZERO,
             Some(l) => {
                 let w = Instant::now();
                 l.wait_complete().map_err(PersistError::from)?;
@@ -313,10 +401,18 @@ impl Vm {
             &WriteOpts {
                 fsync: true,
                 cancel,
+                incremental: base.as_ref().map(|b| b.1.clone()),
                 ..WriteOpts::default()
             },
         )
         .map_err(PersistError::from)?;
+        if let Some((parents, _)) = &base {
+            ChainFile {
+                parents: parents.clone(),
+            }
+            .write(tmp.path())
+            .map_err(PersistError::from)?;
+        }
         tracing::debug!(
             scan = ?report.scan_time,
             hash = ?report.hash_time,
@@ -365,6 +461,10 @@ impl Vm {
             memory_time,
             commit_time: tc.elapsed(),
             total: t0.elapsed(),
+            parent: base
+                .as_ref()
+                .and_then(|b| b.0.first().map(|p| p.dir.clone())),
+            chain_depth: base.as_ref().map_or(0, |b| b.0.len()),
         })
     }
 
@@ -415,6 +515,29 @@ impl Vm {
         paths: RestorePaths<'_>,
         backing: memory::MemoryBacking,
     ) -> Result<(Vm, RestoreStats), Error> {
+        Vm::restore_opts(
+            dir,
+            mode,
+            console,
+            vcpus,
+            paths,
+            backing,
+            RestoreOpts::default(),
+        )
+    }
+
+    /// [`Vm::restore_backed`] with options (write tracking for incremental
+    /// pauses). A snapshot with parent layers (`layers.bin`) is restored
+    /// from its whole chain, each page from the nearest layer holding it.
+    pub fn restore_opts(
+        dir: &Path,
+        mode: RestoreMode,
+        console: Console,
+        vcpus: Option<u8>,
+        paths: RestorePaths<'_>,
+        backing: memory::MemoryBacking,
+        ropts: RestoreOpts,
+    ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
         let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
         let st: VmState = snap.load_state().map_err(PersistError::from)?;
@@ -451,16 +574,72 @@ impl Vm {
         let file = snap.open_memory().map_err(PersistError::from)?;
         // Validate the memory file before creating anything that runs.
         st.memory.check_file(&file).map_err(PersistError::from)?;
+        // The chain: this layer and its parents, checked before anything runs.
+        let (chain, chain_file) = layers::open_chain(dir, file, st.memory.clone(), |d| {
+            d.load_state::<VmState>()
+                .map(|s| s.memory)
+                .map_err(|e| crate::error_chain(&e))
+        })
+        .map_err(PersistError::from)?;
+        let mut tracking = false;
+        let mut tracker = None;
         let lazy = match mode {
             RestoreMode::Eager => {
-                memfile::read_memory_eager(&file, &regions, &st.memory, &ReadOpts::default())
+                layers::read_eager(&chain, &regions, &ReadOpts::default())
                     .map_err(PersistError::from)?;
+                if ropts.track_writes {
+                    match crate::snapshot::dirty::WriteTracker::start(&regions) {
+                        Ok(t) => {
+                            tracker = Some(t);
+                            tracking = true;
+                        }
+                        Err(e) => tracing::warn!(
+                            "no write tracking, the next pause writes a full layer: {}",
+                            crate::error_chain(&e)
+                        ),
+                    }
+                }
                 None
             }
-            RestoreMode::Lazy => Some(
-                LazyLoader::start(file, regions, &st.memory, LazyOpts::default())
-                    .map_err(PersistError::from)?,
-            ),
+            RestoreMode::Lazy => {
+                let opts = LazyOpts {
+                    track_writes: ropts.track_writes,
+                    ..LazyOpts::default()
+                };
+                let l = LazyLoader::start_chain(chain, regions.clone(), opts)
+                    .map_err(PersistError::from)?;
+                tracking = l.tracks_writes();
+                Some(l)
+            }
+        };
+        let layer_parent = if tracking {
+            let me = ParentRef {
+                dir: dir.to_owned(),
+                state_crc: layers::state_crc(dir).map_err(|e| {
+                    PersistError::Inconsistent(format!(
+                        "reading {}: {e}",
+                        snap.state_path().display()
+                    ))
+                })?,
+                bytes_stored: st.memory.bytes_stored,
+            };
+            let mut parents = vec![me];
+            parents.extend(chain_file.map(|c| c.parents).unwrap_or_default());
+            // Pages the chain stores: the union over every layer, rebuilt
+            // from the metadata (the chain itself went to the loader).
+            let mut present = st.memory.present.clone();
+            for p in &parents[1..] {
+                let m: VmState = SnapshotDir::open(&p.dir)
+                    .and_then(|d| d.load_state())
+                    .map_err(PersistError::from)?;
+                present = present.or(&m.memory.present).unwrap_or(present);
+            }
+            Some(LayerParent {
+                parents,
+                present: Arc::new(present),
+            })
+        } else {
+            None
         };
         let t_mem = t0.elapsed();
         shell
@@ -564,6 +743,8 @@ impl Vm {
         if !st.memory.working_set.is_empty() {
             vm.working_set = Some(st.memory.working_set.clone());
         }
+        vm.tracker = tracker;
+        vm.layer_parent = layer_parent;
         tracing::debug!(
             ?t_state,
             ?t_shell,
