@@ -73,6 +73,8 @@ use crate::worker::Error as WorkerError;
 
 #[path = "manager_net.rs"]
 mod net_ext;
+#[path = "warm.rs"]
+pub mod warm;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -152,6 +154,9 @@ pub struct Config {
     /// Sandbox networking (namespaces, taps, nftables); None: Linux
     /// sandboxes get no network device (`--no-network`).
     pub network: Option<Arc<crate::net::Network>>,
+    /// Create sandboxes from template snapshots (see [`warm`]); off:
+    /// `--no-warm-templates`.
+    pub warm_templates: bool,
 }
 
 /// Admission limits beyond `max_running`.
@@ -217,6 +222,9 @@ struct Rec {
     agent_error: Option<String>,
     /// While running: the guest memory backing the worker reported.
     memory_backing: Option<crate::vmm::memory::MemoryBacking>,
+    /// The template snapshot it was created from ([`warm`]; not kept
+    /// across a server restart).
+    warm_snapshot: Option<String>,
 }
 
 /// An asynchronous pause's snapshot write (`{"sync": false}`): the sandbox
@@ -259,9 +267,12 @@ pub struct Manager {
     /// Asynchronous pauses whose snapshot is not durable yet, by sandbox.
     writes: StdMutex<HashMap<String, Arc<WriteJob>>>,
     net_state: net_ext::NetState,
+    /// Warm templates' builds and refusals (see [`warm`]).
+    warm: warm::WarmState,
 }
 
 /// A template resolved to a VM configuration.
+#[derive(Clone)]
 struct Template {
     boot: BootConfig,
     cpu_count: u32,
@@ -275,6 +286,10 @@ struct Template {
     /// The sandbox serves the code interpreter on port 49999 (in a Linux
     /// guest its image's init runs it; the fake backend's host agent runs it).
     interpreter: bool,
+    /// Its sandboxes may be created from a template snapshot ([`warm`]).
+    warm: bool,
+    /// A built-in template (not a file).
+    builtin: bool,
 }
 
 /// `<data-dir>/templates/<name>.json`.
@@ -307,6 +322,10 @@ struct TemplateFile {
     /// server's `--memory-backing`.
     #[serde(default)]
     memory_backing: Option<crate::vmm::memory::MemoryBacking>,
+    /// Whether sandboxes may be created from a template snapshot (warm
+    /// templates); default true.
+    #[serde(default)]
+    warm: Option<bool>,
 }
 
 /// Largest `memoryMB` a template may ask for (1 TiB).
@@ -411,6 +430,7 @@ impl Manager {
             timer: Notify::new(),
             writes: StdMutex::new(HashMap::new()),
             net_state: Default::default(),
+            warm: Default::default(),
         });
         mgr.recover()?;
         mgr.net_recover()?;
@@ -531,6 +551,7 @@ impl Manager {
                     gate: None,
                     agent_error: None,
                     memory_backing: None,
+                    warm_snapshot: None,
                 }),
             });
             self.map().insert(entry.id.clone(), entry);
@@ -781,6 +802,8 @@ impl Manager {
                     rootfs: f.rootfs,
                     agent: f.agent,
                     interpreter: f.interpreter && f.agent,
+                    warm: f.warm.unwrap_or(true),
+                    builtin: false,
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -813,6 +836,8 @@ impl Manager {
                 // Only the code-interpreter image runs the server; waiting
                 // for it on any other image would fail every create.
                 interpreter: name == "code-interpreter-v1" && l.interpreter_rootfs.is_some(),
+                warm: true,
+                builtin: true,
             });
         }
         if BUILTIN_TEMPLATES.contains(&name) {
@@ -845,6 +870,8 @@ impl Manager {
                 rootfs: None,
                 agent: false,
                 interpreter: false,
+                warm: true,
+                builtin: true,
             });
         }
         Err(ApiError::bad_request(format!(
@@ -1178,9 +1205,30 @@ impl Manager {
         let mut template = self.resolve_template(&template_for).await?;
         let slot = self.take_slot()?;
         let mem = self.take_memory(template.memory_mb)?;
+        let pristine = template.clone();
 
         let id = models::new_id();
         let net_spec = self.net_prepare_create(&req, &mut template, &id).await?;
+        // Warm templates: resume from the template's snapshot if there is
+        // one (then exactly as from a user snapshot), else boot cold and
+        // build it afterwards.
+        let warm = match &from_snapshot {
+            Some(_) => warm::Lookup::Off,
+            None => {
+                self.warm_lookup(&template_for, &pristine, template.boot.net.is_some())
+                    .await
+            }
+        };
+        let (from_snapshot, warm_snapshot, warm_build) = match warm {
+            warm::Lookup::Hit(s) => {
+                let sid = s.manifest.id.clone();
+                (Some(s), Some(sid), None)
+            }
+            warm::Lookup::Miss { id, inputs, stale } => {
+                (from_snapshot, None, Some((template_for.clone(), id, inputs, stale)))
+            }
+            warm::Lookup::Off => (from_snapshot, None, None),
+        };
         let net_slot = net_spec.slot;
         let dir = self.sandbox_dir(&id);
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
@@ -1392,12 +1440,17 @@ impl Manager {
                 gate: Some(Gate::new()),
                 agent_error: None,
                 memory_backing,
+                warm_snapshot: warm_snapshot.clone(),
             }),
         });
         self.map().insert(id.clone(), entry.clone());
         self.watch_worker(entry, worker.clone());
         self.timer.notify_one();
-        tracing::info!(sandbox = %id, pid = worker.pid(), timeout_s = timeout, "sandbox created (running)");
+        tracing::info!(sandbox = %id, pid = worker.pid(), timeout_s = timeout,
+            warm_snapshot = warm_snapshot.as_deref().unwrap_or("-"), "sandbox created (running)");
+        if let Some((name, wid, inputs, stale)) = warm_build {
+            self.warm_build_spawn(name, pristine, wid, inputs, stale);
+        }
         Ok(out)
     }
 
@@ -1413,6 +1466,7 @@ impl Manager {
             (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_usage)
         };
         let memory_backing = e.rec().memory_backing;
+        let warm_snapshot = e.rec().warm_snapshot.clone();
         let mut guest_round = row.guest_round;
         let writing = self.write_job(id).is_some();
         if row.state == RowState::Paused && !writing {
@@ -1490,6 +1544,7 @@ impl Manager {
                 memory_backing: memory_backing.filter(|_| running),
                 snapshot_durable: (!running).then_some(!writing),
                 agent,
+                warm_snapshot,
             },
         })
     }
@@ -2653,6 +2708,8 @@ impl Manager {
             .snapshot_store()?
             .list()
             .into_iter()
+            // Template snapshots (warm templates) are the server's own.
+            .filter(|m| m.kind == crate::snapshot::manifest::SnapshotKind::User)
             .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
             .collect();
         let start = match next {
@@ -2679,6 +2736,12 @@ impl Manager {
     /// `delete_snapshot`): 404 if there is none, 409 while another
     /// snapshot needs it (the store's rule).
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        // A template's name: its template snapshots (warm templates).
+        if !id.starts_with("snap-") {
+            if let Some(r) = self.warm_delete_template(id).await {
+                return r;
+            }
+        }
         let store = self.snapshot_store()?;
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || store.delete(&id))

@@ -123,6 +123,10 @@ pub struct ServeOptions {
     /// Sandbox networking for Linux sandboxes on the real VMM; None: no
     /// network device (`--no-network`; the default for embedded servers).
     pub network: Option<crate::net::NetConfig>,
+    /// Create sandboxes of a template by resuming its template snapshot
+    /// (built after the template's first create); `--no-warm-templates`
+    /// turns it off.
+    pub warm_templates: bool,
 }
 
 impl Default for ServeOptions {
@@ -155,6 +159,7 @@ impl Default for ServeOptions {
             max_paused: 0,
             max_snapshot_bytes: 0,
             network: None,
+            warm_templates: true,
         }
     }
 }
@@ -193,6 +198,11 @@ pub struct ServeArgs {
     /// unprivileged uid, seccomp): for debugging only.
     #[arg(long)]
     pub no_jail: bool,
+    /// Boot every sandbox cold: no template snapshots are built or used
+    /// (by default a template's first create is followed by building its
+    /// template snapshot, and later creates resume from it).
+    #[arg(long)]
+    pub no_warm_templates: bool,
     /// First uid/gid of jailed workers; each running sandbox gets
     /// `base + slot` (65536 slots).
     #[arg(long, default_value_t = crate::jail::DEFAULT_UID_BASE)]
@@ -441,6 +451,7 @@ impl ServeArgs {
             network,
             no_jail: self.no_jail,
             jail_uid_base: self.jail_uid_base,
+            warm_templates: !self.no_warm_templates,
             ..ServeOptions::default()
         })
     }
@@ -580,6 +591,7 @@ pub async fn serve(
             )),
             None => None,
         },
+        warm_templates: opts.warm_templates,
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,

@@ -221,6 +221,10 @@ pub struct StasisOut {
     /// `GET /health`), `paused`, or the operation in progress.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The template snapshot this sandbox was created from (warm
+    /// templates); absent for a cold boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_snapshot: Option<String>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC
