@@ -260,7 +260,8 @@ impl Manager {
                         ms = started.elapsed().as_millis() as u64, "template snapshot saved");
                 }
                 Ok(false) => {
-                    tracing::debug!(template = %name, snapshot = %id, "template snapshot not built now (no capacity)");
+                    tracing::debug!(template = %name, snapshot = %id,
+                        "template snapshot not built now (it exists, or no capacity)");
                 }
                 Err(e) => {
                     lock(&mgr.warm.failed).insert(id.clone(), Instant::now());
@@ -282,6 +283,16 @@ impl Manager {
         inputs: String,
         stale: bool,
     ) -> Result<bool, Error> {
+        // Built meanwhile (by the build another create started).
+        if !stale
+            && self
+                .snapshot_store()
+                .ok()
+                .and_then(|s| s.path(id).ok())
+                .is_some_and(|p| p.is_dir())
+        {
+            return Ok(false);
+        }
         let (Ok(_slot), Ok(_mem)) = (self.take_slot(), self.take_memory(t.memory_mb)) else {
             return Ok(false);
         };
