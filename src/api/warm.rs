@@ -21,10 +21,14 @@
 //!   the built-in test guest: the VM runs), pauses it into its own
 //!   directory and imports that into the store (manifest written, then one
 //!   rename: no half-written template snapshot is ever visible under its
-//!   id). One build per id at a time in this server (the others' creates
-//!   boot cold meanwhile), and the store refuses a second import of an id.
-//!   A failed build is logged and retried no sooner than
-//!   [`RETRY_AFTER`] later.
+//!   id). One build at a time in this server (creates meanwhile boot
+//!   cold; a create of a template whose build was skipped starts it
+//!   later), no build of an id already in the store, and the store refuses
+//!   a second import of an id. A build is not admitted like a sandbox (it
+//!   takes no running slot and no share of the memory budget, so it never
+//!   makes a user's create fail); it is skipped while the memory budget
+//!   lacks the template's memory. A failed build is logged and retried no
+//!   sooner than [`RETRY_AFTER`] later.
 //! - **Use.** A create that hits resumes lazily from the template snapshot
 //!   exactly as a create from a user snapshot does (fresh entropy, own
 //!   env vars and envd token through the agent's `/init`, the host's wall
@@ -244,8 +248,14 @@ impl Manager {
                 return;
             }
         }
-        if !lock(&self.warm.building).insert(id.clone()) {
-            return;
+        {
+            // One build at a time in this server (a later create of a
+            // template whose build was skipped tries again).
+            let mut b = lock(&self.warm.building);
+            if !b.is_empty() {
+                return;
+            }
+            b.insert(id.clone());
         }
         let mgr = self.clone();
         tokio::spawn(async move {
@@ -293,9 +303,12 @@ impl Manager {
         {
             return Ok(false);
         }
-        let (Ok(_slot), Ok(_mem)) = (self.take_slot(), self.take_memory(t.memory_mb)) else {
+        // Not admitted like a sandbox: a build must never make a user's
+        // create fail (429). It is skipped when the memory budget lacks the
+        // template's memory now, and only one runs at a time.
+        if (self.memory.available_permits() as u64) < t.memory_mb.max(1) {
             return Ok(false);
-        };
+        }
         let bid = models::new_id();
         let dir = self.sandbox_dir(&bid);
         std::fs::create_dir_all(&dir)
