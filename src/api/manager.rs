@@ -434,6 +434,7 @@ impl Manager {
         });
         mgr.recover()?;
         mgr.net_recover()?;
+        mgr.warm_recover();
         tokio::spawn(mgr.clone().timer_loop());
         Ok(mgr)
     }
@@ -888,6 +889,20 @@ impl Manager {
         vcpus: u32,
         netns: Option<PathBuf>,
     ) -> Result<WorkerClient, WorkerError> {
+        self.spawn_worker_in(id, self.sandbox_dir(id), ro, mem_bytes, vcpus, netns)
+            .await
+    }
+
+    /// [`Self::spawn_worker`] whose writable directory is `dir`.
+    async fn spawn_worker_in(
+        &self,
+        id: &str,
+        dir: PathBuf,
+        ro: Vec<PathBuf>,
+        mem_bytes: u64,
+        vcpus: u32,
+        netns: Option<PathBuf>,
+    ) -> Result<WorkerClient, WorkerError> {
         let _permit = self.spawns.acquire().await;
         let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
         let jail = match &self.cfg.jail {
@@ -895,7 +910,7 @@ impl Manager {
             Some(j) => {
                 let req = crate::jail::JailRequest {
                     name: id.to_string(),
-                    sandbox_dir: self.sandbox_dir(id),
+                    sandbox_dir: dir,
                     ro,
                     mem_bytes,
                     vcpus,

@@ -70,6 +70,8 @@ pub const LABEL_TEMPLATE: &str = "template";
 pub const LABEL_INPUTS: &str = "inputs";
 /// Bumped when what a template snapshot holds changes meaning.
 const WARM_FORMAT: u32 = 1;
+/// Builder VMs' directories, under the data dir.
+const BUILD_DIR: &str = "warmbuild";
 /// After a failed build, the next attempt waits this long.
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 
@@ -183,6 +185,24 @@ pub(super) fn inputs(name: &str, t: &Template, backend: BackendKind) -> (String,
 }
 
 impl Manager {
+    /// Where builder VM `bid` works: `<data>/warmbuild/<bid>` (as long a
+    /// path as a sandbox's, for the socket path limit; not a sandbox).
+    fn warm_build_dir(&self, bid: &str) -> PathBuf {
+        self.cfg.data_dir.join(BUILD_DIR).join(bid)
+    }
+
+    /// At start: builds a crash interrupted are removed (their snapshots
+    /// were never imported).
+    pub(super) fn warm_recover(&self) {
+        let d = self.cfg.data_dir.join(BUILD_DIR);
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                crate::worker::vm::kill_host_agent(&e.path().join(VSOCK_SOCKET));
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
     /// For a create of template `name` resolved to `t` (before any
     /// per-sandbox change): resume from its template snapshot, or boot cold
     /// (and build one), or boot cold only. `net` says the sandbox gets a
@@ -310,7 +330,7 @@ impl Manager {
             return Ok(false);
         }
         let bid = models::new_id();
-        let dir = self.sandbox_dir(&bid);
+        let dir = self.warm_build_dir(&bid);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
         let vsock = dir.join(VSOCK_SOCKET);
@@ -359,7 +379,14 @@ impl Manager {
         .chain(t.boot.disk.as_ref().map(|d| d.base.clone()))
         .collect();
         let worker = self
-            .spawn_worker(bid, ro, t.boot.mem_bytes, u32::from(t.boot.vcpus), None)
+            .spawn_worker_in(
+                bid,
+                dir.to_owned(),
+                ro,
+                t.boot.mem_bytes,
+                u32::from(t.boot.vcpus),
+                None,
+            )
             .await
             .map_err(|e| Error::Builder(format!("starting its worker: {e}")))?;
         let boot = Request::Boot {
