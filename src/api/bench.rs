@@ -738,8 +738,8 @@ fn warm_phase(
     })?;
     let mut s = Samples::default();
     let create = |template: &str, op: Op, s: &mut Samples| -> Result<String, Error> {
-        let body = serde_json::json!({ "templateID": template, "timeout": SANDBOX_TIMEOUT_S })
-            .to_string();
+        let body =
+            serde_json::json!({ "templateID": template, "timeout": SANDBOX_TIMEOUT_S }).to_string();
         let r = c.expect(op, "POST", "/sandboxes", Some(&body), 201, s)?;
         json("POST /sandboxes", &r)?["sandboxID"]
             .as_str()
@@ -749,7 +749,10 @@ fn warm_phase(
                 detail: format!("no sandboxID in {}", r.text()),
             })
     };
-    let kill = |id: &str| c.call("DELETE", &format!("/sandboxes/{id}"), None).map(|_| ());
+    let kill = |id: &str| {
+        c.call("DELETE", &format!("/sandboxes/{id}"), None)
+            .map(|_| ())
+    };
     let t = Instant::now();
     let mut scratch = Samples::default();
     let first = create("base", Op::Create, &mut scratch)?;

@@ -1239,9 +1239,11 @@ impl Manager {
                 let sid = s.manifest.id.clone();
                 (Some(s), Some(sid), None)
             }
-            warm::Lookup::Miss { id, inputs, stale } => {
-                (from_snapshot, None, Some((template_for.clone(), id, inputs, stale)))
-            }
+            warm::Lookup::Miss { id, inputs, stale } => (
+                from_snapshot,
+                None,
+                Some((template_for.clone(), id, inputs, stale)),
+            ),
             warm::Lookup::Off => (from_snapshot, None, None),
         };
         let net_slot = net_spec.slot;

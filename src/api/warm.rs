@@ -167,7 +167,11 @@ pub(super) fn inputs(name: &str, t: &Template, backend: BackendKind) -> (String,
     line("kernel", kernel);
     line(
         "initrd",
-        t.boot.initrd.as_deref().map(file_identity).unwrap_or_default(),
+        t.boot
+            .initrd
+            .as_deref()
+            .map(file_identity)
+            .unwrap_or_default(),
     );
     line(
         "rootfs",
@@ -501,10 +505,7 @@ impl Manager {
     /// `DELETE /templates/{name}` for a template name: deletes its template
     /// snapshots. `None`: `name` is neither a template nor has any (the
     /// caller answers as for a snapshot id).
-    pub(super) async fn warm_delete_template(
-        &self,
-        name: &str,
-    ) -> Option<Result<(), ApiError>> {
+    pub(super) async fn warm_delete_template(&self, name: &str) -> Option<Result<(), ApiError>> {
         if !models::valid_name(name, true) {
             return None;
         }
