@@ -1237,7 +1237,7 @@ impl Manager {
         let (from_snapshot, warm_snapshot, warm_build) = match warm {
             warm::Lookup::Hit(s) => {
                 let sid = s.manifest.id.clone();
-                (Some(s), Some(sid), None)
+                (Some(*s), Some(sid), None)
             }
             warm::Lookup::Miss { id, inputs, stale } => (
                 from_snapshot,

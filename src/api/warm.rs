@@ -109,7 +109,7 @@ pub(super) enum Lookup {
     /// Boot cold; build nothing.
     Off,
     /// Resume from this template snapshot.
-    Hit(StoredSnapshot),
+    Hit(Box<StoredSnapshot>),
     /// Boot cold, then build template snapshot `id` (replacing `stale`, a
     /// refused snapshot under that id).
     Miss {
@@ -230,7 +230,7 @@ impl Manager {
                 let host = HostFingerprint::current();
                 match s.manifest.fingerprint.mismatch(&host) {
                     None if s.manifest.kind == SnapshotKind::Template => {
-                        return Lookup::Hit(s);
+                        return Lookup::Hit(Box::new(s));
                     }
                     None => "it is not a template snapshot".to_string(),
                     Some(d) => format!("it was taken on a different host ({d})"),
