@@ -46,7 +46,9 @@
 //! - **Delete.** `DELETE /templates/{name}` deletes the template's
 //!   template snapshots (the store's in-use rule applies: 409 while a
 //!   snapshot names one as its parent); sandboxes resumed from them keep
-//!   running (README "Snapshots and clones").
+//!   running (README "Snapshots and clones"). A build already running
+//!   when they are deleted still imports its snapshot (its inputs are
+//!   current); the next create after that resumes from it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
