@@ -15,7 +15,12 @@
 //! 2. **concurrent**: `concurrency` clients each running `count` such cycles
 //!    at once, so each pause (a snapshot to disk) overlaps the other
 //!    clients' calls; their latencies, and those of the progress polls
-//!    (`get`), show whether a pause holds anyone else up.
+//!    (`get`), show whether a pause holds anyone else up;
+//! 3. **templates** (warm templates): create → running of the built-in
+//!    test-guest template, booted cold (`create_cold`) vs resumed from its
+//!    template snapshot (`create_warm`), `count` of each, alternating.
+//!    The cycles' own template is marked `"warm": false`, so `create` in
+//!    phases 1 and 2 stays a cold boot.
 //!
 //! Each call is timed end to end: connect, request, whole response. The
 //! report gives p50 / p99 / max per operation (nearest-rank percentiles).
@@ -267,9 +272,14 @@ enum Op {
     Get,
     PauseAsync,
     Durable,
+    /// Warm templates phase: create → running of the built-in test-guest
+    /// template booted cold (a copy of it with `"warm": false`)...
+    CreateCold,
+    /// ...and resumed from its template snapshot.
+    CreateWarm,
 }
 
-const OPS: [Op; 7] = [
+const OPS: [Op; 9] = [
     Op::Create,
     Op::Pause,
     Op::Connect,
@@ -277,6 +287,8 @@ const OPS: [Op; 7] = [
     Op::Get,
     Op::PauseAsync,
     Op::Durable,
+    Op::CreateCold,
+    Op::CreateWarm,
 ];
 
 impl Op {
@@ -289,6 +301,8 @@ impl Op {
             Op::Get => "get",
             Op::PauseAsync => "pause_async",
             Op::Durable => "durable",
+            Op::CreateCold => "create_cold",
+            Op::CreateWarm => "create_warm",
         }
     }
 }
@@ -310,6 +324,10 @@ impl Samples {
 
     fn stats(&self) -> Vec<OpStats> {
         OPS.iter()
+            // The warm-template ops only where measured.
+            .filter(|&&op| {
+                !matches!(op, Op::CreateCold | Op::CreateWarm) || !self.0[op as usize].is_empty()
+            })
             .map(|&op| summarize(op.name(), &self.0[op as usize]))
             .collect()
     }
@@ -690,6 +708,98 @@ fn run_phase(
     })
 }
 
+/// The built-in test-guest template (`base`: 64 MiB, 1 vCPU, a 16 MiB
+/// endless workload) with warm templates off: a template file of the same
+/// VM with `"warm": false`.
+const COLD_BASE: &str = "testguest-cold";
+
+/// create → running of the built-in test-guest template, cold vs warm, side
+/// by side: one untimed create of `base` (cold; its template snapshot is
+/// built after it), a bounded wait for that snapshot, then `count` times a
+/// timed create of [`COLD_BASE`] (boots) and of `base` (resumes; `GET`
+/// must name its `warmSnapshot`), each killed at once.
+fn warm_phase(
+    c: &Client,
+    data: &std::path::Path,
+    count: usize,
+    opts: &ApiBenchOpts,
+) -> Result<PhaseReport, Error> {
+    let cold = serde_json::json!({
+        "kernel": "testguest",
+        "cmdline": Workload { mib: 16, rounds: 0, seed: 1, report: 0, base_mib: 16 }.cmdline(),
+        "memoryMB": 64,
+        "vcpus": 1,
+        "warm": false,
+    });
+    let file = data.join("templates").join(format!("{COLD_BASE}.json"));
+    std::fs::write(&file, cold.to_string()).map_err(|source| Error::Io {
+        what: format!("writing {}", file.display()),
+        source,
+    })?;
+    let mut s = Samples::default();
+    let create = |template: &str, op: Op, s: &mut Samples| -> Result<String, Error> {
+        let body =
+            serde_json::json!({ "templateID": template, "timeout": SANDBOX_TIMEOUT_S }).to_string();
+        let r = c.expect(op, "POST", "/sandboxes", Some(&body), 201, s)?;
+        json("POST /sandboxes", &r)?["sandboxID"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Http {
+                call: "POST /sandboxes".into(),
+                detail: format!("no sandboxID in {}", r.text()),
+            })
+    };
+    let kill = |id: &str| {
+        c.call("DELETE", &format!("/sandboxes/{id}"), None)
+            .map(|_| ())
+    };
+    let t = Instant::now();
+    let mut scratch = Samples::default();
+    let first = create("base", Op::Create, &mut scratch)?;
+    kill(&first)?;
+    let snapshots = data.join("snapshots");
+    let end = Instant::now() + opts.progress_timeout;
+    while !std::fs::read_dir(&snapshots)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+        })
+        .unwrap_or(false)
+    {
+        if Instant::now() >= end {
+            return Err(Error::Guest {
+                id: first,
+                detail: format!(
+                    "no template snapshot of base within {:?}",
+                    opts.progress_timeout
+                ),
+            });
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    for _ in 0..count {
+        let id = create(COLD_BASE, Op::CreateCold, &mut s)?;
+        kill(&id)?;
+        let id = create("base", Op::CreateWarm, &mut s)?;
+        let (r, _) = c.call("GET", &format!("/sandboxes/{id}"), None)?;
+        let warm = json("GET /sandboxes/{id}", &r)?["stasis"]["warmSnapshot"].is_string();
+        kill(&id)?;
+        if !warm {
+            return Err(Error::Guest {
+                id,
+                detail: "a create of base after its template snapshot was not warm".into(),
+            });
+        }
+    }
+    Ok(PhaseReport {
+        phase: "templates",
+        clients: 1,
+        cycles: count,
+        wall_s: t.elapsed().as_secs_f64(),
+        ops: s.stats().into_iter().filter(|o| o.samples > 0).collect(),
+    })
+}
+
 /// Runs the benchmark (see the module docs), writing progress and the table
 /// to `out`.
 pub fn run_api_bench(opts: ApiBenchOpts, out: &mut dyn Write) -> Result<ApiBenchReport, Error> {
@@ -733,6 +843,8 @@ pub fn run_api_bench(opts: ApiBenchOpts, out: &mut dyn Write) -> Result<ApiBench
         "cmdline": workload.cmdline(),
         "memoryMB": opts.memory_mb,
         "vcpus": 1,
+        // The cycles measure a cold create (the warm one has its phase).
+        "warm": false,
     });
     std::fs::write(&file, spec.to_string()).map_err(|source| Error::Io {
         what: format!("writing {}", file.display()),
@@ -781,6 +893,15 @@ pub fn run_api_bench(opts: ApiBenchOpts, out: &mut dyn Write) -> Result<ApiBench
         let _ = out.flush();
         phases.push(p);
     }
+    let p = warm_phase(&client, &data.0, opts.count, &opts)?;
+    w(
+        out,
+        format!(
+            "{}: {} cold and {} warm creates of the built-in test-guest template done in {:.1} s",
+            p.phase, opts.count, opts.count, p.wall_s
+        ),
+    )?;
+    phases.push(p);
     server.stop()?;
     drop(data);
 

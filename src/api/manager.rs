@@ -73,6 +73,8 @@ use crate::worker::Error as WorkerError;
 
 #[path = "manager_net.rs"]
 mod net_ext;
+#[path = "warm.rs"]
+pub mod warm;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -158,6 +160,9 @@ pub struct Config {
     /// `--durable-pause`: a (synchronous) pause answers only once the
     /// snapshot is in the bucket.
     pub durable_pause: bool,
+    /// Create sandboxes from template snapshots (see [`warm`]); off:
+    /// `--no-warm-templates`.
+    pub warm_templates: bool,
 }
 
 /// Admission limits beyond `max_running`.
@@ -223,6 +228,9 @@ struct Rec {
     agent_error: Option<String>,
     /// While running: the guest memory backing the worker reported.
     memory_backing: Option<crate::vmm::memory::MemoryBacking>,
+    /// The template snapshot it was created from ([`warm`]; not kept
+    /// across a server restart).
+    warm_snapshot: Option<String>,
 }
 
 /// An asynchronous pause's snapshot write (`{"sync": false}`): the sandbox
@@ -265,9 +273,12 @@ pub struct Manager {
     /// Asynchronous pauses whose snapshot is not durable yet, by sandbox.
     writes: StdMutex<HashMap<String, Arc<WriteJob>>>,
     net_state: net_ext::NetState,
+    /// Warm templates' builds and refusals (see [`warm`]).
+    warm: warm::WarmState,
 }
 
 /// A template resolved to a VM configuration.
+#[derive(Clone)]
 struct Template {
     boot: BootConfig,
     cpu_count: u32,
@@ -281,6 +292,10 @@ struct Template {
     /// The sandbox serves the code interpreter on port 49999 (in a Linux
     /// guest its image's init runs it; the fake backend's host agent runs it).
     interpreter: bool,
+    /// Its sandboxes may be created from a template snapshot ([`warm`]).
+    warm: bool,
+    /// A built-in template (not a file).
+    builtin: bool,
 }
 
 /// `<data-dir>/templates/<name>.json`.
@@ -313,6 +328,10 @@ struct TemplateFile {
     /// server's `--memory-backing`.
     #[serde(default)]
     memory_backing: Option<crate::vmm::memory::MemoryBacking>,
+    /// Whether sandboxes may be created from a template snapshot (warm
+    /// templates); default true.
+    #[serde(default)]
+    warm: Option<bool>,
 }
 
 /// Largest `memoryMB` a template may ask for (1 TiB).
@@ -417,9 +436,11 @@ impl Manager {
             timer: Notify::new(),
             writes: StdMutex::new(HashMap::new()),
             net_state: Default::default(),
+            warm: Default::default(),
         });
         mgr.recover()?;
         mgr.net_recover()?;
+        mgr.warm_recover();
         tokio::spawn(mgr.clone().timer_loop());
         Ok(mgr)
     }
@@ -540,6 +561,7 @@ impl Manager {
                     gate: None,
                     agent_error: None,
                     memory_backing: None,
+                    warm_snapshot: None,
                 }),
             });
             self.map().insert(entry.id.clone(), entry);
@@ -790,6 +812,8 @@ impl Manager {
                     rootfs: f.rootfs,
                     agent: f.agent,
                     interpreter: f.interpreter && f.agent,
+                    warm: f.warm.unwrap_or(true),
+                    builtin: false,
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -822,6 +846,8 @@ impl Manager {
                 // Only the code-interpreter image runs the server; waiting
                 // for it on any other image would fail every create.
                 interpreter: name == "code-interpreter-v1" && l.interpreter_rootfs.is_some(),
+                warm: true,
+                builtin: true,
             });
         }
         if BUILTIN_TEMPLATES.contains(&name) {
@@ -854,6 +880,8 @@ impl Manager {
                 rootfs: None,
                 agent: false,
                 interpreter: false,
+                warm: true,
+                builtin: true,
             });
         }
         Err(ApiError::bad_request(format!(
@@ -870,6 +898,20 @@ impl Manager {
         vcpus: u32,
         netns: Option<PathBuf>,
     ) -> Result<WorkerClient, WorkerError> {
+        self.spawn_worker_in(id, self.sandbox_dir(id), ro, mem_bytes, vcpus, netns)
+            .await
+    }
+
+    /// [`Self::spawn_worker`] whose writable directory is `dir`.
+    async fn spawn_worker_in(
+        &self,
+        id: &str,
+        dir: PathBuf,
+        ro: Vec<PathBuf>,
+        mem_bytes: u64,
+        vcpus: u32,
+        netns: Option<PathBuf>,
+    ) -> Result<WorkerClient, WorkerError> {
         let _permit = self.spawns.acquire().await;
         let socket = self.cfg.data_dir.join("run").join(format!("{id}.sock"));
         let jail = match &self.cfg.jail {
@@ -877,7 +919,7 @@ impl Manager {
             Some(j) => {
                 let req = crate::jail::JailRequest {
                     name: id.to_string(),
-                    sandbox_dir: self.sandbox_dir(id),
+                    sandbox_dir: dir,
                     ro,
                     mem_bytes,
                     vcpus,
@@ -1187,9 +1229,32 @@ impl Manager {
         let mut template = self.resolve_template(&template_for).await?;
         let slot = self.take_slot()?;
         let mem = self.take_memory(template.memory_mb)?;
+        let pristine = template.clone();
 
         let id = models::new_id();
         let net_spec = self.net_prepare_create(&req, &mut template, &id).await?;
+        // Warm templates: resume from the template's snapshot if there is
+        // one (then exactly as from a user snapshot), else boot cold and
+        // build it afterwards.
+        let warm = match &from_snapshot {
+            Some(_) => warm::Lookup::Off,
+            None => {
+                self.warm_lookup(&template_for, &pristine, template.boot.net.is_some())
+                    .await
+            }
+        };
+        let (from_snapshot, warm_snapshot, warm_build) = match warm {
+            warm::Lookup::Hit(s) => {
+                let sid = s.manifest.id.clone();
+                (Some(*s), Some(sid), None)
+            }
+            warm::Lookup::Miss { id, inputs, stale } => (
+                from_snapshot,
+                None,
+                Some((template_for.clone(), id, inputs, stale)),
+            ),
+            warm::Lookup::Off => (from_snapshot, None, None),
+        };
         let net_slot = net_spec.slot;
         let dir = self.sandbox_dir(&id);
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
@@ -1401,12 +1466,17 @@ impl Manager {
                 gate: Some(Gate::new()),
                 agent_error: None,
                 memory_backing,
+                warm_snapshot: warm_snapshot.clone(),
             }),
         });
         self.map().insert(id.clone(), entry.clone());
         self.watch_worker(entry, worker.clone());
         self.timer.notify_one();
-        tracing::info!(sandbox = %id, pid = worker.pid(), timeout_s = timeout, "sandbox created (running)");
+        tracing::info!(sandbox = %id, pid = worker.pid(), timeout_s = timeout,
+            warm_snapshot = warm_snapshot.as_deref().unwrap_or("-"), "sandbox created (running)");
+        if let Some((name, wid, inputs, stale)) = warm_build {
+            self.warm_build_spawn(name, pristine, wid, inputs, stale);
+        }
         Ok(out)
     }
 
@@ -1422,6 +1492,7 @@ impl Manager {
             (r.row.clone(), r.busy, r.worker.clone(), r.snapshot_usage)
         };
         let memory_backing = e.rec().memory_backing;
+        let warm_snapshot = e.rec().warm_snapshot.clone();
         let mut guest_round = row.guest_round;
         let writing = self.write_job(id).is_some();
         if row.state == RowState::Paused && !writing {
@@ -1505,6 +1576,7 @@ impl Manager {
                     .as_ref()
                     .and_then(|u| u.status(id))
                     .filter(|_| !running),
+                warm_snapshot,
             },
         })
     }
@@ -2717,6 +2789,8 @@ impl Manager {
             .snapshot_store()?
             .list()
             .into_iter()
+            // Template snapshots (warm templates) are the server's own.
+            .filter(|m| m.kind == crate::snapshot::manifest::SnapshotKind::User)
             .filter(|m| sandbox.is_none() || m.source_sandbox.as_deref() == sandbox)
             .collect();
         let start = match next {
@@ -2743,6 +2817,12 @@ impl Manager {
     /// `delete_snapshot`): 404 if there is none, 409 while another
     /// snapshot needs it (the store's rule).
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        // A template's name: its template snapshots (warm templates).
+        if !id.starts_with("snap-") {
+            if let Some(r) = self.warm_delete_template(id).await {
+                return r;
+            }
+        }
         let store = self.snapshot_store()?;
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || store.delete(&id))

@@ -127,6 +127,10 @@ pub struct ServeOptions {
     pub snapshot_store: Option<crate::snapshot::remote::RemoteConfig>,
     /// `--durable-pause`: a pause answers once its snapshot is in the bucket.
     pub durable_pause: bool,
+    /// Create sandboxes of a template by resuming its template snapshot
+    /// (built after the template's first create); `--no-warm-templates`
+    /// turns it off.
+    pub warm_templates: bool,
 }
 
 impl Default for ServeOptions {
@@ -161,6 +165,7 @@ impl Default for ServeOptions {
             network: None,
             snapshot_store: None,
             durable_pause: false,
+            warm_templates: true,
         }
     }
 }
@@ -204,6 +209,11 @@ pub struct ServeArgs {
     /// unprivileged uid, seccomp): for debugging only.
     #[arg(long)]
     pub no_jail: bool,
+    /// Boot every sandbox cold: no template snapshots are built or used
+    /// (by default a template's first create is followed by building its
+    /// template snapshot, and later creates resume from it).
+    #[arg(long)]
+    pub no_warm_templates: bool,
     /// First uid/gid of jailed workers; each running sandbox gets
     /// `base + slot` (65536 slots).
     #[arg(long, default_value_t = crate::jail::DEFAULT_UID_BASE)]
@@ -461,6 +471,7 @@ impl ServeArgs {
             jail_uid_base: self.jail_uid_base,
             snapshot_store: self.s3.config(),
             durable_pause: self.s3.durable_pause,
+            warm_templates: !self.no_warm_templates,
             ..ServeOptions::default()
         })
     }
@@ -630,6 +641,7 @@ pub async fn serve(
             )),
             None => None,
         },
+        warm_templates: opts.warm_templates,
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,

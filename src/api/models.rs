@@ -226,6 +226,10 @@ pub struct StasisOut {
     /// backlog).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_upload: Option<crate::snapshot::remote::UploadStatusOut>,
+    /// The template snapshot this sandbox was created from (warm
+    /// templates); absent for a cold boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_snapshot: Option<String>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC
