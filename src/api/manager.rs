@@ -73,6 +73,8 @@ use crate::worker::Error as WorkerError;
 
 #[path = "manager_net.rs"]
 mod net_ext;
+#[path = "manager_db.rs"]
+pub mod db_ext;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -152,6 +154,11 @@ pub struct Config {
     /// Sandbox networking (namespaces, taps, nftables); None: Linux
     /// sandboxes get no network device (`--no-network`).
     pub network: Option<Arc<crate::net::Network>>,
+    /// Where metadata lives (`--database`); None: `<data-dir>/stasis.db`.
+    pub database: Option<super::store::DatabaseSpec>,
+    /// This host's id in a shared database (`--host-id`); None: the
+    /// hostname.
+    pub host_id: Option<String>,
 }
 
 /// Admission limits beyond `max_running`.
@@ -386,11 +393,21 @@ impl Manager {
                 .map_err(io(format!("chmod {}", run.display())))?;
         }
         let db = cfg.data_dir.join("stasis.db");
-        let store = Store::open(&db)?;
-        {
+        let host_id = cfg
+            .host_id
+            .clone()
+            .unwrap_or_else(super::store::default_host_id);
+        let spec = cfg
+            .database
+            .clone()
+            .unwrap_or_else(|| super::store::DatabaseSpec::Sqlite(db));
+        let store = Store::open_spec(&spec, &host_id)?;
+        if let super::store::DatabaseSpec::Sqlite(db) = &spec {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+            std::fs::set_permissions(db, std::fs::Permissions::from_mode(0o600))
                 .map_err(io(format!("chmod 600 {}", db.display())))?;
+        } else {
+            tracing::info!(host = %host_id, "metadata in PostgreSQL (shared)");
         }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let budget = cfg
@@ -595,11 +612,7 @@ impl Manager {
     }
 
     async fn put_row(&self, row: Row) -> Result<(), ApiError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.put(&row))
-            .await
-            .map_err(|e| internal("store", e))?
-            .map_err(|e| internal("store", e))
+        self.with_store(move |s| s.put(&row)).await
     }
 
     async fn delete_row(&self, id: &str) {
@@ -1152,6 +1165,7 @@ impl Manager {
         if req.mcp.as_ref().is_some_and(|m| !m.is_null()) {
             return Err(ApiError::bad_request("MCP servers are not supported"));
         }
+        self.db_ready().await?;
         let on_timeout_pause = match req.lifecycle.as_ref().and_then(|l| l.on_timeout.as_deref()) {
             Some("pause") => true,
             Some("kill") => false,
@@ -1365,6 +1379,8 @@ impl Manager {
             // Secured on request (the SDK asks by default): envd traffic must
             // carry this token, and can be routed by it alone.
             envd_token,
+            generation: 0,
+            owner: None,
         };
         if let Err(e) = self.put_row(row.clone()).await {
             worker.shutdown(SHUTDOWN_GRACE).await;
@@ -1531,6 +1547,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         if e.rec().row.state == RowState::Paused {
             return Err(ApiError::conflict(format!(
                 "sandbox {id} is already paused"
@@ -1783,6 +1800,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         if let Some(job) = self.write_job(id) {
             return if sync {
                 self.finish_write(&e, &job).await
@@ -2034,8 +2052,18 @@ impl Manager {
         // From here on the guest may run and write to the snapshot's disk
         // overlay (used in place): the marker says so to a later recovery,
         // which then must not offer this snapshot as a paused sandbox.
+        // Shared metadata: the conditional update paused -> running that
+        // makes this host the sandbox's runner (a snapshot is never resumed
+        // twice); lost or database down: the guest never runs.
+        if let Err(err) = self.claim_for_resume(&e.id).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.net_release(&e.id, true, None).await;
+            e.rec().busy = None;
+            return Err(err);
+        }
         let marker = self.snapshot_dir(&e.id, gen).join(RESUMED_MARKER);
         if let Err(err) = tokio::fs::write(&marker, b"").await {
+            self.release_claim(e).await;
             worker.shutdown(SHUTDOWN_GRACE).await;
             self.net_release(&e.id, true, None).await;
             return Err(fail(format!("writing {}: {err}", marker.display())));
@@ -2060,6 +2088,7 @@ impl Manager {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
                 self.net_release(&e.id, true, None).await;
+                self.release_claim(e).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
@@ -2068,6 +2097,7 @@ impl Manager {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
                 self.net_release(&e.id, true, None).await;
+                self.release_claim(e).await;
                 return Err(fail(err.to_string()));
             }
         };
@@ -2235,6 +2265,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         self.remove(&e, "it was killed").await;
         Ok(())
     }

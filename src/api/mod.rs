@@ -22,6 +22,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod store;
+pub mod store_pg;
 pub mod tls;
 
 use std::future::Future;
@@ -123,6 +124,12 @@ pub struct ServeOptions {
     /// Sandbox networking for Linux sandboxes on the real VMM; None: no
     /// network device (`--no-network`; the default for embedded servers).
     pub network: Option<crate::net::NetConfig>,
+    /// Metadata database (`--database`): `postgres://…` (shared by a pool)
+    /// or `sqlite:PATH`; None: `<data-dir>/stasis.db`.
+    pub database: Option<String>,
+    /// This host's id in a shared database (`--host-id`; default: the
+    /// hostname).
+    pub host_id: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -155,6 +162,8 @@ impl Default for ServeOptions {
             max_paused: 0,
             max_snapshot_bytes: 0,
             network: None,
+            database: None,
+            host_id: None,
         }
     }
 }
@@ -168,6 +177,17 @@ pub struct ServeArgs {
     /// Data directory (database, snapshots, templates).
     #[arg(long, default_value = "stasis-data")]
     pub data_dir: PathBuf,
+    /// Metadata database: `postgres://USER@HOST/DB` (shared by a pool of
+    /// hosts; also `postgresql://`, libpq URL parameters such as
+    /// `?host=/run/postgresql` work) or `sqlite:PATH` (default: the data
+    /// dir's `stasis.db`).
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// This host's id in a shared database (default: the hostname). Hosts
+    /// sharing one database need distinct ids; keep it across restarts to
+    /// find this host's paused sandboxes again.
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
     /// Require this X-API-KEY on every call (default: $STASIS_API_KEY).
     /// Visible in `ps`: prefer --api-key-file.
     #[arg(long, conflicts_with = "api_key_file")]
@@ -441,6 +461,8 @@ impl ServeArgs {
             network,
             no_jail: self.no_jail,
             jail_uid_base: self.jail_uid_base,
+            database: self.database,
+            host_id: self.host_id,
             ..ServeOptions::default()
         })
     }
@@ -580,6 +602,12 @@ pub async fn serve(
             )),
             None => None,
         },
+        database: opts
+            .database
+            .as_deref()
+            .map(store::DatabaseSpec::parse)
+            .transpose()?,
+        host_id: opts.host_id.clone(),
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,
@@ -596,6 +624,7 @@ pub async fn serve(
         Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
         None => None,
     };
+    mgr.start_heartbeat(addr.to_string());
     let metrics = Arc::new(metrics::Registry::default());
     metrics::spawn_sampler(mgr.clone(), metrics.clone());
     let app = routes::router(routes::AppState {
