@@ -443,3 +443,72 @@ fn postgres_down_answers_503_and_changes_nothing() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn snapshots_are_recorded_and_a_lost_database_is_rebuilt_from_their_manifests() {
+    let Some(pg) = Postgres::start_or_skip("snapshots_rebuild") else {
+        return;
+    };
+    let tmp = common::scratch("pg-rebuild");
+    let data = tmp.join("data");
+    let s = serve(&data, &pg, "host-1");
+    let id = s.create(json!({"templateID": "base", "timeout": 300}));
+    let mut sids = Vec::new();
+    for _ in 0..3 {
+        let r = s.post(&format!("/sandboxes/{id}/snapshots"), json!({}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        sids.push(r.json()["snapshotID"].as_str().unwrap().to_string());
+    }
+    let recorded = |pg: &Postgres| -> Vec<String> {
+        pg.client()
+            .query("SELECT id FROM snapshots ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let mut want = sids.clone();
+    want.sort();
+    assert_eq!(recorded(&pg), want, "each snapshot is recorded");
+    let r = s.req("DELETE", &format!("/templates/{}", sids[0]), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    want.retain(|x| *x != sids[0]);
+    assert_eq!(recorded(&pg), want, "a deleted snapshot is forgotten");
+    drop(s);
+
+    // The database is lost (every table gone).
+    pg.client()
+        .batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        .unwrap();
+    let out = std::process::Command::new(api_support::BIN)
+        .args(["db", "rebuild", "--database", &pg.url, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    printed.sort();
+    assert_eq!(printed, want);
+    assert_eq!(recorded(&pg), want, "rebuilt from the manifests");
+    let st = store(&pg, "host-1");
+    for m in st.snapshots().unwrap() {
+        assert_eq!(m.source_sandbox.as_deref(), Some(id.as_str()));
+        assert!(want.contains(&m.id));
+    }
+    // Rebuilding again changes nothing (idempotent).
+    let again = std::process::Command::new(api_support::BIN)
+        .args(["db", "rebuild", "--database", &pg.url, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(recorded(&pg), want);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

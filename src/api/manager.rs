@@ -2664,6 +2664,7 @@ impl Manager {
         }
         let stored = copied
             .map_err(|err| ApiError::internal(format!("snapshot: {}", crate::error_chain(&err))))?;
+        self.record_snapshot(&stored.manifest).await;
         tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
             total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok(SnapshotOut {
@@ -2711,8 +2712,8 @@ impl Manager {
     /// snapshot needs it (the store's rule).
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
         let store = self.snapshot_store()?;
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.delete(&id))
+        let id2 = id.to_owned();
+        let deleted = tokio::task::spawn_blocking(move || store.delete(&id2))
             .await
             .map_err(|e| internal("snapshot delete", e))?
             .map_err(|e| {
@@ -2724,7 +2725,11 @@ impl Manager {
                     E::InUse { .. } => ApiError::conflict(e.to_string()),
                     other => ApiError::internal(crate::error_chain(&other)),
                 }
-            })
+            });
+        if deleted.is_ok() {
+            self.forget_snapshot(id).await;
+        }
+        deleted
     }
 }
 

@@ -92,6 +92,30 @@ impl Manager {
         self.with_store(move |s| s.live_hosts(ttl)).await
     }
 
+    /// With a shared database: records a new reusable snapshot (best
+    /// effort: the snapshot store's directory stays the authority, and
+    /// `stasis db rebuild` records what was missed).
+    pub(super) async fn record_snapshot(&self, m: &crate::snapshot::manifest::Manifest) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let m2 = m.clone();
+        if let Err(e) = self.with_store(move |s| s.put_snapshot(&m2)).await {
+            tracing::warn!(snapshot = %m.id, "recording the snapshot in the database failed: {}", e.message);
+        }
+    }
+
+    /// With a shared database: forgets a deleted reusable snapshot.
+    pub(super) async fn forget_snapshot(&self, id: &str) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let id2 = id.to_string();
+        if let Err(e) = self.with_store(move |s| s.delete_snapshot(&id2)).await {
+            tracing::warn!(snapshot = %id, "removing the snapshot from the database failed: {}", e.message);
+        }
+    }
+
     /// This host's id in the database.
     pub fn host_id(&self) -> &str {
         self.store.host()

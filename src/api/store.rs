@@ -222,7 +222,7 @@ impl Store {
     /// One row by id (any owner).
     pub fn get(&self, id: &str) -> Result<Option<Row>, Error> {
         match &self.backend {
-            Backend::Sqlite(_) => Ok(self.load_all()?.into_iter().find(|r| r.id == id)),
+            Backend::Sqlite(_) => Ok(self.sqlite_rows(Some(id))?.pop()),
             Backend::Postgres(p) => p.get(id),
         }
     }
@@ -317,6 +317,65 @@ impl Store {
             }
             Backend::Postgres(p) => p.live_hosts(ttl),
         }
+    }
+
+    /// Records a reusable snapshot's manifest (shared database only; on
+    /// SQLite the snapshot store's directory is the only record).
+    pub fn put_snapshot(&self, m: &crate::snapshot::manifest::Manifest) -> Result<(), Error> {
+        let Backend::Postgres(p) = &self.backend else {
+            return Ok(());
+        };
+        let json = serde_json::to_string(m).map_err(|e| Error::Corrupt {
+            id: m.id.clone(),
+            what: e.to_string(),
+        })?;
+        let created_ms = i64::try_from(m.created_unix.saturating_mul(1000)).unwrap_or(i64::MAX);
+        p.put_snapshot(&m.id, json, created_ms)
+    }
+
+    /// Forgets a reusable snapshot (shared database only).
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.delete_snapshot(id),
+        }
+    }
+
+    /// Reusable snapshots recorded in a shared database (their manifests).
+    pub fn snapshots(&self) -> Result<Vec<crate::snapshot::manifest::Manifest>, Error> {
+        let Backend::Postgres(p) = &self.backend else {
+            return Ok(vec![]);
+        };
+        p.snapshots()?
+            .into_iter()
+            .map(|(id, json, _host)| {
+                serde_json::from_str(&json).map_err(|e| Error::Corrupt {
+                    id,
+                    what: format!("snapshot manifest: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    /// `stasis db rebuild`: records every valid reusable snapshot of the
+    /// local snapshot store (`<data-dir>/snapshots`, manifests checked as a
+    /// resume checks them; damaged ones are skipped and named) in a shared
+    /// database — what a lost database gets back from the snapshots' own
+    /// manifests. Idempotent. Returns the ids recorded.
+    pub fn rebuild_snapshots(&self, snapshots_dir: &Path) -> Result<Vec<String>, Error> {
+        if !self.is_shared() {
+            return Err(Error::Config(
+                "stasis db rebuild fills a PostgreSQL database (--database postgres://…)".into(),
+            ));
+        }
+        let store = crate::snapshot::store::SnapshotStore::open(snapshots_dir)
+            .map_err(|e| Error::Config(crate::error_chain(&e)))?;
+        let mut done = Vec::new();
+        for m in store.list() {
+            self.put_snapshot(&m)?;
+            done.push(m.id);
+        }
+        Ok(done)
     }
 
     /// Opens (creating if needed) the SQLite database at `path`.
@@ -593,15 +652,25 @@ impl Store {
         if let Backend::Postgres(p) = &self.backend {
             return p.load_all();
         }
+        self.sqlite_rows(None)
+    }
+
+    /// SQLite: every row in `seq` order, or the one with `id`.
+    fn sqlite_rows(&self, id: Option<&str>) -> Result<Vec<Row>, Error> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare(&format!(
             "SELECT id, seq, template_id, alias, state, created_ms, started_ms, end_ms,
                 on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb, disk_mb,
                 allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token,
                 generation, owner
-             FROM sandboxes ORDER BY seq",
-        )?;
-        let raw = stmt.query_map([], |r| {
+             FROM sandboxes {} ORDER BY seq",
+            if id.is_some() { "WHERE id = ?1" } else { "" }
+        ))?;
+        let args: Vec<&dyn rusqlite::ToSql> = match &id {
+            Some(id) => vec![id],
+            None => vec![],
+        };
+        let raw = stmt.query_map(args.as_slice(), |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
@@ -817,6 +886,49 @@ mod tests {
         assert_eq!(rows[0].state, RowState::Running);
         assert_eq!(rows[0].metadata.get("k").map(String::as_str), Some("v"));
         assert_eq!(s.max_seq().unwrap(), 2);
+    }
+
+    #[test]
+    fn sqlite_conditional_transition_generation_and_heartbeats() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open_spec(&DatabaseSpec::Sqlite(tmp.path().join("s.db")), "h1").unwrap();
+        s.put(&row("a", 1)).unwrap();
+        let got = s.get("a").unwrap().unwrap();
+        assert_eq!((got.generation, got.owner.as_deref()), (1, Some("h1")));
+        assert!(!s.transition("a", RowState::Paused, 0, RowState::Running).unwrap());
+        assert!(!s.transition("a", RowState::Running, 1, RowState::Paused).unwrap());
+        assert!(s.transition("a", RowState::Paused, 1, RowState::Running).unwrap());
+        assert!(!s.transition("a", RowState::Paused, 1, RowState::Running).unwrap());
+        assert_eq!(s.get("a").unwrap().unwrap().generation, 2);
+        // Already running here: claiming it again is a no-op win.
+        assert_eq!(s.claim("a", RowState::Paused, RowState::Running).unwrap(), Claim::Won);
+        assert_eq!(s.claim("zz", RowState::Paused, RowState::Running).unwrap(), Claim::Missing);
+        let h = HostInfo {
+            address: "127.0.0.1:1".into(),
+            fingerprint: "f".into(),
+            load: 2,
+        };
+        s.heartbeat(&h).unwrap();
+        let live = s.live_hosts(std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].id.as_str(), &live[0].info), ("h1", &h));
+        assert!(s.live_hosts(std::time::Duration::ZERO).unwrap().is_empty());
+    }
+
+    #[test]
+    fn database_specs_parse_and_hide_passwords() {
+        assert_eq!(
+            DatabaseSpec::parse("sqlite:/x/y.db").unwrap(),
+            DatabaseSpec::Sqlite("/x/y.db".into())
+        );
+        assert!(matches!(
+            DatabaseSpec::parse("postgresql://u@h/d").unwrap(),
+            DatabaseSpec::Postgres(_)
+        ));
+        for bad in ["sqlite:", "mysql://u:pw@h/d", ""] {
+            let e = DatabaseSpec::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("pw"), "{e}");
+        }
     }
 
     #[test]

@@ -586,6 +586,17 @@ impl PgStore {
         })
     }
 
+    /// Forgets a reusable snapshot; absent is fine.
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), Error> {
+        let id = id.to_string();
+        self.run(move |c| {
+            c.with(|cl| {
+                cl.execute("DELETE FROM snapshots WHERE id = $1", &[&id])
+                    .map(|_| ())
+            })
+        })
+    }
+
     /// Reusable snapshots recorded: (id, manifest JSON, host).
     pub fn snapshots(&self) -> Result<Vec<(String, String, Option<String>)>, Error> {
         self.run(move |c| {
