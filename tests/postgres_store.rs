@@ -141,11 +141,8 @@ fn store_round_trips_rows_and_keeps_hosts_apart() {
 
     // A row that does not decode (written behind stasis's back) is
     // quarantined at load, not fatal.
-    c.execute(
-        "UPDATE sandboxes SET memory_mb = -5 WHERE id = 'sb-1'",
-        &[],
-    )
-    .unwrap();
+    c.execute("UPDATE sandboxes SET memory_mb = -5 WHERE id = 'sb-1'", &[])
+        .unwrap();
     let (rows, bad) = a.load_all_quarantining().unwrap();
     assert!(rows.is_empty());
     assert_eq!(bad.len(), 1);
@@ -167,7 +164,9 @@ fn racing_hosts_claim_a_paused_sandbox_exactly_once() {
     const HOSTS: usize = 4;
     let origin = store(&pg, "origin");
     // One connection per host, as in a pool.
-    let hosts: Vec<Store> = (0..HOSTS).map(|i| store(&pg, &format!("host-{i}"))).collect();
+    let hosts: Vec<Store> = (0..HOSTS)
+        .map(|i| store(&pg, &format!("host-{i}")))
+        .collect();
     let rounds = 150;
     let mut wins = [0usize; HOSTS];
     for round in 0..rounds {
@@ -192,9 +191,7 @@ fn racing_hosts_claim_a_paused_sandbox_exactly_once() {
             })
             .collect();
         let results: Vec<Claim> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let winners: Vec<usize> = (0..racers)
-            .filter(|h| results[*h] == Claim::Won)
-            .collect();
+        let winners: Vec<usize> = (0..racers).filter(|h| results[*h] == Claim::Won).collect();
         assert_eq!(
             winners.len(),
             1,
@@ -348,7 +345,10 @@ fn serve_on_postgres_runs_the_lifecycle_and_a_restart_finds_its_sandboxes() {
 
     let r = s.req("DELETE", &format!("/sandboxes/{b}"), None);
     assert_eq!(r.status, 204, "{}", r.body);
-    assert!(db_state(&pg, &b).is_none(), "a killed sandbox's row is gone");
+    assert!(
+        db_state(&pg, &b).is_none(),
+        "a killed sandbox's row is gone"
+    );
     let c = s.create(json!({"templateID": "base", "timeout": 300}));
 
     // Restart: the paused sandbox comes back from PostgreSQL (the running
@@ -409,7 +409,10 @@ fn postgres_down_answers_503_and_changes_nothing() {
     );
     check_503(
         "resume",
-        s.post(&format!("/sandboxes/{paused}/connect"), json!({"timeout": 60})),
+        s.post(
+            &format!("/sandboxes/{paused}/connect"),
+            json!({"timeout": 60}),
+        ),
     );
     check_503(
         "kill",
@@ -425,7 +428,10 @@ fn postgres_down_answers_503_and_changes_nothing() {
     pg.restart();
     let r = s.post(&format!("/sandboxes/{running}/pause"), json!({}));
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = s.post(&format!("/sandboxes/{paused}/connect"), json!({"timeout": 60}));
+    let r = s.post(
+        &format!("/sandboxes/{paused}/connect"),
+        json!({"timeout": 60}),
+    );
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(db_state(&pg, &running).unwrap().0, "paused");
     assert_eq!(db_state(&pg, &paused).unwrap().0, "running");

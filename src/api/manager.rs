@@ -35,6 +35,13 @@
 //! same); a failed auto-pause keeps the sandbox running and retries. Bad
 //! stored rows are quarantined at start ([`Store::load_all_quarantining`]).
 //!
+//! Shared metadata (`--database postgres://…`, `manager_db.rs`): create,
+//! pause and kill first check that the database answers (503 if not, before
+//! anything changes); a resume claims the sandbox with a conditional update
+//! on (state, generation) before its guest may run (409 if another host
+//! changed it first), and gives the claim back if it fails before the guest
+//! ran; a heartbeat task records the host in `hosts`.
+//!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
@@ -71,10 +78,10 @@ use crate::worker::protocol::{
 use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
-#[path = "manager_net.rs"]
-mod net_ext;
 #[path = "manager_db.rs"]
 pub mod db_ext;
+#[path = "manager_net.rs"]
+mod net_ext;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);

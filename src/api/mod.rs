@@ -3,7 +3,8 @@
 //!
 //! - [`routes`]: axum routes, auth, error mapping, request logging.
 //! - [`manager`]: the per-sandbox state machine, timers, restart recovery.
-//! - [`store`]: SQLite metadata (`<data-dir>/stasis.db`).
+//! - [`store`]: metadata in SQLite (`<data-dir>/stasis.db`) or PostgreSQL
+//!   ([`store_pg`], `--database postgres://…`).
 //! - [`models`]: JSON shapes; [`error`]: the JSON error; [`openapi`]: the
 //!   OpenAPI document.
 //! - [`proxy`]: forwards in-sandbox traffic (`Novita-Sandbox-Id`/`-Port`

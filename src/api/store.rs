@@ -188,9 +188,7 @@ impl Store {
                 Ok(s)
             }
             DatabaseSpec::Postgres(url) => Ok(Store {
-                backend: Backend::Postgres(Arc::new(super::store_pg::PgStore::connect(
-                    url, host,
-                )?)),
+                backend: Backend::Postgres(Arc::new(super::store_pg::PgStore::connect(url, host)?)),
                 host: Arc::from(host),
             }),
         }
@@ -241,7 +239,13 @@ impl Store {
             Backend::Sqlite(_) => Ok(self.conn().execute(
                 "UPDATE sandboxes SET state = ?2, generation = generation + 1, owner = ?5
                  WHERE id = ?1 AND state = ?3 AND generation = ?4",
-                params![id, to.as_str(), from.as_str(), generation as i64, &*self.host],
+                params![
+                    id,
+                    to.as_str(),
+                    from.as_str(),
+                    generation as i64,
+                    &*self.host
+                ],
             )? == 1),
             Backend::Postgres(p) => p.transition(id, from, generation, to),
         }
@@ -480,8 +484,8 @@ impl Store {
             Backend::Sqlite(_) => {
                 let conn = self.conn();
                 let mut stmt = conn.prepare("SELECT id, spec FROM sandbox_network")?;
-                let rows = stmt
-                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
                 rows.collect::<Result<_, _>>()?
             }
         };
@@ -895,14 +899,28 @@ mod tests {
         s.put(&row("a", 1)).unwrap();
         let got = s.get("a").unwrap().unwrap();
         assert_eq!((got.generation, got.owner.as_deref()), (1, Some("h1")));
-        assert!(!s.transition("a", RowState::Paused, 0, RowState::Running).unwrap());
-        assert!(!s.transition("a", RowState::Running, 1, RowState::Paused).unwrap());
-        assert!(s.transition("a", RowState::Paused, 1, RowState::Running).unwrap());
-        assert!(!s.transition("a", RowState::Paused, 1, RowState::Running).unwrap());
+        assert!(!s
+            .transition("a", RowState::Paused, 0, RowState::Running)
+            .unwrap());
+        assert!(!s
+            .transition("a", RowState::Running, 1, RowState::Paused)
+            .unwrap());
+        assert!(s
+            .transition("a", RowState::Paused, 1, RowState::Running)
+            .unwrap());
+        assert!(!s
+            .transition("a", RowState::Paused, 1, RowState::Running)
+            .unwrap());
         assert_eq!(s.get("a").unwrap().unwrap().generation, 2);
         // Already running here: claiming it again is a no-op win.
-        assert_eq!(s.claim("a", RowState::Paused, RowState::Running).unwrap(), Claim::Won);
-        assert_eq!(s.claim("zz", RowState::Paused, RowState::Running).unwrap(), Claim::Missing);
+        assert_eq!(
+            s.claim("a", RowState::Paused, RowState::Running).unwrap(),
+            Claim::Won
+        );
+        assert_eq!(
+            s.claim("zz", RowState::Paused, RowState::Running).unwrap(),
+            Claim::Missing
+        );
         let h = HostInfo {
             address: "127.0.0.1:1".into(),
             fingerprint: "f".into(),

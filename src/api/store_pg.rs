@@ -220,11 +220,10 @@ impl PgStore {
             host: host.to_string(),
             shown: shown.clone(),
         };
-        s.run(|c| c.with(migrate)?)
-            .map_err(|e| match e {
-                Error::Unavailable(m) => Error::Unavailable(format!("{shown}: {m}")),
-                other => other,
-            })?;
+        s.run(|c| c.with(migrate)?).map_err(|e| match e {
+            Error::Unavailable(m) => Error::Unavailable(format!("{shown}: {m}")),
+            other => other,
+        })?;
         Ok(s)
     }
 
@@ -378,10 +377,15 @@ impl PgStore {
         let id = id.to_string();
         self.run(move |c| {
             let rows = c.with(|cl| {
-                cl.query(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = $1"), &[&id])
+                cl.query(
+                    &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = $1"),
+                    &[&id],
+                )
             })?;
             match rows.first() {
-                Some(r) => decode(r).map(Some).map_err(|what| Error::Corrupt { id, what }),
+                Some(r) => decode(r)
+                    .map(Some)
+                    .map_err(|what| Error::Corrupt { id, what }),
                 None => Ok(None),
             }
         })
@@ -436,12 +440,7 @@ impl PgStore {
                 )
             })?;
             rows.iter()
-                .map(|r| {
-                    decode(r).map_err(|what| Error::Corrupt {
-                        id: r.get(0),
-                        what,
-                    })
-                })
+                .map(|r| decode(r).map_err(|what| Error::Corrupt { id: r.get(0), what }))
                 .collect()
         })
     }
@@ -464,7 +463,13 @@ impl PgStore {
                 cl.execute(
                     "UPDATE sandboxes SET state = $2, generation = generation + 1, owner = $5
                      WHERE id = $1 AND state = $3 AND generation = $4",
-                    &[&id, &to.as_str(), &from.as_str(), &(generation as i64), &host],
+                    &[
+                        &id,
+                        &to.as_str(),
+                        &from.as_str(),
+                        &(generation as i64),
+                        &host,
+                    ],
                 )
             })
             .map(|n| n == 1)

@@ -93,7 +93,9 @@ impl Postgres {
         // Short: the socket path must fit in 107 bytes.
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = root.join(format!("pg-{}", std::process::id())).join(n.to_string());
+        let dir = root
+            .join(format!("pg-{}", std::process::id()))
+            .join(n.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let user = unprivileged();
@@ -118,7 +120,17 @@ impl Postgres {
         };
         let out = pg
             .command("initdb")
-            .args(["-D", "data", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-D",
+                "data",
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
             .output()
             .unwrap();
         assert!(
