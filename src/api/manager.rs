@@ -78,10 +78,12 @@ use crate::worker::protocol::{
 use crate::worker::vm::{dir_usage, snapshot_guest, DirUsage};
 use crate::worker::Error as WorkerError;
 
-#[path = "manager_db.rs"]
-pub mod db_ext;
 #[path = "manager_net.rs"]
 mod net_ext;
+
+// Shared metadata: 503/409 mapping, the resume claim, the heartbeat.
+#[path = "manager_db.rs"]
+pub mod db_ext;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
