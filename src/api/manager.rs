@@ -409,7 +409,7 @@ impl Manager {
         let spec = cfg
             .database
             .clone()
-            .unwrap_or_else(|| super::store::DatabaseSpec::Sqlite(db));
+            .unwrap_or(super::store::DatabaseSpec::Sqlite(db));
         let store = Store::open_spec(&spec, &host_id)?;
         if let super::store::DatabaseSpec::Sqlite(db) = &spec {
             use std::os::unix::fs::PermissionsExt;
