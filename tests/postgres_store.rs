@@ -443,6 +443,17 @@ fn postgres_down_answers_503_and_changes_nothing() {
     assert_eq!(list.len(), 2, "no half-created sandbox: {list:?}");
 
     // PostgreSQL back: the same calls work (the store reconnects).
+    // (First a frozen server: it accepts nothing and answers nothing; the
+    // readiness check gives up on it, 503 rather than a hung call.)
+    pg.restart();
+    pg.freeze(true);
+    check_503(
+        "pause, database frozen",
+        s.post(&format!("/sandboxes/{running}/pause"), json!({})),
+    );
+    assert_eq!(s.info(&running).json()["state"], "running");
+    pg.freeze(false);
+    pg.stop();
     pg.restart();
     let r = s.post(&format!("/sandboxes/{running}/pause"), json!({}));
     assert_eq!(r.status, 204, "{}", r.body);

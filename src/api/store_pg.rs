@@ -88,6 +88,9 @@ const MIGRATION_LOCK: i64 = 0x5354_4153_4953;
 /// `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest [`PgStore::ping`] waits for an answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 
 /// The connection thread's state.
@@ -102,10 +105,32 @@ impl Conn {
             self.client = None;
         }
         if self.client.is_none() {
-            let c = self
+            // The crate's connect_timeout bounds the socket connect only,
+            // not the startup exchange: a frozen server would hold this
+            // thread forever. So the attempt runs on its own thread and is
+            // abandoned (it ends when the server answers or goes) after
+            // the timeout.
+            let (tx, rx) = mpsc::sync_channel(1);
+            let config = self.config.clone();
+            std::thread::Builder::new()
+                .name("stasis-pg-connect".into())
+                .spawn(move || {
+                    let _ = tx.send(config.connect(NoTls));
+                })
+                .map_err(|e| Error::Unavailable(format!("connecting: {e}")))?;
+            let limit = self
                 .config
-                .connect(NoTls)
-                .map_err(|e| Error::Unavailable(chain(&e)))?;
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(CONNECT_TIMEOUT);
+            let c = match rx.recv_timeout(limit) {
+                Ok(r) => r.map_err(|e| Error::Unavailable(chain(&e)))?,
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "no answer from the server within {limit:?}"
+                    )))
+                }
+            };
             self.client = Some(c);
         }
         self.client
@@ -250,9 +275,10 @@ impl PgStore {
             .map_err(|_| Error::Unavailable("the database thread is gone".into()))?
     }
 
-    /// Whether the database answers now.
+    /// Whether the database answers now, within [`PING_TIMEOUT`] (a
+    /// server that accepts nothing, e.g. frozen, is unavailable too).
     pub fn ping(&self) -> Result<(), Error> {
-        self.run(|c| c.with(|cl| cl.simple_query("SELECT 1").map(|_| ())))
+        self.run(|c| c.with(|cl| cl.is_valid(PING_TIMEOUT)))
     }
 
     /// Inserts a row or updates it — only if this host owns it (or nobody

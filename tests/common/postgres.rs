@@ -216,6 +216,38 @@ impl Postgres {
         let _ = c.wait();
     }
 
+    /// The server's processes: the postmaster and its children.
+    fn pids(&self) -> Vec<i32> {
+        let Some(main) = self.child.as_ref().map(|c| c.id() as i32) else {
+            return vec![];
+        };
+        let mut out = vec![main];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let ppid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok());
+            if ppid == Some(main) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) every process of the server:
+    /// a database that accepts connections but never answers.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        for pid in self.pids() {
+            // SAFETY: signalling processes of our own child server.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
     /// A direct client (superuser).
     pub fn client(&self) -> postgres::Client {
         postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
@@ -228,6 +260,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.freeze(false);
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
         // The per-process parent, once its last server is gone.
