@@ -121,6 +121,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImagesCmd,
     },
+    /// The metadata database (`stasis serve --database`).
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
     /// Internal: run one sandbox's VM, driven by the server over a socket.
     #[command(hide = true)]
     Worker {
@@ -139,6 +144,34 @@ enum Cmd {
         /// Mutate-and-hash rounds.
         #[arg(long, default_value_t = 40)]
         rounds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Rebuild a lost shared database's snapshot records from the
+    /// snapshot manifests in the data dir's snapshot store (creating the
+    /// schema first); prints each snapshot id recorded.
+    Rebuild {
+        /// `postgres://USER@HOST/DB`.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// The data dir whose `snapshots/` to read.
+        #[arg(long, default_value = "stasis-data")]
+        data_dir: PathBuf,
+        /// The host id to record as the snapshots' host (default: the
+        /// hostname).
+        #[arg(long)]
+        host_id: Option<String>,
+    },
+    /// Print the hosts heard from within the TTL (one JSON object a line).
+    Hosts {
+        /// `postgres://USER@HOST/DB`.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// Seconds since a host's last heartbeat for it to count as live.
+        #[arg(long, default_value_t = 10)]
+        ttl_secs: u64,
     },
 }
 
@@ -360,6 +393,7 @@ fn main() -> ExitCode {
                 memory_backing,
             },
         ),
+        Cmd::Db { cmd } => db(cmd),
         Cmd::Snapshot {
             cmd: SnapshotCmd::Info { dir },
         } => snapshot_info(dir),
@@ -380,6 +414,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `stasis db …`.
+fn db(cmd: DbCmd) -> Result<ExitCode, String> {
+    use stasis::api::store::{default_host_id, DatabaseSpec, Store};
+    let open = |url: &str, host: Option<String>| {
+        let spec = DatabaseSpec::parse(url).map_err(|e| chain(&e))?;
+        Store::open_spec(&spec, &host.unwrap_or_else(default_host_id)).map_err(|e| chain(&e))
+    };
+    match cmd {
+        DbCmd::Rebuild {
+            database,
+            data_dir,
+            host_id,
+        } => {
+            let store = open(&database, host_id)?;
+            let ids = store
+                .rebuild_snapshots(&data_dir.join("snapshots"))
+                .map_err(|e| chain(&e))?;
+            for id in &ids {
+                println!("{id}");
+            }
+            eprintln!("stasis: recorded {} snapshot(s)", ids.len());
+        }
+        DbCmd::Hosts { database, ttl_secs } => {
+            let store = open(&database, None)?;
+            for h in store
+                .live_hosts(std::time::Duration::from_secs(ttl_secs))
+                .map_err(|e| chain(&e))?
+            {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": h.id, "address": h.info.address,
+                        "fingerprint": h.info.fingerprint, "load": h.info.load, "ageMs": h.age_ms})
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(a: RunArgs) -> Result<ExitCode, String> {

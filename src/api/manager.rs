@@ -35,6 +35,13 @@
 //! same); a failed auto-pause keeps the sandbox running and retries. Bad
 //! stored rows are quarantined at start ([`Store::load_all_quarantining`]).
 //!
+//! Shared metadata (`--database postgres://…`, `manager_db.rs`): create,
+//! pause and kill first check that the database answers (503 if not, before
+//! anything changes); a resume claims the sandbox with a conditional update
+//! on (state, generation) before its guest may run (409 if another host
+//! changed it first), and gives the claim back if it fails before the guest
+//! ran; a heartbeat task records the host in `hosts`.
+//!
 //! Timers: one task sleeps until the earliest deadline (a running sandbox's
 //! timeout, a paused sandbox's retention end) or until a deadline changes,
 //! then kills, auto-pauses or deletes what is due.
@@ -75,6 +82,10 @@ use crate::worker::Error as WorkerError;
 mod net_ext;
 #[path = "warm.rs"]
 pub mod warm;
+
+// Shared metadata: 503/409 mapping, the resume claim, the heartbeat.
+#[path = "manager_db.rs"]
+pub mod db_ext;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -163,6 +174,11 @@ pub struct Config {
     /// Create sandboxes from template snapshots (see [`warm`]); off:
     /// `--no-warm-templates`.
     pub warm_templates: bool,
+    /// Where metadata lives (`--database`); None: `<data-dir>/stasis.db`.
+    pub database: Option<super::store::DatabaseSpec>,
+    /// This host's id in a shared database (`--host-id`); None: the
+    /// hostname.
+    pub host_id: Option<String>,
 }
 
 /// Admission limits beyond `max_running`.
@@ -411,11 +427,21 @@ impl Manager {
                 .map_err(io(format!("chmod {}", run.display())))?;
         }
         let db = cfg.data_dir.join("stasis.db");
-        let store = Store::open(&db)?;
-        {
+        let host_id = cfg
+            .host_id
+            .clone()
+            .unwrap_or_else(super::store::default_host_id);
+        let spec = cfg
+            .database
+            .clone()
+            .unwrap_or(super::store::DatabaseSpec::Sqlite(db));
+        let store = Store::open_spec(&spec, &host_id)?;
+        if let super::store::DatabaseSpec::Sqlite(db) = &spec {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+            std::fs::set_permissions(db, std::fs::Permissions::from_mode(0o600))
                 .map_err(io(format!("chmod 600 {}", db.display())))?;
+        } else {
+            tracing::info!(host = %host_id, "metadata in PostgreSQL (shared)");
         }
         let slots = Arc::new(Semaphore::new(cfg.max_running));
         let budget = cfg
@@ -626,11 +652,7 @@ impl Manager {
     }
 
     async fn put_row(&self, row: Row) -> Result<(), ApiError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.put(&row))
-            .await
-            .map_err(|e| internal("store", e))?
-            .map_err(|e| internal("store", e))
+        self.with_store(move |s| s.put(&row)).await
     }
 
     async fn delete_row(&self, id: &str) {
@@ -1203,6 +1225,7 @@ impl Manager {
         if req.mcp.as_ref().is_some_and(|m| !m.is_null()) {
             return Err(ApiError::bad_request("MCP servers are not supported"));
         }
+        self.db_ready().await?;
         let on_timeout_pause = match req.lifecycle.as_ref().and_then(|l| l.on_timeout.as_deref()) {
             Some("pause") => true,
             Some("kill") => false,
@@ -1439,6 +1462,8 @@ impl Manager {
             // Secured on request (the SDK asks by default): envd traffic must
             // carry this token, and can be routed by it alone.
             envd_token,
+            generation: 0,
+            owner: None,
         };
         if let Err(e) = self.put_row(row.clone()).await {
             worker.shutdown(SHUTDOWN_GRACE).await;
@@ -1618,6 +1643,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         if e.rec().row.state == RowState::Paused {
             return Err(ApiError::conflict(format!(
                 "sandbox {id} is already paused"
@@ -1871,6 +1897,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         if let Some(job) = self.write_job(id) {
             return if sync {
                 self.finish_write(&e, &job).await
@@ -2123,8 +2150,18 @@ impl Manager {
         // From here on the guest may run and write to the snapshot's disk
         // overlay (used in place): the marker says so to a later recovery,
         // which then must not offer this snapshot as a paused sandbox.
+        // Shared metadata: the conditional update paused -> running that
+        // makes this host the sandbox's runner (a snapshot is never resumed
+        // twice); lost or database down: the guest never runs.
+        if let Err(err) = self.claim_for_resume(&e.id).await {
+            worker.shutdown(SHUTDOWN_GRACE).await;
+            self.net_release(&e.id, true, None).await;
+            e.rec().busy = None;
+            return Err(err);
+        }
         let marker = self.snapshot_dir(&e.id, gen).join(RESUMED_MARKER);
         if let Err(err) = tokio::fs::write(&marker, b"").await {
+            self.release_claim(e).await;
             worker.shutdown(SHUTDOWN_GRACE).await;
             self.net_release(&e.id, true, None).await;
             return Err(fail(format!("writing {}: {err}", marker.display())));
@@ -2149,6 +2186,7 @@ impl Manager {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
                 self.net_release(&e.id, true, None).await;
+                self.release_claim(e).await;
                 return Err(fail(format!("unexpected reply {other:?}")));
             }
             Err(err) => {
@@ -2157,6 +2195,7 @@ impl Manager {
                 worker.shutdown(SHUTDOWN_GRACE).await;
                 let _ = tokio::fs::remove_file(&marker).await;
                 self.net_release(&e.id, true, None).await;
+                self.release_claim(e).await;
                 return Err(fail(err.to_string()));
             }
         };
@@ -2324,6 +2363,7 @@ impl Manager {
         let e = self.entry(id)?;
         let _g = e.op.lock().await;
         self.check_live(&e).await?;
+        self.db_ready().await?;
         self.remove(&e, "it was killed").await;
         Ok(())
     }
@@ -2769,6 +2809,7 @@ impl Manager {
         }
         let stored = copied
             .map_err(|err| ApiError::internal(format!("snapshot: {}", crate::error_chain(&err))))?;
+        self.record_snapshot(&stored.manifest).await;
         tracing::info!(sandbox = %id, snapshot = %sid, paused_ms = pause_ms,
             total_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok(SnapshotOut {
@@ -2824,8 +2865,8 @@ impl Manager {
             }
         }
         let store = self.snapshot_store()?;
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.delete(&id))
+        let id2 = id.to_owned();
+        let deleted = tokio::task::spawn_blocking(move || store.delete(&id2))
             .await
             .map_err(|e| internal("snapshot delete", e))?
             .map_err(|e| {
@@ -2837,7 +2878,11 @@ impl Manager {
                     E::InUse { .. } => ApiError::conflict(e.to_string()),
                     other => ApiError::internal(crate::error_chain(&other)),
                 }
-            })
+            });
+        if deleted.is_ok() {
+            self.forget_snapshot(id).await;
+        }
+        deleted
     }
 }
 

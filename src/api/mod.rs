@@ -3,7 +3,8 @@
 //!
 //! - [`routes`]: axum routes, auth, error mapping, request logging.
 //! - [`manager`]: the per-sandbox state machine, timers, restart recovery.
-//! - [`store`]: SQLite metadata (`<data-dir>/stasis.db`).
+//! - [`store`]: metadata in SQLite (`<data-dir>/stasis.db`) or PostgreSQL
+//!   ([`store_pg`], `--database postgres://…`).
 //! - [`models`]: JSON shapes; [`error`]: the JSON error; [`openapi`]: the
 //!   OpenAPI document.
 //! - [`proxy`]: forwards in-sandbox traffic (`Novita-Sandbox-Id`/`-Port`
@@ -22,6 +23,7 @@ pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod store;
+pub mod store_pg;
 pub mod tls;
 
 use std::future::Future;
@@ -131,6 +133,12 @@ pub struct ServeOptions {
     /// (built after the template's first create); `--no-warm-templates`
     /// turns it off.
     pub warm_templates: bool,
+    /// Metadata database (`--database`): `postgres://…` (shared by a pool)
+    /// or `sqlite:PATH`; None: `<data-dir>/stasis.db`.
+    pub database: Option<String>,
+    /// This host's id in a shared database (`--host-id`; default: the
+    /// hostname).
+    pub host_id: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -166,6 +174,8 @@ impl Default for ServeOptions {
             snapshot_store: None,
             durable_pause: false,
             warm_templates: true,
+            database: None,
+            host_id: None,
         }
     }
 }
@@ -184,6 +194,17 @@ pub struct ServeArgs {
     /// Data directory (database, snapshots, templates).
     #[arg(long, default_value = "stasis-data")]
     pub data_dir: PathBuf,
+    /// Metadata database: `postgres://USER@HOST/DB` (shared by a pool of
+    /// hosts; also `postgresql://`, libpq URL parameters such as
+    /// `?host=/run/postgresql` work) or `sqlite:PATH` (default: the data
+    /// dir's `stasis.db`).
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// This host's id in a shared database (default: the hostname). Hosts
+    /// sharing one database need distinct ids; keep it across restarts to
+    /// find this host's paused sandboxes again.
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
     /// Require this X-API-KEY on every call (default: $STASIS_API_KEY).
     /// Visible in `ps`: prefer --api-key-file.
     #[arg(long, conflicts_with = "api_key_file")]
@@ -472,6 +493,8 @@ impl ServeArgs {
             snapshot_store: self.s3.config(),
             durable_pause: self.s3.durable_pause,
             warm_templates: !self.no_warm_templates,
+            database: self.database,
+            host_id: self.host_id,
             ..ServeOptions::default()
         })
     }
@@ -642,6 +665,12 @@ pub async fn serve(
             None => None,
         },
         warm_templates: opts.warm_templates,
+        database: opts
+            .database
+            .as_deref()
+            .map(store::DatabaseSpec::parse)
+            .transpose()?,
+        host_id: opts.host_id.clone(),
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,
@@ -658,6 +687,7 @@ pub async fn serve(
         Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
         None => None,
     };
+    mgr.start_heartbeat(addr.to_string());
     let metrics = Arc::new(metrics::Registry::default());
     metrics::spawn_sampler(mgr.clone(), metrics.clone());
     let app = routes::router(routes::AppState {

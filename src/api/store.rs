@@ -1,12 +1,23 @@
-//! Sandbox metadata in SQLite (`<data-dir>/stasis.db`, WAL).
+//! Sandbox metadata: SQLite (`<data-dir>/stasis.db`, WAL; the single-host
+//! default) or PostgreSQL (`stasis serve --database postgres://…`, shared
+//! by a pool of hosts; [`super::store_pg`]). [`Store`] is one type over
+//! both ([`Backend`]); the manager calls the same methods either way.
 //!
 //! One row per sandbox that exists (running or paused). The in-memory state
 //! in [`super::manager`] is authoritative while the server runs; this table
 //! is what survives a restart. Calls are synchronous: the manager runs them
 //! on tokio's blocking pool.
+//!
+//! Every row has a `generation`, bumped by every write, and an `owner` (the
+//! host id that wrote it). A state change that must happen once — a paused
+//! sandbox being resumed — is a conditional update
+//! ([`Store::transition`]: `… WHERE id AND state = old AND generation =
+//! gen`), so a snapshot is never resumed twice and two hosts never run one
+//! sandbox. `hosts` holds heartbeats ([`Store::heartbeat`],
+//! [`Store::live_hosts`]).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -20,6 +31,19 @@ pub enum Error {
     Corrupt { id: String, what: String },
     #[error("store task failed: {0}")]
     Join(String),
+    /// PostgreSQL answered with an error (a constraint, a type, ...).
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The database cannot be reached (refused, closed, shutting down):
+    /// the API answers 503 and nothing was written.
+    #[error("the metadata database is unavailable: {0}")]
+    Unavailable(String),
+    /// The row changed under this host (another host owns it now).
+    #[error("sandbox {id} changed in the shared database: {what}")]
+    Conflict { id: String, what: String },
+    /// A bad `--database` value or schema.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Persisted lifecycle state.
@@ -30,7 +54,7 @@ pub enum RowState {
 }
 
 impl RowState {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RowState::Running => "running",
             RowState::Paused => "paused",
@@ -66,16 +90,299 @@ pub struct Row {
     pub agent: bool,
     /// The envd access token (`X-Access-Token`) of a secured agent sandbox.
     pub envd_token: Option<String>,
+    /// Bumped by every write (read back by [`Store::get`]; ignored by
+    /// [`Store::put`], which bumps it).
+    pub generation: u64,
+    /// The host that wrote it last (read back; [`Store::put`] writes the
+    /// store's own host id).
+    pub owner: Option<String>,
 }
 
-/// The SQLite store; cheap to clone.
+/// Where metadata lives (`--database`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseSpec {
+    /// `sqlite:PATH` (default: `<data-dir>/stasis.db`).
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…` (a libpq URL).
+    Postgres(String),
+}
+
+impl DatabaseSpec {
+    /// Parses a `--database` value.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DatabaseSpec::Postgres(s.to_string()))
+        } else if let Some(p) = s.strip_prefix("sqlite:") {
+            if p.is_empty() {
+                return Err(Error::Config("--database sqlite: needs a path".into()));
+            }
+            Ok(DatabaseSpec::Sqlite(PathBuf::from(p)))
+        } else {
+            Err(Error::Config(format!(
+                "--database {:?}: expected postgres://USER@HOST/DB or sqlite:PATH",
+                super::store_pg::redact(s)
+            )))
+        }
+    }
+}
+
+/// What a host says about itself in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Where its API answers (`IP:PORT`).
+    pub address: String,
+    /// Its CPU/KVM fingerprint (a snapshot resumes only on a match).
+    pub fingerprint: String,
+    /// Sandboxes running there.
+    pub load: u64,
+}
+
+/// A host heard from recently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHost {
+    pub id: String,
+    pub info: HostInfo,
+    /// Since its last heartbeat, by the database's clock.
+    pub age_ms: u64,
+}
+
+/// The outcome of [`Store::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This host made the change (or already held the row in the target
+    /// state).
+    Won,
+    /// Someone else changed the row first: what it is now.
+    Lost {
+        state: Option<RowState>,
+        owner: Option<String>,
+    },
+    /// No such row.
+    Missing,
+}
+
+/// The metadata store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
+    /// This host's id (`owner` of the rows it writes).
+    host: Arc<str>,
+}
+
+/// The two implementations.
+#[derive(Clone)]
+pub enum Backend {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(Arc<super::store_pg::PgStore>),
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens the store `spec` names for host `host` (SQLite: creating the
+    /// file; PostgreSQL: connecting and migrating the schema — an
+    /// unreachable server is [`Error::Unavailable`]).
+    pub fn open_spec(spec: &DatabaseSpec, host: &str) -> Result<Self, Error> {
+        match spec {
+            DatabaseSpec::Sqlite(p) => {
+                let mut s = Self::open(p)?;
+                s.host = Arc::from(host);
+                Ok(s)
+            }
+            DatabaseSpec::Postgres(url) => Ok(Store {
+                backend: Backend::Postgres(Arc::new(super::store_pg::PgStore::connect(url, host)?)),
+                host: Arc::from(host),
+            }),
+        }
+    }
+
+    /// Whether several hosts share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The backend (for tests and `stasis db`).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Whether the database answers now ([`Error::Unavailable`] if not).
+    pub fn ping(&self) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.ping(),
+        }
+    }
+
+    /// One row by id (any owner).
+    pub fn get(&self, id: &str) -> Result<Option<Row>, Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(self.sqlite_rows(Some(id))?.pop()),
+            Backend::Postgres(p) => p.get(id),
+        }
+    }
+
+    /// The conditional state change: sets `state = to`, bumps the
+    /// generation and makes this host the owner, only where the row is in
+    /// `from` at `generation`. True: this call changed it.
+    pub fn transition(
+        &self,
+        id: &str,
+        from: RowState,
+        generation: u64,
+        to: RowState,
+    ) -> Result<bool, Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(self.conn().execute(
+                "UPDATE sandboxes SET state = ?2, generation = generation + 1, owner = ?5
+                 WHERE id = ?1 AND state = ?3 AND generation = ?4",
+                params![
+                    id,
+                    to.as_str(),
+                    from.as_str(),
+                    generation as i64,
+                    &*self.host
+                ],
+            )? == 1),
+            Backend::Postgres(p) => p.transition(id, from, generation, to),
+        }
+    }
+
+    /// Reads the row and makes the conditional change `from` → `to` for
+    /// this host: [`Claim::Won`] also when this host already holds it in
+    /// `to`.
+    pub fn claim(&self, id: &str, from: RowState, to: RowState) -> Result<Claim, Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.claim(id, from, to);
+        }
+        let Some(row) = self.get(id)? else {
+            return Ok(Claim::Missing);
+        };
+        if row.state == to && row.owner.as_deref().is_none_or(|o| o == &*self.host) {
+            return Ok(Claim::Won);
+        }
+        if row.state == from && self.transition(id, from, row.generation, to)? {
+            return Ok(Claim::Won);
+        }
+        let now = self.get(id)?;
+        Ok(Claim::Lost {
+            state: now.as_ref().map(|r| r.state),
+            owner: now.and_then(|r| r.owner),
+        })
+    }
+
+    /// Records that this host is alive (with its address, fingerprint and
+    /// load).
+    pub fn heartbeat(&self, h: &HostInfo) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => {
+                self.conn().execute(
+                    "INSERT OR REPLACE INTO hosts (id, address, fingerprint, load, last_heartbeat_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![&*self.host, h.address, h.fingerprint, h.load as i64, now_ms()],
+                )?;
+                Ok(())
+            }
+            Backend::Postgres(p) => p.heartbeat(h),
+        }
+    }
+
+    /// Hosts whose last heartbeat is younger than `ttl`, by id.
+    pub fn live_hosts(&self, ttl: std::time::Duration) -> Result<Vec<LiveHost>, Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => {
+                let now = now_ms();
+                let conn = self.conn();
+                let mut stmt = conn.prepare(
+                    "SELECT id, address, fingerprint, load, last_heartbeat_ms FROM hosts ORDER BY id",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok(LiveHost {
+                        id: r.get(0)?,
+                        info: HostInfo {
+                            address: r.get(1)?,
+                            fingerprint: r.get(2)?,
+                            load: r.get::<_, i64>(3)?.max(0) as u64,
+                        },
+                        age_ms: now.saturating_sub(r.get::<_, i64>(4)?).max(0) as u64,
+                    })
+                })?;
+                let mut out = Vec::new();
+                for h in rows {
+                    let h = h?;
+                    if u128::from(h.age_ms) < ttl.as_millis() {
+                        out.push(h);
+                    }
+                }
+                Ok(out)
+            }
+            Backend::Postgres(p) => p.live_hosts(ttl),
+        }
+    }
+
+    /// Records a reusable snapshot's manifest (shared database only; on
+    /// SQLite the snapshot store's directory is the only record).
+    pub fn put_snapshot(&self, m: &crate::snapshot::manifest::Manifest) -> Result<(), Error> {
+        let Backend::Postgres(p) = &self.backend else {
+            return Ok(());
+        };
+        let json = serde_json::to_string(m).map_err(|e| Error::Corrupt {
+            id: m.id.clone(),
+            what: e.to_string(),
+        })?;
+        let created_ms = i64::try_from(m.created_unix.saturating_mul(1000)).unwrap_or(i64::MAX);
+        p.put_snapshot(&m.id, json, created_ms)
+    }
+
+    /// Forgets a reusable snapshot (shared database only).
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.delete_snapshot(id),
+        }
+    }
+
+    /// Reusable snapshots recorded in a shared database (their manifests).
+    pub fn snapshots(&self) -> Result<Vec<crate::snapshot::manifest::Manifest>, Error> {
+        let Backend::Postgres(p) = &self.backend else {
+            return Ok(vec![]);
+        };
+        p.snapshots()?
+            .into_iter()
+            .map(|(id, json, _host)| {
+                serde_json::from_str(&json).map_err(|e| Error::Corrupt {
+                    id,
+                    what: format!("snapshot manifest: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    /// `stasis db rebuild`: records every valid reusable snapshot of the
+    /// local snapshot store (`<data-dir>/snapshots`, manifests checked as a
+    /// resume checks them; damaged ones are skipped and named) in a shared
+    /// database — what a lost database gets back from the snapshots' own
+    /// manifests. Idempotent. Returns the ids recorded.
+    pub fn rebuild_snapshots(&self, snapshots_dir: &Path) -> Result<Vec<String>, Error> {
+        if !self.is_shared() {
+            return Err(Error::Config(
+                "stasis db rebuild fills a PostgreSQL database (--database postgres://…)".into(),
+            ));
+        }
+        let store = crate::snapshot::store::SnapshotStore::open(snapshots_dir)
+            .map_err(|e| Error::Config(crate::error_chain(&e)))?;
+        let mut done = Vec::new();
+        for m in store.list() {
+            self.put_snapshot(&m)?;
+            done.push(m.id);
+        }
+        Ok(done)
+    }
+
+    /// Opens (creating if needed) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -118,6 +425,11 @@ impl Store {
                 "envd_token",
                 "ALTER TABLE sandboxes ADD COLUMN envd_token TEXT;",
             ),
+            (
+                "generation",
+                "ALTER TABLE sandboxes ADD COLUMN generation INTEGER NOT NULL DEFAULT 1;",
+            ),
+            ("owner", "ALTER TABLE sandboxes ADD COLUMN owner TEXT;"),
         ] {
             let has: bool = conn
                 .prepare("SELECT 1 FROM pragma_table_info('sandboxes') WHERE name = ?1")?
@@ -134,10 +446,18 @@ impl Store {
                 spec TEXT NOT NULL
             );
             CREATE TRIGGER IF NOT EXISTS sandbox_network_gone AFTER DELETE ON sandboxes
-            BEGIN DELETE FROM sandbox_network WHERE id = old.id; END;",
+            BEGIN DELETE FROM sandbox_network WHERE id = old.id; END;
+            CREATE TABLE IF NOT EXISTS hosts (
+                id TEXT PRIMARY KEY,
+                address TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                load INTEGER NOT NULL,
+                last_heartbeat_ms INTEGER NOT NULL
+            );",
         )?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Backend::Sqlite(Arc::new(Mutex::new(conn))),
+            host: Arc::from(default_host_id().as_str()),
         })
     }
 
@@ -147,6 +467,9 @@ impl Store {
             id: id.to_string(),
             what: e.to_string(),
         })?;
+        if let Backend::Postgres(p) = &self.backend {
+            return p.put_network(id, json);
+        }
         self.conn().execute(
             "INSERT OR REPLACE INTO sandbox_network (id, spec) VALUES (?1, ?2)",
             params![id, json],
@@ -156,12 +479,18 @@ impl Store {
 
     /// Every stored network setting (sandbox id, settings).
     pub fn load_networks(&self) -> Result<Vec<(String, crate::net::spec::NetSpec)>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, spec FROM sandbox_network")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let raw: Vec<(String, String)> = match &self.backend {
+            Backend::Postgres(p) => p.load_networks()?,
+            Backend::Sqlite(_) => {
+                let conn = self.conn();
+                let mut stmt = conn.prepare("SELECT id, spec FROM sandbox_network")?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            }
+        };
         let mut out = Vec::new();
-        for row in rows {
-            let (id, json) = row?;
+        for (id, json) in raw {
             let spec = serde_json::from_str(&json).map_err(|e| Error::Corrupt {
                 id: id.clone(),
                 what: format!("network settings: {e}"),
@@ -171,12 +500,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The SQLite connection. Only called on the SQLite backend (every
+    /// public method dispatches PostgreSQL first).
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        match &self.backend {
+            Backend::Sqlite(c) => c.lock().unwrap_or_else(|e| e.into_inner()),
+            Backend::Postgres(_) => unreachable!("conn() on the PostgreSQL backend"),
+        }
     }
 
     /// Inserts or replaces a row.
     pub fn put(&self, r: &Row) -> Result<(), Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.put(r);
+        }
         let metadata = serde_json::to_string(&r.metadata).map_err(|e| Error::Corrupt {
             id: r.id.clone(),
             what: e.to_string(),
@@ -184,9 +521,11 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes (id, seq, template_id, alias, state, created_ms,
                 started_ms, end_ms, on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb,
-                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token)
+                disk_mb, allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token,
+                generation, owner)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20)",
+                ?19, ?20,
+                COALESCE((SELECT generation FROM sandboxes WHERE id = ?1), 0) + 1, ?21)",
             params![
                 r.id,
                 r.seq,
@@ -208,6 +547,7 @@ impl Store {
                 r.worker_pid,
                 r.agent,
                 r.envd_token,
+                &*self.host,
             ],
         )?;
         Ok(())
@@ -215,6 +555,9 @@ impl Store {
 
     /// Deletes a row; absent is fine.
     pub fn delete(&self, id: &str) -> Result<(), Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.delete(id);
+        }
         self.conn()
             .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
@@ -222,6 +565,9 @@ impl Store {
 
     /// The highest `seq` ever stored (0 when empty).
     pub fn max_seq(&self) -> Result<i64, Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.max_seq();
+        }
         let v: Option<i64> = self
             .conn()
             .query_row("SELECT MAX(seq) FROM sandboxes", [], |r| r.get(0))
@@ -237,6 +583,9 @@ impl Store {
     /// `quarantine` table, and reported here, so one bad row never stops
     /// the server from starting.
     pub fn load_all_quarantining(&self) -> Result<(Vec<Row>, Vec<Quarantined>), Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.load_all_quarantining();
+        }
         let mut conn = self.conn();
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS quarantine (
@@ -304,14 +653,28 @@ impl Store {
 
     /// Every row, in `seq` order.
     pub fn load_all(&self) -> Result<Vec<Row>, Error> {
+        if let Backend::Postgres(p) = &self.backend {
+            return p.load_all();
+        }
+        self.sqlite_rows(None)
+    }
+
+    /// SQLite: every row in `seq` order, or the one with `id`.
+    fn sqlite_rows(&self, id: Option<&str>) -> Result<Vec<Row>, Error> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare(&format!(
             "SELECT id, seq, template_id, alias, state, created_ms, started_ms, end_ms,
                 on_timeout_pause, auto_resume, metadata, cpu_count, memory_mb, disk_mb,
-                allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token
-             FROM sandboxes ORDER BY seq",
-        )?;
-        let raw = stmt.query_map([], |r| {
+                allow_internet, snapshot_gen, guest_round, worker_pid, agent, envd_token,
+                generation, owner
+             FROM sandboxes {} ORDER BY seq",
+            if id.is_some() { "WHERE id = ?1" } else { "" }
+        ))?;
+        let args: Vec<&dyn rusqlite::ToSql> = match &id {
+            Some(id) => vec![id],
+            None => vec![],
+        };
+        let raw = stmt.query_map(args.as_slice(), |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
@@ -338,6 +701,7 @@ impl Store {
                 r.get::<_, Option<i64>>(16)?,
                 r.get::<_, Option<i64>>(17)?,
                 (r.get::<_, bool>(18)?, r.get::<_, Option<String>>(19)?),
+                (r.get::<_, i64>(20)?, r.get::<_, Option<String>>(21)?),
             ))
         })?;
         let mut out = Vec::new();
@@ -355,6 +719,7 @@ impl Store {
                 round,
                 pid,
                 agent_token,
+                gen_owner,
             ) = item?;
             let (agent, envd_token) = agent_token;
             let corrupt = |what: String| Error::Corrupt {
@@ -389,10 +754,29 @@ impl Store {
                 worker_pid: pid.and_then(|p| u32::try_from(p).ok()),
                 agent,
                 envd_token,
+                generation: u64::try_from(gen_owner.0).unwrap_or(0),
+                owner: gen_owner.1,
             });
         }
         Ok(out)
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// This host's default id: the hostname (`/proc/sys/kernel/hostname`),
+/// else `localhost`. `stasis serve --host-id` overrides it; hosts sharing
+/// one database need distinct ids.
+pub fn default_host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A stored row that was moved to the `quarantine` table.
@@ -481,6 +865,8 @@ mod tests {
             worker_pid: None,
             agent: false,
             envd_token: Some("tok".into()),
+            generation: 0,
+            owner: None,
         }
     }
 
@@ -504,6 +890,63 @@ mod tests {
         assert_eq!(rows[0].state, RowState::Running);
         assert_eq!(rows[0].metadata.get("k").map(String::as_str), Some("v"));
         assert_eq!(s.max_seq().unwrap(), 2);
+    }
+
+    #[test]
+    fn sqlite_conditional_transition_generation_and_heartbeats() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open_spec(&DatabaseSpec::Sqlite(tmp.path().join("s.db")), "h1").unwrap();
+        s.put(&row("a", 1)).unwrap();
+        let got = s.get("a").unwrap().unwrap();
+        assert_eq!((got.generation, got.owner.as_deref()), (1, Some("h1")));
+        assert!(!s
+            .transition("a", RowState::Paused, 0, RowState::Running)
+            .unwrap());
+        assert!(!s
+            .transition("a", RowState::Running, 1, RowState::Paused)
+            .unwrap());
+        assert!(s
+            .transition("a", RowState::Paused, 1, RowState::Running)
+            .unwrap());
+        assert!(!s
+            .transition("a", RowState::Paused, 1, RowState::Running)
+            .unwrap());
+        assert_eq!(s.get("a").unwrap().unwrap().generation, 2);
+        // Already running here: claiming it again is a no-op win.
+        assert_eq!(
+            s.claim("a", RowState::Paused, RowState::Running).unwrap(),
+            Claim::Won
+        );
+        assert_eq!(
+            s.claim("zz", RowState::Paused, RowState::Running).unwrap(),
+            Claim::Missing
+        );
+        let h = HostInfo {
+            address: "127.0.0.1:1".into(),
+            fingerprint: "f".into(),
+            load: 2,
+        };
+        s.heartbeat(&h).unwrap();
+        let live = s.live_hosts(std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].id.as_str(), &live[0].info), ("h1", &h));
+        assert!(s.live_hosts(std::time::Duration::ZERO).unwrap().is_empty());
+    }
+
+    #[test]
+    fn database_specs_parse_and_hide_passwords() {
+        assert_eq!(
+            DatabaseSpec::parse("sqlite:/x/y.db").unwrap(),
+            DatabaseSpec::Sqlite("/x/y.db".into())
+        );
+        assert!(matches!(
+            DatabaseSpec::parse("postgresql://u@h/d").unwrap(),
+            DatabaseSpec::Postgres(_)
+        ));
+        for bad in ["sqlite:", "mysql://u:pw@h/d", ""] {
+            let e = DatabaseSpec::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("pw"), "{e}");
+        }
     }
 
     #[test]
