@@ -361,11 +361,13 @@ impl Store {
             .collect()
     }
 
-    /// `stasis db rebuild`: records every valid reusable snapshot of the
-    /// local snapshot store (`<data-dir>/snapshots`, manifests checked as a
+    /// `stasis db rebuild`: records every valid user snapshot of the local
+    /// snapshot store (`<data-dir>/snapshots`, manifests checked as a
     /// resume checks them; damaged ones are skipped and named) in a shared
     /// database — what a lost database gets back from the snapshots' own
-    /// manifests. Idempotent. Returns the ids recorded.
+    /// manifests. Warm template snapshots are the host's own cache, never
+    /// recorded (a later create rebuilds them). Idempotent. Returns the ids
+    /// recorded.
     pub fn rebuild_snapshots(&self, snapshots_dir: &Path) -> Result<Vec<String>, Error> {
         if !self.is_shared() {
             return Err(Error::Config(
@@ -376,6 +378,9 @@ impl Store {
             .map_err(|e| Error::Config(crate::error_chain(&e)))?;
         let mut done = Vec::new();
         for m in store.list() {
+            if m.kind == crate::snapshot::manifest::SnapshotKind::Template {
+                continue;
+            }
             self.put_snapshot(&m)?;
             done.push(m.id);
         }
