@@ -24,18 +24,6 @@ use std::process::Command;
 use api_support::{http, Server, BIN};
 use serde_json::Value;
 
-/// Flags the deployment files pass that other branches of issue 16 add to
-/// `stasis serve` (PostgreSQL metadata: `--database`; S3 snapshot store:
-/// `--snapshot-store`, `--s3-endpoint`, `--chunk-cache-dir`). Accepted while
-/// `serve --help` lacks them; once it has them they are checked like any
-/// other flag (and the test says the entry can go).
-const PENDING_FLAGS: &[&str] = &[
-    "--database",
-    "--snapshot-store",
-    "--s3-endpoint",
-    "--chunk-cache-dir",
-];
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -107,10 +95,10 @@ fn serve_flags() -> BTreeSet<String> {
     flags
 }
 
-/// Flags in `used` that `serve --help` does not list and are not pending.
+/// Flags in `used` that `serve --help` does not list.
 fn unknown_flags(used: &[String], help: &BTreeSet<String>) -> Vec<String> {
     used.iter()
-        .filter(|f| !help.contains(*f) && !PENDING_FLAGS.contains(&f.as_str()))
+        .filter(|f| !help.contains(*f))
         .cloned()
         .collect()
 }
@@ -128,11 +116,6 @@ fn deploy_files_validate_and_match_the_binary() {
         help.contains("--listen") && help.contains("--pool-discovery"),
         "{help:?}"
     );
-    for p in PENDING_FLAGS {
-        if help.contains(*p) {
-            println!("note: {p} is now a serve flag; it can leave PENDING_FLAGS");
-        }
-    }
     let files: Vec<&Value> = summary["nomad"]
         .as_array()
         .unwrap()
