@@ -221,18 +221,66 @@ pub struct Manifest {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// Wraps `body` in the container stasis uses for its small JSON documents
+/// (this manifest; the object store's, `super::remote`): `magic`,
+/// `version` (u32), the body's length (u64), the body, and CRC-64/XZ over
+/// everything before it, all little-endian.
+pub(crate) fn seal(magic: &[u8; 8], version: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    let crc = CRC64.checksum(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Checks a [`seal`]ed container (length, `magic`, `version`, the header's
+/// body length, checksum) and returns its body, or why it is refused
+/// (`what` names the document in the reason).
+pub(crate) fn unseal<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+    version: u32,
+    what: &str,
+) -> Result<&'a [u8], String> {
+    if bytes.len() < HEADER_LEN + CRC_LEN {
+        return Err(format!("truncated: {} bytes", bytes.len()));
+    }
+    if bytes[..8] != *magic {
+        return Err(format!("bad magic {:02x?} at offset 0", &bytes[..8]));
+    }
+    let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if found != version {
+        return Err(format!(
+            "unsupported {what} version {found} (this build reads {version})"
+        ));
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let expected = len.saturating_add((HEADER_LEN + CRC_LEN) as u64);
+    if expected != bytes.len() as u64 {
+        return Err(format!(
+            "length: header says {expected} bytes, file has {}",
+            bytes.len()
+        ));
+    }
+    let crc_off = bytes.len() - CRC_LEN;
+    let stored = u64::from_le_bytes(bytes[crc_off..].try_into().expect("8 bytes"));
+    let computed = CRC64.checksum(&bytes[..crc_off]);
+    if stored != computed {
+        return Err(format!(
+                "checksum mismatch: stored CRC-64 {stored:#018x} at offset {crc_off}, computed {computed:#018x}"
+            ));
+    }
+    Ok(&bytes[HEADER_LEN..crc_off])
+}
+
 impl Manifest {
     /// Encodes the manifest into its container.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("a manifest always serialises");
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
-        out.extend_from_slice(&MANIFEST_MAGIC);
-        out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
-        let crc = CRC64.checksum(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        seal(&MANIFEST_MAGIC, MANIFEST_VERSION, &body)
     }
 
     /// Decodes and checks a manifest read from `path` (for messages).
@@ -241,36 +289,8 @@ impl Manifest {
             path: path.to_owned(),
             why,
         };
-        if bytes.len() < HEADER_LEN + CRC_LEN {
-            return Err(bad(format!("truncated: {} bytes", bytes.len())));
-        }
-        if bytes[..8] != MANIFEST_MAGIC {
-            return Err(bad(format!("bad magic {:02x?} at offset 0", &bytes[..8])));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != MANIFEST_VERSION {
-            return Err(bad(format!(
-                "unsupported manifest version {version} (this build reads {MANIFEST_VERSION})"
-            )));
-        }
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        let expected = len.saturating_add((HEADER_LEN + CRC_LEN) as u64);
-        if expected != bytes.len() as u64 {
-            return Err(bad(format!(
-                "length: header says {expected} bytes, file has {}",
-                bytes.len()
-            )));
-        }
-        let crc_off = bytes.len() - CRC_LEN;
-        let stored = u64::from_le_bytes(bytes[crc_off..].try_into().expect("8 bytes"));
-        let computed = CRC64.checksum(&bytes[..crc_off]);
-        if stored != computed {
-            return Err(bad(format!(
-                "checksum mismatch: stored CRC-64 {stored:#018x} at offset {crc_off}, computed {computed:#018x}"
-            )));
-        }
-        let m: Manifest = serde_json::from_slice(&bytes[HEADER_LEN..crc_off])
-            .map_err(|e| bad(format!("body: {e}")))?;
+        let body = unseal(bytes, &MANIFEST_MAGIC, MANIFEST_VERSION, "manifest").map_err(bad)?;
+        let m: Manifest = serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
         m.check().map_err(bad)?;
         Ok(m)
     }

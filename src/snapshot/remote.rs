@@ -67,9 +67,6 @@ pub const MAX_REMOTE_MANIFEST: u64 = 64 << 20;
 pub const MAX_FILE_LEN: u64 = 1 << 40;
 /// Parallel requests of one upload or download.
 pub const PARALLEL: usize = 8;
-const HEADER_LEN: usize = 20;
-const CRC_LEN: usize = 8;
-const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
 /// Errors of the remote snapshot store.
 #[derive(Debug, thiserror::Error)]
@@ -219,14 +216,7 @@ impl RemoteManifest {
     /// Encodes the manifest into its container.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("a manifest always serialises");
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
-        out.extend_from_slice(&REMOTE_MAGIC);
-        out.extend_from_slice(&REMOTE_VERSION.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
-        let crc = CRC64.checksum(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        super::manifest::seal(&REMOTE_MAGIC, REMOTE_VERSION, &body)
     }
 
     /// Decodes and checks the manifest of snapshot `id` (which it must name).
@@ -235,35 +225,10 @@ impl RemoteManifest {
             id: id.to_owned(),
             why,
         };
-        if bytes.len() < HEADER_LEN + CRC_LEN {
-            return Err(bad(format!("truncated: {} bytes", bytes.len())));
-        }
-        if bytes[..8] != REMOTE_MAGIC {
-            return Err(bad(format!("bad magic {:02x?}", &bytes[..8])));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != REMOTE_VERSION {
-            return Err(bad(format!(
-                "unsupported version {version} (this build reads {REMOTE_VERSION})"
-            )));
-        }
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        if len.saturating_add((HEADER_LEN + CRC_LEN) as u64) != bytes.len() as u64 {
-            return Err(bad(format!(
-                "length: header says a {len}-byte body, object has {} bytes",
-                bytes.len()
-            )));
-        }
-        let crc_off = bytes.len() - CRC_LEN;
-        let stored = u64::from_le_bytes(bytes[crc_off..].try_into().expect("8 bytes"));
-        let computed = CRC64.checksum(&bytes[..crc_off]);
-        if stored != computed {
-            return Err(bad(format!(
-                "checksum mismatch: stored CRC-64 {stored:#018x}, computed {computed:#018x}"
-            )));
-        }
-        let m: RemoteManifest = serde_json::from_slice(&bytes[HEADER_LEN..crc_off])
-            .map_err(|e| bad(format!("body: {e}")))?;
+        let body = super::manifest::unseal(bytes, &REMOTE_MAGIC, REMOTE_VERSION, "remote manifest")
+            .map_err(bad)?;
+        let m: RemoteManifest =
+            serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
         m.check(id).map_err(bad)?;
         Ok(m)
     }
