@@ -447,7 +447,9 @@ fn db(cmd: DbCmd) -> Result<ExitCode, String> {
                 println!(
                     "{}",
                     serde_json::json!({"id": h.id, "address": h.info.address,
-                        "fingerprint": h.info.fingerprint, "load": h.info.load, "ageMs": h.age_ms})
+                        "fingerprint": h.info.fingerprint, "load": h.info.load,
+                        "draining": h.info.draining, "memoryFree": h.info.memory_free,
+                        "ageMs": h.age_ms})
                 );
             }
         }

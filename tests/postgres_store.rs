@@ -113,7 +113,7 @@ fn store_round_trips_rows_and_keeps_hosts_apart() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1], "the schema is migrated once, versioned");
+    assert_eq!(versions, [1, 2], "the schema is migrated once per version");
 
     // Another host sees the row but does not recover it, and cannot
     // overwrite or delete what host-a owns.
@@ -264,6 +264,8 @@ fn heartbeats_and_live_hosts_ttl() {
         address: addr.into(),
         fingerprint: "GenuineIntel/000806f8/kvm12".into(),
         load,
+        draining: load > 5,
+        memory_free: 1 << 30,
     };
     a.heartbeat(&info("10.0.0.1:3000", 1)).unwrap();
     b.heartbeat(&info("10.0.0.2:3000", 7)).unwrap();
@@ -295,6 +297,11 @@ fn heartbeats_and_live_hosts_ttl() {
     let live = a.live_hosts(ttl).unwrap();
     assert_eq!(live.len(), 2);
     assert_eq!(live[1].info.load, 3);
+    assert_eq!((live[1].info.draining, live[1].info.memory_free), (false, 1 << 30));
+    // A host that left the pool (after its drain) is gone at once.
+    b.delete_host().unwrap();
+    let ids: Vec<String> = a.live_hosts(ttl).unwrap().into_iter().map(|h| h.id).collect();
+    assert_eq!(ids, ["host-a"], "a host that left is not live");
 }
 
 fn serve(data: &std::path::Path, pg: &Postgres, host: &str) -> Server {

@@ -22,10 +22,11 @@
 
 mod api_support;
 mod common;
+#[path = "common/s3.rs"]
+mod s3;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,108 +34,9 @@ use serde_json::{json, Value};
 use stasis::guest::{self, Workload};
 use stasis::snapshot::remote::{self, RemoteConfig, RemoteStore, UploadProgress};
 
+use s3::{s3_env, S3Server, BUCKET};
+
 const BIN: &str = env!("CARGO_BIN_EXE_stasis");
-const BUCKET: &str = "stasis-test";
-
-/// The moto venv (made once, under a lock).
-fn venv() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("tests/s3/setup.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running tests/s3/setup.sh");
-    assert!(
-        out.status.success(),
-        "tests/s3/setup.sh failed: the S3 test server (moto) is not available"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// A moto S3 server on loopback; killed on drop.
-struct S3Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl S3Server {
-    fn start(dir: &Path) -> S3Server {
-        Self::start_on(dir, free_port())
-    }
-
-    fn start_on(dir: &Path, port: u16) -> S3Server {
-        let venv = venv();
-        let log = dir.join(format!("moto-{port}.log"));
-        let child = Command::new(venv.join("bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .expect("starting moto_server");
-        let mut s = S3Server { child, port, log };
-        common::wait_for(Duration::from_secs(60), "moto_server listening", || {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!(
-                    "moto_server exited ({st}): {}",
-                    std::fs::read_to_string(s.log.with_extension("err")).unwrap_or_default()
-                );
-            }
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        s.create_bucket();
-        s
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// `PUT /bucket` (moto does not check signatures).
-    fn create_bucket(&mut self) {
-        let r = api_support::http(
-            std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
-            "PUT",
-            &format!("/{BUCKET}"),
-            &[],
-            None,
-        );
-        assert!(
-            r.status == 200 || r.status == 409,
-            "create bucket: {} {}",
-            r.status,
-            r.body
-        );
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn s3_env() -> [(&'static str, &'static str); 3] {
-    [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-    ]
-}
-
 fn store(s3: &S3Server) -> RemoteStore {
     for (k, v) in s3_env() {
         std::env::set_var(k, v);
@@ -225,15 +127,6 @@ fn stats(out: &str) -> Value {
     v["stats"].clone()
 }
 
-fn s3_args(s3: &S3Server) -> Vec<String> {
-    vec![
-        "--snapshot-store".into(),
-        format!("s3://{BUCKET}"),
-        "--s3-endpoint".into(),
-        s3.endpoint(),
-    ]
-}
-
 fn files_equal(a: &Path, b: &Path) {
     for e in std::fs::read_dir(a).unwrap() {
         let e = e.unwrap();
@@ -252,7 +145,7 @@ fn a_paused_guest_round_trips_through_the_bucket_and_resumes_in_a_fresh_process(
     let s3 = S3Server::start(&dir);
     let w = workload();
     let snap = paused_guest(&w, &dir, "snap", 300);
-    let a = s3_args(&s3);
+    let a = s3::serve_args(&s3);
     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
 
     let (ok, out, err) = stasis(
@@ -461,7 +354,7 @@ fn a_corrupt_or_missing_chunk_fails_the_download_naming_the_chunk() {
     );
     assert!(!dest.exists());
     // The same in a fresh process, through the CLI.
-    let a = s3_args(&s3);
+    let a = s3::serve_args(&s3);
     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
     let (ok, _, err) = stasis(
         &[
@@ -534,7 +427,7 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     let dir = common::scratch("s3-serve");
     let mut s3 = S3Server::start(&dir);
     let port = s3.port;
-    let a = s3_args(&s3);
+    let a = s3::serve_args(&s3);
     let mut args: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
     args.push("--shutdown-pause-secs");
     args.push("5");
@@ -652,7 +545,7 @@ fn serve_uploads_paused_snapshots_in_the_background_and_catches_up_after_an_outa
     drop(s3c);
 
     // An unreachable bucket at start: a clear error, no server.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", s3::free_port());
     let e = api_support::Server::try_start_env(
         &dir.join("data2"),
         &["--snapshot-store", "s3://nowhere", "--s3-endpoint", &dead],

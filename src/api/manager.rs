@@ -87,6 +87,11 @@ pub mod warm;
 #[path = "manager_db.rs"]
 pub mod db_ext;
 
+// A pool of hosts: forwarding decisions, adoption of paused sandboxes
+// whose host is gone, resume from the bucket, the drain.
+#[path = "manager_pool.rs"]
+pub mod pool_ext;
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -179,6 +184,11 @@ pub struct Config {
     /// This host's id in a shared database (`--host-id`); None: the
     /// hostname.
     pub host_id: Option<String>,
+    /// Member of a pool of hosts (`--pool-discovery`, see [`pool_ext`]).
+    pub pool: Option<crate::pool::PoolArgs>,
+    /// Per-host cache of chunks downloaded from the bucket: directory and
+    /// most bytes (`--chunk-cache-dir`, default `<data-dir>/chunk-cache`).
+    pub chunk_cache: Option<(PathBuf, u64)>,
 }
 
 /// Admission limits beyond `max_running`.
@@ -291,6 +301,10 @@ pub struct Manager {
     net_state: net_ext::NetState,
     /// Warm templates' builds and refusals (see [`warm`]).
     warm: warm::WarmState,
+    /// Pool membership (see [`pool_ext`]); None: a single host.
+    pool: Option<pool_ext::Pool>,
+    /// The API address this host's heartbeat announces (set once serving).
+    advertised: std::sync::OnceLock<String>,
 }
 
 /// A template resolved to a VM configuration.
@@ -450,7 +464,10 @@ impl Manager {
             .min(Semaphore::MAX_PERMITS as u64) as usize;
         let memory = Arc::new(Semaphore::new(budget));
         let spawns = Semaphore::new(cfg.max_concurrent_spawns.max(1));
+        let pool = pool_ext::Pool::new(&cfg, &store)?;
         let mgr = Arc::new(Manager {
+            pool,
+            advertised: std::sync::OnceLock::new(),
             seq: AtomicI64::new(store.max_seq()?),
             cfg,
             store,
@@ -533,7 +550,12 @@ impl Manager {
                 RowState::Paused if now >= self.retention_end(&row) => {
                     Some("its retention expired")
                 }
-                RowState::Paused if !self.snapshot_dir(&row.id, row.snapshot_gen).is_dir() => {
+                // A sandbox adopted from a host that is gone has its data
+                // in the bucket until its first resume here.
+                RowState::Paused
+                    if !self.snapshot_dir(&row.id, row.snapshot_gen).is_dir()
+                        && !self.remote_copy_expected(&row) =>
+                {
                     Some("its snapshot is missing")
                 }
                 RowState::Paused
@@ -565,31 +587,16 @@ impl Manager {
                     }
                 }
             }
-            let snapshot_usage = Some(dir_usage(&self.snapshot_dir(&row.id, row.snapshot_gen)));
+            let dir = self.snapshot_dir(&row.id, row.snapshot_gen);
+            let snapshot_usage = dir.is_dir().then(|| dir_usage(&dir));
             tracing::info!(sandbox = %row.id, "recovered paused sandbox");
             // A backlog survives a restart: every paused sandbox is queued
             // again (what the bucket holds costs a HEAD per chunk).
-            self.queue_upload(&row.id, row.snapshot_gen);
+            if snapshot_usage.is_some() {
+                self.queue_upload(&row.id, row.snapshot_gen);
+            }
             kept.insert(row.id.clone());
-            let entry = Arc::new(Entry {
-                id: row.id.clone(),
-                op: tokio::sync::Mutex::new(()),
-                rec: StdMutex::new(Rec {
-                    row,
-                    busy: None,
-                    worker: None,
-                    slot: None,
-                    mem: None,
-                    unsaved: false,
-                    gone: false,
-                    expiry_queued: false,
-                    snapshot_usage,
-                    gate: None,
-                    agent_error: None,
-                    memory_backing: None,
-                    warm_snapshot: None,
-                }),
-            });
+            let entry = paused_entry(row, snapshot_usage);
             self.map().insert(entry.id.clone(), entry);
         }
         // Directories no row refers to.
@@ -1523,12 +1530,16 @@ impl Manager {
         if row.state == RowState::Paused && !writing {
             // The guest's own state: what its snapshot holds, not the round
             // stored when it was paused.
+            // (Adopted from a host of the pool that is gone, its snapshot is
+            // still in the bucket: the stored round.)
             let (backend, dir) = (self.cfg.backend, self.snapshot_dir(id, row.snapshot_gen));
-            guest_round = tokio::task::spawn_blocking(move || snapshot_guest(backend, &dir))
-                .await
-                .ok()
-                .flatten()
-                .map(|g| g.round);
+            if dir.is_dir() {
+                guest_round = tokio::task::spawn_blocking(move || snapshot_guest(backend, &dir))
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|g| g.round);
+            }
         }
         if let (RowState::Running, None, Some(w)) = (row.state, busy, &worker) {
             if let Ok(Reply::Status { guest: Some(g), .. }) =
@@ -1602,6 +1613,7 @@ impl Manager {
                     .and_then(|u| u.status(id))
                     .filter(|_| !running),
                 warm_snapshot,
+                host: self.in_pool().then(|| self.host_id().to_string()),
             },
         })
     }
@@ -1609,7 +1621,21 @@ impl Manager {
     /// `GET /v2/sandboxes` and `GET /sandboxes`: newest first; returns the
     /// page and the next page's token.
     pub fn list(&self, q: &ListQuery) -> (Vec<ListedOut>, Option<String>) {
+        self.list_with(q, Vec::new())
+    }
+
+    /// [`Manager::list`] of this host's sandboxes and `others` (rows of the
+    /// pool's other hosts, [`Manager::pool_rows`]).
+    pub fn list_with(&self, q: &ListQuery, others: Vec<Row>) -> (Vec<ListedOut>, Option<String>) {
         let now = now_ms();
+        let others = others.into_iter().filter(|r| {
+            let keep = match r.state {
+                RowState::Running => q.running,
+                RowState::Paused => q.paused && now < self.retention_end(r),
+            };
+            keep && q.before_seq.is_none_or(|s| r.seq < s)
+                && q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v))
+        });
         let mut rows: Vec<Row> = self
             .map()
             .values()
@@ -1626,6 +1652,7 @@ impl Manager {
                         .all(|(k, v)| r.row.metadata.get(k) == Some(v));
                 keep.then(|| r.row.clone())
             })
+            .chain(others)
             .collect();
         rows.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let more = rows.len() > q.limit;
@@ -2126,6 +2153,11 @@ impl Manager {
             let r = e.rec();
             (r.row.memory_mb.saturating_mul(1 << 20), r.row.cpu_count)
         };
+        // Adopted from a host of the pool that is gone: the snapshot comes
+        // from the bucket first.
+        if let Err(msg) = self.fetch_remote_snapshot(&e.id, gen).await {
+            return Err(fail(msg));
+        }
         // The namespace first: a jailed worker joins it.
         let net = match self.net_for_resume(&e.id).await {
             Ok(n) => n,
@@ -2373,6 +2405,8 @@ impl Manager {
     /// resume them), then stops every worker left. Sandboxes not paused in
     /// time are reported gone by the next server, like after a crash.
     pub async fn shutdown(self: &Arc<Self>, pause_within: Duration) {
+        // In a pool: placement skips this host from now on.
+        self.pool_drain_begin().await;
         let entries: Vec<Arc<Entry>> = self.map().values().cloned().collect();
         if !pause_within.is_zero() {
             let deadline = tokio::time::Instant::now() + pause_within;
@@ -2436,15 +2470,24 @@ impl Manager {
             let _ = t.await;
         }
         self.net_shutdown().await;
+        // In a pool: the others stop counting this host as live now, and
+        // resume its uploaded sandboxes (a migration).
+        self.pool_leave().await;
     }
 
     /// With `--snapshot-store`: queues the upload of `id`'s snapshot
     /// generation `gen` as `<id>-<gen>` (no wait).
     fn queue_upload(&self, id: &str, gen: u64) {
         if let Some(u) = &self.cfg.snapshot_upload {
+            // The fingerprint lets another host of a pool decide whether
+            // it can resume this snapshot ([`pool_ext`]).
             let labels = [
                 ("sandbox".to_string(), id.to_string()),
                 ("generation".to_string(), gen.to_string()),
+                (
+                    pool_ext::FINGERPRINT_LABEL.to_string(),
+                    pool_ext::fingerprint_json().to_string(),
+                ),
             ]
             .into_iter()
             .collect();
@@ -2643,6 +2686,30 @@ impl Manager {
 
 /// Kills a worker left over from a previous server, if that pid still is
 /// one of our workers for `id` (checked through its command line).
+/// The entry of a paused sandbox that no worker holds (recovered at start,
+/// or adopted from a host of the pool that is gone).
+fn paused_entry(row: Row, snapshot_usage: Option<DirUsage>) -> Arc<Entry> {
+    Arc::new(Entry {
+        id: row.id.clone(),
+        op: tokio::sync::Mutex::new(()),
+        rec: StdMutex::new(Rec {
+            row,
+            busy: None,
+            worker: None,
+            slot: None,
+            mem: None,
+            unsaved: false,
+            gone: false,
+            expiry_queued: false,
+            snapshot_usage,
+            gate: None,
+            agent_error: None,
+            memory_backing: None,
+            warm_snapshot: None,
+        }),
+    })
+}
+
 fn kill_stale_worker(pid: u32, id: &str) {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return;

@@ -9,13 +9,11 @@ use std::time::Duration;
 use axum::http::StatusCode;
 
 use super::super::error::ApiError;
-use super::super::store::{self, Claim, HostInfo, LiveHost, RowState};
+use super::super::store::{self, Claim, HostInfo, RowState};
 use super::{Entry, Manager};
 
 /// Between two heartbeats of a host sharing a database.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-/// A host not heard from for this long is not live ([`Manager::live_hosts`]).
-pub const HOST_TTL: Duration = Duration::from_secs(10);
 
 /// A store error as the API's answer.
 pub fn store_error(e: store::Error) -> ApiError {
@@ -86,12 +84,6 @@ impl Manager {
         }
     }
 
-    /// Hosts sharing this database heard from within `ttl` (the source for
-    /// a discovery implementation: `live_hosts()`).
-    pub async fn live_hosts(&self, ttl: Duration) -> Result<Vec<LiveHost>, ApiError> {
-        self.with_store(move |s| s.live_hosts(ttl)).await
-    }
-
     /// With a shared database: records a new reusable snapshot (best
     /// effort: the snapshot store's directory stays the authority, and
     /// `stasis db rebuild` records what was missed).
@@ -122,33 +114,20 @@ impl Manager {
     }
 
     /// With a shared database: records this host (its API `address`,
-    /// fingerprint, running sandboxes) every [`HEARTBEAT_EVERY`] until
-    /// the manager is dropped. A failed heartbeat is logged and retried.
+    /// fingerprint, running sandboxes, free memory, draining) every
+    /// [`HEARTBEAT_EVERY`] until the manager is dropped. A failed heartbeat
+    /// is logged and retried.
     pub fn start_heartbeat(self: &Arc<Self>, address: String) {
         if !self.store.is_shared() {
             return;
         }
+        let _ = self.advertised.set(address);
         let weak = Arc::downgrade(self);
-        let fp = crate::snapshot::manifest::HostFingerprint::current();
-        let fingerprint = format!(
-            "{}/{:08x}/{:016x}/kvm{}",
-            fp.cpu_vendor, fp.cpu_signature, fp.cpu_features, fp.kvm_api_version
-        );
         tokio::spawn(async move {
             let mut failing = false;
             loop {
                 let Some(mgr) = weak.upgrade() else { return };
-                let load = mgr
-                    .map()
-                    .values()
-                    .filter(|e| e.rec().row.state == RowState::Running)
-                    .count() as u64;
-                let info = HostInfo {
-                    address: address.clone(),
-                    fingerprint: fingerprint.clone(),
-                    load,
-                };
-                match mgr.with_store(move |s| s.heartbeat(&info)).await {
+                match mgr.beat_once().await {
                     Ok(()) if failing => {
                         failing = false;
                         tracing::info!("heartbeats reach the database again");
@@ -164,5 +143,26 @@ impl Manager {
                 tokio::time::sleep(HEARTBEAT_EVERY).await;
             }
         });
+    }
+
+    /// One heartbeat now (no-op before [`Manager::start_heartbeat`]).
+    pub(super) async fn beat_once(&self) -> Result<(), ApiError> {
+        let Some(address) = self.advertised.get().cloned() else {
+            return Ok(());
+        };
+        let load = self
+            .map()
+            .values()
+            .filter(|e| e.rec().row.state == RowState::Running)
+            .count() as u64;
+        let (draining, memory_free) = self.pool_heartbeat_fields();
+        let info = HostInfo {
+            address,
+            fingerprint: super::pool_ext::fingerprint_json().to_string(),
+            load,
+            draining,
+            memory_free,
+        };
+        self.with_store(move |s| s.heartbeat(&info)).await
     }
 }

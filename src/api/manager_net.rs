@@ -94,6 +94,19 @@ impl Manager {
         Ok(())
     }
 
+    /// Adoption of a paused sandbox from a host of the pool that is gone
+    /// ([`super::pool_ext`]): its network settings as recorded. The guest
+    /// keeps its address, so its slot must be free here; if it is not, the
+    /// resume fails with the network error (logged now).
+    pub(super) fn net_adopt(&self, id: &str, spec: NetSpec) {
+        if let (Some(n), Some(slot)) = (&self.cfg.network, spec.slot) {
+            if !n.reserve(slot) {
+                tracing::warn!(sandbox = %id, slot, "adopted sandbox's network slot is taken on this host");
+            }
+        }
+        lock(&self.net().specs).insert(id.to_string(), spec);
+    }
+
     /// Create: validates the request's controls and, for a Linux guest on
     /// the real VMM, sets up its network and adds the device to the boot
     /// configuration. On error nothing is left behind.

@@ -9,6 +9,8 @@
 //!   OpenAPI document.
 //! - [`proxy`]: forwards in-sandbox traffic (`Novita-Sandbox-Id`/`-Port`
 //!   headers or `{port}-{id}.{domain}` hosts) to the sandbox's agent.
+//! - [`forward`]: in a pool of hosts, sends calls and traffic for a
+//!   sandbox another host holds to that host.
 //!
 //! Each running sandbox lives in its own worker process ([`crate::worker`]);
 //! nothing here touches KVM. [`bench`] drives this API in-process and
@@ -16,6 +18,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod forward;
 pub mod manager;
 pub mod metrics;
 pub mod models;
@@ -139,6 +142,13 @@ pub struct ServeOptions {
     /// This host's id in a shared database (`--host-id`; default: the
     /// hostname).
     pub host_id: Option<String>,
+    /// Member of a pool of hosts (`--pool-discovery` other than none).
+    pub pool: Option<crate::pool::PoolArgs>,
+    /// Chunk cache for downloads from the bucket: directory (default
+    /// `<data-dir>/chunk-cache`) and most bytes.
+    pub chunk_cache_dir: Option<PathBuf>,
+    /// Most bytes of the chunk cache.
+    pub chunk_cache_bytes: u64,
 }
 
 impl Default for ServeOptions {
@@ -176,6 +186,9 @@ impl Default for ServeOptions {
             warm_templates: true,
             database: None,
             host_id: None,
+            pool: None,
+            chunk_cache_dir: None,
+            chunk_cache_bytes: 8 << 30,
         }
     }
 }
@@ -441,6 +454,15 @@ impl ServeArgs {
         self.pool
             .check()
             .map_err(|e| Error::Config(e.to_string()))?;
+        // One id names this host in the database and in the pool.
+        let host_id = match (self.host_id.clone(), self.pool.pool_host_id.clone()) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::Config(format!(
+                    "--host-id {a:?} and --pool-host-id {b:?} differ: give one (they name the same thing)"
+                )))
+            }
+            (a, b) => a.or(b),
+        };
         let network = if self.no_network || backend != BackendKind::Vm {
             None
         } else {
@@ -494,7 +516,11 @@ impl ServeArgs {
             durable_pause: self.s3.durable_pause,
             warm_templates: !self.no_warm_templates,
             database: self.database,
-            host_id: self.host_id,
+            host_id,
+            pool: (self.pool.pool_discovery != crate::pool::DiscoveryKind::None)
+                .then_some(self.pool),
+            chunk_cache_dir: self.s3.chunk_cache_dir,
+            chunk_cache_bytes: self.s3.chunk_cache_bytes,
             ..ServeOptions::default()
         })
     }
@@ -671,6 +697,15 @@ pub async fn serve(
             .map(store::DatabaseSpec::parse)
             .transpose()?,
         host_id: opts.host_id.clone(),
+        pool: opts.pool.clone(),
+        chunk_cache: opts.snapshot_store.as_ref().map(|_| {
+            (
+                opts.chunk_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| opts.data_dir.join("chunk-cache")),
+                opts.chunk_cache_bytes,
+            )
+        }),
     };
     tracing::info!(
         memory_backing = %opts.memory_backing,
@@ -687,7 +722,14 @@ pub async fn serve(
         Some(a) => Some(listen(a).map_err(|e| Error::Io(format!("listening on {a}"), e))?),
         None => None,
     };
-    mgr.start_heartbeat(addr.to_string());
+    // Other hosts of a pool reach this one at --pool-advertise (default:
+    // the bound address).
+    let advertise = opts
+        .pool
+        .as_ref()
+        .and_then(|p| p.pool_advertise.clone())
+        .unwrap_or_else(|| addr.to_string());
+    mgr.start_heartbeat(advertise);
     let metrics = Arc::new(metrics::Registry::default());
     metrics::spawn_sampler(mgr.clone(), metrics.clone());
     let app = routes::router(routes::AppState {

@@ -230,6 +230,10 @@ pub struct StasisOut {
     /// templates); absent for a cold boot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_snapshot: Option<String>,
+    /// In a pool of hosts: the host that holds the sandbox (answered this
+    /// call, perhaps forwarded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC

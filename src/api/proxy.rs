@@ -159,7 +159,7 @@ fn header_str<'a>(h: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
         .map(|v| v.to_str().unwrap_or(""))
 }
 
-fn is_lifecycle_path(path: &str) -> bool {
+pub(super) fn is_lifecycle_path(path: &str) -> bool {
     path == "/sandboxes"
         || path.starts_with("/sandboxes/")
         || path.starts_with("/v1/")
@@ -580,7 +580,7 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
 const VIA: &str = "1.1 stasis";
 /// Most times a request may have passed through stasis before it is taken
 /// for a loop (a sandbox calling another through stasis is two).
-const MAX_STASIS_HOPS: usize = 4;
+pub(super) const MAX_STASIS_HOPS: usize = 4;
 /// Routing fields of this proxy: they name the sandbox for this hop only,
 /// and must not make the next hop (possibly this server again) route too.
 const ROUTING_HEADERS: [&str; 4] = [
@@ -591,7 +591,7 @@ const ROUTING_HEADERS: [&str; 4] = [
 ];
 
 /// How many `Via` entries a request carries from this proxy.
-fn stasis_hops(h: &HeaderMap) -> usize {
+pub(super) fn stasis_hops(h: &HeaderMap) -> usize {
     h.get_all(header::VIA)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -666,20 +666,39 @@ fn bad_gateway(msg: impl Into<String>) -> Response {
 }
 
 /// Forwards `req` to `port` of the sandbox behind `target`.
-pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result<Response, String> {
+pub async fn forward(target: &Target, route: &Route, req: Request) -> Result<Response, String> {
     let closed = target.gate.closed();
     let stream = tokio::select! {
         s = connect(&target.socket, route.port, HANDSHAKE_TIMEOUT) => s.map_err(|e| e.to_string())?,
         _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
     };
+    let what = format!("sandbox {}", route.sandbox_id);
+    relay(stream, req, &ROUTING_HEADERS, &target.gate, &what).await
+}
+
+/// One HTTP/1.1 exchange of `req` over `stream` (to a sandbox's agent, or
+/// to another host of the pool): hop-by-hop fields and those in `strip`
+/// dropped, `Via` added, header case and order kept, an upgrade (e.g. a
+/// WebSocket) piped both ways, everything cut when `gate` closes. `what`
+/// names the other end in errors and logs.
+pub async fn relay<S>(
+    stream: S,
+    mut req: Request,
+    strip: &[&str],
+    gate: &Arc<Gate>,
+    what: &str,
+) -> Result<Response, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     // Header names keep their case both ways: the server side records it
     // (`serve_http`), this side writes it and records the answer's.
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP handshake with the sandbox failed: {e}"))?;
-    let closed = target.gate.closed();
+        .map_err(|e| format!("HTTP handshake with {what} failed: {e}"))?;
+    let closed = gate.closed();
     tokio::spawn(async move {
         tokio::select! {
             _ = conn.with_upgrades() => {}
@@ -700,7 +719,7 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     let upgrade = upgrade_of(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     // This hop's routing fields go too (rebuilding keeps the others' order).
-    strip_hop_by_hop(req.headers_mut(), &ROUTING_HEADERS);
+    strip_hop_by_hop(req.headers_mut(), strip);
     if host.is_none() {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));
@@ -713,14 +732,14 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
     }
     req.headers_mut()
         .append(header::VIA, HeaderValue::from_static(VIA));
-    let closed = target.gate.closed();
+    let closed = gate.closed();
     let mut resp = tokio::select! {
-        r = sender.send_request(req) => r.map_err(|e| format!("the sandbox closed the connection: {e}"))?,
-        _ = closed => return Err(format!("sandbox {} was paused or killed", route.sandbox_id)),
+        r = sender.send_request(req) => r.map_err(|e| format!("{what} closed the connection: {e}"))?,
+        _ = closed => return Err(format!("{what} was paused or killed")),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return Err("the sandbox switched protocols though the client did not ask".into());
+            return Err(format!("{what} switched protocols though the client did not ask"));
         };
         let server_upgrade = hyper::upgrade::on(&mut resp);
         let answer = upgrade_of(resp.headers());
@@ -735,8 +754,8 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         parts
             .headers
             .append(header::VIA, HeaderValue::from_static(VIA));
-        let closed = target.gate.closed();
-        let id = route.sandbox_id.clone();
+        let closed = gate.closed();
+        let id = what.to_string();
         tokio::spawn(async move {
             let pipe = async {
                 let (client, server) =
@@ -749,9 +768,9 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
             };
             tokio::select! {
                 r = pipe => if let Err(e) = r {
-                    tracing::debug!(sandbox = %id, "upgraded connection ended: {e}");
+                    tracing::debug!(to = %id, "upgraded connection ended: {e}");
                 },
-                _ = closed => tracing::debug!(sandbox = %id, "upgraded connection closed: the sandbox was paused or killed"),
+                _ = closed => tracing::debug!(to = %id, "upgraded connection closed: the sandbox was paused or killed"),
             }
         });
         return Ok(Response::from_parts(parts, Body::empty()));
@@ -763,7 +782,7 @@ pub async fn forward(target: &Target, route: &Route, mut req: Request) -> Result
         .append(header::VIA, HeaderValue::from_static(VIA));
     let body = GatedBody {
         inner: incoming,
-        closed: Box::pin(target.gate.closed()),
+        closed: Box::pin(gate.closed()),
     };
     Ok(Response::from_parts(parts, Body::new(body)))
 }

@@ -67,6 +67,12 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             super::proxy::layer,
         ))
+        // Before everything: in a pool, calls for a sandbox another host
+        // holds go there.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::forward::layer,
+        ))
         .with_state(state)
 }
 
@@ -87,20 +93,28 @@ async fn limit_and_log(State(st): State<AppState>, req: Request, next: Next) -> 
 }
 
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.api_key {
-        let open =
-            req.method() == Method::GET && matches!(req.uri().path(), "/health" | "/openapi.json");
-        let given = req.headers().get("x-api-key").map(HeaderValue::as_bytes);
-        if !open && !given.is_some_and(|g| crate::ct_eq(g, key.as_bytes())) {
-            let msg = if given.is_some() {
-                "invalid API key"
-            } else {
-                "missing X-API-KEY header"
-            };
-            return ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response();
-        }
+    if let Some(refused) = api_key_refusal(&st, &req) {
+        return refused;
     }
     next.run(req).await
+}
+
+/// The 401 for an API request without the server's API key (None: the key
+/// is right, not needed, or the route is open).
+pub(super) fn api_key_refusal(st: &AppState, req: &Request) -> Option<Response> {
+    let key = st.api_key.as_ref()?;
+    let open =
+        req.method() == Method::GET && matches!(req.uri().path(), "/health" | "/openapi.json");
+    let given = req.headers().get("x-api-key").map(HeaderValue::as_bytes);
+    if open || given.is_some_and(|g| crate::ct_eq(g, key.as_bytes())) {
+        return None;
+    }
+    let msg = if given.is_some() {
+        "invalid API key"
+    } else {
+        "missing X-API-KEY header"
+    };
+    Some(ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response())
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -702,7 +716,7 @@ async fn list_v2(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = parse_list_query(raw.as_deref(), true)?;
-    let (items, next) = st.mgr.list(&q);
+    let (items, next) = st.mgr.list_with(&q, st.mgr.pool_rows().await);
     let mut resp = Json(items).into_response();
     if let Some(token) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
         resp.headers_mut().insert("x-next-token", token);
@@ -715,7 +729,7 @@ async fn list_v1(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = parse_list_query(raw.as_deref(), false)?;
-    let (items, _) = st.mgr.list(&q);
+    let (items, _) = st.mgr.list_with(&q, st.mgr.pool_rows().await);
     Ok(Json(items).into_response())
 }
 

@@ -135,6 +135,10 @@ pub struct HostInfo {
     pub fingerprint: String,
     /// Sandboxes running there.
     pub load: u64,
+    /// It is draining (shutting down): it takes no sandboxes.
+    pub draining: bool,
+    /// Bytes of guest memory it may still give to sandboxes.
+    pub memory_free: u64,
 }
 
 /// A host heard from recently.
@@ -306,6 +310,8 @@ impl Store {
                             address: r.get(1)?,
                             fingerprint: r.get(2)?,
                             load: r.get::<_, i64>(3)?.max(0) as u64,
+                            draining: false,
+                            memory_free: 0,
                         },
                         age_ms: now.saturating_sub(r.get::<_, i64>(4)?).max(0) as u64,
                     })
@@ -321,6 +327,42 @@ impl Store {
             }
             Backend::Postgres(p) => p.live_hosts(ttl),
         }
+    }
+
+    /// Forgets this host's heartbeat (shared database only).
+    pub fn delete_host(&self) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.delete_host(),
+        }
+    }
+
+    /// Sandboxes other hosts own (shared database only; none on SQLite).
+    pub fn others(&self) -> Result<Vec<Row>, Error> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.others(),
+        }
+    }
+
+    /// One sandbox's network settings, whoever owns it.
+    pub fn get_network(&self, id: &str) -> Result<Option<crate::net::spec::NetSpec>, Error> {
+        let raw = match &self.backend {
+            Backend::Postgres(p) => p.get_network(id)?,
+            Backend::Sqlite(_) => {
+                let conn = self.conn();
+                let mut stmt = conn.prepare("SELECT spec FROM sandbox_network WHERE id = ?1")?;
+                let mut rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
+                rows.next().transpose()?
+            }
+        };
+        raw.map(|json| {
+            serde_json::from_str(&json).map_err(|e| Error::Corrupt {
+                id: id.to_string(),
+                what: format!("network settings: {e}"),
+            })
+        })
+        .transpose()
     }
 
     /// Records a reusable snapshot's manifest (shared database only; on

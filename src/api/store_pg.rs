@@ -78,6 +78,9 @@ const MIGRATIONS: &[&str] = &[
         created_ms BIGINT NOT NULL
     );
     CREATE TABLE quarantine (id TEXT, reason TEXT NOT NULL, at_ms BIGINT NOT NULL, raw TEXT NOT NULL);",
+    // v2: what placement needs from a heartbeat besides the running count.
+    "ALTER TABLE hosts ADD COLUMN draining BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE hosts ADD COLUMN memory_free BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this binary writes.
@@ -558,12 +561,20 @@ impl PgStore {
         self.run(move |c| {
             c.with(|cl| {
                 cl.execute(
-                    "INSERT INTO hosts (id, address, fingerprint, load, last_heartbeat)
-                     VALUES ($1, $2, $3, $4, now())
+                    "INSERT INTO hosts (id, address, fingerprint, load, last_heartbeat, draining, memory_free)
+                     VALUES ($1, $2, $3, $4, now(), $5, $6)
                      ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address,
                         fingerprint = EXCLUDED.fingerprint, load = EXCLUDED.load,
-                        last_heartbeat = now()",
-                    &[&host, &h.address, &h.fingerprint, &(h.load as i64)],
+                        last_heartbeat = now(), draining = EXCLUDED.draining,
+                        memory_free = EXCLUDED.memory_free",
+                    &[
+                        &host,
+                        &h.address,
+                        &h.fingerprint,
+                        &(h.load as i64),
+                        &h.draining,
+                        &i64::try_from(h.memory_free).unwrap_or(i64::MAX),
+                    ],
                 )
                 .map(|_| ())
             })
@@ -577,7 +588,8 @@ impl PgStore {
             c.with(|cl| {
                 cl.query(
                     "SELECT id, address, fingerprint, load,
-                        (EXTRACT(EPOCH FROM (now() - last_heartbeat)) * 1000)::BIGINT
+                        (EXTRACT(EPOCH FROM (now() - last_heartbeat)) * 1000)::BIGINT,
+                        draining, memory_free
                      FROM hosts
                      WHERE last_heartbeat > now() - make_interval(secs => $1::BIGINT / 1000.0)
                      ORDER BY id",
@@ -591,11 +603,64 @@ impl PgStore {
                                 address: r.get(1),
                                 fingerprint: r.get(2),
                                 load: r.get::<_, i64>(3).max(0) as u64,
+                                draining: r.get(5),
+                                memory_free: r.get::<_, i64>(6).max(0) as u64,
                             },
                             age_ms: r.get::<_, i64>(4).max(0) as u64,
                         })
                         .collect()
                 })
+            })
+        })
+    }
+
+    /// Forgets this host's heartbeat row (a clean exit after the drain:
+    /// the others stop counting it as live at once instead of after the
+    /// TTL).
+    pub fn delete_host(&self) -> Result<(), Error> {
+        let host = self.host.clone();
+        self.run(move |c| {
+            c.with(|cl| {
+                cl.execute("DELETE FROM hosts WHERE id = $1", &[&host])
+                    .map(|_| ())
+            })
+        })
+    }
+
+    /// Rows owned by other hosts (or by none), in `seq` order; rows that do
+    /// not decode are skipped with a log line (their owner quarantines
+    /// them).
+    pub fn others(&self) -> Result<Vec<Row>, Error> {
+        let host = self.host.clone();
+        self.run(move |c| {
+            let rows = c.with(|cl| {
+                cl.query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM sandboxes WHERE owner IS DISTINCT FROM $1 ORDER BY seq"
+                    ),
+                    &[&host],
+                )
+            })?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| match decode(r) {
+                    Ok(row) => Some(row),
+                    Err(why) => {
+                        tracing::warn!("skipping another host's undecodable row: {why}");
+                        None
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// One sandbox's network settings (JSON), whoever owns it.
+    pub fn get_network(&self, id: &str) -> Result<Option<String>, Error> {
+        let id = id.to_string();
+        self.run(move |c| {
+            c.with(|cl| {
+                cl.query("SELECT spec FROM sandbox_network WHERE id = $1", &[&id])
+                    .map(|rows| rows.first().map(|r| r.get(0)))
             })
         })
     }

@@ -818,7 +818,7 @@ async fn get_inner(
 async fn exchange<S>(
     stream: S,
     req: Request<axum::body::Body>,
-    http: &dyn Fn(String) -> Error,
+    http: &(dyn Fn(String) -> Error + Sync),
 ) -> Result<(HeaderMap, Bytes), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -1324,3 +1324,4 @@ mod tests {
         assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
     }
 }
+

@@ -376,8 +376,10 @@ pub struct S3Args {
     /// A pause answers only once its snapshot is in the bucket.
     #[arg(long, requires = "snapshot_store")]
     pub durable_pause: bool,
-    /// Per-host chunk cache directory (downloads go through it; used by
-    /// `stasis snapshot pull`: serve does not resume from the bucket yet).
+    /// Per-host chunk cache directory: downloads from the bucket go
+    /// through it (`stasis snapshot pull`, and `serve` resuming a pool's
+    /// sandbox paused on another host; serve's default:
+    /// `<data-dir>/chunk-cache`).
     #[arg(long, requires = "snapshot_store")]
     pub chunk_cache_dir: Option<PathBuf>,
     /// Most bytes the chunk cache holds (least recently used go first).
