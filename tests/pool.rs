@@ -169,7 +169,9 @@ fn three_hosts_forward_calls_survive_a_kill_and_migrate_on_drain() {
     let lost = b.info(&y);
     assert_eq!(lost.status, 404, "{}", lost.body);
     assert!(lost.body.contains("lost"), "{}", lost.body);
-    let r = b.post(&format!("/sandboxes/{x}/connect"), json!({"timeout": 600}));
+    // Sent to C: the placement (the least loaded, ties by id) may hand it
+    // to B, which then takes it without placing it again.
+    let r = c.post(&format!("/sandboxes/{x}/connect"), json!({"timeout": 600}));
     assert!(
         r.status == 200 || r.status == 201,
         "connect after the kill: {} {}\nB:\n{}\nC:\n{}",
@@ -222,4 +224,77 @@ fn three_hosts_forward_calls_survive_a_kill_and_migrate_on_drain() {
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(owner(&pg, &x), None);
     assert_eq!(last.info(&x).status, 404);
+}
+
+/// Two hosts on the fake backend (each sandbox's agent is the stand-in
+/// envd): the sandbox's own traffic sent to the host that does not hold it
+/// is forwarded — by the SDK's routing headers and by `{port}-{id}.{domain}`
+/// Host, which reaches the agent unchanged — and the lifecycle API's key is
+/// checked before anything is forwarded.
+#[test]
+fn traffic_and_calls_for_a_sandbox_on_another_host_are_forwarded() {
+    let test = "traffic_and_calls_for_a_sandbox_on_another_host_are_forwarded";
+    let Some(pg) = Postgres::start_or_skip(test) else {
+        return;
+    };
+    const KEY: &str = "pool-test-key-0123456789";
+    let dir = common::scratch("pool-fake");
+    let standin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/api_support/standin_envd.py"
+    );
+    let start = |name: &str| {
+        let data = dir.join(name);
+        std::fs::create_dir_all(data.join("templates")).unwrap();
+        std::fs::write(
+            data.join("templates/agent.json"),
+            r#"{"kernel": "testguest", "memoryMB": 64, "vcpus": 1, "agent": true}"#,
+        )
+        .unwrap();
+        let args = [
+            "--api-key",
+            KEY,
+            "--database",
+            &pg.url,
+            "--host-id",
+            name,
+            "--pool-discovery",
+            "postgres",
+            "--pool-heartbeat-ttl-secs",
+            TTL_SECS,
+        ];
+        Server::try_start_env(&data, &args, &[("STASIS_ENVD_BIN", standin)])
+            .unwrap_or_else(|e| panic!("host {name} did not start: {e}"))
+    };
+    let a = start("host-a");
+    let b = start("host-b");
+    assert!(
+        wait_until(30, || live_hosts(&pg) == ["host-a", "host-b"]),
+        "hosts not live: {:?}",
+        live_hosts(&pg)
+    );
+    let id = a.create(json!({"templateID": "agent", "timeout": 300}));
+
+    // The SDK's envd request, sent to B: forwarded to A, then to the agent.
+    let r = api_support::http(
+        b.addr,
+        "GET",
+        "/health",
+        &[("Novita-Sandbox-Id", &id), ("Novita-Sandbox-Port", "49983")],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}\nB:\n{}", r.body, b.log());
+    // By Host: the agent sees the Host the client sent.
+    let host = format!("49983-{id}.sandbox.example.test");
+    let r = api_support::http(b.addr, "GET", "/headers?x=1", &[("Host", &host)], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["host"], host.as_str(), "{}", r.body);
+    // The lifecycle API: B refuses a call without the key itself (nothing
+    // forwarded, nothing placed); with the key it answers for A's sandbox.
+    let r = api_support::http(b.addr, "GET", &format!("/sandboxes/{id}"), &[], None);
+    r.assert_error(401);
+    let d = b.info(&id).json();
+    assert_eq!(d["sandboxID"], id.as_str(), "{d}");
+    assert_eq!(d["stasis"]["host"], "host-a", "{d}");
+    assert_eq!(owner(&pg, &id), Some(("running".into(), "host-a".into())));
 }
