@@ -297,10 +297,18 @@ fn heartbeats_and_live_hosts_ttl() {
     let live = a.live_hosts(ttl).unwrap();
     assert_eq!(live.len(), 2);
     assert_eq!(live[1].info.load, 3);
-    assert_eq!((live[1].info.draining, live[1].info.memory_free), (false, 1 << 30));
+    assert_eq!(
+        (live[1].info.draining, live[1].info.memory_free),
+        (false, 1 << 30)
+    );
     // A host that left the pool (after its drain) is gone at once.
     b.delete_host().unwrap();
-    let ids: Vec<String> = a.live_hosts(ttl).unwrap().into_iter().map(|h| h.id).collect();
+    let ids: Vec<String> = a
+        .live_hosts(ttl)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
     assert_eq!(ids, ["host-a"], "a host that left is not live");
 }
 

@@ -76,8 +76,7 @@ pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Resp
     if !st.mgr.in_pool() {
         return next.run(req).await;
     }
-    let traffic =
-        proxy::route_of_in(req.uri().path(), req.headers(), req.uri(), st.mgr.domain());
+    let traffic = proxy::route_of_in(req.uri().path(), req.headers(), req.uri(), st.mgr.domain());
     let id = match &traffic {
         Ok(Some(r)) => r.sandbox_id.clone(),
         // The proxy answers a bad routing request.

@@ -156,7 +156,11 @@ impl Pool {
         if cfg.snapshot_upload.is_none() {
             tracing::warn!("pool without --snapshot-store: calls are forwarded to their sandbox's host, but a paused sandbox of a host that is gone cannot resume elsewhere");
         }
-        tracing::info!(discovery = discovery.name(), sample = args.pool_sample, "member of a pool of hosts");
+        tracing::info!(
+            discovery = discovery.name(),
+            sample = args.pool_sample,
+            "member of a pool of hosts"
+        );
         Ok(Some(Pool {
             discovery,
             heartbeats,
@@ -330,9 +334,7 @@ impl Manager {
         let (id, generation, from) = (row.id.clone(), row.generation, row.owner.clone());
         let id2 = id.clone();
         let won = self
-            .with_store(move |s| {
-                s.transition(&id2, RowState::Paused, generation, RowState::Paused)
-            })
+            .with_store(move |s| s.transition(&id2, RowState::Paused, generation, RowState::Paused))
             .await?;
         if !won {
             return Err(ApiError::conflict(format!(
@@ -457,4 +459,3 @@ impl Manager {
         }
     }
 }
-

@@ -739,7 +739,9 @@ where
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return Err(format!("{what} switched protocols though the client did not ask"));
+            return Err(format!(
+                "{what} switched protocols though the client did not ask"
+            ));
         };
         let server_upgrade = hyper::upgrade::on(&mut resp);
         let answer = upgrade_of(resp.headers());

@@ -972,6 +972,8 @@ mod tests {
             address: "127.0.0.1:1".into(),
             fingerprint: "f".into(),
             load: 2,
+            draining: false,
+            memory_free: 0,
         };
         s.heartbeat(&h).unwrap();
         let live = s.live_hosts(std::time::Duration::from_secs(60)).unwrap();

@@ -1324,4 +1324,3 @@ mod tests {
         assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
     }
 }
-

@@ -57,8 +57,10 @@
 //! [`discovery`] (all four sources; PostgreSQL through the
 //! [`discovery::HeartbeatStore`] trait that the metadata store implements),
 //! [`placement`] (the rules above as pure functions) and the `serve` flags
-//! ([`PoolArgs`]), validated at start. Forwarding, heartbeats and the drain
-//! hand-off are wired in once the PostgreSQL and S3 stores land.
+//! ([`PoolArgs`]), validated at start. `serve` wires them in:
+//! `crate::api::forward` (the HTTP hop to the owner) and the manager's pool
+//! extension (`src/api/manager_pool.rs`: routing decisions, adoption of a
+//! dead host's paused sandboxes, resume from the bucket, the drain).
 
 pub mod discovery;
 pub mod placement;
