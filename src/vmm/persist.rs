@@ -621,10 +621,7 @@ impl Vm {
         };
         let layer_parent = if tracking {
             let me = ParentRef::of(dir, st.memory.bytes_stored).map_err(|e| {
-                PersistError::Inconsistent(format!(
-                    "reading {}: {e}",
-                    snap.state_path().display()
-                ))
+                PersistError::Inconsistent(format!("reading {}: {e}", snap.state_path().display()))
             })?;
             let (older, older_dirs) = match chain_file {
                 Some(c) => {

@@ -837,21 +837,18 @@ mod real {
             })
             .map(|(&(gpa, _), &(off, _))| off + (addr - gpa))?;
         let file = snap.open_memory().ok()?;
-        let (chain, _) =
-            crate::snapshot::layers::open_chain(dir, file, st.memory.clone(), |d| {
-                d.load_state::<vmm::VmState>()
-                    .map(|s| s.memory)
-                    .map_err(|e| crate::error_chain(&e))
-            })
-            .ok()?;
+        let (chain, _) = crate::snapshot::layers::open_chain(dir, file, st.memory.clone(), |d| {
+            d.load_state::<vmm::VmState>()
+                .map(|s| s.memory)
+                .map_err(|e| crate::error_chain(&e))
+        })
+        .ok()?;
         let first = usize::try_from(file_offset).ok()? / PAGE_SIZE;
         let within = usize::try_from(file_offset).ok()? % PAGE_SIZE;
         // The 40 bytes may cross into the next page.
         let pages = (within + page.len()).div_ceil(PAGE_SIZE);
         let mut buf = vec![0u8; pages * PAGE_SIZE];
-        chain
-            .read_verified(first, &mut buf, &mut Vec::new())
-            .ok()?;
+        chain.read_verified(first, &mut buf, &mut Vec::new()).ok()?;
         page.copy_from_slice(&buf[within..within + page.len()]);
         crate::guest::GuestStatus::parse(&page).map(|g| GuestProgress {
             round: g.round,
