@@ -2722,8 +2722,6 @@ impl Manager {
     }
 }
 
-/// Kills a worker left over from a previous server, if that pid still is
-/// one of our workers for `id` (checked through its command line).
 /// The chain of the snapshot generation in `dir`: `dir`, then its
 /// parents' directories, nearest first, as its `layers.bin` names them;
 /// only sibling `snapshot-<n>` directories (see [`Manager::chain_dirs`]).
@@ -2778,6 +2776,8 @@ fn prune_snapshots(dir: &std::path::Path, keep: &[PathBuf]) {
     }
 }
 
+/// Kills a worker left over from a previous server, if that pid still is
+/// one of our workers for `id` (checked through its command line).
 fn kill_stale_worker(pid: u32, id: &str) {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return;
