@@ -3163,3 +3163,79 @@ impl Manager {
         }))
     }
 }
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::snapshot::layers::{ChainFile, ParentRef};
+
+    fn parent(name: &str) -> ParentRef {
+        ParentRef {
+            name: name.into(),
+            state_crc: 0,
+            bytes_stored: 0,
+        }
+    }
+
+    /// Exactly the current generation's chain survives a prune; a chain
+    /// file naming something other than a sibling generation keeps nothing
+    /// else.
+    #[test]
+    fn prune_keeps_exactly_the_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sb = tmp.path();
+        for d in [
+            "snapshot-1",
+            "snapshot-2",
+            "snapshot-3",
+            "snapshot-4.tmp-9-0",
+        ] {
+            std::fs::create_dir(sb.join(d)).unwrap();
+        }
+        std::fs::write(sb.join("vsock.sock"), b"").unwrap();
+        ChainFile {
+            parents: vec![parent("snapshot-2"), parent("snapshot-1")],
+            ..ChainFile::default()
+        }
+        .write(&sb.join("snapshot-3"))
+        .unwrap();
+        let chain = chain_dirs_of(&sb.join("snapshot-3"));
+        assert_eq!(
+            chain,
+            vec![
+                sb.join("snapshot-3"),
+                sb.join("snapshot-2"),
+                sb.join("snapshot-1")
+            ]
+        );
+        let (usage, facts) = facts_of(&chain, false);
+        assert_eq!(facts.layers, 3);
+        assert!(usage.allocated >= facts.bytes);
+        prune_snapshots(sb, &chain);
+        let mut left: Vec<String> = std::fs::read_dir(sb)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["snapshot-1", "snapshot-2", "snapshot-3", "vsock.sock"]
+        );
+
+        // A chain naming a non-generation sibling: only the generation.
+        std::fs::remove_file(sb.join("snapshot-3").join("layers.bin")).unwrap();
+        ChainFile {
+            parents: vec![parent("vsock.sock")],
+            ..ChainFile::default()
+        }
+        .write(&sb.join("snapshot-3"))
+        .unwrap();
+        assert_eq!(
+            chain_dirs_of(&sb.join("snapshot-3")),
+            vec![sb.join("snapshot-3")]
+        );
+        prune_snapshots(sb, &chain_dirs_of(&sb.join("snapshot-3")));
+        assert!(!sb.join("snapshot-1").exists() && sb.join("vsock.sock").exists());
+    }
+}
