@@ -706,7 +706,7 @@ mod tests {
         };
         c.write(root.path()).unwrap();
         assert_eq!(ChainFile::read(root.path()).unwrap(), Some(c.clone()));
-        let mut deep = c;
+        let mut deep = c.clone();
         deep.parents.push(p(99));
         std::fs::remove_file(root.path().join(LAYERS_FILE)).unwrap();
         deep.write(root.path()).unwrap();

@@ -849,7 +849,8 @@ mod real {
         let pages = (within + page.len()).div_ceil(PAGE_SIZE);
         let mut buf = vec![0u8; pages * PAGE_SIZE];
         chain.read_verified(first, &mut buf, &mut Vec::new()).ok()?;
-        page.copy_from_slice(&buf[within..within + page.len()]);
+        let n = page.len();
+        page.copy_from_slice(&buf[within..within + n]);
         crate::guest::GuestStatus::parse(&page).map(|g| GuestProgress {
             round: g.round,
             acc: g.acc,
