@@ -91,7 +91,6 @@ async fn spawn_ro(
         netns: netns.map_or(stasis::jail::Netns::New, |p| {
             stasis::jail::Netns::Join(p.to_owned())
         }),
-        ..Default::default()
     };
     let prepared = j.prepare(&req).unwrap();
     let socket = root.join(format!("{name}.sock"));
