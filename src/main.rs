@@ -698,25 +698,29 @@ fn print_layers(dir: &Path, own_bytes: u64) -> Result<(), String> {
         "layers:          {} (nearest first; each page comes from the nearest layer that stores it)",
         parents.len() + 1
     );
+    let dirs: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| p.resolve(dir))
+        .collect::<Result<_, _>>()?;
     println!(
         "  layer 0:       this snapshot, {:.1} MiB, parent {}",
         mib(own_bytes),
-        parents[0].dir.display()
+        dirs[0].display()
     );
     for (i, p) in parents.iter().enumerate() {
-        let check = match state_crc(&p.dir) {
+        let check = match state_crc(&dirs[i]) {
             Ok(c) if c == p.state_crc => "intact".to_string(),
             Ok(_) => "CHANGED since the child was written: the chain will not resume".into(),
             Err(e) => format!("MISSING ({e}): the chain will not resume"),
         };
-        let parent = parents
+        let parent = dirs
             .get(i + 1)
-            .map(|q| format!("parent {}", q.dir.display()))
+            .map(|q| format!("parent {}", q.display()))
             .unwrap_or_else(|| "full layer".into());
         println!(
             "  layer {}:       {}, {:.1} MiB, {parent} ({check})",
             i + 1,
-            p.dir.display(),
+            dirs[i].display(),
             mib(p.bytes_stored)
         );
     }

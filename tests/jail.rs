@@ -66,6 +66,18 @@ async fn spawn_in(
     memory_max: Option<u64>,
     netns: Option<&Path>,
 ) -> Sandbox {
+    spawn_ro(j, root, name, memory_max, netns, Vec::new()).await
+}
+
+/// [`spawn_in`] with host paths the worker sees read-only.
+async fn spawn_ro(
+    j: &Arc<Jailer>,
+    root: &Path,
+    name: &str,
+    memory_max: Option<u64>,
+    netns: Option<&Path>,
+    ro: Vec<PathBuf>,
+) -> Sandbox {
     let dir = root.join("sandboxes").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mine.txt"), b"sandbox file").unwrap();
@@ -75,10 +87,10 @@ async fn spawn_in(
         mem_bytes: 64 << 20,
         vcpus: 1,
         memory_max,
+        ro,
         netns: netns.map_or(stasis::jail::Netns::New, |p| {
             stasis::jail::Netns::Join(p.to_owned())
         }),
-        ..Default::default()
     };
     let prepared = j.prepare(&req).unwrap();
     let socket = root.join(format!("{name}.sock"));
@@ -380,6 +392,7 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
         .request(
             Request::Pause {
                 snapshot_dir: snap.clone(),
+                incremental: true,
             },
             T,
         )
@@ -394,6 +407,8 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
     };
     assert!(snapshot_bytes > 0);
     s.worker.wait_exit().await;
+    // A booted VM's pause is a full layer, incremental asked or not.
+    assert!(!snap.join(stasis::snapshot::layers::LAYERS_FILE).exists());
 
     // Resume in a fresh jail (the sandbox dir is handed to the new uid).
     let s2 = spawn_in(&j, &root, name, None, netns).await;
@@ -402,7 +417,7 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
         .request(
             Request::Restore {
                 backend: BackendKind::Vm,
-                snapshot_dir: snap,
+                snapshot_dir: snap.clone(),
                 mode: RestoreModeSpec::Lazy,
                 console: ConsoleSpec::File(s2.dir.join("console.log")),
                 vsock: None,
@@ -410,6 +425,7 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
                 own_overlay: None,
                 memory_backing: Default::default(),
                 net: net.clone(),
+                track_writes: true,
             },
             T,
         )
@@ -439,20 +455,94 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
             peak >> 20
         );
     }
-    // Paused again while lazily restored (the loader finishes under its
-    // filter).
+    // Paused again while lazily restored, incrementally: a child layer
+    // over snapshot-1 (the loader needs not finish: a page never fetched
+    // was not written).
+    let snap2 = s2.dir.join("snapshot-2");
     let r = s2
         .worker
         .request(
             Request::Pause {
-                snapshot_dir: s2.dir.join("snapshot-2"),
+                snapshot_dir: snap2.clone(),
+                incremental: true,
             },
             T,
         )
         .await
         .unwrap();
-    assert!(matches!(r, Reply::Paused { .. }), "{r:?}");
+    let Reply::Paused {
+        guest: Some(before2),
+        ..
+    } = r
+    else {
+        panic!("incremental pause: {r:?}");
+    };
     s2.worker.wait_exit().await;
+    let chain = stasis::snapshot::layers::ChainFile::read(&snap2)
+        .unwrap()
+        .expect("the second pause wrote a child layer");
+    assert_eq!(chain.parents.len(), 1);
+    assert_eq!(chain.parents[0].name, "snapshot-1");
+
+    // The child resumes in a third jail that sees its parent read-only.
+    let s3 = spawn_ro(&j, &root, name, None, netns, vec![snap.clone()]).await;
+    let r = s3
+        .worker
+        .request(
+            Request::Restore {
+                backend: BackendKind::Vm,
+                snapshot_dir: snap2,
+                mode: RestoreModeSpec::Lazy,
+                console: ConsoleSpec::File(s3.dir.join("console.log")),
+                vsock: None,
+                disk_base: None,
+                own_overlay: None,
+                memory_backing: Default::default(),
+                net: net.clone(),
+                track_writes: true,
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Running { .. }), "{r:?}");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match s3.worker.request(Request::Status, T).await.unwrap() {
+            Reply::Status {
+                alive: true,
+                guest: Some(g),
+                ..
+            } if g.round > before2.round => break,
+            Reply::Status { alive: true, .. } => {}
+            other => panic!("guest resumed from the chain not running: {other:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress after resuming the chain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let parent_write = probe(
+        &s3.worker,
+        &format!("write:{}", snap.join("probe.txt").display()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        parent_write.contains("Read-only file system"),
+        "the parent layer is writable in the jail: {parent_write}"
+    );
+    let own_write = probe(
+        &s3.worker,
+        &format!("write:{}", s3.dir.join("probe.txt").display()),
+    )
+    .await
+    .unwrap();
+    assert!(own_write.starts_with("ok"), "{own_write}");
+    let r = s3.worker.request(Request::Shutdown, T).await.unwrap();
+    assert!(matches!(r, Reply::ShuttingDown), "{r:?}");
+    s3.worker.wait_exit().await;
     common::wait_for(T, "the uids to be freed", || j.uids().in_use() == 0);
     finish(&root);
 }

@@ -257,6 +257,20 @@ struct Rec {
     /// The template snapshot it was created from ([`warm`]; not kept
     /// across a server restart).
     warm_snapshot: Option<String>,
+    /// The last pause's layer (VM backend): chain length and bytes.
+    last_layer: Option<LayerFacts>,
+}
+
+/// What a pause's snapshot generation is made of (see
+/// [`Manager::generation_facts`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct LayerFacts {
+    /// Memory layers: 1 (full) + parents.
+    layers: usize,
+    /// Its own directory's allocated bytes.
+    bytes: u64,
+    /// Page bytes its memory layer stores (VM backend).
+    memory_bytes: Option<u64>,
 }
 
 /// An asynchronous pause's snapshot write (`{"sync": false}`): the sandbox
@@ -500,6 +514,51 @@ impl Manager {
         self.sandbox_dir(id).join(format!("snapshot-{gen}"))
     }
 
+    /// Whether pauses of VM sandboxes resumed from their own snapshot write
+    /// only the pages changed since (a child layer over the generation
+    /// resumed from). Not with `--snapshot-store`: the bucket upload ships
+    /// one generation as a whole, so every pause then writes a full layer.
+    fn incremental_pauses(&self) -> bool {
+        self.cfg.backend == BackendKind::Vm && self.cfg.snapshot_upload.is_none()
+    }
+
+    /// The directories of generation `gen`'s layer chain: its own, then its
+    /// parents' (nearest first) as its `layers.bin` names them. Only
+    /// sibling `snapshot-<n>` directories count (the file is written by a
+    /// worker: untrusted); an unreadable chain file yields the generation
+    /// alone (its resume then fails, naming the reason).
+    fn chain_dirs(&self, id: &str, gen: u64) -> Vec<PathBuf> {
+        chain_dirs_of(&self.snapshot_dir(id, gen))
+    }
+
+    /// Chain usage (what quotas count) and the facts of generation `gen`'s
+    /// own layer. Blocking: reads the directory and `state.bin`.
+    fn generation_facts(&self, id: &str, gen: u64) -> (DirUsage, LayerFacts) {
+        facts_of(
+            &self.chain_dirs(id, gen),
+            self.cfg.backend == BackendKind::Vm,
+        )
+    }
+
+    /// Deletes every snapshot generation of `id` except `gen`'s chain
+    /// (replaced generations, half-written ones, parents no longer named).
+    async fn prune_generations(&self, id: &str, gen: u64) {
+        let keep = self.chain_dirs(id, gen);
+        let dir = self.sandbox_dir(id);
+        let _ = tokio::task::spawn_blocking(move || prune_snapshots(&dir, &keep)).await;
+    }
+
+    /// [`Self::generation_facts`] off the async runtime.
+    async fn facts_blocking(&self, id: &str, gen: u64) -> (DirUsage, LayerFacts) {
+        let (dirs, vm) = (
+            self.chain_dirs(id, gen),
+            self.cfg.backend == BackendKind::Vm,
+        );
+        tokio::task::spawn_blocking(move || facts_of(&dirs, vm))
+            .await
+            .unwrap_or_default()
+    }
+
     fn vsock_path(&self, id: &str) -> PathBuf {
         self.sandbox_dir(id).join(VSOCK_SOCKET)
     }
@@ -576,19 +635,20 @@ impl Manager {
                 self.tombstone(&row.id, why);
                 continue;
             }
-            // Drop snapshot leftovers (older generations, half-written ones).
-            let current = format!("snapshot-{}", row.snapshot_gen);
-            if let Ok(rd) = std::fs::read_dir(self.sandbox_dir(&row.id)) {
-                for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with("snapshot-") && name != current {
-                        let _ = std::fs::remove_dir_all(e.path());
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
-            let dir = self.snapshot_dir(&row.id, row.snapshot_gen);
-            let snapshot_usage = dir.is_dir().then(|| dir_usage(&dir));
+            // Drop snapshot leftovers (older generations, half-written
+            // ones): exactly the current generation's chain stays.
+            prune_snapshots(
+                &self.sandbox_dir(&row.id),
+                &self.chain_dirs(&row.id, row.snapshot_gen),
+            );
+            // (Adopted in a pool, the snapshot may still be in the bucket.)
+            let (snapshot_usage, last_layer) =
+                if self.snapshot_dir(&row.id, row.snapshot_gen).is_dir() {
+                    let (usage, facts) = self.generation_facts(&row.id, row.snapshot_gen);
+                    (Some(usage), Some(facts))
+                } else {
+                    (None, None)
+                };
             tracing::info!(sandbox = %row.id, "recovered paused sandbox");
             // A backlog survives a restart: every paused sandbox is queued
             // again (what the bucket holds costs a HEAD per chunk).
@@ -596,7 +656,7 @@ impl Manager {
                 self.queue_upload(&row.id, row.snapshot_gen);
             }
             kept.insert(row.id.clone());
-            let entry = paused_entry(row, snapshot_usage);
+            let entry = paused_entry(row, snapshot_usage, last_layer);
             self.map().insert(entry.id.clone(), entry);
         }
         // Directories no row refers to.
@@ -1365,6 +1425,9 @@ impl Manager {
                 // snapshots of networked sandboxes are not cloned with a
                 // network yet (README, Snapshots and clones).
                 net: None,
+                // Restored from a shared snapshot elsewhere: its first
+                // pause writes a full layer.
+                track_writes: false,
             },
         };
         let (guest_round, memory_backing) = match worker.request(req_boot, BOOT_TIMEOUT).await {
@@ -1499,6 +1562,7 @@ impl Manager {
                 agent_error: None,
                 memory_backing,
                 warm_snapshot: warm_snapshot.clone(),
+                last_layer: None,
             }),
         });
         self.map().insert(id.clone(), entry.clone());
@@ -1525,6 +1589,7 @@ impl Manager {
         };
         let memory_backing = e.rec().memory_backing;
         let warm_snapshot = e.rec().warm_snapshot.clone();
+        let last_layer = e.rec().last_layer;
         let mut guest_round = row.guest_round;
         let writing = self.write_job(id).is_some();
         if row.state == RowState::Paused && !writing {
@@ -1614,6 +1679,9 @@ impl Manager {
                     .filter(|_| !running),
                 warm_snapshot,
                 host: self.in_pool().then(|| self.host_id().to_string()),
+                snapshot_layers: last_layer.map(|l| l.layers),
+                last_pause_bytes: last_layer.map(|l| l.bytes),
+                last_pause_memory_bytes: last_layer.and_then(|l| l.memory_bytes),
             },
         })
     }
@@ -1724,17 +1792,19 @@ impl Manager {
 
     /// Under the op lock, state running: snapshot and stop the worker.
     async fn do_pause(&self, e: &Entry) -> Result<(), ApiError> {
-        self.do_pause_mode(e, false).await.map(|_| ())
+        self.do_pause_mode(e, false, false).await.map(|_| ())
     }
 
     /// [`Self::do_pause`]; with `background`, the worker answers once the VM
     /// is stopped and captured and writes the snapshot in the background:
     /// the sandbox is then paused (not durable yet) and the write's job is
-    /// returned (the fake backend writes at once: none).
+    /// returned (the fake backend writes at once: none). With `full`, the
+    /// snapshot is a full layer even where pauses are incremental.
     async fn do_pause_mode(
         &self,
         e: &Entry,
         background: bool,
+        full: bool,
     ) -> Result<Option<Arc<WriteJob>>, ApiError> {
         self.check_pause_quota(&e.id)?;
         let (worker, gen) = {
@@ -1752,13 +1822,16 @@ impl Manager {
         };
         let dir = self.snapshot_dir(&e.id, gen);
         let started = std::time::Instant::now();
+        let incremental = self.incremental_pauses() && !full;
         let req = if background {
             Request::PauseBackground {
                 snapshot_dir: dir.clone(),
+                incremental,
             }
         } else {
             Request::Pause {
                 snapshot_dir: dir.clone(),
+                incremental,
             }
         };
         let res = if super::fault("pause") {
@@ -1832,14 +1905,13 @@ impl Manager {
                 } else {
                     self.put_row(row.clone()).await
                 };
-                let usage_dir = dir.clone();
-                let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
-                    .await
-                    .unwrap_or_default();
+                let (usage, facts) = self.facts_blocking(&e.id, gen).await;
                 // The previous snapshot goes only once the new one is on
                 // record: if saving failed, the stored row still names it.
+                // An incremental pause keeps it (and its parents): the new
+                // generation's chain names them.
                 if old > 0 && saved.is_ok() {
-                    let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, old)).await;
+                    self.prune_generations(&e.id, gen).await;
                 }
                 if saved.is_err() {
                     e.rec().unsaved = true;
@@ -1856,6 +1928,7 @@ impl Manager {
                     r.row = row;
                     r.busy = None;
                     r.snapshot_usage = Some(usage);
+                    r.last_layer = Some(facts);
                 }
                 self.timer.notify_one();
                 let uploaded = self.remote_upload(&e.id, gen).await;
@@ -1863,6 +1936,8 @@ impl Manager {
                     sandbox = %e.id,
                     snapshot_bytes,
                     apparent_bytes = usage.apparent,
+                    layers = facts.layers,
+                    layer_bytes = facts.bytes,
                     ms = started.elapsed().as_millis() as u64,
                     "sandbox paused"
                 );
@@ -1937,7 +2012,7 @@ impl Manager {
                 "sandbox {id} is already paused"
             )));
         }
-        if let Some(job) = self.do_pause_mode(&e, !sync).await? {
+        if let Some(job) = self.do_pause_mode(&e, !sync, false).await? {
             self.watch_write(e.clone(), job);
         }
         Ok(())
@@ -2006,19 +2081,17 @@ impl Manager {
                 } else {
                     self.put_row(row).await
                 };
-                let usage_dir = self.snapshot_dir(&e.id, job.gen);
-                let usage = tokio::task::spawn_blocking(move || dir_usage(&usage_dir))
-                    .await
-                    .unwrap_or_default();
+                let (usage, facts) = self.facts_blocking(&e.id, job.gen).await;
                 // As in a synchronous pause: the previous snapshot goes only
-                // once the new one is on record.
+                // once the new one is on record (its chain stays).
                 if job.old_gen > 0 && saved.is_ok() {
-                    let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
+                    self.prune_generations(&e.id, job.gen).await;
                 }
                 if saved.is_err() {
                     e.rec().unsaved = true;
                 }
                 e.rec().snapshot_usage = Some(usage);
+                e.rec().last_layer = Some(facts);
                 self.take_write(&e.id);
                 self.timer.notify_one();
                 let _ = self.remote_upload(&e.id, job.gen).await;
@@ -2092,7 +2165,7 @@ impl Manager {
             row.guest_round = Some(g.round);
         }
         if written && job.old_gen > 0 {
-            let _ = tokio::fs::remove_dir_all(self.snapshot_dir(&e.id, job.old_gen)).await;
+            self.prune_generations(&e.id, job.gen).await;
         }
         if let Err(err) = self.put_row(row.clone()).await {
             tracing::warn!(sandbox = %e.id, "storing the resumed sandbox failed: {}", err.message);
@@ -2163,10 +2236,19 @@ impl Manager {
             Ok(n) => n,
             Err(err) => return Err(fail(err.message)),
         };
+        // A jailed worker sees the parent layers of an incremental
+        // snapshot read-only (they are siblings in its writable sandbox
+        // directory; its own generation stays writable: its disk overlay
+        // is used in place).
+        let ro: Vec<PathBuf> = disk_base
+            .iter()
+            .cloned()
+            .chain(self.chain_dirs(&e.id, gen).into_iter().skip(1))
+            .collect();
         let worker = match self
             .spawn_worker(
                 &e.id,
-                disk_base.iter().cloned().collect(),
+                ro,
                 mem_bytes,
                 vcpus,
                 net.as_ref().map(|n| n.netns.clone()),
@@ -2208,6 +2290,8 @@ impl Manager {
             own_overlay: None,
             memory_backing: self.cfg.memory_backing,
             net,
+            // The next pause writes only what changed since this resume.
+            track_writes: self.incremental_pauses(),
         };
         let (guest, memory_backing) = match worker.request(req, RESTORE_TIMEOUT).await {
             Ok(Reply::Running {
@@ -2684,11 +2768,67 @@ impl Manager {
     }
 }
 
-/// Kills a worker left over from a previous server, if that pid still is
-/// one of our workers for `id` (checked through its command line).
+/// The chain of the snapshot generation in `dir`: `dir`, then its
+/// parents' directories, nearest first, as its `layers.bin` names them;
+/// only sibling `snapshot-<n>` directories (see [`Manager::chain_dirs`]).
+fn chain_dirs_of(dir: &std::path::Path) -> Vec<PathBuf> {
+    use crate::snapshot::layers::ChainFile;
+    let mut out = vec![dir.to_owned()];
+    if let Ok(Some(c)) = ChainFile::read(dir) {
+        if let Ok(parents) = c.parent_dirs(dir) {
+            out.extend(parents.into_iter().filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("snapshot-"))
+                    .is_some_and(|g| g.parse::<u64>().is_ok())
+            }));
+        }
+    }
+    out
+}
+
+/// Chain usage and own-layer facts of the generation whose chain is `dirs`
+/// (its own directory first). Blocking.
+fn facts_of(dirs: &[PathBuf], vm: bool) -> (DirUsage, LayerFacts) {
+    let own = dirs.first().map(|d| dir_usage(d)).unwrap_or_default();
+    let usage = dirs.iter().skip(1).fold(own, |u, d| u + dir_usage(d));
+    let memory_bytes = match dirs.first() {
+        Some(d) if vm => crate::snapshot::SnapshotDir::open(d)
+            .and_then(|d| d.load_state::<crate::vmm::VmState>())
+            .ok()
+            .map(|st| st.memory.bytes_stored),
+        _ => None,
+    };
+    let facts = LayerFacts {
+        layers: dirs.len(),
+        bytes: own.allocated,
+        memory_bytes,
+    };
+    (usage, facts)
+}
+
+/// Removes every `snapshot-*` entry of the sandbox directory `dir` that is
+/// not in `keep`. Blocking.
+fn prune_snapshots(dir: &std::path::Path, keep: &[PathBuf]) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snapshot-") && !keep.iter().any(|k| k == &e.path()) {
+            let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// The entry of a paused sandbox that no worker holds (recovered at start,
 /// or adopted from a host of the pool that is gone).
-fn paused_entry(row: Row, snapshot_usage: Option<DirUsage>) -> Arc<Entry> {
+fn paused_entry(
+    row: Row,
+    snapshot_usage: Option<DirUsage>,
+    last_layer: Option<LayerFacts>,
+) -> Arc<Entry> {
     Arc::new(Entry {
         id: row.id.clone(),
         op: tokio::sync::Mutex::new(()),
@@ -2706,10 +2846,13 @@ fn paused_entry(row: Row, snapshot_usage: Option<DirUsage>) -> Arc<Entry> {
             agent_error: None,
             memory_backing: None,
             warm_snapshot: None,
+            last_layer,
         }),
     })
 }
 
+/// Kills a worker left over from a previous server, if that pid still is
+/// one of our workers for `id` (checked through its command line).
 fn kill_stale_worker(pid: u32, id: &str) {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return;
@@ -2813,8 +2956,15 @@ impl Manager {
             (r.row.state == RowState::Running, r.row.end_ms)
         };
         let started = std::time::Instant::now();
+        // The store takes whole snapshots: a running sandbox pauses into a
+        // full layer; a paused one whose snapshot is an incremental layer
+        // (its parents are siblings in its sandbox directory) is resumed
+        // briefly and paused into a full one first.
         if was_running {
-            self.do_pause(&e).await?;
+            self.do_pause_mode(&e, false, true).await?;
+        } else if self.chain_dirs(id, e.rec().row.snapshot_gen).len() > 1 {
+            self.do_resume(&e, self.cfg.default_timeout_s).await?;
+            self.do_pause_mode(&e, false, true).await?;
         }
         let gen = {
             let mut r = e.rec();
@@ -3086,5 +3236,81 @@ impl Manager {
             "snapshotTemplateId": snap.snapshot_id,
             "failed": failed.iter().map(|f| f.message.as_str()).collect::<Vec<_>>(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::snapshot::layers::{ChainFile, ParentRef};
+
+    fn parent(name: &str) -> ParentRef {
+        ParentRef {
+            name: name.into(),
+            state_crc: 0,
+            bytes_stored: 0,
+        }
+    }
+
+    /// Exactly the current generation's chain survives a prune; a chain
+    /// file naming something other than a sibling generation keeps nothing
+    /// else.
+    #[test]
+    fn prune_keeps_exactly_the_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sb = tmp.path();
+        for d in [
+            "snapshot-1",
+            "snapshot-2",
+            "snapshot-3",
+            "snapshot-4.tmp-9-0",
+        ] {
+            std::fs::create_dir(sb.join(d)).unwrap();
+        }
+        std::fs::write(sb.join("vsock.sock"), b"").unwrap();
+        ChainFile {
+            parents: vec![parent("snapshot-2"), parent("snapshot-1")],
+            ..ChainFile::default()
+        }
+        .write(&sb.join("snapshot-3"))
+        .unwrap();
+        let chain = chain_dirs_of(&sb.join("snapshot-3"));
+        assert_eq!(
+            chain,
+            vec![
+                sb.join("snapshot-3"),
+                sb.join("snapshot-2"),
+                sb.join("snapshot-1")
+            ]
+        );
+        let (usage, facts) = facts_of(&chain, false);
+        assert_eq!(facts.layers, 3);
+        assert!(usage.allocated >= facts.bytes);
+        prune_snapshots(sb, &chain);
+        let mut left: Vec<String> = std::fs::read_dir(sb)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["snapshot-1", "snapshot-2", "snapshot-3", "vsock.sock"]
+        );
+
+        // A chain naming a non-generation sibling: only the generation.
+        std::fs::remove_file(sb.join("snapshot-3").join("layers.bin")).unwrap();
+        ChainFile {
+            parents: vec![parent("vsock.sock")],
+            ..ChainFile::default()
+        }
+        .write(&sb.join("snapshot-3"))
+        .unwrap();
+        assert_eq!(
+            chain_dirs_of(&sb.join("snapshot-3")),
+            vec![sb.join("snapshot-3")]
+        );
+        prune_snapshots(sb, &chain_dirs_of(&sb.join("snapshot-3")));
+        assert!(!sb.join("snapshot-1").exists() && sb.join("vsock.sock").exists());
     }
 }

@@ -362,7 +362,7 @@ impl Manager {
                 tracing::warn!(sandbox = %id, "reading its network settings failed: {}", e.message)
             }
         }
-        let entry = paused_entry(row, None);
+        let entry = paused_entry(row, None, None);
         self.map().entry(id.clone()).or_insert(entry);
         tracing::info!(sandbox = %id, from = ?from, "adopted a paused sandbox of a host that is gone (its snapshot is in the bucket)");
         Ok(())

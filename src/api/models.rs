@@ -202,7 +202,8 @@ pub struct StasisOut {
     pub created_at: String,
     /// While paused: bytes the current snapshot's files take on disk
     /// (allocated blocks, `st_blocks` × 512; holes in the sparse memory file
-    /// cost nothing).
+    /// cost nothing), its parent layers included (an incremental pause's
+    /// chain; what `--max-snapshot-bytes` counts).
     pub snapshot_bytes: Option<u64>,
     /// While paused: the apparent size of the snapshot's files (sum of
     /// their lengths; the memory file counts as the guest's whole RAM).
@@ -234,6 +235,19 @@ pub struct StasisOut {
     /// call, perhaps forwarded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Memory layers of the last pause's snapshot: 1 for a full snapshot,
+    /// 1 + its parents for an incremental one (VM backend; absent before
+    /// the first pause).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_layers: Option<usize>,
+    /// Bytes the last pause wrote: its own layer's files on disk
+    /// (allocated blocks; parents not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_pause_bytes: Option<u64>,
+    /// Bytes of guest memory pages the last pause's layer stores (the
+    /// snapshot's own accounting, `state.bin`; VM backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_pause_memory_bytes: Option<u64>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC

@@ -83,7 +83,10 @@ pub fn document() -> Value {
                         "pausedAtRound": { "type": "integer", "nullable": true, "description": "the round the worker read from the stopped guest at its last pause" },
                         "workerPid": { "type": "integer", "nullable": true },
                         "createdAt": { "type": "string", "format": "date-time" },
-                        "snapshotBytes": { "type": "integer", "nullable": true, "description": "while paused: bytes allocated on disk to the snapshot's files (st_blocks * 512; holes in the sparse memory file cost nothing)" },
+                        "snapshotBytes": { "type": "integer", "nullable": true, "description": "while paused: bytes allocated on disk to the snapshot's files (st_blocks * 512; holes in the sparse memory file cost nothing), its parent layers included" },
+                        "snapshotLayers": { "type": "integer", "description": "memory layers of the last pause's snapshot: 1 full, 1 + parents for an incremental pause" },
+                        "lastPauseBytes": { "type": "integer", "description": "bytes allocated on disk to the last pause's own layer" },
+                        "lastPauseMemoryBytes": { "type": "integer", "description": "guest memory page bytes the last pause's layer stores (VM backend)" },
                         "snapshotApparentBytes": { "type": "integer", "nullable": true, "description": "while paused: the apparent size of the snapshot's files (sum of their lengths)" },
                         "busy": { "type": "string", "nullable": true } } } } } ] }
             }

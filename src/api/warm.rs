@@ -413,6 +413,7 @@ impl Manager {
                 .request(
                     Request::Pause {
                         snapshot_dir: snap.clone(),
+                        incremental: false,
                     },
                     PAUSE_TIMEOUT,
                 )

@@ -9,8 +9,10 @@
  *
  *   cmdline  stasis.mib=N stasis.rounds=R stasis.seed=S stasis.report=K
  *            stasis.base=B (MiB; where the work memory starts, default 16)
+ *            stasis.hot=H (MiB; rounds touch only the first H MiB of the work
+ *            memory, 0 = all of it, the default)
  *   fill     x = seed|1; for each qword i of the work memory: xorshift64(x); m[i] = x
- *   round r  (r = 1..R, R = 0: forever) for each page p:
+ *   round r  (r = 1..R, R = 0: forever) for each page p (p < H*256 if H > 0):
  *              j = p*512 + ((r*7 + p) & 511)
  *              v = m[j] * 0x9E3779B97F4A7C15 + r; m[j] = v
  *              acc = (acc ^ v) * 0x100000001B3
@@ -105,6 +107,7 @@ user_main:
         mov     qword ptr [rip + p_seed], 1
         mov     qword ptr [rip + p_report], 1
         mov     qword ptr [rip + p_base], 16
+        mov     qword ptr [rip + p_hot], 0
 
         mov     esi, dword ptr [r15 + 0x228]   /* cmd_line_ptr */
         test    esi, esi
@@ -123,6 +126,9 @@ user_main:
         call    find_param
         lea     rdi, [rip + k_base]
         lea     rbx, [rip + p_base]
+        call    find_param
+        lea     rdi, [rip + k_hot]
+        lea     rbx, [rip + p_hot]
         call    find_param
 parsed:
         lea     rsi, [rip + s_hello]
@@ -225,6 +231,12 @@ fill_q:
         mov     r11, FNV_PRIME
         mov     r9, GOLDEN
         xor     ebp, ebp                /* r: completed rounds */
+        mov     r14, [rip + p_hot]
+        shl     r14, 8                  /* pages a round touches */
+        test    r14, r14
+        jnz     hot_set
+        mov     r14, -1                 /* all of them */
+hot_set:
 round_loop:
         mov     rax, [rip + p_rounds]
         test    rax, rax
@@ -252,12 +264,15 @@ rpage:
         xor     r10, rdx
         imul    r10, r11
         inc     r8
+        cmp     r8, r14
+        jae     round_pub
         add     rsi, 4096
         dec     rcx
         jnz     rpage
         add     r12, 16
         dec     r13
         jnz     rseg
+round_pub:
         /* publish progress: acc first, then the round */
         mov     [STATUS + 16], r10
         mov     [STATUS + 8], rbp
@@ -425,6 +440,7 @@ k_rounds:   .asciz "stasis.rounds="
 k_seed:     .asciz "stasis.seed="
 k_report:   .asciz "stasis.report="
 k_base:     .asciz "stasis.base="
+k_hot:      .asciz "stasis.hot="
 s_hello:    .asciz "stasis-testguest: mib="
 s_rounds:   .asciz " rounds="
 s_seed:     .asciz " seed="
@@ -439,6 +455,7 @@ p_rounds:   .quad 0
 p_seed:     .quad 0
 p_report:   .quad 0
 p_base:     .quad 0
+p_hot:      .quad 0
 nsegs:      .quad 0
 
         .bss

@@ -5,12 +5,22 @@
 //! A child snapshot directory is an ordinary snapshot (`state.bin`,
 //! `memory.bin`, the disk overlay) plus `layers.bin`: the
 //! [`format`](super::format) container (magic, version, length, CRC-64)
-//! around a [`ChainFile`], the parent layers **nearest first**, each with
-//! its directory and the CRC-64 of its `state.bin` (the parent's identity:
+//! around a [`ChainFile`] (its own version, [`CHAIN_VERSION`]), the parent
+//! layers **nearest first**, each with its directory's name and the CRC-64
+//! of its `state.bin` (the parent's identity:
 //! a parent replaced, rewritten or damaged since the child was written is a
 //! clear error naming it, never a resume from other pages). The chain is
 //! flattened: a child lists its parent and all of the parent's parents, so
 //! a resume reads one `layers.bin`.
+//!
+//! **Parents are siblings**: `layers.bin` is read from disk, so it is
+//! untrusted; it names each parent by a plain directory name (such as
+//! `snapshot-3`), resolved against the child's own parent directory. A
+//! name with a `/`, `.` or `..`, or empty, is refused
+//! ([`ParentRef::resolve`]): a chain can never make a resume read a file
+//! outside the directory that holds the child. A whole chain therefore
+//! lives in one directory (the API keeps a sandbox's generations side by
+//! side in its sandbox directory) and moves with it.
 //!
 //! In the child's own memory metadata, `present` are the pages this layer
 //! stores; every other page comes from the nearest parent that has it, or
@@ -44,6 +54,9 @@ use super::{format, SnapshotDir, STATE_FILE};
 
 /// Name of the chain file inside a child snapshot directory.
 pub const LAYERS_FILE: &str = "layers.bin";
+/// Version of the [`ChainFile`] body. 2: parents are sibling directory
+/// names (version 1 recorded absolute paths, no longer accepted).
+pub const CHAIN_VERSION: u32 = 2;
 /// Most parent layers a snapshot may have; a pause that would exceed it
 /// writes a full layer.
 pub const MAX_CHAIN_DEPTH: usize = 4;
@@ -92,19 +105,70 @@ pub enum Error {
 /// A parent layer as a child records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {
-    /// The parent snapshot's directory.
-    pub dir: PathBuf,
+    /// The parent snapshot directory's name: a sibling of the child's
+    /// directory (see [`ParentRef::resolve`]).
+    pub name: String,
     /// CRC-64/XZ of the parent's `state.bin`: its identity.
     pub state_crc: u64,
     /// Bytes of page data the parent's own layer stores.
     pub bytes_stored: u64,
 }
 
+impl ParentRef {
+    /// The parent's directory for the child snapshot in `child`: the
+    /// sibling named [`ParentRef::name`]. Refuses a name that is not one
+    /// plain path component (empty, `.`, `..`, with a `/` or a NUL).
+    pub fn resolve(&self, child: &Path) -> Result<PathBuf, String> {
+        let n = self.name.as_str();
+        if n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0') {
+            return Err(format!(
+                "parent layer name {n:?} is not a plain directory name (a chain names its parents as siblings)"
+            ));
+        }
+        let up = child
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Ok(up.join(n))
+    }
+
+    /// The record of the layer in directory `dir` as a parent of a child
+    /// written beside it: its name, identity and own bytes.
+    pub fn of(dir: &Path, bytes_stored: u64) -> std::io::Result<ParentRef> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{}: not a snapshot directory name", dir.display()),
+                )
+            })?
+            .to_owned();
+        Ok(ParentRef {
+            name,
+            state_crc: state_crc(dir)?,
+            bytes_stored,
+        })
+    }
+}
+
 /// The body of `layers.bin`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainFile {
+    /// [`CHAIN_VERSION`].
+    pub version: u32,
     /// Parent layers, nearest first.
     pub parents: Vec<ParentRef>,
+}
+
+impl Default for ChainFile {
+    fn default() -> Self {
+        ChainFile {
+            version: CHAIN_VERSION,
+            parents: Vec::new(),
+        }
+    }
 }
 
 impl ChainFile {
@@ -118,6 +182,15 @@ impl ChainFile {
             path: path.clone(),
             source,
         })?;
+        if c.version != CHAIN_VERSION {
+            return Err(Error::Chain {
+                child: dir.to_owned(),
+                reason: format!(
+                    "layers.bin version {}, this build reads version {CHAIN_VERSION}",
+                    c.version
+                ),
+            });
+        }
         if c.parents.len() > MAX_CHAIN_DEPTH {
             return Err(Error::Chain {
                 child: dir.to_owned(),
@@ -128,6 +201,19 @@ impl ChainFile {
             });
         }
         Ok(Some(c))
+    }
+
+    /// The parents' directories for the child in `dir`, nearest first.
+    pub fn parent_dirs(&self, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+        self.parents
+            .iter()
+            .map(|p| {
+                p.resolve(dir).map_err(|reason| Error::Chain {
+                    child: dir.to_owned(),
+                    reason,
+                })
+            })
+            .collect()
     }
 
     /// Writes `dir/layers.bin`.
@@ -409,17 +495,26 @@ pub fn open_chain(
         reason,
     };
     let cf = ChainFile::read(dir)?;
+    let dirs = match &cf {
+        Some(c) => c.parent_dirs(dir)?,
+        None => Vec::new(),
+    };
     let mut layers = vec![MemLayer::new(dir.to_owned(), top_file, top_meta)
         .map_err(|e| chain_err(crate::error_chain(&e)))?];
-    for (i, p) in cf.iter().flat_map(|c| c.parents.iter()).enumerate() {
+    for (i, (p, pdir)) in cf
+        .iter()
+        .flat_map(|c| c.parents.iter())
+        .zip(&dirs)
+        .enumerate()
+    {
         let bad = |reason: String| Error::Layer {
-            dir: p.dir.clone(),
+            dir: pdir.clone(),
             depth: i + 1,
             child: dir.to_owned(),
             reason,
         };
-        let snap = SnapshotDir::open(&p.dir).map_err(|e| bad(crate::error_chain(&e)))?;
-        let crc = state_crc(&p.dir).map_err(|e| bad(format!("reading state.bin: {e}")))?;
+        let snap = SnapshotDir::open(pdir).map_err(|e| bad(crate::error_chain(&e)))?;
+        let crc = state_crc(pdir).map_err(|e| bad(format!("reading state.bin: {e}")))?;
         if crc != p.state_crc {
             return Err(bad(format!(
                 "state.bin has CRC-64 {crc:#018x}, the child was written on {:#018x} (the layer was replaced or damaged)",
@@ -431,7 +526,7 @@ pub fn open_chain(
             .open_memory()
             .map_err(|e| bad(crate::error_chain(&e)))?;
         layers.push(
-            MemLayer::new(p.dir.clone(), file, meta).map_err(|e| bad(crate::error_chain(&e)))?,
+            MemLayer::new(pdir.clone(), file, meta).map_err(|e| bad(crate::error_chain(&e)))?,
         );
     }
     let chain = LayerChain::new(layers).map_err(|e| chain_err(crate::error_chain(&e)))?;
@@ -601,16 +696,17 @@ mod tests {
     fn chain_file_roundtrip_and_depth_limit() {
         let root = tempfile::tempdir().unwrap();
         let p = |i: u64| ParentRef {
-            dir: format!("/x/{i}").into(),
+            name: format!("snapshot-{i}"),
             state_crc: i,
             bytes_stored: 4096,
         };
         let c = ChainFile {
             parents: (0..MAX_CHAIN_DEPTH as u64).map(p).collect(),
+            ..ChainFile::default()
         };
         c.write(root.path()).unwrap();
         assert_eq!(ChainFile::read(root.path()).unwrap(), Some(c.clone()));
-        let mut deep = c;
+        let mut deep = c.clone();
         deep.parents.push(p(99));
         std::fs::remove_file(root.path().join(LAYERS_FILE)).unwrap();
         deep.write(root.path()).unwrap();
@@ -618,5 +714,46 @@ mod tests {
         assert!(e.contains("more than the limit"), "{e}");
         std::fs::write(root.path().join(LAYERS_FILE), b"garbage").unwrap();
         assert!(ChainFile::read(root.path()).is_err());
+        // Another version of the body is refused by number.
+        std::fs::remove_file(root.path().join(LAYERS_FILE)).unwrap();
+        let mut old = c.clone();
+        old.version = 1;
+        old.write(root.path()).unwrap();
+        let e = ChainFile::read(root.path()).unwrap_err().to_string();
+        assert!(e.contains("layers.bin version 1"), "{e}");
+    }
+
+    #[test]
+    fn parents_resolve_as_siblings_only() {
+        let child = Path::new("/data/sandboxes/x/snapshot-5");
+        let p = |n: &str| ParentRef {
+            name: n.into(),
+            state_crc: 0,
+            bytes_stored: 0,
+        };
+        assert_eq!(
+            p("snapshot-4").resolve(child).unwrap(),
+            Path::new("/data/sandboxes/x/snapshot-4")
+        );
+        for bad in ["", ".", "..", "/etc", "../y/snapshot-1", "a/b", "a\0b"] {
+            let e = p(bad).resolve(child).unwrap_err();
+            assert!(e.contains("not a plain directory name"), "{bad:?}: {e}");
+        }
+        // A chain file naming one is refused before any file is opened.
+        let root = tempfile::tempdir().unwrap();
+        let c = ChainFile {
+            parents: vec![p("../../etc")],
+            ..ChainFile::default()
+        };
+        let dir = root.path().join("snapshot-2");
+        std::fs::create_dir(&dir).unwrap();
+        c.write(&dir).unwrap();
+        let e = ChainFile::read(&dir)
+            .unwrap()
+            .unwrap()
+            .parent_dirs(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a plain directory name"), "{e}");
     }
 }

@@ -179,6 +179,9 @@ pub struct RestoreOpts {
 pub(crate) struct LayerParent {
     /// The parent and its own parents, nearest first.
     parents: Vec<ParentRef>,
+    /// The parent's directory: a child names its parents as siblings, so
+    /// it must be written beside it.
+    dir: std::path::PathBuf,
     /// Pages the parent chain stores.
     present: Arc<PageBitmap>,
 }
@@ -292,13 +295,16 @@ impl Vm {
         )
     }
 
-    /// The parent chain of an incremental snapshot taken now, or why a
-    /// full layer is written instead.
-    fn incremental_base(&self) -> Result<&LayerParent, &'static str> {
+    /// The parent chain of an incremental snapshot taken now into `to`, or
+    /// why a full layer is written instead.
+    fn incremental_base(&self, to: &Path) -> Result<&LayerParent, &'static str> {
         let parent = self
             .layer_parent
             .as_ref()
             .ok_or("the VM was not resumed from a snapshot with write tracking")?;
+        if to.parent() != parent.dir.parent() || to.file_name().is_none() {
+            return Err("the new snapshot is not written beside the one the VM was resumed from");
+        }
         // `parents` (the resumed layer and its own parents) become the
         // child's parents.
         if parent.parents.len() > layers::MAX_CHAIN_DEPTH {
@@ -318,7 +324,7 @@ impl Vm {
             incremental,
         } = opts;
         let base = if incremental {
-            match self.incremental_base() {
+            match self.incremental_base(dir) {
                 Ok(b) => Some((b.parents.clone(), b.present.clone())),
                 Err(why) => {
                     tracing::info!(dir = %dir.display(), "incremental pause: writing a full memory layer: {why}");
@@ -409,6 +415,7 @@ impl Vm {
         if let Some((parents, _)) = &base {
             ChainFile {
                 parents: parents.clone(),
+                ..ChainFile::default()
             }
             .write(tmp.path())
             .map_err(PersistError::from)?;
@@ -463,7 +470,7 @@ impl Vm {
             total: t0.elapsed(),
             parent: base
                 .as_ref()
-                .and_then(|b| b.0.first().map(|p| p.dir.clone())),
+                .and_then(|b| b.0.first().and_then(|p| p.resolve(dir).ok())),
             chain_depth: base.as_ref().map_or(0, |b| b.0.len()),
         })
     }
@@ -613,29 +620,30 @@ impl Vm {
             }
         };
         let layer_parent = if tracking {
-            let me = ParentRef {
-                dir: dir.to_owned(),
-                state_crc: layers::state_crc(dir).map_err(|e| {
-                    PersistError::Inconsistent(format!(
-                        "reading {}: {e}",
-                        snap.state_path().display()
-                    ))
-                })?,
-                bytes_stored: st.memory.bytes_stored,
+            let me = ParentRef::of(dir, st.memory.bytes_stored).map_err(|e| {
+                PersistError::Inconsistent(format!("reading {}: {e}", snap.state_path().display()))
+            })?;
+            let (older, older_dirs) = match chain_file {
+                Some(c) => {
+                    let dirs = c.parent_dirs(dir).map_err(PersistError::from)?;
+                    (c.parents, dirs)
+                }
+                None => (Vec::new(), Vec::new()),
             };
             let mut parents = vec![me];
-            parents.extend(chain_file.map(|c| c.parents).unwrap_or_default());
+            parents.extend(older);
             // Pages the chain stores: the union over every layer, rebuilt
             // from the metadata (the chain itself went to the loader).
             let mut present = st.memory.present.clone();
-            for p in &parents[1..] {
-                let m: VmState = SnapshotDir::open(&p.dir)
+            for d in &older_dirs {
+                let m: VmState = SnapshotDir::open(d)
                     .and_then(|d| d.load_state())
                     .map_err(PersistError::from)?;
                 present = present.or(&m.memory.present).unwrap_or(present);
             }
             Some(LayerParent {
                 parents,
+                dir: dir.to_owned(),
                 present: Arc::new(present),
             })
         } else {

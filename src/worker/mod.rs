@@ -75,6 +75,32 @@ fn fault_hold_pause_write(cancel: &AtomicBool, snapshot_dir: &Path) {
     }
 }
 
+/// `STASIS_FAULT=fail-pause-write:NAME` makes a snapshot write fail (as
+/// a full disk would: stopped after it started, nothing committed) while
+/// the file NAME exists; a relative NAME is in the sandbox's directory, as
+/// for `hold-pause-write`. Unset in production.
+const FAULT_FAIL_PAUSE_WRITE: &str = "fail-pause-write:";
+
+/// The cancel flag, already set, that makes the write into `snapshot_dir`
+/// fail, if [`FAULT_FAIL_PAUSE_WRITE`] says so.
+pub(crate) fn fault_fail_pause_write(snapshot_dir: &Path) -> Option<Arc<AtomicBool>> {
+    let name = std::env::var(FAULT_ENV)
+        .ok()
+        .and_then(|v| v.strip_prefix(FAULT_FAIL_PAUSE_WRITE).map(PathBuf::from))?;
+    let path = match snapshot_dir.parent() {
+        Some(sandbox) if name.is_relative() => sandbox.join(name),
+        _ => name,
+    };
+    if !path.exists() {
+        return None;
+    }
+    eprintln!(
+        "stasis worker: {FAULT_ENV}: failing the snapshot write into {} (injected fault)",
+        snapshot_dir.display()
+    );
+    Some(Arc::new(AtomicBool::new(true)))
+}
+
 /// A background write's outcome once it ended (bytes on disk, or why
 /// not), and the condition variable that announces it.
 type WriteDone = (Mutex<Option<Result<u64, String>>>, std::sync::Condvar);
@@ -432,6 +458,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
             own_overlay,
             memory_backing,
             net,
+            track_writes,
         } => {
             let mut slot = lock(vm);
             if slot.is_some() {
@@ -453,6 +480,7 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 &console,
                 paths,
                 memory_backing,
+                track_writes,
             ) {
                 Ok(v) => {
                     let guest = v.guest();
@@ -469,11 +497,15 @@ fn handle(vm: &SharedVm, stopping: &AtomicBool, req: Request) -> (Reply, bool) {
                 Err(e) => (err(e), false),
             }
         }
-        Request::Pause { snapshot_dir } => {
+        Request::Pause {
+            snapshot_dir,
+            incremental,
+        } => {
             let mut slot = lock(vm);
             let Some(v) = slot.as_mut() else {
                 return (err(Error::Protocol("no vm to pause".into())), false);
             };
+            v.set_incremental(incremental);
             stopping.store(true, Ordering::Release);
             match v.pause_and_snapshot(&snapshot_dir) {
                 Ok(guest) => {
@@ -545,7 +577,10 @@ fn handle_background(
 ) -> (Reply, bool) {
     let err = |message: String| Reply::Error { message };
     match req {
-        Request::PauseBackground { snapshot_dir } => {
+        Request::PauseBackground {
+            snapshot_dir,
+            incremental,
+        } => {
             if bg.is_some() {
                 return (err("a pause is already in progress".into()), false);
             }
@@ -556,8 +591,16 @@ fn handle_background(
                 };
                 if !v.splits_pause() {
                     drop(slot);
-                    return handle(vm, stopping, Request::Pause { snapshot_dir });
+                    return handle(
+                        vm,
+                        stopping,
+                        Request::Pause {
+                            snapshot_dir,
+                            incremental,
+                        },
+                    );
                 }
+                v.set_incremental(incremental);
                 stopping.store(true, Ordering::Release);
                 match v.pause_vcpus() {
                     Ok(g) => g,
@@ -747,6 +790,7 @@ mod tests {
             4,
             Request::Pause {
                 snapshot_dir: tmp.path().join("s"),
+                incremental: false,
             },
         );
         assert_eq!(rep.id, 4);
@@ -783,6 +827,7 @@ mod tests {
             4,
             Request::PauseBackground {
                 snapshot_dir: dir.clone(),
+                incremental: true,
             },
         );
         assert!(matches!(rep.reply, Reply::Paused { snapshot_bytes, .. } if snapshot_bytes > 0));

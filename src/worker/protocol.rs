@@ -152,18 +152,35 @@ pub enum Request {
         /// network device.
         #[serde(default)]
         net: Option<crate::vmm::NetAttach>,
+        /// Track the guest's writes from the resume on (real VMs), so that
+        /// a later pause with `incremental` writes only the changed pages.
+        #[serde(default)]
+        track_writes: bool,
     },
     /// Pause and snapshot into `snapshot_dir` (which must not exist yet);
     /// reply [`Reply::Paused`], then exit. On failure the VM keeps running
     /// and the reply is [`Reply::Error`].
-    Pause { snapshot_dir: PathBuf },
+    Pause {
+        snapshot_dir: PathBuf,
+        /// Write a child memory layer over the snapshot the VM was resumed
+        /// from (its sibling directory) when it tracks writes and the chain
+        /// is within its depth limit; else (and always for a booted VM or
+        /// the fake backend) a full one.
+        #[serde(default)]
+        incremental: bool,
+    },
     /// Asynchronous pause: stop the vCPUs, capture the VM, reply
     /// [`Reply::PausedWriting`] at once and write the snapshot into
     /// `snapshot_dir` (which must not exist yet) on a background thread; the
     /// worker keeps the paused VM and its memory. A backend that cannot
     /// split the two (the fake) writes first and replies [`Reply::Paused`],
     /// then exits, exactly as for [`Request::Pause`].
-    PauseBackground { snapshot_dir: PathBuf },
+    PauseBackground {
+        snapshot_dir: PathBuf,
+        /// As for [`Request::Pause`].
+        #[serde(default)]
+        incremental: bool,
+    },
     /// After [`Reply::PausedWriting`]: reply [`Reply::Durable`] once the
     /// background write is durable (or [`Reply::Error`] if it failed or was
     /// abandoned). The worker stays: the server then sends

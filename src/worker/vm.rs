@@ -72,6 +72,9 @@ pub(crate) trait VmBackend: Send {
     fn resume_vcpus(&mut self) -> Result<(), Error> {
         Err(Error::Vm("this backend pauses only with a snapshot".into()))
     }
+    /// Whether the next snapshot may be an incremental layer (real VMs
+    /// resumed with write tracking; others always write full snapshots).
+    fn set_incremental(&mut self, _on: bool) {}
 }
 
 /// Boots a VM with the chosen backend.
@@ -101,6 +104,7 @@ pub(crate) fn restore(
         console,
         paths,
         crate::vmm::memory::MemoryBacking::Auto,
+        false,
     )
 }
 
@@ -108,7 +112,8 @@ pub(crate) fn restore(
 /// the given backing (the fake backend ignores it); with
 /// `paths.own_overlay`, from a reusable snapshot that is left untouched;
 /// with `paths.netns`, a saved network device's tap is opened there (real
-/// VMM only).
+/// VMM only); with `track_writes`, the guest's writes are tracked for an
+/// incremental pause (real VMM only).
 pub(crate) fn restore_backed(
     backend: BackendKind,
     dir: &Path,
@@ -116,13 +121,14 @@ pub(crate) fn restore_backed(
     console: &ConsoleSpec,
     paths: RestorePaths<'_>,
     backing: crate::vmm::memory::MemoryBacking,
+    track_writes: bool,
 ) -> Result<Box<dyn VmBackend>, Error> {
     match (backend, paths.own_overlay) {
         (BackendKind::Fake, None) => Ok(Box::new(FakeVm::restore(dir, paths.vsock)?)),
         (BackendKind::Fake, Some(_)) => {
             Ok(Box::new(FakeVm::restore_fork(dir, paths.vsock, console)?))
         }
-        (BackendKind::Vm, _) => real::restore(dir, mode, console, paths, backing),
+        (BackendKind::Vm, _) => real::restore(dir, mode, console, paths, backing, track_writes),
     }
 }
 
@@ -754,6 +760,8 @@ impl Drop for FakeVm {
 /// The real VMM.
 mod real {
     use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
     use super::{Error, GuestProgress, VmBackend};
     use crate::vmm;
@@ -761,6 +769,17 @@ mod real {
 
     struct RealVm {
         vm: vmm::Vm,
+        /// The next snapshot may be a child layer ([`VmBackend::set_incremental`]).
+        incremental: bool,
+    }
+
+    impl RealVm {
+        fn opts(&self, cancel: Option<Arc<AtomicBool>>, dir: &Path) -> vmm::SnapshotOpts {
+            vmm::SnapshotOpts {
+                cancel: super::super::fault_fail_pause_write(dir).or(cancel),
+                incremental: self.incremental,
+            }
+        }
     }
 
     fn console(c: &ConsoleSpec) -> vmm::Console {
@@ -791,13 +810,18 @@ mod real {
         };
         let vm = vmm::Vm::boot_with_net(vm_cfg, cfg.net.as_ref())
             .map_err(|e| Error::Vm(e.to_string()))?;
-        Ok(Box::new(RealVm { vm }))
+        Ok(Box::new(RealVm {
+            vm,
+            incremental: false,
+        }))
     }
 
     /// Reads the status page at [`crate::guest::STATUS_ADDR`] from the
-    /// snapshot's memory file, through the layout its `state.bin` records.
+    /// snapshot's memory, through the layout its `state.bin` records and
+    /// its chain of layers (an incremental snapshot may hold the page in a
+    /// parent layer), checked against the layer's page checksums.
     pub(super) fn snapshot_guest(dir: &Path) -> Option<GuestProgress> {
-        use std::os::unix::fs::FileExt;
+        use crate::snapshot::memfile::PAGE_SIZE;
         let snap = crate::snapshot::SnapshotDir::open(dir).ok()?;
         let st: vmm::VmState = snap.load_state().ok()?;
         let ranges = vmm::memory::ram_ranges(st.mem_bytes).ok()?;
@@ -813,7 +837,20 @@ mod real {
             })
             .map(|(&(gpa, _), &(off, _))| off + (addr - gpa))?;
         let file = snap.open_memory().ok()?;
-        file.read_exact_at(&mut page, file_offset).ok()?;
+        let (chain, _) = crate::snapshot::layers::open_chain(dir, file, st.memory.clone(), |d| {
+            d.load_state::<vmm::VmState>()
+                .map(|s| s.memory)
+                .map_err(|e| crate::error_chain(&e))
+        })
+        .ok()?;
+        let first = usize::try_from(file_offset).ok()? / PAGE_SIZE;
+        let within = usize::try_from(file_offset).ok()? % PAGE_SIZE;
+        // The 40 bytes may cross into the next page.
+        let pages = (within + page.len()).div_ceil(PAGE_SIZE);
+        let mut buf = vec![0u8; pages * PAGE_SIZE];
+        chain.read_verified(first, &mut buf, &mut Vec::new()).ok()?;
+        let n = page.len();
+        page.copy_from_slice(&buf[within..within + n]);
         crate::guest::GuestStatus::parse(&page).map(|g| GuestProgress {
             round: g.round,
             acc: g.acc,
@@ -826,6 +863,7 @@ mod real {
         c: &ConsoleSpec,
         paths: super::RestorePaths<'_>,
         backing: vmm::memory::MemoryBacking,
+        track_writes: bool,
     ) -> Result<Box<dyn VmBackend>, Error> {
         // The snapshot carries its disk (`disk.overlay` in `dir`, used in
         // place, over the template's base image named by the request); the
@@ -834,9 +872,20 @@ mod real {
             RestoreModeSpec::Eager => vmm::RestoreMode::Eager,
             RestoreModeSpec::Lazy => vmm::RestoreMode::Lazy,
         };
-        let (vm, _) = vmm::Vm::restore_backed(dir, mode, console(c), None, paths, backing)
-            .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
-        Ok(Box::new(RealVm { vm }))
+        let (vm, _) = vmm::Vm::restore_opts(
+            dir,
+            mode,
+            console(c),
+            None,
+            paths,
+            backing,
+            vmm::RestoreOpts { track_writes },
+        )
+        .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
+        Ok(Box::new(RealVm {
+            vm,
+            incremental: false,
+        }))
     }
 
     impl VmBackend for RealVm {
@@ -845,7 +894,8 @@ mod real {
                 .pause()
                 .map_err(|e| Error::Vm(format!("pause: {e}")))?;
             let guest = self.guest();
-            if let Err(e) = self.vm.snapshot(dir) {
+            let opts = self.opts(None, dir);
+            if let Err(e) = self.vm.snapshot_with(dir, opts) {
                 let resumed = self.vm.resume();
                 return Err(Error::Vm(match resumed {
                     Ok(()) => format!("snapshot: {e}"),
@@ -890,10 +940,15 @@ mod real {
             dir: &Path,
             cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
         ) -> Result<(), Error> {
+            let opts = self.opts(Some(cancel), dir);
             self.vm
-                .snapshot_cancellable(dir, Some(cancel))
+                .snapshot_with(dir, opts)
                 .map(|_| ())
                 .map_err(|e| Error::Vm(format!("snapshot: {e}")))
+        }
+
+        fn set_incremental(&mut self, on: bool) {
+            self.incremental = on;
         }
 
         fn resume_vcpus(&mut self) -> Result<(), Error> {

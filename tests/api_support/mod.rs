@@ -339,16 +339,46 @@ pub fn list_all(s: &Server, query: &str, limit: usize) -> (Vec<Value>, usize) {
 }
 
 /// The directory of a paused sandbox's current snapshot
-/// (`<data>/sandboxes/<id>/snapshot-<gen>`; exactly one exists while paused).
+/// (`<data>/sandboxes/<id>/snapshot-<gen>`). Exactly its chain exists while
+/// paused: itself and, for an incremental pause (VM backend), the parent
+/// generations its `layers.bin` names; checked here.
 pub fn snapshot_dir(s: &Server, id: &str) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(s.data_dir.join("sandboxes").join(id))
+    let chain = snapshot_chain(s, id);
+    chain.into_iter().next().unwrap()
+}
+
+/// A paused sandbox's snapshot chain, nearest first: the current
+/// generation, then its parent layers (VM incremental pauses). Asserts
+/// that the sandbox directory holds exactly these `snapshot-*` entries.
+pub fn snapshot_chain(s: &Server, id: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<(u64, PathBuf)> = std::fs::read_dir(s.data_dir.join("sandboxes").join(id))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
-        .map(|e| e.path())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let gen = name["snapshot-".len()..]
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{id}: stray snapshot entry {name}"));
+            (gen, e.path())
+        })
         .collect();
-    assert_eq!(dirs.len(), 1, "snapshot dirs of {id}: {dirs:?}");
-    dirs.into_iter().next().unwrap()
+    dirs.sort();
+    let Some((_, current)) = dirs.last().cloned() else {
+        panic!("{id}: no snapshot directory");
+    };
+    let mut chain = vec![current.clone()];
+    if let Some(c) = stasis::snapshot::layers::ChainFile::read(&current).unwrap() {
+        chain.extend(c.parent_dirs(&current).unwrap());
+    }
+    let mut want: Vec<&PathBuf> = chain.iter().collect();
+    want.sort();
+    let have: Vec<&PathBuf> = dirs.iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        have, want,
+        "snapshot dirs of {id} are not exactly the chain"
+    );
+    chain
 }
 
 /// `(allocated, apparent)` bytes of the regular files under `dir`, from the
@@ -378,7 +408,19 @@ pub fn round_in_snapshot(dir: &Path) -> Option<u64> {
         let v: Value = serde_json::from_slice(&bytes).ok()?;
         return v["round"].as_u64();
     }
-    let f = std::fs::File::open(dir.join("memory.bin")).ok()?;
+    // An incremental snapshot may hold the page in a parent layer: the
+    // nearest layer that stores it.
+    let page_no = (stasis::guest::STATUS_ADDR / 4096) as usize;
+    let mut layers = vec![dir.to_owned()];
+    if let Ok(Some(c)) = stasis::snapshot::layers::ChainFile::read(dir) {
+        layers.extend(c.parent_dirs(dir).ok()?);
+    }
+    let layer = layers.into_iter().find(|d| {
+        stasis::snapshot::SnapshotDir::open(d)
+            .and_then(|s| s.load_state::<stasis::vmm::VmState>())
+            .is_ok_and(|st| st.memory.present.get(page_no))
+    })?;
+    let f = std::fs::File::open(layer.join("memory.bin")).ok()?;
     let mut page = [0u8; 40];
     f.read_exact_at(&mut page, stasis::guest::STATUS_ADDR)
         .ok()?;
@@ -401,8 +443,13 @@ pub fn check_paused(s: &Server, id: &str, worker_pid: Option<i32>) -> u64 {
             "worker {pid} outlived the pause"
         );
     }
-    let dir = snapshot_dir(s, id);
-    let (allocated, apparent) = files_usage(&dir);
+    let chain = snapshot_chain(s, id);
+    let dir = chain[0].clone();
+    // The chain's files: what the sandbox's snapshot costs.
+    let (allocated, apparent) = chain.iter().fold((0, 0), |(a, b), d| {
+        let (x, y) = files_usage(d);
+        (a + x, b + y)
+    });
     assert_eq!(
         d["stasis"]["snapshotBytes"].as_u64(),
         Some(allocated),
