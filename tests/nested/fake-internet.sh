@@ -30,19 +30,24 @@
 set -eu
 
 say() { echo "fake-internet: $*"; }
+# The tools, by path where given: a busybox sh that prefers its applets
+# would otherwise run its own `ip` and `nsenter` whatever PATH says.
+IP="${FI_IP:-ip}"
+NSENTER="${FI_NSENTER:-nsenter}"
+DNSMASQ="${FI_DNSMASQ:-dnsmasq}"
 
 [ "$#" -ge 3 ] || { echo "usage: $0 up|down UPLINK_NS INET_NS [WWW_DIR]" >&2; exit 2; }
 action="$1" up="$2" inet="$3"
-in_inet() { nsenter --net="/run/netns/$inet" "$@"; }
+in_inet() { "$NSENTER" --net="/run/netns/$inet" "$@"; }
 
 case "$action" in
 down)
     for ns in "$inet" "$up"; do
         [ -e "/run/netns/$ns" ] || continue
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+        for pid in $("$IP" netns pids "$ns" 2>/dev/null); do
             kill "$pid" 2>/dev/null || true
         done
-        ip netns del "$ns" || true
+        "$IP" netns del "$ns" || true
     done
     exit 0
     ;;
@@ -55,17 +60,17 @@ www="$4"
 blob_mib="${BLOB_MIB:-8}"
 
 for ns in "$up" "$inet"; do
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
+    "$IP" netns add "$ns"
+    "$IP" -n "$ns" link set lo up
 done
-ip -n "$up" link add wan0 type veth peer name wanp
-ip -n "$up" link set wanp netns "$inet"
-ip -n "$up" addr add 203.0.113.2/24 dev wan0
-ip -n "$up" link set wan0 up
-ip -n "$up" route add default via 203.0.113.1
-ip -n "$inet" addr add 203.0.113.1/24 dev wanp
-ip -n "$inet" addr add 198.51.100.1/32 dev lo
-ip -n "$inet" link set wanp up
+"$IP" -n "$up" link add wan0 type veth peer name wanp
+"$IP" -n "$up" link set wanp netns "$inet"
+"$IP" -n "$up" addr add 203.0.113.2/24 dev wan0
+"$IP" -n "$up" link set wan0 up
+"$IP" -n "$up" route add default via 203.0.113.1
+"$IP" -n "$inet" addr add 203.0.113.1/24 dev wanp
+"$IP" -n "$inet" addr add 198.51.100.1/32 dev lo
+"$IP" -n "$inet" link set wanp up
 
 mkdir -p "$www/cgi-bin"
 echo "hello from the fake internet" >"$www/hello.txt"
@@ -78,7 +83,7 @@ chmod 0755 "$www/cgi-bin/whoami"
 
 # busybox httpd daemonizes itself (no -f).
 in_inet busybox httpd -p 8080 -h "$www"
-in_inet dnsmasq --conf-file=/dev/null --no-resolv --no-hosts --no-poll \
+in_inet "$DNSMASQ" --conf-file=/dev/null --no-resolv --no-hosts --no-poll \
     --user=root --group=root --pid-file="$www.dnsmasq.pid" \
     --listen-address=203.0.113.1 --bind-interfaces \
     --local=/example.test/ --address=/files.example.test/203.0.113.1
@@ -87,7 +92,7 @@ in_inet sh -c 'while :; do busybox nc -l -p 9000 </dev/null >/dev/null || sleep 
 
 # Ready when the uplink reaches the web server and the sink listens.
 n=0
-until nsenter --net="/run/netns/$up" busybox wget -q -O /dev/null \
+until "$NSENTER" --net="/run/netns/$up" busybox wget -q -O /dev/null \
     http://203.0.113.1:8080/hello.txt 2>/dev/null; do
     n=$((n + 1))
     [ "$n" -lt 50 ] || { say "FAIL: the web server in $inet does not answer"; exit 1; }

@@ -366,6 +366,7 @@ PY
         cp "$initramfs" "$root/initramfs.cpio.gz"
     fi
     net_mod_names=""
+    net_tools=""
     if [[ "$fake_internet" == 1 ]]; then
         for m in "${l1_net_mods[@]}"; do
             cp "$l1k/$(basename "$m").ko" "$root/l1/"
@@ -374,6 +375,9 @@ PY
         for tool in nft ip nsenter dnsmasq; do
             copy_with_libs "$(command -v "$tool")"
         done
+        # By path: L1's busybox sh runs its own applets (`ip`, `nsenter`)
+        # before anything on PATH.
+        net_tools="FI_IP=$(command -v ip) FI_NSENTER=$(command -v nsenter) FI_DNSMASQ=$(command -v dnsmasq)"
         cp "$here/fake-internet.sh" "$root/l1/fake-internet.sh"
         # dnsmasq looks its user and group up (--user=root --group=root).
         echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
@@ -416,6 +420,7 @@ PY
         printf 'DATA_SIZE=%q\n' "${STASIS_L1_DATA_SIZE:-}"
         printf 'FAKE_INTERNET=%q\n' "$fake_internet"
         printf 'NET_MODS=%q\n' "$net_mod_names"
+        printf 'NET_TOOLS=%q\n' "$net_tools"
         printf 'SERVE_LINUX_ARGS=%q\n' "${STASIS_SERVE_LINUX_ARGS---kernel /vmlinux --rootfs /rootfs.ext4}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
         [[ -z "${STASIS_FAULT:-}" ]] || printf 'export STASIS_FAULT=%q\n' "$STASIS_FAULT"
@@ -694,7 +699,9 @@ if [ "$FAKE_INTERNET" = 1 ]; then
     for m in $NET_MODS; do
         insmod "/l1/$m.ko" || { say "FAIL: insmod $m.ko"; exit 1; }
     done
-    sh /l1/fake-internet.sh up fi-up fi-inet /srv/www || { say "FAIL: making the fake internet"; exit 1; }
+    # shellcheck disable=SC2086 # NAME=PATH words
+    env $NET_TOOLS sh /l1/fake-internet.sh up fi-up fi-inet /srv/www \
+        || { say "FAIL: making the fake internet"; exit 1; }
     set -- "$@" --sandbox-uplink-netns fi-up --sandbox-dns 203.0.113.1
 else
     # Sandbox networking needs nftables, which L1 then does not carry:
