@@ -144,9 +144,13 @@ fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
         ))
     } else if !run.output.contains(" passed") || run.output.contains(" skipped") {
         Some("pytest did not report the proof as passed (or skipped part of it)".to_owned())
-    } else if let Some(missing) = ["PROOF: SUMMARY", "PROOF: NET-SUMMARY", "PROOF: FIDELITY logs"]
-        .into_iter()
-        .find(|m| !proof.iter().any(|l| l.starts_with(m)))
+    } else if let Some(missing) = [
+        "PROOF: SUMMARY",
+        "PROOF: NET-SUMMARY",
+        "PROOF: FIDELITY logs",
+    ]
+    .into_iter()
+    .find(|m| !proof.iter().any(|l| l.starts_with(m)))
     {
         Some(format!("the proof never printed its {missing} line"))
     } else {
@@ -244,7 +248,12 @@ fn run_direct(stasis: &Path, a: &Artifacts, pytest: &str) -> Run {
         .arg(&a.vmlinux)
         .arg("--rootfs")
         .arg(&a.rootfs)
-        .args(["--sandbox-uplink-netns", &fake.up, "--sandbox-dns", FAKE_DNS]);
+        .args([
+            "--sandbox-uplink-netns",
+            &fake.up,
+            "--sandbox-dns",
+            FAKE_DNS,
+        ]);
     let (mut server, url) = spawn_serve(TEST, serve, DIRECT_SERVER_START);
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(format!("exec {pytest}"));

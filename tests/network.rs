@@ -496,7 +496,10 @@ fn tap_opens_inside_the_sandbox_namespace() {
         .output()
         .unwrap();
     let again = String::from_utf8_lossy(&out.stdout);
-    assert!(again.contains(&format!("link/ether {}", mac(&slot))), "{again}");
+    assert!(
+        again.contains(&format!("link/ether {}", mac(&slot))),
+        "{again}"
+    );
     w.net.teardown(&sb);
     assert_eq!(w.net.leftovers(), Vec::<String>::new());
 }
