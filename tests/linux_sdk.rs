@@ -144,17 +144,15 @@ fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
         ))
     } else if !run.output.contains(" passed") || run.output.contains(" skipped") {
         Some("pytest did not report the proof as passed (or skipped part of it)".to_owned())
-    } else if let Some(missing) = [
-        "PROOF: SUMMARY",
-        "PROOF: NET-SUMMARY",
-        "PROOF: FIDELITY logs",
-    ]
-    .into_iter()
-    .find(|m| !proof.iter().any(|l| l.starts_with(m)))
-    {
-        Some(format!("the proof never printed its {missing} line"))
     } else {
-        None
+        [
+            "PROOF: SUMMARY",
+            "PROOF: NET-SUMMARY",
+            "PROOF: FIDELITY logs",
+        ]
+        .into_iter()
+        .find(|m| !proof.iter().any(|l| l.starts_with(m)))
+        .map(|missing| format!("the proof never printed its {missing} line"))
     };
     if let Some(problem) = problem {
         panic!(
