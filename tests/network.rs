@@ -474,7 +474,32 @@ fn tap_opens_inside_the_sandbox_namespace() {
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("tap0"), "{s}");
+    // The tap (the guest's gateway) has the slot's MAC, and has it again
+    // when made again (as on resume): a restored guest's neighbour entry
+    // for its gateway stays right.
+    let mac = |slot: &stasis::net::Slot| {
+        slot.gateway_mac()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    assert!(s.contains(&format!("link/ether {}", mac(&slot))), "{s}");
     drop(tap);
+    w.net.teardown(&sb);
+    let sb = w
+        .net
+        .setup(slot, &GuestLink::Tap, &EgressRules::open())
+        .unwrap();
+    let out = Command::new("ip")
+        .args(["-n", &slot.netns_name(), "-o", "link", "show", "tap0"])
+        .output()
+        .unwrap();
+    let again = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        again.contains(&format!("link/ether {}", mac(&slot))),
+        "{again}"
+    );
     w.net.teardown(&sb);
     assert_eq!(w.net.leftovers(), Vec::<String>::new());
 }

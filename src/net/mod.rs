@@ -228,6 +228,16 @@ impl Slot {
         let b = u32::from(self.base).to_be_bytes();
         [0x06, 0x5a, b[0], b[1], b[2], b[3] | 2]
     }
+    /// The MAC of the guest's gateway (the tap), as deterministic as the
+    /// guest's: the tap made again on resume keeps it, so the neighbour
+    /// entry the restored guest holds stays right and its first packet
+    /// after a resume goes out at once (a new random MAC would leave it
+    /// sending to the old one until its neighbour entry is probed again,
+    /// seconds later).
+    pub fn gateway_mac(&self) -> [u8; 6] {
+        let b = u32::from(self.base).to_be_bytes();
+        [0x06, 0x5a, b[0], b[1], b[2], b[3] | 1]
+    }
     /// The kernel command-line parameter that configures the guest's
     /// `eth0` at boot (CONFIG_IP_PNP), with `dns` as its resolver.
     pub fn kernel_ip_arg(&self, dns: Option<Ipv4Addr>) -> String {
@@ -743,6 +753,13 @@ impl Network {
                     &ns,
                     &["tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr"],
                 )?;
+                let mac = s
+                    .gateway_mac()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
+                ip_ns(&ns, &["link", "set", TAP_NAME, "address", &mac])?;
                 ip_ns(&ns, &["addr", "add", &p30(s.gateway()), "dev", TAP_NAME])?;
                 ip_ns(&ns, &["link", "set", TAP_NAME, "up"])?;
             }
@@ -1007,6 +1024,8 @@ mod tests {
         assert_eq!(s.host_veth_addr(), Ipv4Addr::new(10, 11, 0, 13));
         assert_eq!(s.ns_veth_addr(), Ipv4Addr::new(10, 11, 0, 14));
         assert_eq!(s.netns_name(), "stasis-0a0b0008");
+        assert_eq!(s.guest_mac(), [0x06, 0x5a, 10, 11, 0, 10]);
+        assert_eq!(s.gateway_mac(), [0x06, 0x5a, 10, 11, 0, 9]);
         assert_eq!(s.host_veth(), "sv0a0b0008");
         assert_eq!(
             s.kernel_ip_arg(Some(Ipv4Addr::new(10, 0, 0, 2))),

@@ -51,6 +51,18 @@
 #                   its exit status is the verdict. Then L1
 #                   is stopped. The rootfs image travels sparse (only its
 #                   non-zero blocks are in the L1 initramfs).
+#                   With STASIS_L1_FAKE_INTERNET=1 the server's sandboxes get
+#                   their network (otherwise `--no-network`): L1 also
+#                   carries the host's `nft`, `ip`, `nsenter` and `dnsmasq`
+#                   (with their libraries) and the netfilter, tun and veth
+#                   modules, and before the server starts it makes the
+#                   namespaces of tests/nested/fake-internet.sh (uplink
+#                   "fi-up", internet "fi-inet": 203.0.113.1 and
+#                   198.51.100.1 with a web server, a TCP sink and a DNS
+#                   name files.example.test); the server gets
+#                   `--sandbox-uplink-netns fi-up --sandbox-dns 203.0.113.1`,
+#                   so a guest's packets reach only those namespaces (L1's
+#                   own network, QEMU's user networking, is not on their way).
 #
 # Exit status: 0 only if the inner run exited with status 0 and the guest
 # printed the scenario's marker (STASIS-LINUX-INIT-OK for boot,
@@ -98,6 +110,8 @@
 #                         /rootfs.ext4"; empty: only the built-in templates)
 #   STASIS_SERVE_READY_TIMEOUT serve: seconds to wait for /health (300)
 #   STASIS_L1_HOST_PORT   serve: host port forwarded to the server (a free one)
+#   STASIS_L1_FAKE_INTERNET serve: 1 to give sandboxes a network behind a
+#                         fake internet (see the serve scenario) (0)
 #   STASIS_L1_DATA_SIZE   serve: /data (the server's data dir) is a tmpfs of
 #                         this size (e.g. 60%) instead of part of L1's root
 #                         tmpfs (half of L1's memory, shared with the rootfs
@@ -125,6 +139,7 @@
 set -euo pipefail
 
 cache_root="${STASIS_CACHE:-$HOME/.cache/stasis}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { echo "run-l1: $*" >&2; }
 prereq() { echo "run-l1: PREREQUISITE MISSING: $*" >&2; exit 2; }
@@ -154,6 +169,10 @@ main() {
     pause_at="${STASIS_PR_PAUSE_AT:-40}"
     pr_eager="${STASIS_PR_EAGER:-1}"
     step_timeout="${STASIS_PR_STEP_TIMEOUT:-150}"
+    fake_internet="${STASIS_L1_FAKE_INTERNET:-0}"
+    [[ "$fake_internet" == [01] ]] || { echo "run-l1: STASIS_L1_FAKE_INTERNET must be 0 or 1" >&2; exit 2; }
+    [[ "$fake_internet" == 0 || "$scenario" == serve ]] \
+        || { echo "run-l1: STASIS_L1_FAKE_INTERNET=1 needs STASIS_L1_SCENARIO=serve" >&2; exit 2; }
     case "$scenario" in
     boot) marker="STASIS-LINUX-INIT-OK" ;;
     pause-resume)
@@ -181,6 +200,14 @@ main() {
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
         || need_pkgs+=(busybox-static)
     command -v cpio >/dev/null 2>&1 || need_pkgs+=(cpio)
+    if [[ "$fake_internet" == 1 ]]; then
+        # Carried into L1: what stasis's sandbox networking runs (src/net)
+        # and the fake internet's DNS server.
+        command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
+        command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+        command -v nsenter >/dev/null 2>&1 || need_pkgs+=(util-linux)
+        command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
+    fi
     if ((${#need_pkgs[@]})); then
         if [[ "${STASIS_NO_APT:-0}" == 1 || "$(id -u)" != 0 ]]; then
             prereq "packages ${need_pkgs[*]}; install them with: apt-get install -y ${need_pkgs[*]}"
@@ -203,7 +230,14 @@ main() {
         drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_legacy_dev
         drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci net/core/failover
         drivers/net/net_failover drivers/net/virtio_net)
-    l1k="$cache_root/l1-kernel/${img_sha:0:16}-$(echo "${l1_mods[*]}" | sha256sum | cut -c1-8)"
+    # Sandbox networking in L1 (STASIS_L1_FAKE_INTERNET=1), in load order:
+    # nftables with NAT, conntrack and masquerade, tun (the guests' taps)
+    # and veth. Cached with the others, carried only when used.
+    l1_net_mods=(net/netfilter/nfnetlink lib/libcrc32c net/ipv4/netfilter/nf_defrag_ipv4
+        net/ipv6/netfilter/nf_defrag_ipv6 net/netfilter/nf_conntrack net/netfilter/nf_nat
+        net/netfilter/nf_tables net/netfilter/nft_chain_nat net/netfilter/nft_ct
+        net/netfilter/nft_masq drivers/net/tun drivers/net/veth)
+    l1k="$cache_root/l1-kernel/${img_sha:0:16}-$(echo "${l1_mods[*]} ${l1_net_mods[*]}" | sha256sum | cut -c1-8)"
     if [[ ! -f "$l1k/.complete" ]]; then
         [[ "${STASIS_NO_APT:-0}" != 1 ]] \
             || prereq "L1 kernel $img_pkg not cached in $l1k and STASIS_NO_APT=1"
@@ -220,7 +254,7 @@ main() {
         dpkg -x "$deb" "$dl/x"
         mkdir -p "$dl/out"
         cp "$dl"/x/boot/vmlinuz-* "$dl/out/vmlinuz"
-        for m in "${l1_mods[@]}"; do
+        for m in "${l1_mods[@]}" "${l1_net_mods[@]}"; do
             found=("$dl"/x/lib/modules/*/kernel/"$m".ko*)
             src="${found[0]}"
             [[ -e "$src" ]] || { rm -rf "$dl"; die "$img_pkg has no module $m"; }
@@ -331,6 +365,24 @@ PY
     else
         cp "$initramfs" "$root/initramfs.cpio.gz"
     fi
+    net_mod_names=""
+    net_tools=""
+    if [[ "$fake_internet" == 1 ]]; then
+        for m in "${l1_net_mods[@]}"; do
+            cp "$l1k/$(basename "$m").ko" "$root/l1/"
+            net_mod_names+="$(basename "$m") "
+        done
+        for tool in nft ip nsenter dnsmasq; do
+            copy_with_libs "$(command -v "$tool")"
+        done
+        # By path: L1's busybox sh runs its own applets (`ip`, `nsenter`)
+        # before anything on PATH.
+        net_tools="FI_IP=$(command -v ip) FI_NSENTER=$(command -v nsenter) FI_DNSMASQ=$(command -v dnsmasq)"
+        cp "$here/fake-internet.sh" "$root/l1/fake-internet.sh"
+        # dnsmasq looks its user and group up (--user=root --group=root).
+        echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
+        echo 'root:x:0:' >"$root/etc/group"
+    fi
     for extra in ${STASIS_L1_EXTRA:-}; do
         [[ -e "$extra" ]] || prereq "STASIS_L1_EXTRA path does not exist: $extra"
         copy_with_libs "$(realpath "$extra")"
@@ -366,6 +418,9 @@ PY
         printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
         printf 'SERVE_ARGS=%q\n' "${STASIS_SERVE_ARGS:-}"
         printf 'DATA_SIZE=%q\n' "${STASIS_L1_DATA_SIZE:-}"
+        printf 'FAKE_INTERNET=%q\n' "$fake_internet"
+        printf 'NET_MODS=%q\n' "$net_mod_names"
+        printf 'NET_TOOLS=%q\n' "$net_tools"
         printf 'SERVE_LINUX_ARGS=%q\n' "${STASIS_SERVE_LINUX_ARGS---kernel /vmlinux --rootfs /rootfs.ext4}"
         [[ -z "${STASIS_LOG:-}" ]] || printf 'export STASIS_LOG=%q\n' "$STASIS_LOG"
         [[ -z "${STASIS_FAULT:-}" ]] || printf 'export STASIS_FAULT=%q\n' "$STASIS_FAULT"
@@ -637,9 +692,23 @@ export NO_COLOR=1
 set -- /stasis serve --listen 0.0.0.0:3000 --data-dir /data --no-jail
 # shellcheck disable=SC2086 # lists of words
 set -- "$@" $SERVE_LINUX_ARGS $SERVE_ARGS
-# Sandbox networking needs nftables, which L1 does not carry: without it,
-# serve would refuse to start (src/net), so its sandboxes go without.
-command -v nft >/dev/null 2>&1 || set -- "$@" --no-network
+if [ "$FAKE_INTERNET" = 1 ]; then
+    # The host's iproute2, nftables, nsenter and dnsmasq (in /usr) before
+    # busybox's applets (in /bin).
+    export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+    for m in $NET_MODS; do
+        insmod "/l1/$m.ko" || { say "FAIL: insmod $m.ko"; exit 1; }
+    done
+    # shellcheck disable=SC2086 # NAME=PATH words
+    env $NET_TOOLS sh /l1/fake-internet.sh up fi-up fi-inet /srv/www \
+        || { say "FAIL: making the fake internet"; exit 1; }
+    set -- "$@" --sandbox-uplink-netns fi-up --sandbox-dns 203.0.113.1
+else
+    # Sandbox networking needs nftables, which L1 then does not carry:
+    # without it, serve would refuse to start (src/net), so its sandboxes go
+    # without.
+    set -- "$@" --no-network
+fi
 say "starting: $*"
 echo "STASIS-L1-LAUNCH at L1 uptime $(cut -d' ' -f1 /proc/uptime)s"
 "$@" &
