@@ -49,7 +49,7 @@ pub const LAYERS_FILE: &str = "layers.bin";
 pub const MAX_CHAIN_DEPTH: usize = 4;
 /// Owner-table value of a page no layer stores (reads as zero).
 const NONE: u8 = u8::MAX;
-const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Errors opening a chain of layers.
 #[derive(Debug, thiserror::Error)]

@@ -563,8 +563,8 @@ impl Vm {
         ropts: RestoreOpts,
     ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
-        let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
-        let st: VmState = snap.load_state().map_err(PersistError::from)?;
+        let (snap, st): (_, VmState) =
+            SnapshotDir::open_and_load(dir).map_err(PersistError::from)?;
         if let Some(w) = vcpus {
             if w as usize != st.vcpus.len() {
                 return Err(PersistError::VcpuMismatch {
