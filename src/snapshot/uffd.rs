@@ -339,7 +339,9 @@ pub struct LazyStats {
     pub pages_prefetched: AtomicU64,
     /// Hole pages filled with zeros on a fault.
     pub pages_zero_filled: AtomicU64,
-    /// Copies that found the page already in place (`EEXIST`).
+    /// Copies that found the page already in place (`EEXIST`), and, on
+    /// hugetlb, demand faults whose block the other thread had just
+    /// filled or was filling (one each).
     ///
     /// Such a copy marks the page filled at once (it may have been put
     /// there outside the loader), so completion can be seen a moment before
@@ -1494,6 +1496,14 @@ impl Shared {
             return Ok(());
         }
         if self.is_filled(b0) {
+            // Filled between the fault thread's check and here: the fault
+            // was served by the other thread (counted, so that every
+            // demanded page shows up in the counters).
+            if who == Who::Demand {
+                self.stats
+                    .pages_already_filled
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let _ = self.uffd.wake(dst as *mut libc::c_void, len);
             return Ok(());
         }
@@ -1598,6 +1608,11 @@ impl Shared {
             // wakes this block's faulters. The prefetcher waits for that
             // one block (the fault thread never waits: it has faults to
             // serve), so that it finishes only when everything is in.
+            if who == Who::Demand {
+                self.stats
+                    .pages_already_filled
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             if who == Who::Prefetch {
                 while !self.is_filled(b0)
                     && !self.failed()
