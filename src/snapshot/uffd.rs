@@ -79,7 +79,7 @@
 //! holes need no writing), verifies them there, then `UFFDIO_CONTINUE`
 //! maps the block into the guest. It is **not the default**: measured side
 //! by side (`stasis bench --backing hugetlb`, 962 MiB), COPY made memory
-//! resident in ~245 ms against ~380 ms (medians of 6 each). The kernel
+//! resident in a median 251 ms against 292 ms (12 resumes each). The kernel
 //! zeroes every huge page it adds to the page cache, so CONTINUE writes
 //! each 2 MiB to memory twice (zero, then data) and checksums it from
 //! memory, while COPY reads and checksums in a 2 MiB buffer that stays in
