@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::guest::Workload;
+use crate::snapshot::uffd::HugeFill;
 use crate::vmm::memory::MemoryBacking;
 use crate::vmm::{Console, RestoreMode, RestorePaths, Vm, VmConfig};
 
@@ -91,6 +92,38 @@ pub struct CaseResult {
     /// Lazy restore: faulting threads found stalled and woken by the
     /// loader's idle timeout (a lost wake-up; must be 0).
     pub timeout_wakes: u64,
+    /// hugetlb fill method of the lazy-restore columns above (the
+    /// default); empty on other backings.
+    pub fill: String,
+    /// Every lazy restore of this case, in the order run: on hugetlb each
+    /// fill method twice, alternating (default first); elsewhere one.
+    pub lazy_runs: Vec<LazyRun>,
+}
+
+/// One lazy restore of a case's snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct LazyRun {
+    /// hugetlb fill method (`copy` or `continue`), empty elsewhere.
+    pub fill: String,
+    /// Call to vCPUs running (ms).
+    pub resume_to_running_ms: f64,
+    /// Until the working set was resident (ms).
+    pub working_set_resident_ms: f64,
+    /// Until all stored memory was resident (ms).
+    pub all_resident_ms: f64,
+    /// Until the guest finished its next round (ms).
+    pub first_round_after_resume_ms: f64,
+    /// Faulters woken by the loader's timeout (must be 0).
+    pub timeout_wakes: u64,
+    /// Restore phases, cumulative from the call (ms): state read, VM and
+    /// memory mapped, loader started, vCPUs and devices restored.
+    pub phase_state_ms: f64,
+    /// See `phase_state_ms`.
+    pub phase_shell_ms: f64,
+    /// See `phase_state_ms`.
+    pub phase_memory_ms: f64,
+    /// See `phase_state_ms`.
+    pub phase_vcpus_ms: f64,
 }
 
 /// What to measure.
@@ -263,19 +296,66 @@ pub fn run_case_backed(
     let (vm, es) = restore(RestoreMode::Eager)?;
     drop(vm);
 
-    let t = Instant::now();
-    let (vm, rs) = restore(RestoreMode::Lazy)?;
-    let (_, t_round) = wait_round(&vm, paused_round, Duration::from_secs(600))?;
-    let first_round = t_round - t;
-    let ws = vm.wait_working_set()?.unwrap_or_default();
-    let all = vm.wait_memory_complete()?.unwrap_or_default();
-    let timeout_wakes = vm.lazy_stats().map_or(0, |l| {
-        l.timeout_wakes.load(std::sync::atomic::Ordering::Relaxed)
-    });
-    drop(vm);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // Lazy restores: on hugetlb every fill method, alternated, twice each
+    // (the same snapshot, its file warm in the page cache for all).
+    let fills: Vec<Option<HugeFill>> = if backing == MemoryBacking::Hugetlb {
+        let d = HugeFill::default();
+        let o = match d {
+            HugeFill::Copy => HugeFill::Continue,
+            HugeFill::Continue => HugeFill::Copy,
+        };
+        vec![Some(d), Some(o), Some(d), Some(o)]
+    } else {
+        vec![None]
+    };
+    let mut lazy_runs = Vec::new();
+    let mut first = None;
+    for fill in fills {
+        let t = Instant::now();
+        let (vm, rs) = Vm::restore_opts(
+            &snap,
+            RestoreMode::Lazy,
+            Console::Sink,
+            None,
+            RestorePaths::default(),
+            backing,
+            crate::vmm::RestoreOpts {
+                huge_fill: fill,
+                ..Default::default()
+            },
+        )?;
+        let (_, t_round) = wait_round(&vm, paused_round, Duration::from_secs(600))?;
+        let first_round = t_round - t;
+        let ws = vm.wait_working_set()?.unwrap_or_default();
+        let all = vm.wait_memory_complete()?.unwrap_or_default();
+        let timeout_wakes = vm.lazy_stats().map_or(0, |l| {
+            l.timeout_wakes.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        drop(vm);
+        let run = LazyRun {
+            fill: rs
+                .huge_fill
+                .map(|f| f.name().to_owned())
+                .unwrap_or_default(),
+            resume_to_running_ms: ms(rs.to_running),
+            working_set_resident_ms: ms(ws),
+            all_resident_ms: ms(all),
+            first_round_after_resume_ms: ms(first_round),
+            timeout_wakes,
+            phase_state_ms: ms(rs.phases.state),
+            phase_shell_ms: ms(rs.phases.shell),
+            phase_memory_ms: ms(rs.phases.memory),
+            phase_vcpus_ms: ms(rs.phases.vcpus),
+        };
+        if first.is_none() {
+            first = Some((rs, all, ws, first_round, timeout_wakes));
+        }
+        lazy_runs.push(run);
+    }
+    let (rs, all, ws, first_round, timeout_wakes) = first.expect("at least one lazy restore");
     let _ = std::fs::remove_dir_all(&snap);
 
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(CaseResult {
         backing: backing.name().into(),
         boot_touch_ms: ms(boot_touch),
@@ -306,6 +386,11 @@ pub fn run_case_backed(
         probe_with_sums_ms: with_sums,
         probe_without_sums_ms: without_sums,
         timeout_wakes,
+        fill: rs
+            .huge_fill
+            .map(|f| f.name().to_owned())
+            .unwrap_or_default(),
+        lazy_runs,
     })
 }
 
@@ -368,6 +453,28 @@ pub fn run(opts: &BenchOpts, out: &mut dyn Write) -> Result<Vec<CaseResult>, Err
                 r.probe_without_sums_ms,
                 r.timeout_wakes
             );
+                for l in &r.lazy_runs {
+                    let _ = writeln!(
+                        out,
+                        "{:>16}   lazy resume{}: running {:.1} ms (state {:.1}, VM+memory {:.1}, loader {:.1}, vCPUs+devices {:.1}, start {:.1}), ws resident {:.1} ms, all resident {:.1} ms, 1st round {:.1} ms, timeout wakes {}",
+                        "",
+                        if l.fill.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" [{:>8}]", l.fill)
+                        },
+                        l.resume_to_running_ms,
+                        l.phase_state_ms,
+                        l.phase_shell_ms - l.phase_state_ms,
+                        l.phase_memory_ms - l.phase_shell_ms,
+                        l.phase_vcpus_ms - l.phase_memory_ms,
+                        l.resume_to_running_ms - l.phase_vcpus_ms,
+                        l.working_set_resident_ms,
+                        l.all_resident_ms,
+                        l.first_round_after_resume_ms,
+                        l.timeout_wakes
+                    );
+                }
                 let _ = out.flush();
                 rows.push(r);
             }
@@ -465,7 +572,10 @@ pub fn run_incremental(
         None,
         RestorePaths::default(),
         backing,
-        crate::vmm::RestoreOpts { track_writes: true },
+        crate::vmm::RestoreOpts {
+            track_writes: true,
+            ..Default::default()
+        },
     )?;
     // Two rounds: every page of the work area rewritten at least once.
     let r0 = vm.guest_status().map(|s| s.round).unwrap_or(0);

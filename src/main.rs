@@ -583,10 +583,14 @@ fn resume(
     let (vm, stats) =
         Vm::restore_backed(&dir, mode, console, vcpus, paths, backing).map_err(|e| chain(&e))?;
     eprintln!(
-        "stasis: resumed {} ({:?}, {} memory) in {:.2} ms",
+        "stasis: resumed {} ({:?}, {} memory{}) in {:.2} ms",
         dir.display(),
         stats.mode,
         vm.config().memory_backing,
+        stats
+            .huge_fill
+            .map(|f| format!(", filled with UFFDIO_{}", f.name().to_uppercase()))
+            .unwrap_or_default(),
         stats.to_running.as_secs_f64() * 1e3
     );
     let lazy = vm.lazy_stats();

@@ -86,7 +86,10 @@ fn restore_tracked(dir: &Path, mode: RestoreMode) -> Vm {
         None,
         RestorePaths::default(),
         MemoryBacking::Auto,
-        RestoreOpts { track_writes: true },
+        RestoreOpts {
+            track_writes: true,
+            ..Default::default()
+        },
     )
     .unwrap_or_else(|e| panic!("{}", stasis::error_chain(&e)))
     .0

@@ -22,8 +22,11 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stasis::guest::{self, Workload};
+use stasis::snapshot::uffd::{HugeFill, HUGE_FILL_ENV};
 use stasis::vmm::memory::{HugePool, MemoryBacking};
-use stasis::vmm::{Console, ConsoleBuffer, ExitReason, RestoreMode, RestorePaths, Vm, VmConfig};
+use stasis::vmm::{
+    Console, ConsoleBuffer, ExitReason, RestoreMode, RestoreOpts, RestorePaths, Vm, VmConfig,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stasis");
 const ALL: [MemoryBacking; 3] = [
@@ -230,9 +233,11 @@ fn a_pause_from_huge_pages_stays_sparse() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Lazy restore onto hugetlb fills whole 2 MiB pages with `UFFDIO_COPY`:
-/// the guest gets exactly its memory back and the loader copied whole huge
-/// pages.
+/// Lazy restore onto hugetlb, with each fill method (`UFFDIO_COPY` of
+/// whole 2 MiB pages, and `UFFDIO_CONTINUE` after filling the memfd's page
+/// cache): the restore reports the method asked for, the guest gets
+/// exactly its memory back (it ends with the model's checksum), every
+/// present page was verified, and COPY copied whole huge pages.
 #[test]
 fn lazy_restore_on_hugetlb_fills_whole_huge_pages() {
     let _g = serial();
@@ -252,32 +257,208 @@ fn lazy_restore_on_hugetlb_fills_whole_huge_pages() {
     let snap = dir.join("s");
     vm.snapshot(&snap).unwrap();
     drop(vm);
-    for round in 0..2 {
-        let (vm, _) = Vm::restore_backed(
+    let (st, _) = stasis::vmm::persist::inspect(&snap).unwrap();
+    let present = st.memory.present.count_ones() as u64;
+    // Each method twice from the same snapshot (a run leaves it intact).
+    for fill in [
+        HugeFill::Continue,
+        HugeFill::Copy,
+        HugeFill::Continue,
+        HugeFill::Copy,
+    ] {
+        let console = ConsoleBuffer::new();
+        let (vm, rs) = Vm::restore_opts(
             &snap,
             RestoreMode::Lazy,
             Console::Buffer(console.clone()),
             None,
             RestorePaths::default(),
             MemoryBacking::Hugetlb,
+            RestoreOpts {
+                huge_fill: Some(fill),
+                ..Default::default()
+            },
         )
-        .unwrap();
-        assert_eq!(vm.guest_status().unwrap(), before);
+        .unwrap_or_else(|e| panic!("{fill}: {}", stasis::error_chain(&e)));
+        assert_eq!(
+            rs.huge_fill,
+            Some(fill),
+            "fill method in use (this kernel must offer UFFD_FEATURE_MINOR_HUGETLBFS)"
+        );
+        assert_eq!(vm.config().memory_backing, MemoryBacking::Hugetlb);
+        assert_eq!(vm.guest_status().unwrap(), before, "{fill}");
         vm.wait_memory_complete().unwrap();
         let l = vm.lazy_stats().expect("lazy");
         use std::sync::atomic::Ordering::Relaxed;
         let copied = l.bytes_copied.load(Relaxed);
-        assert!(
-            copied > 0 && copied % (2 << 20) == 0,
-            "copied {copied} bytes"
-        );
-        assert_eq!(l.timeout_wakes.load(Relaxed), 0);
-        if round == 0 {
-            // Once more from the same snapshot (first run left it intact).
-            drop(vm);
-            continue;
+        match fill {
+            HugeFill::Copy => assert!(
+                copied > 0 && copied % (2 << 20) == 0,
+                "copy: copied {copied} bytes"
+            ),
+            HugeFill::Continue => assert_eq!(copied, present * 4096, "continue: bytes read"),
         }
-        finish(vm, &console, &w, "lazy on hugetlb");
+        let verified = l.pages_verified.load(Relaxed);
+        // CONTINUE verifies each page once (one thread claims a block);
+        // with COPY the fault thread and the prefetcher may both read one.
+        match fill {
+            HugeFill::Continue => assert_eq!(verified, present),
+            HugeFill::Copy => assert!(verified >= present, "copy: {verified} < {present}"),
+        }
+        assert_eq!(l.timeout_wakes.load(Relaxed), 0);
+        finish(vm, &console, &w, &format!("lazy on hugetlb, {fill}"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Fresh processes on hugetlb: run, then lazy resumes filled with
+/// CONTINUE, COPY and CONTINUE again (`STASIS_HUGETLB_FILL`), each paused
+/// at a seeded random point by a signal; the last finishes with the
+/// model's checksum, and each resume logs the method it used.
+#[test]
+fn fresh_process_pause_resume_on_hugetlb_with_each_fill() {
+    let _g = serial();
+    if !ready("fresh-process hugetlb fills", 64 << 20) {
+        return;
+    }
+    let mut rng = test_rng("fresh-process hugetlb fills");
+    let w = Workload {
+        report: 50,
+        ..workload(3000, 43)
+    };
+    let dir = common::scratch("backing-fills");
+    let fills = ["", "continue", "copy", "continue"];
+    let console = |i: usize| dir.join(format!("console{i}.txt"));
+    let log = |i: usize| dir.join(format!("log{i}.txt"));
+    let snap = |i: usize| dir.join(format!("snap{i}"));
+    for (i, fill) in fills.iter().enumerate() {
+        let mut cmd = Command::new(BIN);
+        if i == 0 {
+            cmd.args(["run", "--mem", "64M", "--cmdline", &w.cmdline()]);
+        } else {
+            cmd.arg("resume")
+                .arg(snap(i - 1))
+                .arg("--lazy")
+                .env(HUGE_FILL_ENV, fill);
+        }
+        cmd.args(["--memory-backing", "hugetlb"])
+            .arg("--console")
+            .arg(console(i))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log(i)).unwrap());
+        let last = i == fills.len() - 1;
+        if !last {
+            cmd.arg("--snapshot-on-signal").arg(snap(i));
+        }
+        let mut child = cmd.spawn().unwrap();
+        if last {
+            let st = child.wait().unwrap();
+            let text = std::fs::read_to_string(log(i)).unwrap();
+            assert!(st.success(), "{text}");
+        } else {
+            let after = if i == 0 {
+                0
+            } else {
+                last_round(&console(i - 1))
+            } + rng.random_range(1..300);
+            common::wait_for(Duration::from_secs(120), "guest progress", || {
+                last_round(&console(i)) > after || child.try_wait().unwrap().is_some()
+            });
+            assert!(child.try_wait().unwrap().is_none(), "guest finished early");
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+            assert!(child.wait().unwrap().success());
+            assert!(snap(i).join("state.bin").is_file());
+        }
+        let text = std::fs::read_to_string(log(i)).unwrap();
+        assert!(text.contains("hugetlb memory"), "process {i}:\n{text}");
+        if i > 0 {
+            let want = format!("filled with UFFDIO_{}", fill.to_uppercase());
+            assert!(
+                text.contains(&want),
+                "process {i} does not log {want:?}:\n{text}"
+            );
+        }
+    }
+    let text = std::fs::read_to_string(console(fills.len() - 1)).unwrap();
+    assert_eq!(
+        guest::parse_checksum(&text),
+        Some(guest::reference(&w).checksum),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One flipped byte in a present page of `memory.bin`: a lazy resume on
+/// hugetlb fails with the error naming the file and the page's offset, with
+/// either fill method, in a fresh process, and the guest never finishes
+/// on wrong memory (with CONTINUE the bad block was written into the
+/// memfd's page cache, verified there and never mapped).
+#[test]
+fn corrupted_page_is_a_clear_error_on_hugetlb_with_each_fill() {
+    let _g = serial();
+    if !ready("corrupted page on hugetlb", 64 << 20) {
+        return;
+    }
+    let mut rng = test_rng("corrupted page on hugetlb");
+    let w = workload(3000, 47);
+    let console = ConsoleBuffer::new();
+    let mut vm = boot(&w, 64 << 20, MemoryBacking::Hugetlb, &console);
+    wait_round(&vm, 3);
+    vm.pause().unwrap();
+    assert!(vm.exited().is_none(), "guest ended before the pause");
+    let dir = common::scratch("backing-badmem");
+    let snap = dir.join("good");
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+    let (st, _) = stasis::vmm::persist::inspect(&snap).unwrap();
+    let present: Vec<usize> = st.memory.present.iter_ones().collect();
+    let page = present[rng.random_range(0..present.len())];
+    let off = page as u64 * 4096 + rng.random_range(0..4096u64);
+    for fill in ["continue", "copy"] {
+        let bad = dir.join(fill);
+        std::fs::create_dir_all(&bad).unwrap();
+        for f in ["state.bin", "memory.bin"] {
+            std::fs::copy(snap.join(f), bad.join(f)).unwrap();
+        }
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(bad.join("memory.bin"))
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, off).unwrap();
+            f.write_all_at(&[b[0] ^ 0x20], off).unwrap();
+        }
+        let file = bad.join("memory.bin").canonicalize().unwrap();
+        let want = format!(
+            "memory file {}: checksum mismatch in the page at offset {:#x}",
+            file.display(),
+            page * 4096
+        );
+        let con = dir.join(format!("{fill}.txt"));
+        let out = Command::new(BIN)
+            .arg("resume")
+            .arg(&bad)
+            .args(["--lazy", "--memory-backing", "hugetlb", "--console"])
+            .arg(&con)
+            .env(HUGE_FILL_ENV, fill)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{fill}: corrupted snapshot accepted:\n{err}"
+        );
+        assert!(err.contains(&want), "{fill}: want {want:?} in:\n{err}");
+        let text = std::fs::read_to_string(&con).unwrap_or_default();
+        assert_eq!(
+            guest::parse_checksum(&text),
+            None,
+            "{fill}: the guest finished on corrupted memory"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

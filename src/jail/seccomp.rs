@@ -226,7 +226,7 @@ const DEVICE: &[i64] = &[
 /// The userfaultfd loader's extras.
 /// (On a pause after a lazy restore it opens the memory file again to
 /// finish loading.)
-const UFFD: &[i64] = &[libc::SYS_fadvise64, libc::SYS_openat];
+const UFFD: &[i64] = &[libc::SYS_fadvise64, libc::SYS_openat, libc::SYS_fallocate];
 
 /// ioctl request types allowed (the `_IOC_TYPE` byte).
 const IOCTL_TYPES: &[u64] = &[

@@ -90,7 +90,11 @@ impl WriteTracker {
                     source,
                 }
             };
-            uffd.register_mode(r.host_addr().cast(), r.len(), false, true)
+            let modes = super::uffd_sys::Modes {
+                wp: true,
+                ..Default::default()
+            };
+            uffd.register_mode(r.host_addr().cast(), r.len(), modes)
                 .map_err(err("registering"))?;
             uffd.write_protect(r.host_addr().cast(), r.len())
                 .map_err(err("write-protecting"))?;

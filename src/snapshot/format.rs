@@ -44,7 +44,10 @@ pub const CRC_LEN: usize = 8;
 /// is refused with [`Error::TooLarge`] instead of exhausting memory.
 pub const MAX_STATE_LEN: u64 = (64 << 20) + ((64u64 << 30) / 4096) * 5;
 
-const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+/// Slice-by-16 tables: the same CRC as the byte-at-a-time default, several
+/// times faster (a 1 GiB guest's state holds ~1 MB of page checksums and is
+/// read on every resume).
+const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Errors from encoding or decoding a state file.
 #[derive(Debug, thiserror::Error)]
@@ -281,10 +284,17 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// Reads and decodes a state file in one step.
 pub fn read_and_decode<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = read_file(path)?;
-    decode(&bytes).map_err(|e| Error::InFile {
-        path: path.to_owned(),
-        source: Box::new(e),
-    })
+    // read_file verified the container (header, length, CRC): decode the
+    // body without checking it a second time.
+    let body = &bytes[HEADER_LEN..bytes.len() - CRC_LEN];
+    let len = body.len() as u64;
+    bincode_opts()
+        .with_limit(len)
+        .deserialize(body)
+        .map_err(|source| Error::InFile {
+            path: path.to_owned(),
+            source: Box::new(Error::Deserialize { len, source }),
+        })
 }
 
 #[cfg(test)]

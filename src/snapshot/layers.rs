@@ -62,7 +62,7 @@ pub const CHAIN_VERSION: u32 = 2;
 pub const MAX_CHAIN_DEPTH: usize = 4;
 /// Owner-table value of a page no layer stores (reads as zero).
 const NONE: u8 = u8::MAX;
-const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Errors opening a chain of layers.
 #[derive(Debug, thiserror::Error)]

@@ -121,6 +121,32 @@ impl SnapshotDir {
         })
     }
 
+    /// [`Self::open`] and [`Self::load_state`] with one read of
+    /// `state.bin` (a resume reads it once).
+    pub fn open_and_load<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<(SnapshotDir, T)> {
+        let path = path.as_ref();
+        let not = |reason: String| Error::NotASnapshot {
+            path: path.to_owned(),
+            reason,
+        };
+        if !path.is_dir() {
+            return Err(not("not a directory".into()));
+        }
+        for name in [STATE_FILE, MEMORY_FILE] {
+            if !path.join(name).is_file() {
+                return Err(not(format!("missing {name}")));
+            }
+        }
+        let state = format::read_and_decode(&path.join(STATE_FILE))
+            .map_err(|e| not(crate::error_chain(&e)))?;
+        Ok((
+            SnapshotDir {
+                path: path.to_owned(),
+            },
+            state,
+        ))
+    }
+
     /// Reads and decodes `state.bin` into the VMM's state type. Any failure
     /// is reported as "not a stasis snapshot: <reason>".
     pub fn load_state<T: DeserializeOwned>(&self) -> Result<T> {

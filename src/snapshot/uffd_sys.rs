@@ -1,6 +1,6 @@
 //! The userfaultfd system interface, raw: creating the descriptor, the API
-//! handshake, (un)registering ranges in MISSING mode, waking faulters and
-//! reading page-fault messages. Kept to exactly what the lazy loader uses so
+//! handshake, (un)registering ranges in MISSING (and MINOR, WP) mode, waking
+//! faulters and reading page-fault messages. Kept to exactly what the lazy loader uses so
 //! that building stasis needs no bindgen/libclang.
 //!
 //! Constants and layouts are those of `<linux/userfaultfd.h>` (x86_64).
@@ -34,7 +34,13 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// is resolved by the kernel itself (the protection is dropped, no message),
 /// so the protection bit left in `/proc/self/pagemap` (bit 57) tells which
 /// pages were written since they were protected.
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_FEATURE_MINOR_HUGETLBFS` (Linux 5.13+): MINOR mode on hugetlb
+/// memory, resolved with `UFFDIO_CONTINUE`.
+pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// `UFFDIO_REGISTER_MODE_MINOR`: faults on pages that are in the page cache
+/// but not mapped in the registered range.
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
 /// `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
@@ -47,6 +53,19 @@ pub const IOCTL_WAKE: u64 = 1 << 0x02;
 pub const IOCTL_COPY: u64 = 1 << 0x03;
 /// `UFFDIO_ZEROPAGE` is allowed on the range.
 pub const IOCTL_ZEROPAGE: u64 = 1 << 0x04;
+/// `UFFDIO_CONTINUE` is allowed on the range.
+pub const IOCTL_CONTINUE: u64 = 1 << 0x07;
+
+/// Registration modes of a range (see [`Uffd::register_mode`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Modes {
+    /// Faults on pages that do not exist (MISSING).
+    pub missing: bool,
+    /// Write-protect tracking (WP).
+    pub wp: bool,
+    /// Faults on pages in the page cache but not mapped here (MINOR).
+    pub minor: bool,
+}
 
 #[repr(C)]
 struct UffdioApi {
@@ -99,9 +118,9 @@ pub struct Fault {
     pub tid: u32,
 }
 
-/// A userfaultfd descriptor.
+/// A userfaultfd descriptor and the features its API handshake enabled.
 #[derive(Debug)]
-pub struct Uffd(OwnedFd, bool);
+pub struct Uffd(OwnedFd, u64);
 
 fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
     // SAFETY: every caller passes the request's matching `#[repr(C)]`
@@ -120,45 +139,67 @@ impl Uffd {
     /// of user space (KVM's accesses to guest memory), which needs root
     /// (CAP_SYS_PTRACE) or access to /dev/userfaultfd.
     pub fn create(user_mode_only: bool) -> io::Result<Uffd> {
-        match Self::create_with(user_mode_only, UFFD_FEATURE_THREAD_ID) {
-            Ok(u) => Ok(u),
-            // A kernel without thread ids in fault messages.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                Self::create_with(user_mode_only, 0)
-            }
-            Err(e) => Err(e),
-        }
+        Self::create_features(user_mode_only, 0, 0)
     }
 
     /// Creates a userfaultfd for write tracking (`UFFD_FEATURE_WP_ASYNC`,
     /// plus thread ids where offered), seeing kernel-mode faults too (KVM's).
     /// Fails on a kernel without asynchronous write protection.
     pub fn create_tracking() -> io::Result<Uffd> {
-        match Self::create_with(false, UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_WP_ASYNC) {
-            Ok(u) => Ok(u),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                Self::create_with(false, UFFD_FEATURE_WP_ASYNC)
-            }
-            Err(e) => Err(e),
-        }
+        Self::create_features(false, UFFD_FEATURE_WP_ASYNC, 0)
     }
 
-    /// Registers `[addr, addr+len)` in MISSING mode, plus WP mode if `wp`
-    /// (a descriptor from [`Self::create_tracking`]); returns the mask of
-    /// ioctls allowed on it.
+    /// Creates a userfaultfd with the `required` features (fails without
+    /// them), plus thread ids and the `optional` features where the kernel
+    /// offers them; [`Self::has_feature`] tells which were enabled.
+    pub fn create_features(user_mode_only: bool, required: u64, optional: u64) -> io::Result<Uffd> {
+        let optional = optional | UFFD_FEATURE_THREAD_ID;
+        // Most to least: all, all but thread ids, without the extras, bare.
+        let tries = [
+            required | optional,
+            required | (optional & !UFFD_FEATURE_THREAD_ID),
+            required | (optional & UFFD_FEATURE_THREAD_ID),
+            required,
+        ];
+        let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+        for (i, &f) in tries.iter().enumerate() {
+            if tries[..i].contains(&f) {
+                continue;
+            }
+            match Self::create_with(user_mode_only, f) {
+                Ok(u) => return Ok(u),
+                // A kernel without one of the features.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// True if the handshake enabled `feature` (`UFFD_FEATURE_*`).
+    pub fn has_feature(&self, feature: u64) -> bool {
+        self.1 & feature == feature
+    }
+
+    /// Registers `[addr, addr+len)` in the given modes (WP needs a
+    /// descriptor from [`Self::create_tracking`], MINOR one with
+    /// `UFFD_FEATURE_MINOR_HUGETLBFS` and hugetlb memory); returns the mask
+    /// of ioctls allowed on it.
     pub fn register_mode(
         &self,
         addr: *mut libc::c_void,
         len: usize,
-        missing: bool,
-        wp: bool,
+        modes: Modes,
     ) -> io::Result<u64> {
         let mut mode = 0;
-        if missing {
+        if modes.missing {
             mode |= UFFDIO_REGISTER_MODE_MISSING;
         }
-        if wp {
+        if modes.wp {
             mode |= UFFDIO_REGISTER_MODE_WP;
+        }
+        if modes.minor {
+            mode |= UFFDIO_REGISTER_MODE_MINOR;
         }
         let mut r = UffdioRegister {
             range: UffdioRange {
@@ -186,7 +227,7 @@ impl Uffd {
 
     /// True if fault messages carry the faulting thread's id.
     pub fn has_thread_ids(&self) -> bool {
-        self.1
+        self.has_feature(UFFD_FEATURE_THREAD_ID)
     }
 
     fn create_with(user_mode_only: bool, features: u64) -> io::Result<Uffd> {
@@ -224,10 +265,12 @@ impl Uffd {
             ioctls: 0,
         };
         ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
-        if features & !api.features & UFFD_FEATURE_WP_ASYNC != 0 {
+        // The kernel answers with every feature it supports; one we asked
+        // for and it lacks is refused like an unknown one.
+        if features & !api.features != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        Ok(Uffd(fd, features & UFFD_FEATURE_THREAD_ID != 0))
+        Ok(Uffd(fd, features))
     }
 
     /// Registers `[addr, addr+len)` in MISSING mode; returns the mask of
@@ -286,7 +329,11 @@ impl Uffd {
                 out.push(Fault {
                     addr: m.address,
                     write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                    tid: if self.1 { m.ptid as u32 } else { 0 },
+                    tid: if self.has_thread_ids() {
+                        m.ptid as u32
+                    } else {
+                        0
+                    },
                 });
             }
         }

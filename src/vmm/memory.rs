@@ -228,6 +228,21 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
     Ok(())
 }
 
+/// The memfds behind hugetlb guest memory, one per region in order (new
+/// descriptors), for the lazy loader's `UFFDIO_CONTINUE` fill; empty if
+/// any region is not a file mapping (anonymous backings) or a descriptor
+/// cannot be duplicated.
+pub fn memfds(mem: &GuestMemoryMmap) -> Vec<std::fs::File> {
+    let mut v = Vec::new();
+    for r in mem.iter() {
+        match r.file_offset().map(|f| f.file().try_clone()) {
+            Some(Ok(f)) if r.file_offset().is_some_and(|f| f.start() == 0) => v.push(f),
+            _ => return Vec::new(),
+        }
+    }
+    v
+}
+
 /// Host address and length of each region, in guest-physical order.
 pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, *mut u8, usize)> {
     mem.iter()

@@ -29,8 +29,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub use boot::Kernel;
 pub use devices::{Console, ConsoleBuffer};
 pub use persist::{
-    PersistError, RestoreMode, RestoreOpts, RestorePaths, RestoreStats, SnapshotOpts,
-    SnapshotStats, VmState,
+    PersistError, RestoreMode, RestoreOpts, RestorePaths, RestorePhases, RestoreStats,
+    SnapshotOpts, SnapshotStats, VmState,
 };
 pub use vcpu::ExitReason;
 pub use virtio::DiskConfig;

@@ -21,7 +21,7 @@ use super::virtio::{self, DeviceKind, DiskConfig, Virtio, VirtioState};
 use super::{kvm_err, memory, new_shell, Error, Kernel, RunState, Vm, VmConfig};
 use crate::snapshot::layers::{self, ChainFile, ParentRef};
 use crate::snapshot::memfile::{self, MemRegion, MemoryMeta, ReadOpts, WriteOpts};
-use crate::snapshot::uffd::{LazyLoader, LazyOpts, LazyStats};
+use crate::snapshot::uffd::{HugeFill, LazyLoader, LazyOpts, LazyStats};
 use crate::snapshot::{PageBitmap, SnapshotDir, TmpDir};
 
 /// Errors of snapshot and restore.
@@ -171,6 +171,26 @@ pub struct RestoreOpts {
     /// Track the guest's writes from the resume on ([`crate::snapshot::dirty`]),
     /// so that a later [`Vm::snapshot_with`] can write an incremental layer.
     pub track_writes: bool,
+    /// How a lazy restore fills hugetlb memory; `None`: the
+    /// [`HUGE_FILL_ENV`](crate::snapshot::uffd::HUGE_FILL_ENV) variable, else
+    /// the default ([`HugeFill`]).
+    pub huge_fill: Option<HugeFill>,
+}
+
+/// Where the time of a restore went, cumulative from the call (see
+/// [`RestoreStats::phases`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestorePhases {
+    /// `state.bin` read and checked.
+    pub state: Duration,
+    /// KVM VM created, guest memory mapped (hugetlb: reserved) and
+    /// registered as memory slots.
+    pub shell: Duration,
+    /// Memory file and layer chain checked; memory read (eager) or the
+    /// lazy loader registered with userfaultfd and started.
+    pub memory: Duration,
+    /// Clocks, interrupt controllers, vCPUs and devices restored.
+    pub vcpus: Duration,
 }
 
 /// The layer a write-tracking VM was resumed from: the parent of its next
@@ -197,6 +217,10 @@ pub struct RestoreStats {
     pub bytes_stored: u64,
     /// Pages in the recorded working set.
     pub working_set_pages: u64,
+    /// How hugetlb memory was filled (lazy restores on hugetlb only).
+    pub huge_fill: Option<HugeFill>,
+    /// Where the time to running went.
+    pub phases: RestorePhases,
 }
 
 /// Memory regions of `mem` as the memory file lays them out (back to back).
@@ -546,8 +570,8 @@ impl Vm {
         ropts: RestoreOpts,
     ) -> Result<(Vm, RestoreStats), Error> {
         let t0 = Instant::now();
-        let snap = SnapshotDir::open(dir).map_err(PersistError::from)?;
-        let st: VmState = snap.load_state().map_err(PersistError::from)?;
+        let (snap, st): (_, VmState) =
+            SnapshotDir::open_and_load(dir).map_err(PersistError::from)?;
         if let Some(w) = vcpus {
             if w as usize != st.vcpus.len() {
                 return Err(PersistError::VcpuMismatch {
@@ -611,9 +635,15 @@ impl Vm {
             RestoreMode::Lazy => {
                 let opts = LazyOpts {
                     track_writes: ropts.track_writes,
+                    huge_fill: ropts.huge_fill.unwrap_or_else(HugeFill::from_env),
                     ..LazyOpts::default()
                 };
-                let l = LazyLoader::start_chain(chain, regions.clone(), opts)
+                let memfds = if backing == memory::MemoryBacking::Hugetlb {
+                    memory::memfds(&shell.mem)
+                } else {
+                    Vec::new()
+                };
+                let l = LazyLoader::start_chain_on(chain, regions.clone(), opts, memfds)
                     .map_err(PersistError::from)?;
                 tracking = l.tracks_writes();
                 Some(l)
@@ -745,6 +775,8 @@ impl Vm {
             to_running: Duration::ZERO,
             bytes_stored: st.memory.bytes_stored,
             working_set_pages: st.memory.working_set.count_ones() as u64,
+            huge_fill: lazy.as_ref().and_then(|l| l.huge_fill()),
+            phases: RestorePhases::default(),
         };
         let t_vcpus = t0.elapsed();
         let mut vm = Vm::start(shell, devices, virtio, fds, config)?;
@@ -766,6 +798,12 @@ impl Vm {
             vm,
             RestoreStats {
                 to_running: t0.elapsed(),
+                phases: RestorePhases {
+                    state: t_state,
+                    shell: t_shell,
+                    memory: t_mem,
+                    vcpus: t_vcpus,
+                },
                 ..stats
             },
         ))
