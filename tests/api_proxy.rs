@@ -483,10 +483,8 @@ fn pause_and_kill_reach_every_process_the_agent_started() {
     // An orphan in its own session, still in the agent's tree.
     assert!(!process_dead(pid));
 
-    assert_eq!(
-        s.post(&format!("/sandboxes/{id}/pause"), json!({})).status,
-        204
-    );
+    let r = s.post(&format!("/sandboxes/{id}/pause"), json!({}));
+    assert_eq!(r.status, 204, "{} / log:\n{}", r.body, s.log());
     assert_eq!(proc_state(pid), Some('T'), "not stopped by the pause");
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({}));
     assert_eq!(r.status, 201, "{}", r.body);
