@@ -879,7 +879,10 @@ mod real {
             None,
             paths,
             backing,
-            vmm::RestoreOpts { track_writes },
+            vmm::RestoreOpts {
+                track_writes,
+                ..Default::default()
+            },
         )
         .map_err(|e| Error::Vm(crate::error_chain(&e)))?;
         Ok(Box::new(RealVm {
