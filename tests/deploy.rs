@@ -6,8 +6,8 @@
 //! timeouts, secrets). This test runs it, checks that every flag the files
 //! pass to `stasis serve` is one `stasis serve --help` lists (so the files
 //! don't rot), that the drain fits the scheduler's kill timeout, and that
-//! the health-check path answers on a real `stasis serve` without the API
-//! key. Neither Nomad nor Kubernetes runs here (neither is installable
+//! the health-check path answers on a real `stasis serve` (with a static
+//! pool on a throwaway PostgreSQL) without the API key. Neither Nomad nor Kubernetes runs here (neither is installable
 //! offline): this proves the files are well-formed and consistent with the
 //! binary, not that a cluster runs them.
 //!
@@ -16,6 +16,9 @@
 //! banner under STASIS_ALLOW_SKIP=1.
 
 mod api_support;
+mod common;
+#[path = "common/postgres.rs"]
+mod pg;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -250,6 +253,11 @@ fn validator_rejects_broken_files() {
 
 #[test]
 fn health_probe_answers_without_the_api_key_and_pool_flags_are_checked() {
+    let test = "health_probe_answers_without_the_api_key_and_pool_flags_are_checked";
+    // A pool keeps its sandboxes' ownership in PostgreSQL.
+    let Some(pg) = pg::Postgres::start_or_skip(test) else {
+        return;
+    };
     let tmp = tmpdir();
     let key = tmp.path().join("api-key");
     std::fs::write(&key, "deploy-test-key-0123456789\n").unwrap();
@@ -270,6 +278,8 @@ fn health_probe_answers_without_the_api_key_and_pool_flags_are_checked() {
             "host-a",
             "--pool-advertise",
             "127.0.0.1:3000",
+            "--database",
+            &pg.url,
         ],
     );
     let r = http(s.addr, "GET", "/health", &[], None);
@@ -293,6 +303,15 @@ fn health_probe_answers_without_the_api_key_and_pool_flags_are_checked() {
                 "https://n:4646",
             ][..],
             "--nomad-ca-cert",
+        ),
+        (
+            &[
+                "--pool-discovery",
+                "static",
+                "--pool-hosts",
+                "127.0.0.1:3000",
+            ][..],
+            "needs the shared PostgreSQL metadata store",
         ),
     ] {
         let e = match Server::try_start(&tmp.path().join("data2"), args) {
