@@ -321,6 +321,52 @@ impl Drop for TapNs {
     }
 }
 
+/// Restores `snapshot_dir` lazily (tracking writes) in the jailed sandbox
+/// `s`, then waits until its guest passes round `past` (`what`: for the
+/// failure message).
+async fn restore_until_past(
+    s: &Sandbox,
+    snapshot_dir: PathBuf,
+    net: Option<stasis::vmm::NetAttach>,
+    past: u64,
+    what: &str,
+) {
+    let r = s
+        .worker
+        .request(
+            Request::Restore {
+                backend: BackendKind::Vm,
+                snapshot_dir,
+                mode: RestoreModeSpec::Lazy,
+                console: ConsoleSpec::File(s.dir.join("console.log")),
+                vsock: None,
+                disk_base: None,
+                own_overlay: None,
+                memory_backing: Default::default(),
+                net,
+                track_writes: true,
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Running { .. }), "{what}: {r:?}");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match s.worker.request(Request::Status, T).await.unwrap() {
+            Reply::Status {
+                alive: true,
+                guest: Some(g),
+                ..
+            } if g.round > past => break,
+            Reply::Status { alive: true, .. } => {}
+            other => panic!("guest not running {what}: {other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
     if !common::kvm_or_skip(test) {
         return;
@@ -412,43 +458,7 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
 
     // Resume in a fresh jail (the sandbox dir is handed to the new uid).
     let s2 = spawn_in(&j, &root, name, None, netns).await;
-    let r = s2
-        .worker
-        .request(
-            Request::Restore {
-                backend: BackendKind::Vm,
-                snapshot_dir: snap.clone(),
-                mode: RestoreModeSpec::Lazy,
-                console: ConsoleSpec::File(s2.dir.join("console.log")),
-                vsock: None,
-                disk_base: None,
-                own_overlay: None,
-                memory_backing: Default::default(),
-                net: net.clone(),
-                track_writes: true,
-            },
-            T,
-        )
-        .await
-        .unwrap();
-    assert!(matches!(r, Reply::Running { .. }), "{r:?}");
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        match s2.worker.request(Request::Status, T).await.unwrap() {
-            Reply::Status {
-                alive: true,
-                guest: Some(g),
-                ..
-            } if g.round > before.round => break,
-            Reply::Status { alive: true, .. } => {}
-            other => panic!("restored guest not running: {other:?}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no progress after resume"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    restore_until_past(&s2, snap.clone(), net.clone(), before.round, "after resume").await;
     if let Some(peak) = s2.worker.jail().and_then(|p| p.cgroup.memory_peak()) {
         eprintln!(
             "jailed worker memory peak (64 MiB guest, lazy restore): {} MiB",
@@ -486,43 +496,7 @@ async fn kvm_cycle(test: &str, uid_base: u32, with_net: bool) {
 
     // The child resumes in a third jail that sees its parent read-only.
     let s3 = spawn_ro(&j, &root, name, None, netns, vec![snap.clone()]).await;
-    let r = s3
-        .worker
-        .request(
-            Request::Restore {
-                backend: BackendKind::Vm,
-                snapshot_dir: snap2,
-                mode: RestoreModeSpec::Lazy,
-                console: ConsoleSpec::File(s3.dir.join("console.log")),
-                vsock: None,
-                disk_base: None,
-                own_overlay: None,
-                memory_backing: Default::default(),
-                net: net.clone(),
-                track_writes: true,
-            },
-            T,
-        )
-        .await
-        .unwrap();
-    assert!(matches!(r, Reply::Running { .. }), "{r:?}");
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        match s3.worker.request(Request::Status, T).await.unwrap() {
-            Reply::Status {
-                alive: true,
-                guest: Some(g),
-                ..
-            } if g.round > before2.round => break,
-            Reply::Status { alive: true, .. } => {}
-            other => panic!("guest resumed from the chain not running: {other:?}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no progress after resuming the chain"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    restore_until_past(&s3, snap2, net.clone(), before2.round, "resuming the chain").await;
     let parent_write = probe(
         &s3.worker,
         &format!("write:{}", snap.join("probe.txt").display()),

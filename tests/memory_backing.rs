@@ -317,76 +317,25 @@ fn lazy_restore_on_hugetlb_fills_whole_huge_pages() {
 /// model's checksum, and each resume logs the method it used.
 #[test]
 fn fresh_process_pause_resume_on_hugetlb_with_each_fill() {
-    let _g = serial();
-    if !ready("fresh-process hugetlb fills", 64 << 20) {
-        return;
-    }
-    let mut rng = test_rng("fresh-process hugetlb fills");
-    let w = Workload {
-        report: 50,
-        ..workload(3000, 43)
-    };
-    let dir = common::scratch("backing-fills");
-    let fills = ["", "continue", "copy", "continue"];
-    let console = |i: usize| dir.join(format!("console{i}.txt"));
-    let log = |i: usize| dir.join(format!("log{i}.txt"));
-    let snap = |i: usize| dir.join(format!("snap{i}"));
-    for (i, fill) in fills.iter().enumerate() {
-        let mut cmd = Command::new(BIN);
-        if i == 0 {
-            cmd.args(["run", "--mem", "64M", "--cmdline", &w.cmdline()]);
-        } else {
-            cmd.arg("resume")
-                .arg(snap(i - 1))
-                .arg("--lazy")
-                .env(HUGE_FILL_ENV, fill);
-        }
-        cmd.args(["--memory-backing", "hugetlb"])
-            .arg("--console")
-            .arg(console(i))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log(i)).unwrap());
-        let last = i == fills.len() - 1;
-        if !last {
-            cmd.arg("--snapshot-on-signal").arg(snap(i));
-        }
-        let mut child = cmd.spawn().unwrap();
-        if last {
-            let st = child.wait().unwrap();
-            let text = std::fs::read_to_string(log(i)).unwrap();
-            assert!(st.success(), "{text}");
-        } else {
-            let after = if i == 0 {
-                0
-            } else {
-                last_round(&console(i - 1))
-            } + rng.random_range(1..300);
-            common::wait_for(Duration::from_secs(120), "guest progress", || {
-                last_round(&console(i)) > after || child.try_wait().unwrap().is_some()
-            });
-            assert!(child.try_wait().unwrap().is_none(), "guest finished early");
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-            assert!(child.wait().unwrap().success());
-            assert!(snap(i).join("state.bin").is_file());
-        }
-        let text = std::fs::read_to_string(log(i)).unwrap();
-        assert!(text.contains("hugetlb memory"), "process {i}:\n{text}");
-        if i > 0 {
-            let want = format!("filled with UFFDIO_{}", fill.to_uppercase());
-            assert!(
-                text.contains(&want),
-                "process {i} does not log {want:?}:\n{text}"
-            );
-        }
-    }
-    let text = std::fs::read_to_string(console(fills.len() - 1)).unwrap();
-    assert_eq!(
-        guest::parse_checksum(&text),
-        Some(guest::reference(&w).checksum),
-        "{text}"
+    let steps = ["", "continue", "copy", "continue"].map(|fill| Step {
+        backing: "hugetlb",
+        fill,
+    });
+    fresh_process_chain(
+        "fresh-process hugetlb fills",
+        43,
+        &steps,
+        |i, step, text| {
+            assert!(text.contains("hugetlb memory"), "process {i}:\n{text}");
+            if i > 0 {
+                let want = format!("filled with UFFDIO_{}", step.fill.to_uppercase());
+                assert!(
+                    text.contains(&want),
+                    "process {i} does not log {want:?}:\n{text}"
+                );
+            }
+        },
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// One flipped byte in a present page of `memory.bin`: a lazy resume on
@@ -477,33 +426,59 @@ fn last_round(console: &Path) -> u64 {
 /// one finishes with the model's checksum. Each process logs its backing.
 #[test]
 fn fresh_process_chain_across_backings() {
+    let steps = ["hugetlb", "thp", "4k", "hugetlb"].map(|backing| Step { backing, fill: "" });
+    fresh_process_chain("fresh-process chain", 41, &steps, |i, step, text| {
+        let b = step.backing;
+        assert!(
+            text.contains(&format!("{b} memory")),
+            "process {i} does not log its backing {b}:\n{text}"
+        );
+    });
+}
+
+/// One process of [`fresh_process_chain`]: its `--memory-backing` and, for
+/// a resume, its hugetlb fill method (`STASIS_HUGETLB_FILL`; "" for the
+/// default).
+struct Step {
+    backing: &'static str,
+    fill: &'static str,
+}
+
+/// Runs the workload in a chain of fresh processes: the first `stasis run`,
+/// each next one a lazy `stasis resume` of the previous one's snapshot,
+/// every process but the last paused at a seeded random round by a signal;
+/// the last finishes with the model's checksum. `check(i, step, log)` reads
+/// each process's log.
+fn fresh_process_chain(test: &str, seed: u64, steps: &[Step], check: impl Fn(usize, &Step, &str)) {
     let _g = serial();
-    if !ready("fresh-process chain", 64 << 20) {
+    if !ready(test, 64 << 20) {
         return;
     }
-    let mut rng = test_rng("fresh-process chain");
+    let mut rng = test_rng(test);
     let w = Workload {
         report: 50,
-        ..workload(3000, 41)
+        ..workload(3000, seed)
     };
-    let dir = common::scratch("backing-chain");
-    let chain = ["hugetlb", "thp", "4k", "hugetlb"];
+    let dir = common::scratch(&test.replace(' ', "-"));
     let console = |i: usize| dir.join(format!("console{i}.txt"));
     let log = |i: usize| dir.join(format!("log{i}.txt"));
     let snap = |i: usize| dir.join(format!("snap{i}"));
-    for (i, b) in chain.iter().enumerate() {
+    for (i, step) in steps.iter().enumerate() {
         let mut cmd = Command::new(BIN);
         if i == 0 {
             cmd.args(["run", "--mem", "64M", "--cmdline", &w.cmdline()]);
         } else {
             cmd.arg("resume").arg(snap(i - 1)).arg("--lazy");
         }
-        cmd.args(["--memory-backing", b])
+        if !step.fill.is_empty() {
+            cmd.env(HUGE_FILL_ENV, step.fill);
+        }
+        cmd.args(["--memory-backing", step.backing])
             .arg("--console")
             .arg(console(i))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log(i)).unwrap());
-        let last = i == chain.len() - 1;
+        let last = i == steps.len() - 1;
         if !last {
             cmd.arg("--snapshot-on-signal").arg(snap(i));
         }
@@ -527,13 +502,9 @@ fn fresh_process_chain_across_backings() {
             assert!(child.wait().unwrap().success());
             assert!(snap(i).join("state.bin").is_file());
         }
-        let text = std::fs::read_to_string(log(i)).unwrap();
-        assert!(
-            text.contains(&format!("{b} memory")),
-            "process {i} does not log its backing {b}:\n{text}"
-        );
+        check(i, step, &std::fs::read_to_string(log(i)).unwrap());
     }
-    let text = std::fs::read_to_string(console(chain.len() - 1)).unwrap();
+    let text = std::fs::read_to_string(console(steps.len() - 1)).unwrap();
     assert_eq!(
         guest::parse_checksum(&text),
         Some(guest::reference(&w).checksum),

@@ -102,29 +102,29 @@ impl SnapshotDir {
     /// `memory.bin` and that `state.bin` is a valid container (magic,
     /// version, length, checksum). The body is decoded by [`Self::load_state`].
     pub fn open(path: impl AsRef<Path>) -> Result<SnapshotDir> {
-        let path = path.as_ref();
-        let not = |reason: String| Error::NotASnapshot {
-            path: path.to_owned(),
-            reason,
-        };
-        if !path.is_dir() {
-            return Err(not("not a directory".into()));
-        }
-        for name in [STATE_FILE, MEMORY_FILE] {
-            if !path.join(name).is_file() {
-                return Err(not(format!("missing {name}")));
-            }
-        }
-        format::read_file(&path.join(STATE_FILE)).map_err(|e| not(crate::error_chain(&e)))?;
-        Ok(SnapshotDir {
-            path: path.to_owned(),
-        })
+        Self::open_with(path.as_ref(), |state| format::read_file(state).map(drop))
     }
 
     /// [`Self::open`] and [`Self::load_state`] with one read of
     /// `state.bin` (a resume reads it once).
     pub fn open_and_load<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<(SnapshotDir, T)> {
-        let path = path.as_ref();
+        let mut state = None;
+        let dir = Self::open_with(path.as_ref(), |p| {
+            state = Some(format::read_and_decode(p)?);
+            Ok(())
+        })?;
+        let state = state.ok_or_else(|| Error::NotASnapshot {
+            path: dir.path.clone(),
+            reason: "state.bin was not read".into(),
+        })?;
+        Ok((dir, state))
+    }
+
+    /// The checks of [`Self::open`], with `read` taking `state.bin`.
+    fn open_with(
+        path: &Path,
+        read: impl FnOnce(&Path) -> std::result::Result<(), format::Error>,
+    ) -> Result<SnapshotDir> {
         let not = |reason: String| Error::NotASnapshot {
             path: path.to_owned(),
             reason,
@@ -137,14 +137,10 @@ impl SnapshotDir {
                 return Err(not(format!("missing {name}")));
             }
         }
-        let state = format::read_and_decode(&path.join(STATE_FILE))
-            .map_err(|e| not(crate::error_chain(&e)))?;
-        Ok((
-            SnapshotDir {
-                path: path.to_owned(),
-            },
-            state,
-        ))
+        read(&path.join(STATE_FILE)).map_err(|e| not(crate::error_chain(&e)))?;
+        Ok(SnapshotDir {
+            path: path.to_owned(),
+        })
     }
 
     /// Reads and decodes `state.bin` into the VMM's state type. Any failure

@@ -1534,58 +1534,17 @@ impl Shared {
         self.stats
             .pages_verified
             .fetch_add(present as u64, Ordering::Relaxed);
-        let mut again = 0u32;
-        loop {
-            match ioctl_fill(
-                self.fd(),
-                dst,
-                Some(buf.map.addr() as *const u8),
-                len,
-                self.copy_mode,
-            ) {
-                Ok(_) => {
-                    let counter = match (who, present) {
-                        (_, 0) => &self.stats.pages_zero_filled,
-                        (Who::Prefetch, _) => &self.stats.pages_prefetched,
-                        _ => &self.stats.pages_demand,
-                    };
-                    counter.fetch_add(
-                        if present == 0 { HUGE_PAGES } else { present } as u64,
-                        Ordering::Relaxed,
-                    );
-                    self.stats
-                        .bytes_copied
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                    self.mark_filled(b0, b1);
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    self.stats
-                        .pages_already_filled
-                        .fetch_add(HUGE_PAGES as u64, Ordering::Relaxed);
-                    self.mark_filled(b0, b1);
-                    let _ = self.uffd.wake(dst as *mut libc::c_void, len);
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < MAX_EAGAIN => {
-                    again += 1;
-                    std::thread::yield_now();
-                }
-                Err(_) if self.released.load(Ordering::SeqCst) => {
-                    let _ = self.uffd.wake(dst as *mut libc::c_void, len);
-                    return Ok(());
-                }
-                Err(source) => {
-                    return Err(Error::Fill {
-                        op: "UFFDIO_COPY (2 MiB)",
-                        addr: dst,
-                        len,
-                        file_offset: (b0 as u64) << PAGE_SHIFT,
-                        source,
-                    })
-                }
-            }
-        }
+        let src = buf.map.addr() as *const u8;
+        self.finish_huge(who, (b0, b1), (dst, len), present, len, || {
+            ioctl_fill(self.fd(), dst, Some(src), len, self.copy_mode)
+        })
+        .map_err(|source| Error::Fill {
+            op: "UFFDIO_COPY (2 MiB)",
+            addr: dst,
+            len,
+            file_offset: (b0 as u64) << PAGE_SHIFT,
+            source,
+        })
     }
 
     /// hugetlb with `UFFDIO_CONTINUE`: unless another thread claimed the
@@ -1668,9 +1627,43 @@ impl Shared {
         self.stats
             .pages_verified
             .fetch_add(present as u64, Ordering::Relaxed);
+        self.finish_huge(
+            who,
+            (b0, b1),
+            (dst, len),
+            present,
+            present * PAGE_SIZE,
+            || ioctl_continue(self.fd(), dst, len, self.copy_mode),
+        )
+        .map_err(|source| {
+            self.punch(c, ri, boff, len);
+            Error::Fill {
+                op: "UFFDIO_CONTINUE (2 MiB)",
+                addr: dst,
+                len,
+                file_offset: (b0 as u64) << PAGE_SHIFT,
+                source,
+            }
+        })
+    }
+
+    /// Drives one 2 MiB fill (`op`: UFFDIO_COPY or UFFDIO_CONTINUE of
+    /// `len` bytes at `dst`, blocks `b0..b1`, `present` pages of data,
+    /// `bytes` moved) to its end: done (counted, blocks marked filled);
+    /// filled by another thread first (EEXIST); retried on EAGAIN; given up
+    /// quietly once the loader is released. Err: the ioctl's error.
+    fn finish_huge(
+        &self,
+        who: Who,
+        (b0, b1): (usize, usize),
+        (dst, len): (usize, usize),
+        present: usize,
+        bytes: usize,
+        mut op: impl FnMut() -> std::io::Result<usize>,
+    ) -> std::io::Result<()> {
         let mut again = 0u32;
         loop {
-            match ioctl_continue(self.fd(), dst, len, self.copy_mode) {
+            match op() {
                 Ok(_) => {
                     let counter = match (who, present) {
                         (_, 0) => &self.stats.pages_zero_filled,
@@ -1683,7 +1676,7 @@ impl Shared {
                     );
                     self.stats
                         .bytes_copied
-                        .fetch_add((present * PAGE_SIZE) as u64, Ordering::Relaxed);
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
                     self.mark_filled(b0, b1);
                     return Ok(());
                 }
@@ -1703,16 +1696,7 @@ impl Shared {
                     let _ = self.uffd.wake(dst as *mut libc::c_void, len);
                     return Ok(());
                 }
-                Err(source) => {
-                    self.punch(c, ri, boff, len);
-                    return Err(Error::Fill {
-                        op: "UFFDIO_CONTINUE (2 MiB)",
-                        addr: dst,
-                        len,
-                        file_offset: (b0 as u64) << PAGE_SHIFT,
-                        source,
-                    });
-                }
+                Err(source) => return Err(source),
             }
         }
     }
