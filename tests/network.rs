@@ -782,9 +782,11 @@ fn vm_with_a_network_device_snapshots_and_restores_onto_a_new_tap() {
         .net
         .setup(slot, &GuestLink::Tap, &EgressRules::open())
         .unwrap();
+    // Long enough that the guest is still running when the test pauses it
+    // at round 2 (200 rounds could end first on an idle machine).
     let work = Workload {
         mib: 8,
-        rounds: 200,
+        rounds: 2000,
         seed: 11,
         report: 0,
         base_mib: 16,
