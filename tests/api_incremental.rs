@@ -26,7 +26,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use api_support::{check_paused, snapshot_chain, wait_until, Server};
+use api_support::{check_paused, snapshot_chain, Server};
 use serde_json::json;
 use stasis::snapshot::layers::{ChainFile, MAX_CHAIN_DEPTH};
 
@@ -105,19 +105,6 @@ fn state(dir: &Path) -> stasis::vmm::VmState {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
-fn wait_round(s: &Server, id: &str, min: u64) -> u64 {
-    let mut last = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            last = s.round_opt(id);
-            last.is_some_and(|r| r >= min)
-        }),
-        "{id}: guest round {last:?}, waited for {min}; log:\n{}",
-        s.log()
-    );
-    last.unwrap()
-}
-
 /// What one pause left: the layer count and page bytes the API reports.
 struct Paused {
     layers: u64,
@@ -186,7 +173,7 @@ fn resume_past(s: &Server, id: &str, at_pause: u64) {
         first >= at_pause,
         "resumed at round {first}, paused at {at_pause}"
     );
-    wait_round(s, id, at_pause + 1000);
+    s.wait_round(id, at_pause + 1000, PATIENCE);
 }
 
 #[test]
@@ -217,7 +204,7 @@ fn vm_incremental_pause_through_the_api() {
     let id = s.create(json!({"templateID": "hot", "timeout": 300}));
     let sandbox = data.join("sandboxes").join(&id);
     let mut model = Model::new();
-    wait_round(&s, &id, 1000);
+    s.wait_round(&id, 1000, PATIENCE);
 
     // A booted sandbox pauses fully.
     let first = pause_and_check(&s, &id, &mut model);
@@ -253,7 +240,7 @@ fn vm_incremental_pause_through_the_api() {
     assert_eq!(s.worker_pid(&id), Some(pid), "the same worker goes on");
     assert_eq!(snapshot_entries(&sandbox), before, "a half layer was left");
     let r0 = s.round(&id);
-    wait_round(&s, &id, r0 + 1000);
+    s.wait_round(&id, r0 + 1000, PATIENCE);
     std::fs::remove_file(sandbox.join(FAIL_FILE)).unwrap();
 
     // MAX_CHAIN_DEPTH + 1 more pauses: the chain grows to its limit, then

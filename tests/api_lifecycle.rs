@@ -78,19 +78,6 @@ impl Backend {
 }
 
 /// Waits until the guest has published round `min` or more; returns it.
-fn wait_round(s: &Server, id: &str, min: u64, b: Backend) -> u64 {
-    let mut last = None;
-    assert!(
-        wait_until(b.patience(), || {
-            last = s.round_opt(id);
-            last.is_some_and(|r| r >= min)
-        }),
-        "{id}: guest round {last:?}, waited for {min}; log:\n{}",
-        s.log()
-    );
-    last.unwrap()
-}
-
 /// Connects to a paused sandbox and checks that its guest goes on from
 /// `at_pause`: its round at resume is at least that, then it advances.
 fn resume_and_check(s: &Server, id: &str, at_pause: u64, b: Backend) {
@@ -101,7 +88,7 @@ fn resume_and_check(s: &Server, id: &str, at_pause: u64, b: Backend) {
         first >= at_pause,
         "{id} resumed at round {first}, paused at {at_pause}"
     );
-    wait_round(s, id, at_pause + 3, b);
+    s.wait_round(id, at_pause + 3, b.patience());
 }
 
 fn timeout_expiry_kills(b: Backend) {
@@ -260,14 +247,14 @@ fn restart_after_kill9(b: Backend, n_paused: usize, n_running: usize) {
         .collect();
     let mut rounds = Vec::new();
     for id in &paused {
-        wait_round(&s, id, 3, b);
+        s.wait_round(id, 3, b.patience());
         let pid = s.worker_pid(id);
         let r = s.post(&format!("/sandboxes/{id}/pause"), json!({}));
         assert_eq!(r.status, 204, "{} / log:\n{}", r.body, s.log());
         rounds.push(check_paused(&s, id, pid));
     }
     for id in &running {
-        wait_round(&s, id, 1, b);
+        s.wait_round(id, 1, b.patience());
     }
     let pids: Vec<i32> = running.iter().map(|id| s.worker_pid(id).unwrap()).collect();
 
@@ -356,7 +343,7 @@ fn graceful_drain(b: Backend, n_running: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = b.start(&tmp, &[]);
     let was_paused = s.create(json!({"templateID": "base"}));
-    wait_round(&s, &was_paused, 3, b);
+    s.wait_round(&was_paused, 3, b.patience());
     let pid = s.worker_pid(&was_paused);
     assert_eq!(
         s.post(&format!("/sandboxes/{was_paused}/pause"), json!({}))
@@ -368,7 +355,7 @@ fn graceful_drain(b: Backend, n_running: usize) {
         .map(|_| s.create(json!({"templateID": "base"})))
         .collect();
     for id in &ids {
-        wait_round(&s, id, 3, b);
+        s.wait_round(id, 3, b.patience());
     }
     let pids: Vec<i32> = ids.iter().map(|id| s.worker_pid(id).unwrap()).collect();
     let before: Vec<u64> = ids.iter().map(|id| s.round(id)).collect();

@@ -77,19 +77,6 @@ impl Setup {
     }
 }
 
-fn wait_round(s: &Server, id: &str, min: u64) -> u64 {
-    let mut last = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            last = s.round_opt(id);
-            last.is_some_and(|r| r >= min)
-        }),
-        "{id}: guest round {last:?}, waited for {min}; log:\n{}",
-        s.log()
-    );
-    last.unwrap()
-}
-
 fn pause(s: &Server, id: &str, sync: bool) {
     let started = Instant::now();
     let r = s.post(&format!("/sandboxes/{id}/pause"), json!({ "sync": sync }));
@@ -137,7 +124,7 @@ fn vm_async_pause_answers_before_the_snapshot_is_durable() {
     let s = st.start_vm();
     let id = s.create(json!({"templateID": "base"}));
     let pid = s.worker_pid(&id).unwrap();
-    wait_round(&s, &id, 2);
+    s.wait_round(&id, 2, PATIENCE);
 
     pause(&s, &id, false);
     let d = s.info(&id).json();
@@ -173,7 +160,7 @@ fn vm_async_pause_answers_before_the_snapshot_is_durable() {
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
     assert_ne!(s.worker_pid(&id), Some(pid), "resumed by a new worker");
     assert!(s.round(&id) >= at_pause);
-    wait_round(&s, &id, at_pause + 3);
+    s.wait_round(&id, at_pause + 3, PATIENCE);
     assert_eq!(durable(&s, &id), None, "running: no snapshot to speak of");
 }
 
@@ -192,7 +179,7 @@ fn vm_connect_during_the_write_resumes_from_memory() {
     let s = st.start_vm();
     let id = s.create(json!({"templateID": "base"}));
     let pid = s.worker_pid(&id).unwrap();
-    wait_round(&s, &id, 2);
+    s.wait_round(&id, 2, PATIENCE);
     pause(&s, &id, false);
     let at_pause = s.info(&id).json()["stasis"]["pausedAtRound"]
         .as_u64()
@@ -211,7 +198,7 @@ fn vm_connect_during_the_write_resumes_from_memory() {
     );
     assert!(d["stasis"]["snapshotDurable"].is_null(), "{d}");
     assert!(s.round(&id) >= at_pause);
-    let later = wait_round(&s, &id, at_pause + 3);
+    let later = s.wait_round(&id, at_pause + 3, PATIENCE);
     assert!(
         complete_snapshots(&st.data(), &id).is_empty(),
         "the abandoned write left a snapshot"
@@ -236,7 +223,7 @@ fn vm_connect_during_the_write_resumes_from_memory() {
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
     assert!(s.round(&id) >= at_second);
-    wait_round(&s, &id, at_second + 3);
+    s.wait_round(&id, at_second + 3, PATIENCE);
 }
 
 /// A second pause during the write reuses the first: `sync: false` answers
@@ -250,7 +237,7 @@ fn vm_second_pause_during_the_write_reuses_it() {
     let s = st.start_vm();
     let id = s.create(json!({"templateID": "base"}));
     let pid = s.worker_pid(&id).unwrap();
-    wait_round(&s, &id, 2);
+    s.wait_round(&id, 2, PATIENCE);
     pause(&s, &id, false);
     pause(&s, &id, false);
     assert_eq!(durable(&s, &id), Some(false));
@@ -301,7 +288,7 @@ fn vm_shutdown_waits_for_the_background_write() {
     let st = Setup::new();
     let mut s = st.start_vm();
     let id = s.create(json!({"templateID": "base"}));
-    wait_round(&s, &id, 2);
+    s.wait_round(&id, 2, PATIENCE);
     pause(&s, &id, false);
     let at_pause = s.info(&id).json()["stasis"]["pausedAtRound"]
         .as_u64()
@@ -331,7 +318,7 @@ fn vm_shutdown_waits_for_the_background_write() {
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
     assert!(s.round(&id) >= at_pause);
-    wait_round(&s, &id, at_pause + 3);
+    s.wait_round(&id, at_pause + 3, PATIENCE);
 }
 
 /// A crash (kill -9) before the snapshot is durable loses the sandbox
@@ -347,8 +334,8 @@ fn vm_crash_before_durability_loses_the_sandbox_like_a_running_one() {
     let a = s.create(json!({"templateID": "base"}));
     let b = s.create(json!({"templateID": "base"}));
     let b_pid = s.worker_pid(&b).unwrap();
-    wait_round(&s, &a, 1);
-    wait_round(&s, &b, 1);
+    s.wait_round(&a, 1, PATIENCE);
+    s.wait_round(&b, 1, PATIENCE);
     pause(&s, &a, false);
     pause(&s, &b, false);
     // Kill during the write: the held worker goes, the sandbox with it.
@@ -436,7 +423,7 @@ fn vm_connect_racing_a_running_write_leaves_no_partial_snapshot() {
     // Nothing is held in this test.
     st.release_writes();
     let pid = s.worker_pid(&id).unwrap();
-    wait_round(&s, &id, 2);
+    s.wait_round(&id, 2, PATIENCE);
     pause(&s, &id, false);
     let at_pause = s.info(&id).json()["stasis"]["pausedAtRound"]
         .as_u64()
@@ -444,7 +431,7 @@ fn vm_connect_racing_a_running_write_leaves_no_partial_snapshot() {
     let r = s.post(&format!("/sandboxes/{id}/connect"), json!({"timeout": 120}));
     assert_eq!(r.status, 201, "{} / log:\n{}", r.body, s.log());
     assert_eq!(s.worker_pid(&id), Some(pid), "resumed from memory");
-    wait_round(&s, &id, at_pause + 2);
+    s.wait_round(&id, at_pause + 2, PATIENCE);
     let names: Vec<String> = std::fs::read_dir(st.data().join("sandboxes").join(&id))
         .unwrap()
         .flatten()

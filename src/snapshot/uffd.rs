@@ -2191,6 +2191,14 @@ mod tests {
         path: std::path::PathBuf,
     }
 
+    /// Inverts the byte at `off` of the file at `path`.
+    fn flip_byte(path: &Path, off: u64) {
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, off).unwrap();
+        f.write_all_at(&[!b[0]], off).unwrap();
+    }
+
     fn make_image(sizes: &[usize], ws: impl Fn(usize) -> bool) -> Image {
         let maps: Vec<AnonMapping> = sizes
             .iter()
@@ -2611,14 +2619,7 @@ mod tests {
             let img = make_image(&[2 * MIB], |_| false);
             let p = img.meta.present.iter_ones().nth(100).unwrap();
             let off = (p * PAGE_SIZE + 77) as u64;
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .open(&img.path)
-                .unwrap();
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, off).unwrap();
-            f.write_all_at(&[!b[0]], off).unwrap();
+            flip_byte(&img.path, off);
             let (_maps, regions) = fresh(&img);
             let opts = LazyOpts {
                 prefetch,
@@ -2827,14 +2828,7 @@ mod tests {
             let img = make_image(&[4 * MIB], |_| false);
             let p = img.meta.present.iter_ones().nth(600).unwrap();
             let off = (p * PAGE_SIZE + 13) as u64;
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .open(&img.path)
-                .unwrap();
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, off).unwrap();
-            f.write_all_at(&[!b[0]], off).unwrap();
+            flip_byte(&img.path, off);
             let Some((_maps, regions, files)) = huge_fresh(&img) else {
                 return;
             };

@@ -161,6 +161,21 @@ impl Server {
         self.info(id).json()["stasis"]["guestRound"].as_u64()
     }
 
+    /// Waits (at most `secs`) until the guest's round is at least `min`;
+    /// returns the round seen. Fails with the server's log otherwise.
+    pub fn wait_round(&self, id: &str, min: u64, secs: u64) -> u64 {
+        let mut last = None;
+        assert!(
+            wait_until(secs, || {
+                last = self.round_opt(id);
+                last.is_some_and(|r| r >= min)
+            }),
+            "{id}: guest round {last:?}, waited for {min}; log:\n{}",
+            self.log()
+        );
+        last.unwrap()
+    }
+
     pub fn worker_pid(&self, id: &str) -> Option<i32> {
         self.info(id).json()["stasis"]["workerPid"]
             .as_i64()
