@@ -86,8 +86,6 @@ pub struct Pool {
     heartbeats: Option<Arc<dyn HeartbeatStore>>,
     sample: usize,
     ttl: Duration,
-    /// The address other hosts reach this one at (`--pool-advertise`).
-    pub advertise: Option<String>,
     draining: AtomicBool,
     cache: Option<ChunkCache>,
     rng: StdMutex<StdRng>,
@@ -166,7 +164,6 @@ impl Pool {
             heartbeats,
             sample: args.pool_sample,
             ttl: Duration::from_secs(args.pool_heartbeat_ttl_secs),
-            advertise: args.pool_advertise.clone(),
             draining: AtomicBool::new(false),
             cache,
             rng: StdMutex::new(StdRng::from_os_rng()),
@@ -197,11 +194,6 @@ impl Pool {
             .map_err(|e| unavailable(e.to_string()))?
             .map_err(unavailable)?;
         Ok(discovery::merge(found, &beats))
-    }
-
-    /// How long a host's heartbeat counts.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
     }
 }
 
