@@ -15,8 +15,10 @@
 //! `allow_internet_access=False` block it, it works again after the resume,
 //! two sandboxes cannot reach each other, and throughput, latency and the
 //! first request after the resume are measured (`PROOF: NET` lines). Signed
-//! URLs, `get_metrics()` and the logs route are checked against the VM
-//! (`PROOF: FIDELITY` lines).
+//! URLs, `get_metrics()`, the logs route, the agent's behaviours (remove of
+//! a missing path, directory modes, gzip both ways) and a WebSocket through
+//! the proxy to a server in the guest are checked against the VM (`PROOF:
+//! FIDELITY` lines).
 //!
 //! Route: on a host whose KVM runs ring 0 natively (`STASIS_NATIVE_KVM=1`),
 //! the server runs here. Otherwise (our machines, docs/host-kvm.md) it runs
@@ -149,6 +151,8 @@ fn linux_sandbox_through_the_sdk_survives_pause_and_resume() {
             "PROOF: SUMMARY",
             "PROOF: NET-SUMMARY",
             "PROOF: FIDELITY logs",
+            "PROOF: FIDELITY agent",
+            "PROOF: FIDELITY a WebSocket",
         ]
         .into_iter()
         .find(|m| !proof.iter().any(|l| l.starts_with(m)))

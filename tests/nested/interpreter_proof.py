@@ -8,7 +8,9 @@ the domain with STASIS_TLS_IP (where the server's TLS listener is reached).
 
 Flow: create -> run_code('x = 41') -> a pandas DataFrame -> beta_pause ->
 (a fresh process) Sandbox.connect -> run_code('x + 1') == 42, the DataFrame
-and the contexts are the same -> the image's tools through commands -> the
+and the contexts are the same -> the same flow through the real JS SDK
+(interpreter_proof.mjs in node: connect, runCode, betaPause, connect,
+runCode) -> the image's tools through commands -> the
 interpreter service killed inside the guest is restarted by init -> kill.
 
 Run by tests/linux_interpreter.rs as the client of tests/nested/run-l1.sh's
@@ -143,6 +145,8 @@ def first_process():
             f"SUMMARY create {create_s:.2f} s, create -> first result {first_s:.2f} s, "
             f"1+1 round trip {rt_ms:.0f} ms (median), DataFrame {df_mib:.0f} MiB, pause {pause_s:.2f} s, "
             f"connect {res['connect_s']:.2f} s, connect -> next result {res['next_s']:.2f} s, "
+            f"JS SDK pause {res['js']['pause_s']:.2f} s, connect {res['js']['connect_s']:.2f} s, "
+            f"next result {res['js']['next_s']:.2f} s, "
             f"interpreter restarted by init in {res['restart_s']:.2f} s"
         )
     finally:
@@ -169,6 +173,8 @@ def resuming_process(sandbox_id, expect):
     assert contexts == expect["contexts"], (contexts, expect["contexts"])
     proof(f"after the resume: the DataFrame (sum {df_sum}) and the contexts {contexts} are the same")
 
+    js = js_flow(sandbox_id)
+
     # The image is the one users expect (through the agent, also over TLS).
     r = sbx.commands.run(
         "id -un; sudo -n id -un; python --version; pip --version | cut -d' ' -f1-2; "
@@ -189,8 +195,33 @@ def resuming_process(sandbox_id, expect):
                "the interpreter after it was killed")
     restart_s = time.monotonic() - t
     proof(f"the interpreter service was killed in the guest and answered again after {restart_s:.2f} s")
-    print("RESUMED " + json.dumps({"connect_s": connect_s, "next_s": next_s, "restart_s": restart_s}),
-          flush=True)
+    print("RESUMED " + json.dumps({"connect_s": connect_s, "next_s": next_s, "restart_s": restart_s,
+                                   "js": js}), flush=True)
+
+
+def js_flow(sandbox_id):
+    """The same flow through the real JS SDK (interpreter_proof.mjs), in node:
+    connect, runCode, betaPause, connect, runCode; its result as a dict."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    js_dir = os.environ.get("STASIS_JS_SDK_DIR") or os.path.join(here, "..", "..", "target", "sdk-node")
+    assert os.path.isdir(os.path.join(js_dir, "node_modules", "novita-sandbox")), \
+        f"no JS SDK in {js_dir} (tests/js/install-sdk.sh installs it; STASIS_JS_SDK_DIR names another)"
+    # ES modules resolve packages from their own directory: run the script
+    # from the one the SDK was installed in.
+    script = os.path.join(js_dir, "stasis-interpreter-proof.mjs")
+    with open(os.path.join(here, "interpreter_proof.mjs")) as src, open(script, "w") as dst:
+        dst.write(src.read())
+    env = dict(os.environ, NODE_EXTRA_CA_CERTS=os.environ["SSL_CERT_FILE"])
+    out = subprocess.run(
+        [os.environ.get("STASIS_NODE", "node"), "--require",
+         os.path.join(here, "..", "interpreter", "sdk", "dns-standin.js"), script, sandbox_id],
+        env=env, cwd=js_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=4 * RT,
+    )
+    sys.stdout.write(out.stdout)
+    ok = [line for line in out.stdout.splitlines() if line.startswith("JS-PROOF-OK ")]
+    assert out.returncode == 0 and ok, f"the JS SDK's flow failed (node exit {out.returncode})"
+    return json.loads(ok[-1][len("JS-PROOF-OK "):])
 
 
 if __name__ == "__main__":

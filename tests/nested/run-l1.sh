@@ -793,6 +793,7 @@ EOF
     qemu=(qemu-system-x86_64 -accel tcg -cpu max -m "$l1_mem" -smp "$l1_smp"
         -nographic -no-reboot -nodefaults
         -serial stdio -serial "file:$kernlog" -serial "file:$hb"
+        -monitor "unix:$work/qemu.mon,server=on,wait=off"
         -kernel "$l1k/vmlinuz" -initrd "$work/l1.cpio"
         -append "${STASIS_L1_APPEND:-console=ttyS1 panic=-1 quiet}"
         "${net[@]}" "${qemu_extra[@]}")
@@ -806,12 +807,43 @@ EOF
     # Watchdog: an L1 whose heartbeat goes quiet for a minute (or that wrote
     # none two minutes after the start) has stopped running; QEMU is stopped
     # then rather than at the hard timeout.
+    quiet_limit="${STASIS_L1_QUIET_LIMIT:-60}"
+    echo 0 >"$work/longest-quiet"
     (
+        longest=0
         while kill -0 "$qpid" 2>/dev/null; do
             now=$(date +%s)
             if [[ -s "$hb" ]]; then
                 quiet=$((now - $(stat -c %Y "$hb")))
-                limit=60
+                limit=$quiet_limit
+                if ((quiet > longest)); then
+                    longest=$quiet
+                    echo "$longest" >"$work/longest-quiet"
+                    ((quiet < 20)) || echo "run-l1: L1 heartbeat quiet for ${quiet}s (at $((SECONDS - t_start))s)" >&2
+                    # Where L1's vCPUs are while it is quiet (QEMU's monitor).
+                    ((quiet < 25 || quiet > 45)) || python3 - "$work/qemu.mon" >>"$work/quiet-cpus.log" 2>&1 <<'PY' || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+out = b""
+for cmd in (b"info cpus\n", b"info registers -a\n"):
+    s.sendall(cmd)
+    time.sleep(1)
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+            if len(chunk) < 65536:
+                break
+    except socket.timeout:
+        pass
+print("==== L1 vCPUs at", time.strftime("%H:%M:%S"))
+print(out.decode(errors="replace"))
+PY
+                fi
             else
                 quiet=$((SECONDS - t_start))
                 limit=120
@@ -908,6 +940,11 @@ EOF
         l1_health="L1 stopped running: its last heartbeat came ${hb_age}s before the end"
     fi
 
+    if [[ -s "$work/quiet-cpus.log" ]]; then
+        echo "----- L1 vCPUs while its heartbeat was quiet (QEMU monitor) -----"
+        grep -aE '^====|CPU #|RIP=|CPL=|^CS |HLT|EFER' "$work/quiet-cpus.log" | head -n 60
+        echo "----- end -----"
+    fi
     if [[ -s "$kernlog" ]]; then
         echo "----- L1 kernel log (ttyS1) -----"
         tr -d '\r' <"$kernlog" | tail -n 200 | sed 's/^/[L1-kernel] /'
@@ -919,7 +956,7 @@ EOF
     echo "run-l1: ===== summary ====="
     echo "run-l1: qemu exit: $qemu_rc$qemu_note"
     echo "run-l1: qemu stopped by the harness: $stopped_by_harness"
-    echo "run-l1: L1 heartbeats: $(wc -l <"$hb"), the last ${hb_age}s before the end: $(tail -n1 "$hb" | tr -d '\r')"
+    echo "run-l1: L1 heartbeats: $(wc -l <"$hb"), the last ${hb_age}s before the end: $(tail -n1 "$hb" | tr -d '\r'); longest gap seen ~$(cat "$work/longest-quiet")s (every 5 s expected)"
     echo "run-l1: L1 health: ${l1_health:-no complaint from the L1 kernel, heartbeat regular}"
     if [[ "$scenario" == serve ]]; then
         echo "run-l1: server: ${marker_line:-<never started>}"

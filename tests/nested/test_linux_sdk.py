@@ -14,7 +14,11 @@ sandbox created with `allow_internet_access=False` reaches nothing, and the
 two sandboxes cannot reach each other. And issue 15 where it touches the
 guest: the SDK's signed `download_url`/`upload_url` reach the guest's agent
 (a tampered signature is refused), `get_metrics()` returns samples of the VM,
-and the logs route returns the guest's console lines.
+the logs route returns the guest's console lines, the guest's agent behaves
+as E2B's envd (remove of a missing path succeeds, directory modes without
+the type bit, gzip request bodies in both upload forms, gzip responses, a
+malformed gzip body 400 with no file left), and a WebSocket echo server in
+the guest answers through the proxy.
 
 Run by tests/linux_sdk.rs as the client of tests/nested/run-l1.sh's `serve`
 scenario (stasis serve with a Linux template inside an emulated machine; its
@@ -35,9 +39,14 @@ answer after it, from /proc on this host: a slow answer while QEMU got a small
 share of a core is the emulated machine starved by the host, not stasis.
 """
 
+import base64
+import gzip
+import hashlib
 import json
 import os
 import shlex
+import socket
+import sys
 import time
 import urllib.parse
 import uuid
@@ -46,7 +55,13 @@ import httpx
 import pytest
 
 from novita_sandbox import Sandbox
-from novita_sandbox.core import SandboxQuery, SandboxState
+from novita_sandbox.core import FileType, SandboxQuery, SandboxState
+
+# The fake backend's fidelity suite's sandbox-side servers (a WebSocket echo)
+# and its frame writer, shared rather than copied.
+SDK_FIDELITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk_fidelity")
+sys.path.insert(0, SDK_FIDELITY)
+from sandbox_servers import WS_GUID, frame  # noqa: E402
 
 REQUEST_TIMEOUT = float(os.environ.get("STASIS_PROOF_REQUEST_TIMEOUT", "300"))
 TEMPLATE = os.environ.get("STASIS_PROOF_TEMPLATE", "base")
@@ -325,6 +340,131 @@ def fidelity_checks(sbx, api):
     assert boot, f"no kernel boot line among the first {len(lines)} log lines: {lines[:5]}"
     proof(f"FIDELITY logs: the guest's console, from {boot[0].strip()[:60]!r} (v1, first page) "
           f"to a marker echoed to /dev/console (v2 search)")
+    agent_behaviours(sbx)
+    websocket_echo(sbx)
+
+
+def envd_request(sbx):
+    """The base URL and headers the SDK itself uses for agent requests."""
+    cfg = sbx.connection_config
+    headers = dict(cfg.sandbox_headers)
+    headers["Novita-Sandbox-Id"] = sbx.sandbox_id
+    headers["Novita-Sandbox-Port"] = str(cfg.envd_port)
+    headers["X-Access-Token"] = sbx._envd_access_token
+    return sbx.envd_api_url.rstrip("/"), headers
+
+
+def agent_behaviours(sbx):
+    """Issue 15's agent behaviours, by the guest's own agent: remove of a
+    missing path succeeds, a directory's mode carries no type bit, gzip
+    request bodies (both upload forms) and gzip responses."""
+    rt = REQUEST_TIMEOUT
+    sbx.files.remove("/home/user/no/such/file", request_timeout=rt)
+    sbx.files.write("/home/user/gone.txt", "x", request_timeout=rt)
+    sbx.files.remove("/home/user/gone.txt", request_timeout=rt)
+    sbx.files.remove("/home/user/gone.txt", request_timeout=rt)
+    assert not sbx.files.exists("/home/user/gone.txt", request_timeout=rt)
+
+    r = sbx.commands.run("mkdir -p /home/user/d/sub && chmod 755 /home/user/d && chmod 1777 /home/user/d/sub",
+                         request_timeout=rt)
+    assert r.exit_code == 0, r
+    info = sbx.files.get_info("/home/user/d", request_timeout=rt)
+    assert info.type == FileType.DIR and info.mode == 0o755, (info.type, oct(info.mode))
+    assert info.permissions == "drwxr-xr-x", info.permissions
+    sub = {e.name: e for e in sbx.files.list("/home/user/d", request_timeout=rt)}["sub"]
+    assert sub.mode == 0o777 and sub.permissions == "dtrwxrwxrwx", (oct(sub.mode), sub.permissions)
+
+    data = (b"stasis gzip round trip in a Linux guest " * 4000) + bytes(range(256))
+    path = "/home/user/gz-octet.bin"
+    sbx.files.write(path, data, gzip=True, use_octet_stream=True, request_timeout=rt)
+    assert bytes(sbx.files.read(path, format="bytes", request_timeout=rt)) == data
+    assert bytes(sbx.files.read(path, format="bytes", gzip=True, request_timeout=rt)) == data
+    url, headers = envd_request(sbx)
+    boundary = uuid.uuid4().hex
+    multi = "/home/user/gz-multi.bin"
+    mp = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{multi}\"\r\n"
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(f"{url}/files", content=gzip.compress(mp), timeout=rt,
+                   headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}",
+                            "Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()[0]["path"] == multi, (r.status_code, r.text)
+    r = sbx.commands.run(f"sha256sum {multi}", request_timeout=rt)
+    assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest(), r.stdout
+    r = httpx.post(f"{url}/files", params={"path": "/home/user/bad.bin"}, content=b"not gzip at all",
+                   timeout=rt, headers={**headers, "Content-Type": "application/octet-stream",
+                                        "Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "gzip" in r.json()["message"], (r.status_code, r.text)
+    assert not sbx.files.exists("/home/user/bad.bin", request_timeout=rt)
+    r = httpx.get(f"{url}/files", params={"path": path}, timeout=rt,
+                  headers={**headers, "Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip", (r.status_code, r.headers)
+    assert r.content == data
+    proof(f"FIDELITY agent: remove of a missing path succeeds; directory mode {oct(info.mode)} "
+          f"({info.permissions}); gzip uploads (octet-stream, multipart) and a gzip download of "
+          f"{len(data)} bytes round-trip; a malformed gzip body: 400, no file")
+
+
+def ws_recv(f):
+    b0, b1 = f.read(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(f.read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(f.read(8), "big")
+    return b0 & 0x0F, f.read(n)
+
+
+def websocket_echo(sbx):
+    """Issue 15's WebSocket through the proxy to a server in the Linux guest
+    (the fidelity suite's RFC 6455 echo server, started through the SDK)."""
+    port = 8765
+    with open(os.path.join(SDK_FIDELITY, "sandbox_servers.py")) as f:
+        sbx.files.write("/home/user/sandbox_servers.py", f.read(), request_timeout=REQUEST_TIMEOUT)
+    sbx.commands.run(f"python3 /home/user/sandbox_servers.py ws-echo {port}", background=True, timeout=0,
+                     request_timeout=REQUEST_TIMEOUT)
+    u = urllib.parse.urlsplit(os.environ["NOVITA_SANDBOX_URL"])
+    addr = (u.hostname, u.port or 80)
+
+    def handshake():
+        key = base64.b64encode(os.urandom(16)).decode()
+        s = socket.create_connection(addr, timeout=REQUEST_TIMEOUT)
+        s.sendall((f"GET /chat HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\n"
+                   f"Novita-Sandbox-Id: {sbx.sandbox_id}\r\nNovita-Sandbox-Port: {port}\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        f = s.makefile("rb")
+        status = f.readline().decode()
+        head = {}
+        while True:
+            line = f.readline().decode()
+            if line in ("\r\n", ""):
+                break
+            k, v = line.split(":", 1)
+            head[k.strip().lower()] = v.strip()
+        return s, f, status, head, key
+
+    def up():
+        s, _, status, _, _ = handshake()
+        s.close()
+        return status.startswith("HTTP/1.1 101")
+
+    wait_until(up, 120, "the WebSocket server in the guest")
+    s, f, status, head, key = handshake()
+    try:
+        assert status.startswith("HTTP/1.1 101"), status
+        want = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        assert head["sec-websocket-accept"] == want, head
+        for op, msg in ((1, b"hello"), (1, b"x" * 300), (2, os.urandom(70000))):
+            s.sendall(frame(op, msg, mask=os.urandom(4)))
+            assert ws_recv(f) == (op, b"echo:" + msg)
+        s.sendall(frame(8, b"\x03\xe8", mask=os.urandom(4)))
+        assert ws_recv(f)[0] == 8
+    finally:
+        s.close()
+    proof(f"FIDELITY a WebSocket through the proxy to port {port} in the guest: 101, text and "
+          f"70000-byte binary frames echoed, closed cleanly")
 
 
 def no_internet_and_isolation(first, api):
