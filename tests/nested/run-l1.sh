@@ -119,6 +119,12 @@
 #   STASIS_L1_FWD         serve: more forwarded ports, space separated
 #                         HOSTIP:HOSTPORT-L1PORT (e.g. 127.9.8.7:443-443 for
 #                         the server's --tls-listen 0.0.0.0:443)
+#   STASIS_INNER_BACKING  pause-resume: --memory-backing for run and both
+#                         resumes (auto, hugetlb, thp, 4k; unset: stasis's
+#                         default); the scenario fails unless stasis says it
+#                         used that backing
+#   STASIS_L1_HUGEPAGES   2 MiB pages L1 reserves (/proc/sys/vm/nr_hugepages)
+#                         before stasis starts (0)
 #   STASIS_PR_PAUSE_AT    pause-resume: pause once the guest printed this TICK (40)
 #   STASIS_PR_PAUSED_S    pause-resume: seconds the snapshot stays on disk
 #                         before the lazy resume (6), long enough for the
@@ -400,6 +406,11 @@ PY
             --vcpus "$inner_vcpus")"
         [[ -z "${STASIS_L1_AFTER:-}" ]] || run_cmd+=" && { $STASIS_L1_AFTER; }"
     fi
+    l1_hugepages="${STASIS_L1_HUGEPAGES:-0}"
+    [[ "$l1_hugepages" =~ ^[0-9]+$ ]] || { echo "run-l1: STASIS_L1_HUGEPAGES must be a whole number" >&2; exit 2; }
+    inner_backing="${STASIS_INNER_BACKING:-}"
+    [[ "$inner_backing" =~ ^(|auto|hugetlb|thp|4k)$ ]] \
+        || { echo "run-l1: STASIS_INNER_BACKING must be auto, hugetlb, thp or 4k" >&2; exit 2; }
     paused_s="${STASIS_PR_PAUSED_S:-6}"
     [[ "$paused_s" =~ ^[0-9]+$ ]] || { echo "run-l1: STASIS_PR_PAUSED_S must be a whole number" >&2; exit 2; }
     # The init reads its parameters from this file (sourced by busybox sh).
@@ -413,6 +424,8 @@ PY
         printf 'PR_EAGER=%q\n' "$pr_eager"
         printf 'STEP_TIMEOUT=%q\n' "$step_timeout"
         printf 'PAUSED_S=%q\n' "$paused_s"
+        printf 'L1_HUGEPAGES=%q\n' "$l1_hugepages"
+        printf 'INNER_BACKING=%q\n' "$inner_backing"
         # serve.sh prints the launch marker itself, after its network setup.
         printf 'LAUNCH_IN_SCENARIO=%q\n' "$([[ "$scenario" == serve && -z "${STASIS_L1_COMMAND:-}" ]] && echo 1 || echo 0)"
         printf 'PR_ON_HANG=%q\n' "${STASIS_PR_ON_HANG:-}"
@@ -510,6 +523,18 @@ check_chain() {
 rm -rf /snap /snap-hung-lazy /snap-hung-eager /c1 /c2 /c3
 set -- /stasis run --kernel /vmlinux --initrd /initramfs.cpio.gz --cmdline "$INNER_CMDLINE" \
     --mem "$INNER_MEM" --vcpus "$INNER_VCPUS" --console /c1 --snapshot-on-signal /snap
+backing_args=""
+[ -z "$INNER_BACKING" ] || backing_args="--memory-backing $INNER_BACKING"
+# shellcheck disable=SC2086 # empty or two words
+set -- "$@" $backing_args
+# check_backing FILE WHAT: with INNER_BACKING, stasis's stderr must say it
+# used that backing ("... on hugetlb memory", "... hugetlb memory").
+check_backing() {
+    [ -z "$INNER_BACKING" ] || [ "$INNER_BACKING" = auto ] && return 0
+    grep -aqE "(on |, )$INNER_BACKING memory" "$1" \
+        || verdict_fail "$2 did not run on $INNER_BACKING memory: $(grep -a 'stasis: ' "$1" | head -n1)"
+    say "$2: on $INNER_BACKING memory: $(grep -aE "(on |, )$INNER_BACKING memory" "$1" | head -n1)"
+}
 say "run: $* (pause at TICK $PAUSE_AT, step limit ${STEP_TIMEOUT}s)"
 t_run="$(up)"
 # prev_b..seen_a brackets the moment the awaited TICK was printed: the last
@@ -560,6 +585,7 @@ say "clock: paused: SIGUSR1 at $sig_w, stasis run exited at $exit_w"
 show /c1 c1
 show /e1 run
 [ "$rc" = 0 ] || verdict_fail "stasis run exited with status $rc after SIGUSR1, not 0"
+check_backing /e1 "stasis run"
 last_before="$(ticks /c1 | tail -n1 | cut -d' ' -f2)"
 say "guest reached TICK $PAUSE_AT ${run_ms} ms after stasis run started; SIGUSR1 to exit took ${pause_ms} ms; last TICK before the pause: ${last_before:-<none>}"
 [ -n "$last_before" ] || verdict_fail "no complete TICK line before the pause"
@@ -580,8 +606,9 @@ resume() {
     start_w=$EPOCHREALTIME
     prev_b=$start_w
     # With --snapshot-on-signal, a hung guest can be paused to look at it.
+    # shellcheck disable=SC2086 # empty or two words
     /stasis resume /snap "--$mode" --console "$con" --snapshot-on-signal "/snap-hung-$label" \
-        2>"/e-$label" &
+        $backing_args 2>"/e-$label" &
     rpid=$!
     res_first_ms="none"
     hung=0
@@ -620,6 +647,7 @@ resume() {
     say "resume ($mode): exit status $rc after ${res_ms} ms; first TICK line ${res_first_ms} ms after the start; TICKs ${first_after:-<none>}..${last_after:-<none>}"
     [ "$hung" = 0 ] || verdict_fail "$mode resume: no end within ${STEP_TIMEOUT}s (guest hung after the resume? last TICK ${last_after:-<none>})"
     [ "$rc" = 0 ] || verdict_fail "$mode resume: stasis resume exited with status $rc"
+    check_backing "/e-$label" "$mode resume"
     if tr -d '\r' <"$con" | grep -aq 'Linux version'; then
         verdict_fail "$mode resume: the guest booted again instead of carrying on"
     fi
@@ -745,6 +773,10 @@ for m in irqbypass kvm kvm-amd; do
 done
 [ -c /dev/kvm ] || finish "FAIL no /dev/kvm after loading kvm-amd"
 echo "stasis-l1: /dev/kvm ready at L1 uptime $(up)s"
+if [ "$L1_HUGEPAGES" -gt 0 ]; then
+    echo "$L1_HUGEPAGES" >/proc/sys/vm/nr_hugepages
+    echo "stasis-l1: huge pages: $(grep -E '^HugePages_(Total|Free)' /proc/meminfo | tr -s ' ' | tr '\n' ' ')(asked for $L1_HUGEPAGES)"
+fi
 echo "stasis-l1: running (limit ${INNER_TIMEOUT}s): $RUN_CMD"
 echo "stasis-l1: ----- inner output begins -----"
 # The host side's retry classifier: this line present means stasis was started.
