@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 import urllib.parse
@@ -61,7 +60,7 @@ from novita_sandbox.core import FileType, SandboxQuery, SandboxState
 # and its frame writer, shared rather than copied.
 SDK_FIDELITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk_fidelity")
 sys.path.insert(0, SDK_FIDELITY)
-from sandbox_servers import WS_GUID, frame  # noqa: E402
+from sandbox_servers import WS_GUID, envd_request, frame, ws_handshake, ws_recv  # noqa: E402
 
 REQUEST_TIMEOUT = float(os.environ.get("STASIS_PROOF_REQUEST_TIMEOUT", "300"))
 TEMPLATE = os.environ.get("STASIS_PROOF_TEMPLATE", "base")
@@ -344,16 +343,6 @@ def fidelity_checks(sbx, api):
     websocket_echo(sbx)
 
 
-def envd_request(sbx):
-    """The base URL and headers the SDK itself uses for agent requests."""
-    cfg = sbx.connection_config
-    headers = dict(cfg.sandbox_headers)
-    headers["Novita-Sandbox-Id"] = sbx.sandbox_id
-    headers["Novita-Sandbox-Port"] = str(cfg.envd_port)
-    headers["X-Access-Token"] = sbx._envd_access_token
-    return sbx.envd_api_url.rstrip("/"), headers
-
-
 def agent_behaviours(sbx):
     """Issue 15's agent behaviours, by the guest's own agent: remove of a
     missing path succeeds, a directory's mode carries no type bit, gzip
@@ -406,16 +395,6 @@ def agent_behaviours(sbx):
           f"{len(data)} bytes round-trip; a malformed gzip body: 400, no file")
 
 
-def ws_recv(f):
-    b0, b1 = f.read(2)
-    n = b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(f.read(2), "big")
-    elif n == 127:
-        n = int.from_bytes(f.read(8), "big")
-    return b0 & 0x0F, f.read(n)
-
-
 def websocket_echo(sbx):
     """Issue 15's WebSocket through the proxy to a server in the Linux guest
     (the fidelity suite's RFC 6455 echo server, started through the SDK)."""
@@ -427,23 +406,11 @@ def websocket_echo(sbx):
     u = urllib.parse.urlsplit(os.environ["NOVITA_SANDBOX_URL"])
     addr = (u.hostname, u.port or 80)
 
+    routing = (f"Host: {addr[0]}:{addr[1]}\r\nNovita-Sandbox-Id: {sbx.sandbox_id}\r\n"
+               f"Novita-Sandbox-Port: {port}\r\n")
+
     def handshake():
-        key = base64.b64encode(os.urandom(16)).decode()
-        s = socket.create_connection(addr, timeout=REQUEST_TIMEOUT)
-        s.sendall((f"GET /chat HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\n"
-                   f"Novita-Sandbox-Id: {sbx.sandbox_id}\r\nNovita-Sandbox-Port: {port}\r\n"
-                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        f = s.makefile("rb")
-        status = f.readline().decode()
-        head = {}
-        while True:
-            line = f.readline().decode()
-            if line in ("\r\n", ""):
-                break
-            k, v = line.split(":", 1)
-            head[k.strip().lower()] = v.strip()
-        return s, f, status, head, key
+        return ws_handshake(addr, routing)
 
     def up():
         s, _, status, _, _ = handshake()

@@ -2,16 +2,19 @@
 run with python3 there; stdlib only):
   python3 sandbox_servers.py echo-headers PORT  # answers the request's raw header lines as JSON
   python3 sandbox_servers.py ws-echo PORT       # a WebSocket echo server (RFC 6455, text/binary frames)
-Each prints "ready" once listening."""
+Each prints "ready" once listening. The clients' side of the same wire
+(frame, ws_handshake, ws_recv) and the agent request form the SDK uses
+(envd_request) are here too, for the fake backend's tests and the nested
+Linux proof alike."""
 
 import base64
 import hashlib
 import json
+import os
 import socket
 import socketserver
 import struct
 import sys
-import threading
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 
@@ -106,6 +109,52 @@ def frame(op, payload, mask=None):
         payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
         head += mask
     return head + payload
+
+
+def ws_handshake(addr, extra_headers):
+    """Opens a WebSocket to addr with extra_headers (Host and routing);
+    returns (socket, its reader, status line, lower-cased head, key)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    s = socket.create_connection(addr, timeout=20)
+    s.sendall(
+        (
+            "GET /chat HTTP/1.1\r\n"
+            f"{extra_headers}"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    f = s.makefile("rb")
+    status = f.readline().decode()
+    head = {}
+    while True:
+        line = f.readline().decode()
+        if line in ("\r\n", ""):
+            break
+        k, v = line.split(":", 1)
+        head[k.strip().lower()] = v.strip()
+    return s, f, status, head, key
+
+
+def ws_recv(f):
+    """One unmasked frame from the server: (opcode, payload)."""
+    b0, b1 = f.read(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(f.read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(f.read(8), "big")
+    return b0 & 0x0F, f.read(n)
+
+
+def envd_request(sandbox):
+    """The base URL and headers the SDK itself uses for agent requests."""
+    cfg = sandbox.connection_config
+    headers = dict(cfg.sandbox_headers)
+    headers["Novita-Sandbox-Id"] = sandbox.sandbox_id
+    headers["Novita-Sandbox-Port"] = str(cfg.envd_port)
+    headers["X-Access-Token"] = sandbox._envd_access_token
+    return sandbox.envd_api_url.rstrip("/"), headers
 
 
 class Server(socketserver.ThreadingTCPServer):

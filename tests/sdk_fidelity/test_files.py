@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from novita_sandbox.core.sandbox.filesystem.filesystem import FileType
+from sandbox_servers import envd_request
 
 
 def go_mode_string(st_mode):
@@ -196,13 +197,3 @@ def test_malformed_gzip_upload_is_400_and_leaves_no_file(sandbox, root, form):
         headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "br"},
     )
     assert r.status_code == 415, r.text
-
-
-def envd_request(sandbox):
-    """The base URL and headers the SDK itself uses for envd requests."""
-    cfg = sandbox.connection_config
-    headers = dict(cfg.sandbox_headers)
-    headers["Novita-Sandbox-Id"] = sandbox.sandbox_id
-    headers["Novita-Sandbox-Port"] = str(cfg.envd_port)
-    headers["X-Access-Token"] = sandbox._envd_access_token
-    return sandbox.envd_api_url.rstrip("/"), headers

@@ -4,7 +4,6 @@ here), the multi-sandbox metrics route, and console/agent log lines with
 timestamps and paging (past the end: an empty page)."""
 
 import datetime
-import time
 
 import pytest
 

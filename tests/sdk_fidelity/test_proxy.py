@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 
 from conftest import wait_until
-from sandbox_servers import WS_GUID, frame
+from sandbox_servers import WS_GUID, frame, ws_handshake, ws_recv  # noqa: F401 - ws_* for test_proxy_pause
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,39 +112,6 @@ def test_header_case_order_and_hop_by_hop(sandbox, server_url):
     assert "X-MiXeD-Case-Answer" in resp_names and "x-lower-answer" in resp_names, resp_names
     assert resp_names.index("X-MiXeD-Case-Answer") < resp_names.index("x-lower-answer")
     assert "X-Private-Answer" not in resp_names and "Keep-Alive" not in resp_names, resp_names
-
-
-def ws_handshake(addr, extra_headers):
-    key = base64.b64encode(os.urandom(16)).decode()
-    s = socket.create_connection(addr, timeout=20)
-    s.sendall(
-        (
-            "GET /chat HTTP/1.1\r\n"
-            f"{extra_headers}"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    f = s.makefile("rb")
-    status = f.readline().decode()
-    head = {}
-    while True:
-        line = f.readline().decode()
-        if line in ("\r\n", ""):
-            break
-        k, v = line.split(":", 1)
-        head[k.strip().lower()] = v.strip()
-    return s, f, status, head, key
-
-
-def ws_recv(f):
-    b0, b1 = f.read(2)
-    n = b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(f.read(2), "big")
-    elif n == 127:
-        n = int.from_bytes(f.read(8), "big")
-    return b0 & 0x0F, f.read(n)
 
 
 @pytest.mark.parametrize("form", ["headers", "host"])

@@ -7,8 +7,6 @@ addressing forms stasis serves:
 - `{port}-{id}.{domain}` in the Host header (what the SDK builds without
   NOVITA_SANDBOX_URL; TLS aside, the same request)."""
 
-import os
-import time
 import urllib.parse
 
 import httpx
@@ -16,7 +14,6 @@ import pytest
 
 from novita_sandbox.core import Sandbox
 from novita_sandbox.core.connection_config import ConnectionConfig
-from novita_sandbox.core.exceptions import AuthenticationException
 
 
 def host_form(url, sandbox, server_url):
