@@ -185,8 +185,11 @@ def main(argv) -> int:
     print("RUN DESPITE skip_debug: " + ", ".join(sorted(RUN_DESPITE_SKIP_DEBUG)))
     print(bar, flush=True)
     # (anyio, a pytest plugin, is imported with the SDK before pytest starts.)
-    args = [TESTS, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", "--import-mode=importlib", "-o", "asyncio_mode=auto",
-            "-o", "asyncio_default_fixture_loop_scope=function", "--rootdir", TESTS, *argv]
+    # --import-mode=importlib: the SDK's test files share basenames
+    # (sync/env_vars/test_bash.py, async/env_vars/test_bash.py, ...).
+    args = [TESTS, "-q", "-p", "no:cacheprovider", "--import-mode=importlib", "--rootdir", TESTS,
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
+            "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function", *argv]
     return pytest.main(args, plugins=[sys.modules[__name__]])
 
 
