@@ -19,6 +19,7 @@ This file is both the script and the pytest plugin it loads.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,16 +165,14 @@ def stasis_interpreter_server():
         with open(log_path) as f:
             text = f.read()
         if "Traceback" in text or "failed" in text:
-            sys.stderr.write(f"---- interpreter server log ({log_path}) ----\n{text[-4000:]}\n")
+            sys.stderr.write(f"---- interpreter server log ----\n{text[-4000:]}\n")
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # --- the script -------------------------------------------------------------------
 
 def main(argv) -> int:
     os.environ["NOVITA_DEBUG"] = "1"
-    # The SDK's API-side unit tests (test_legacy_compat) need a key to build a
-    # client; nothing reaches an API.
-    os.environ.setdefault("NOVITA_API_KEY", "stasis-sdk-suite-unused")
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     sys.dont_write_bytecode = True
     bar = "=" * 78
