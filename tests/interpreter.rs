@@ -8,7 +8,11 @@
 //! `run_code`, through the real Python and JS SDKs against `stasis serve
 //! --backend fake --domain sandbox.test --tls-listen ...`: the SDKs reach
 //! the interpreter at `https://49999-{id}.sandbox.test` exactly as a
-//! self-hosted user's code does (only DNS is stood in for). No KVM needed.
+//! self-hosted user's code does (only DNS is stood in for). Last, the SDK's
+//! own shipped code-interpreter test suite (charts, images, display data,
+//! contexts, streaming, ...) against the server, with the tests that cannot
+//! apply to a host-run server deselected by an explicit, printed list
+//! (tests/interpreter/sdk_suite.py). No KVM needed.
 //! The venv and the JS SDK come from PyPI and npm (tests/interpreter/run.sh).
 
 use std::process::Command;

@@ -75,6 +75,9 @@ MIME_FIELDS = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    # Set by the formatters this script installs in each kernel.
+    "application/vnd.stasis.chart+json": "chart",
+    "application/vnd.stasis.data+json": "data",
 }
 
 
@@ -158,6 +161,426 @@ class Sink:
             return True
 
 
+# --- inside each python kernel ---------------------------------------------
+# A python context's kernel imports this file (by path, as a module: nothing
+# below the `__main__` guard runs there) and calls install_kernel_hooks, so
+# the hooks see the live objects a cell displays:
+#   - formatters: each displayed matplotlib Figure (plt.show(), a figure as
+#     the cell's value, display(fig)) gets, next to its png, the chart
+#     metadata the SDK parses into `Result.chart`; a DataFrame gets its
+#     columns as `Result.data`; a string result's text is the string itself;
+#   - PIL images a cell shows (`Image.show()`) or saves (`Image.save(path)`)
+#     come back as png results (there is no screen in a sandbox).
+# A hook that fails logs to the kernel's stderr (the server's log) and is
+# left out; the cell, and its png, never see the failure.
+
+CHART_MIME = "application/vnd.stasis.chart+json"
+DATA_MIME = "application/vnd.stasis.data+json"
+# A DataFrame's `data` goes up to this many cells, a chart up to this many
+# points (a larger one is left out, logged; its png goes as ever).
+MAX_DATA_CELLS = 1_000_000
+MAX_CHART_POINTS = 1_000_000
+# Units are the text in the last parentheses (or brackets) of an axis label:
+# "Time (s)" -> "s", "Y-axis (log scale)" -> "log scale".
+_UNIT_RE = re.compile(r"[(\[]([^()\[\]]+)[)\]]")
+
+
+def _kernel_log(what: str) -> None:
+    try:
+        sys.__stderr__.write(f"stasis-interpreter kernel: {what}\n")
+        sys.__stderr__.flush()
+    except Exception:  # noqa: BLE001 - logging must not fail a cell
+        pass
+
+
+def install_kernel_hooks(ip) -> None:
+    for hook in (_install_formatters, _install_pil_hooks):
+        try:
+            hook(ip)
+        except Exception:  # noqa: BLE001
+            import traceback
+            _kernel_log(f"{hook.__name__} failed:\n{traceback.format_exc()}")
+
+
+def _install_formatters(ip) -> None:
+    from IPython.core.formatters import BaseFormatter
+    from traitlets import ObjectName, Unicode
+
+    def by_class_name(mime, module, name, convert):
+        class Formatter(BaseFormatter):
+            """A JSON object for instances of one class, named, not imported:
+            the cell imports matplotlib or pandas, if ever. (Not a type
+            printer either: activating matplotlib's inline backend pops every
+            formatter's Figure printer.)"""
+
+            format_type = Unicode(mime)
+            print_method = ObjectName("_repr_stasis_none_")
+            _return_type = (dict,)
+
+            def __call__(self, obj):
+                # Never raises: DisplayFormatter.format would re-raise, and
+                # the cell's display (its png too) would fail.
+                try:
+                    if self.enabled and any(c.__name__ == name and str(getattr(c, "__module__", "")).startswith(module)
+                                            for c in type(obj).__mro__):
+                        return convert(obj)
+                except Exception as e:  # noqa: BLE001
+                    _kernel_log(f"{mime} of a {type(obj).__name__} failed: {e!r}")
+                return None
+
+        ip.display_formatter.formatters[mime] = Formatter(parent=ip.display_formatter)
+        active = list(ip.display_formatter.active_types)
+        if mime not in active:
+            ip.display_formatter.active_types = active + [mime]
+
+    # By package: pandas 3 says `pandas` where 1.5 says `pandas.core.frame`.
+    by_class_name(CHART_MIME, "matplotlib", "Figure", figure_chart)
+    by_class_name(DATA_MIME, "pandas", "DataFrame", dataframe_data)
+    # A string result is its text, not its repr: `os.getenv('FOO')` reads
+    # `bar`, as the SDK's tests expect, not `'bar'`.
+    ip.display_formatter.formatters["text/plain"].for_type(str, lambda s, p, cycle: p.text(s))
+
+
+def dataframe_data(df):
+    """A DataFrame's columns as {name: [values]} (the SDK's `Result.data`),
+    or None for one too large to send twice (its html goes anyway)."""
+    try:
+        if df.size > MAX_DATA_CELLS:
+            return None
+        split = json.loads(df.to_json(orient="split", date_format="iso"))
+        columns = [str(c) for c in split["columns"]]
+        return {c: [row[i] for row in split["data"]] for i, c in enumerate(columns)}
+    except Exception:  # noqa: BLE001 - the data is extra; the table still goes
+        import traceback
+        _kernel_log(f"DataFrame data failed:\n{traceback.format_exc()}")
+        return None
+
+
+def _install_pil_hooks(ip) -> None:
+    try:
+        from PIL import Image, ImageShow
+    except ImportError:
+        return
+    from IPython.display import display
+
+    def display_image(image) -> bool:
+        # The png made here, not by IPython's formatter: one that fails
+        # there is a traceback in the cell's output.
+        import base64
+        try:
+            png = image._repr_png_()
+        except Exception as e:  # noqa: BLE001
+            _kernel_log(f"an image not displayed: {e!r}")
+            return False
+        if not png:
+            return False
+        display({"image/png": base64.b64encode(png).decode(), "text/plain": repr(image)}, raw=True)
+        return True
+
+    class NotebookViewer(ImageShow.Viewer):
+        """`Image.show()` displays the image as the cell's output."""
+
+        def show(self, image, **options):
+            return 1 if display_image(image) else 0
+
+    ImageShow.register(NotebookViewer(), order=0)
+
+    original_save = Image.Image.save
+    if getattr(original_save, "_stasis", False):
+        return
+
+    def save(self, fp, *args, **kwargs):
+        result = original_save(self, fp, *args, **kwargs)
+        # Only the cell's own saves to a file: matplotlib and PIL save
+        # through this too (to buffers, or from their modules).
+        caller = sys._getframe(1).f_globals.get("__name__")
+        if caller == "__main__" and isinstance(fp, (str, bytes, os.PathLike)):
+            display_image(self)
+        return result
+
+    save._stasis = True
+    save.__doc__ = original_save.__doc__
+    Image.Image.save = save
+
+
+def figure_chart(fig):
+    """The SDK's chart dict for a matplotlib Figure, or None."""
+    try:
+        return _figure_chart(fig)
+    except Exception:  # noqa: BLE001 - a chart is extra; the png still goes
+        import traceback
+        _kernel_log(f"chart extraction failed:\n{traceback.format_exc()}")
+        return None
+
+
+def _figure_chart(fig):
+    axes = [ax for ax in fig.get_axes()
+            if ax.get_visible() and getattr(ax, "_colorbar", None) is None]
+    if not axes:
+        return None
+    suptitle = getattr(fig, "_suptitle", None)
+    suptitle = (suptitle.get_text() if suptitle is not None else "") or None
+    if len(axes) == 1:
+        chart = _axes_chart(axes[0])
+        if chart["title"] is None:
+            chart["title"] = suptitle
+        return chart
+    return {"type": "superchart", "title": suptitle, "elements": [_axes_chart(ax) for ax in axes]}
+
+
+def _axes_chart(ax) -> dict:
+    title = ax.get_title() or ax.get_title("left") or ax.get_title("right") or None
+    for build in (_pie_chart, _bar_chart, _box_chart, _point_chart):
+        chart = build(ax)
+        if chart is not None:
+            chart["title"] = title
+            return chart
+    return {"type": "unknown", "title": title, "elements": []}
+
+
+# -- values -----------------------------------------------------------------
+
+def _number(v):
+    """A JSON number (NaN and infinities, which JSON lacks, become null)."""
+    import math
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _public_label(artist) -> str:
+    """An artist's label; matplotlib's automatic `_child0`-style ones are ''."""
+    label = artist.get_label()
+    label = "" if label is None else str(label)
+    return "" if label.startswith("_") else label
+
+
+def _axis_kind(axis) -> str:
+    """'datetime', 'categorical' or matplotlib's scale name for an axis."""
+    from matplotlib import category, dates
+    get_converter = getattr(axis, "get_converter", None)
+    converter = get_converter() if get_converter else getattr(axis, "converter", None)
+    locator = axis.get_major_locator()
+    if isinstance(locator, category.StrCategoryLocator) or isinstance(converter, category.StrCategoryConverter):
+        return "categorical"
+    if isinstance(locator, dates.DateLocator) or "date" in type(converter).__name__.lower():
+        return "datetime"
+    return axis.get_scale()
+
+
+def _axis_value(axis, kind, v):
+    """A data value (in matplotlib's converted units) as the chart gives it:
+    datetimes as ISO strings, categories as their names, numbers as floats."""
+    if kind == "datetime":
+        from matplotlib import dates
+        n = _number(v)
+        return None if n is None else dates.num2date(n).isoformat()
+    if kind == "categorical":
+        names = _category_names(axis)
+        try:
+            i = int(round(float(v)))
+        except (TypeError, ValueError):
+            return str(v)
+        if 0 <= i < len(names) and abs(float(v) - i) < 1e-9:
+            return names[i]
+    return _number(v)
+
+
+def _category_names(axis) -> list:
+    units = axis.get_units()
+    mapping = getattr(units, "_mapping", None) or {}
+    return [str(name) for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+
+
+def _ticks(axis):
+    """The major ticks in view and their labels as drawn."""
+    lo, hi = sorted(axis.get_view_interval())
+    slack = (hi - lo) * 1e-9
+    locs = [float(v) for v in axis.get_majorticklocs() if lo - slack <= v <= hi + slack]
+    labels = [str(t) for t in axis.get_major_formatter().format_ticks(locs)]
+    return locs, labels
+
+
+def _label_at(axis, value) -> str:
+    """The tick label at a position (a bar's or box's category)."""
+    locs, labels = _ticks(axis)
+    for loc, label in zip(locs, labels):
+        if abs(loc - value) <= 1e-9 * max(1.0, abs(value)):
+            return label
+    kind = _axis_kind(axis)
+    named = _axis_value(axis, kind, value)
+    return named if isinstance(named, str) else f"{value:g}"
+
+
+def _two_d(ax, kind: str) -> dict:
+    chart = {"type": kind, "title": None}
+    for name, axis, label in (("x", ax.xaxis, ax.get_xlabel()), ("y", ax.yaxis, ax.get_ylabel())):
+        units = _UNIT_RE.findall(label or "")
+        chart[f"{name}_label"] = label or None
+        chart[f"{name}_unit"] = units[-1].strip() if units else None
+    return chart
+
+
+# -- chart kinds ------------------------------------------------------------
+
+def _pie_chart(ax):
+    from matplotlib.patches import Wedge
+    wedges = [p for p in ax.patches if isinstance(p, Wedge)]
+    if not wedges or len(wedges) != len(ax.patches):
+        return None
+    return {"type": "pie", "title": None, "elements": [
+        # Rounded: older matplotlib (Debian's 3.6) computes the fractions in
+        # float32, so a 90% wedge spans 323.999991 degrees.
+        {"label": _public_label(w), "angle": round(abs(w.theta2 - w.theta1), 4), "radius": _number(w.r)}
+        for w in wedges]}
+
+
+def _bar_chart(ax):
+    from matplotlib.container import BarContainer
+    containers = [c for c in ax.containers if isinstance(c, BarContainer)]
+    if not containers:
+        return None
+    chart = _two_d(ax, "bar")
+    elements = []
+    for c in containers:
+        horizontal = getattr(c, "orientation", "vertical") == "horizontal"
+        group = _public_label(c)
+        for rect in c.patches:
+            if horizontal:
+                at, value, axis = rect.get_y() + rect.get_height() / 2, rect.get_width(), ax.yaxis
+            else:
+                at, value, axis = rect.get_x() + rect.get_width() / 2, rect.get_height(), ax.xaxis
+            elements.append({"label": _label_at(axis, at), "group": group, "value": _number(value)})
+    chart["elements"] = elements
+    return chart
+
+
+def _box_chart(ax):
+    """A boxplot, recognised by its geometry: a rectangle per box (a patch,
+    or a closed 5-point line), a median across it, whiskers from its middle."""
+    import numpy as np
+    from matplotlib.patches import PathPatch
+    rects, segments, markers = [], [], []
+    for p in ax.patches:
+        if isinstance(p, PathPatch):
+            rects.append(np.asarray(p.get_path().vertices, dtype=float))
+    for line in ax.get_lines():
+        xy = np.asarray(line.get_xydata(), dtype=float)
+        if line.get_linestyle() in ("None", "none", "", " ") and line.get_marker() not in (None, "None", "none", ""):
+            markers.append(xy)
+        elif len(xy) == 5 and np.allclose(xy[0], xy[-1]):
+            rects.append(xy)
+        elif len(xy) == 2:
+            segments.append(xy)
+    if not rects:
+        return None
+    for flip in (False, True):
+        found = _boxes(rects, segments, markers, flip)
+        if found:
+            break
+    else:
+        return None
+    chart = _two_d(ax, "box_and_whisker")
+    axis = ax.yaxis if flip else ax.xaxis
+    chart["elements"] = [dict(label=_label_at(axis, at), **stats) for at, stats in found]
+    return chart
+
+
+def _boxes(rects, segments, markers, flip):
+    """(position, stats) per box, or None if the shapes are not boxplots.
+    flip: horizontal boxes (the roles of x and y swapped)."""
+    import numpy as np
+
+    def xy(a):
+        return a[:, ::-1] if flip else a
+
+    def close(a, b, scale):
+        return abs(a - b) <= 1e-6 * max(1.0, scale)
+
+    found = []
+    for r in rects:
+        r = xy(r)
+        x0, x1 = float(r[:, 0].min()), float(r[:, 0].max())
+        q1, q3 = float(r[:, 1].min()), float(r[:, 1].max())
+        if len(r) < 4 or not all(close(v, x0, x1) or close(v, x1, x1) for v in r[:, 0]):
+            return None
+        width, mid = x1 - x0, (x0 + x1) / 2
+        scale = max(abs(q1), abs(q3), abs(x1))
+        median, low, high = None, q1, q3
+        for s in (xy(s) for s in segments):
+            (ax_, ay), (bx, by) = s
+            if close(ay, by, scale) and close(min(ax_, bx), x0, scale) and close(max(ax_, bx), x1, scale) \
+                    and q1 - 1e-9 <= ay <= q3 + 1e-9 and median is None and width > 0:
+                median = float(ay)
+            elif close(ax_, mid, scale) and close(bx, mid, scale):
+                ends = sorted((float(ay), float(by)))
+                if close(ends[1], q1, scale):
+                    low = ends[0]
+                elif close(ends[0], q3, scale):
+                    high = ends[1]
+        if median is None:
+            return None
+        outliers = []
+        for m in markers:
+            m = xy(m)
+            if len(m) and all(close(v, mid, scale) for v in m[:, 0]):
+                outliers.extend(float(v) for v in m[:, 1] if v < low or v > high)
+        found.append((mid, {"min": low, "first_quartile": q1, "median": median,
+                            "third_quartile": q3, "max": high, "outliers": sorted(outliers)}))
+    return found
+
+
+def _point_chart(ax):
+    """Lines (Line2D) and scatters (PathCollection): a line chart, or a
+    scatter chart when every series is markers only."""
+    from matplotlib.collections import PathCollection
+    series = []  # (label, xy, is_scatter)
+    for line in ax.get_lines():
+        xy = line.get_xydata()
+        if not line.get_visible() or not len(xy):
+            continue
+        markers_only = line.get_linestyle() in ("None", "none", "", " ")
+        series.append((_public_label(line), xy, markers_only))
+    for coll in ax.collections:
+        if isinstance(coll, PathCollection) and coll.get_visible() and len(coll.get_offsets()):
+            series.append((_public_label(coll), coll.get_offsets(), True))
+    if not series:
+        return None
+    points = sum(len(xy) for _, xy, _ in series)
+    if points > MAX_CHART_POINTS:
+        raise ValueError(f"{points} points: over the chart limit of {MAX_CHART_POINTS}")
+    scatter = all(s for _, _, s in series)
+    chart = _two_d(ax, "scatter" if scatter else "line")
+    kinds = {}
+    for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+        kind = kinds[name] = _axis_kind(axis)
+        locs, labels = _ticks(axis)
+        chart[f"{name}_scale"] = kind
+        chart[f"{name}_ticks"] = [_axis_value(axis, kind, v) if kind == "datetime" else _number(v) for v in locs]
+        chart[f"{name}_tick_labels"] = labels
+    chart["elements"] = [
+        {"label": label, "points": [[_axis_value(ax.xaxis, kinds["x"], x), _axis_value(ax.yaxis, kinds["y"], y)]
+                                    for x, y in xy]}
+        for label, xy, _ in series]
+    return chart
+
+
+# Run silently in each new kernel: imports this file there as a module and
+# installs the hooks above. It leaves no names in the user's namespace.
+KERNEL_HOOKS_CODE = f"""
+def __stasis_install_hooks():
+    import importlib.util, sys
+    try:
+        spec = importlib.util.spec_from_file_location("stasis_interpreter_kernel", {os.path.abspath(__file__)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.install_kernel_hooks(get_ipython())
+    except Exception as e:
+        sys.__stderr__.write(f"stasis-interpreter kernel: hooks not installed: {{e!r}}\\n")
+__stasis_install_hooks()
+del __stasis_install_hooks
+"""
+
+
 class PythonContext:
     """An IPython kernel, started through jupyter_client."""
 
@@ -187,6 +610,11 @@ class PythonContext:
             km.shutdown_kernel(now=True)
             raise ApiError(500, f"python kernel did not start: {e}") from e
         self.km, self.kc = km, kc
+        try:
+            self._silent(KERNEL_HOOKS_CODE, timeout=KERNEL_START_TIMEOUT)
+        except ApiError as e:
+            # Charts and image hooks are extras: the context works without.
+            print(f"stasis-interpreter: kernel hooks: {e.message}", file=sys.stderr, flush=True)
 
     def alive(self) -> bool:
         return self.km is not None and self.km.is_alive()
@@ -205,14 +633,14 @@ class PythonContext:
                 pass
         self.km = self.kc = None
 
-    def _silent(self, code: str) -> None:
-        """Runs bookkeeping code (env vars) without output or history."""
+    def _silent(self, code: str, timeout: float = 30) -> None:
+        """Runs bookkeeping code (env vars, hooks) without output or history."""
         msg_id = self.kc.execute(code, silent=True, store_history=False, stop_on_error=False)
-        self._wait_reply(msg_id, None)
+        self._wait_reply(msg_id, None, timeout)
 
-    def _wait_reply(self, msg_id: str, sink: Sink | None) -> dict:
+    def _wait_reply(self, msg_id: str, sink: Sink | None, timeout: float = 30) -> dict:
         """The shell reply to `msg_id` (its content)."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 reply = self.kc.get_shell_msg(timeout=POLL_SECONDS)

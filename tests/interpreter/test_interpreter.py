@@ -1,6 +1,7 @@
 """The code-interpreter server through the real SDK's run_code and context
 calls: results, streams, errors, contexts, env vars, timeouts with
-interruption, kernel crash and recovery, large output, bad input."""
+interruption, kernel crash and recovery, large output, bad input; chart
+metadata and images beyond what the SDK's own suite covers (sdk_suite.py)."""
 
 import base64
 import json
@@ -30,7 +31,8 @@ def test_stdout_stderr_and_callbacks(sbx):
     )
     assert "".join(ex.logs.stdout) == "hello\n"
     assert "".join(ex.logs.stderr) == "oops\n"
-    assert ex.text == "'done'"
+    # A string result reads as the string itself (as the SDK's own tests expect).
+    assert ex.text == "done"
     assert ("out", "hello\n") in seen and ("err", "oops\n") in seen
 
 
@@ -68,9 +70,77 @@ def test_matplotlib_figure_is_a_png(sbx):
     assert base64.b64decode(pngs[0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_figure_as_value_or_display_carries_its_chart(sbx):
+    ex = sbx.run_code(
+        "import matplotlib.pyplot as plt\nfrom IPython.display import display\n"
+        "fig, ax = plt.subplots()\nax.barh(['x', 'y'], [2, 7], label='g')\nax.set_xlabel('n [kg]')\n"
+        "display(fig)\nfig"
+    )
+    assert ex.error is None, ex.error
+    figures = [r for r in ex.results if r.png]
+    # display(fig), the figure as the cell's value, then the inline
+    # backend's show of the open pyplot figure at the end of the cell.
+    assert [r.is_main_result for r in figures] == [False, True, False], ex.results
+    for r in figures:
+        assert r.chart.type == "bar" and r.chart.x_unit == "kg"
+        assert [(b.label, b.group, b.value) for b in r.chart.elements] == [("x", "g", 2), ("y", "g", 7)]
+        assert not r.extra
+
+
+def test_chart_kinds_beyond_the_sdk_suite(sbx):
+    """Horizontal and line-drawn boxplots, marker-only lines as a scatter,
+    a NaN point (JSON has no NaN: null), an axes with nothing plotted."""
+    ex = sbx.run_code(
+        "import matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots()\nax.boxplot([[1, 2, 3, 4, 50]], vert=False)\nplt.show()\n"
+        "fig, ax = plt.subplots()\nax.plot([1, 2, 3], [4, float('nan'), 6], 'o', label='m')\nplt.show()\n"
+        "fig, ax = plt.subplots()\nax.set_title('empty')\nplt.show()\n"
+    )
+    assert ex.error is None, ex.error
+    box, scatter, empty = [r.chart for r in ex.results]
+    assert box.type == "box_and_whisker"
+    (b,) = box.elements
+    assert (b.min, b.first_quartile, b.median, b.third_quartile, b.max, b.outliers) == (1, 2, 3, 4, 4, [50])
+    assert scatter.type == "scatter" and scatter.elements[0].label == "m"
+    assert scatter.elements[0].points == [(1, 4), (2, None), (3, 6)]
+    assert empty.type == "unknown" and empty.title == "empty" and empty.elements == []
+
+
+def test_a_failing_chart_extraction_keeps_the_png(sbx, server):
+    # get_lines is the extractor's, not the renderer's: broken, the chart
+    # goes (logged) and the figure still comes back as a png, without error.
+    ex = sbx.run_code(
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2], [3, 4])\n"
+        "ax.get_lines = lambda: 1 / 0\nplt.show()"
+    )
+    assert ex.error is None, ex.error
+    assert not ex.logs.stderr, ex.logs
+    (r,) = ex.results
+    assert r.png and r.chart is None and not r.extra
+    with open(server["log"]) as f:
+        assert "chart extraction failed" in f.read()
+
+
+def test_pil_images_shown_or_saved_come_back_but_savefig_does_not_double(sbx):
+    ex = sbx.run_code(
+        "from PIL import Image\nimport matplotlib.pyplot as plt\n"
+        "im = Image.new('RGB', (4, 4))\nim.show()\nim.save('im.png')\n"
+        "plt.plot([1, 2])\nplt.savefig('fig.png')\nplt.show()"
+    )
+    assert ex.error is None, ex.error
+    assert [bool(r.png) for r in ex.results] == [True, True, True], ex.results
+    assert [r.chart is not None for r in ex.results] == [False, False, True]
+
+
+def test_dataframe_result_carries_its_columns_as_data(sbx):
+    ex = sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', None]})")
+    assert ex.error is None, ex.error
+    assert ex.results[0].data == {"a": [1, 2], "b": ["x", None]}
+
+
 def test_env_vars_apply_to_one_execution(sbx):
     ex = sbx.run_code("import os; os.environ.get('STASIS_T')", envs={"STASIS_T": "yes"})
-    assert ex.text == "'yes'"
+    assert ex.text == "yes"
     assert sbx.run_code("import os; os.environ.get('STASIS_T')").text is None
 
 
@@ -80,8 +150,8 @@ def test_contexts_create_list_isolate_restart_remove(sbx, server):
     assert b.cwd == "/tmp" and b.language == "python"
     sbx.run_code("v = 'a'", context=a)
     sbx.run_code("v = 'b'", context=b)
-    assert sbx.run_code("v", context=a).text == "'a'"
-    assert sbx.run_code("import os; os.getcwd()", context=b).text == "'/tmp'"
+    assert sbx.run_code("v", context=a).text == "a"
+    assert sbx.run_code("import os; os.getcwd()", context=b).text == "/tmp"
     ids = {c.id for c in sbx.list_code_contexts()}
     assert {a.id, b.id} <= ids
     sbx.restart_code_context(a)
