@@ -237,8 +237,11 @@ def _install_formatters(ip) -> None:
     by_class_name(CHART_MIME, "matplotlib", "Figure", figure_chart)
     by_class_name(DATA_MIME, "pandas", "DataFrame", dataframe_data)
     # A string result is its text, not its repr: `os.getenv('FOO')` reads
-    # `bar`, as the SDK's tests expect, not `'bar'`.
-    ip.display_formatter.formatters["text/plain"].for_type(str, lambda s, p, cycle: p.text(s))
+    # `bar`, as the SDK's tests expect, not `'bar'`. Only the result itself:
+    # a string inside a container keeps its quotes (`('a', ['b'])`). The
+    # printer's stack holds the objects being printed, the string included.
+    ip.display_formatter.formatters["text/plain"].for_type(
+        str, lambda s, p, cycle: p.text(s if len(p.stack) == 1 else repr(s)))
 
 
 def dataframe_data(df):

@@ -138,6 +138,12 @@ def test_dataframe_result_carries_its_columns_as_data(sbx):
     assert ex.results[0].data == {"a": [1, 2], "b": ["x", None]}
 
 
+def test_a_string_result_is_its_text_but_strings_inside_keep_their_quotes(sbx):
+    assert sbx.run_code("'bar'").text == "bar"
+    assert sbx.run_code("('a', ['b'], {'k': 'v'})").text == "('a', ['b'], {'k': 'v'})"
+    assert sbx.run_code("['x\\ny']").text == "['x\\ny']"
+
+
 def test_env_vars_apply_to_one_execution(sbx):
     ex = sbx.run_code("import os; os.environ.get('STASIS_T')", envs={"STASIS_T": "yes"})
     assert ex.text == "yes"

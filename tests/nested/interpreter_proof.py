@@ -103,7 +103,7 @@ def first_process():
         where = run(sbx, "import os, platform, sys\n"
                          "(platform.system(), platform.release(), sys.version.split()[0], os.getuid(), os.getcwd())").text
         proof(f"the kernel runs in: {where}")
-        assert where.startswith("('Linux'"), where
+        assert where.startswith("('Linux'"), where  # a tuple: its strings keep their quotes
         assert ", 1000, '/home/user')" in where, f"the kernel is not user's (uid 1000, /home/user): {where}"
 
         rts = []
