@@ -19,6 +19,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stasis::guest::{self, Workload};
+use stasis::snapshot::dirty::Mode;
 use stasis::snapshot::layers::{ChainFile, LAYERS_FILE, MAX_CHAIN_DEPTH};
 use stasis::snapshot::SnapshotDir;
 use stasis::vmm::memory::MemoryBacking;
@@ -178,15 +179,35 @@ fn changed_pages_only(mode: RestoreMode, name: &str) {
     let full_bytes = state(&s0).memory.bytes_stored;
 
     let mut vm = restore_tracked(&s0, mode);
+    let tracking = vm.write_tracking().expect("the resumed VM tracks writes");
+    eprintln!("{name}: write tracking: {tracking}");
+    // Let the guest write (through KVM) under tracking before the pause.
+    let round = vm.guest_status().map_or(0, |s| s.round);
+    wait_round(&vm, round + 2);
     vm.pause().unwrap();
+    if forced_sync() {
+        assert_eq!(tracking, Mode::Sync);
+        assert!(
+            vm.write_tracking_faults() > 0,
+            "no write-protect fault was resolved"
+        );
+    }
     let k = rng.random_range(20..200u64);
     let free_pages = (MEM - FREE_BASE) / PAGE;
     let mut changed = BTreeSet::new();
     while changed.len() < k as usize {
         changed.insert(FREE_BASE / PAGE + rng.random_range(0..free_pages));
     }
+    let faults_before = vm.write_tracking_faults();
     for &p in &changed {
         write_page(&vm, p, 0x5a);
+    }
+    if forced_sync() && mode == RestoreMode::Lazy {
+        // The first host write into a block of holes finds its page
+        // missing, then in place write-protected: a write-protect fault,
+        // resolved (the block's other holes are zero pages, which a write
+        // replaces without one).
+        assert!(vm.write_tracking_faults() > faults_before);
     }
     let s1 = dir.join("s1");
     let st = incremental(&mut vm, &s1);
@@ -276,6 +297,43 @@ fn incremental_pause_stores_only_changed_pages_lazy() {
     if common::kvm_or_skip("incremental lazy") {
         changed_pages_only(RestoreMode::Lazy, "incr-lazy");
     }
+}
+
+/// True if this process was started with `STASIS_WRITE_TRACKING=sync`.
+fn forced_sync() -> bool {
+    std::env::var("STASIS_WRITE_TRACKING").is_ok_and(|v| v.trim().eq_ignore_ascii_case("sync"))
+}
+
+/// Runs `test` of this binary again in a child process with
+/// `STASIS_WRITE_TRACKING=sync` (read once per process, so it needs its own
+/// process): the same assertions under synchronous write protection.
+fn rerun_with_sync_wp(test: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("STASIS_WRITE_TRACKING", "sync")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    if !text.contains("SKIPPED") {
+        assert!(text.contains("write tracking: sync"), "{text}");
+    }
+    eprintln!("{text}");
+}
+
+#[test]
+fn incremental_pause_with_sync_write_protection_eager() {
+    rerun_with_sync_wp("incremental_pause_stores_only_changed_pages_eager");
+}
+
+#[test]
+fn incremental_pause_with_sync_write_protection_lazy() {
+    rerun_with_sync_wp("incremental_pause_stores_only_changed_pages_lazy");
 }
 
 #[test]

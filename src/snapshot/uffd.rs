@@ -25,10 +25,18 @@
 //! ([`LazyLoader::start_chain`]): each run of pages comes from the layer
 //! the chain's page table names, checked against that layer's checksums (a
 //! plain snapshot is a chain of one). With [`LazyOpts::track_writes`] the
-//! descriptor also has asynchronous write protection and every copy is
+//! regions are registered in WP mode too and every copy is
 //! `UFFDIO_COPY_MODE_WP`, so the pagemap tells which pages the guest wrote
 //! ([`super::dirty`]); the regions then stay registered after completion
-//! (unregistering would drop the protection).
+//! (unregistering would drop the protection). With asynchronous write
+//! protection the kernel drops a page's protection on its first write;
+//! with synchronous (a kernel without `UFFD_FEATURE_WP_ASYNC`, or
+//! `STASIS_WRITE_TRACKING=sync`) that write is a fault message flagged
+//! `UFFD_PAGEFAULT_FLAG_WP`, which the fault thread resolves by
+//! un-protecting the page (`UFFDIO_WRITEPROTECT`, which wakes the writer),
+//! never by a fill; missing-page faults are served exactly as without
+//! tracking (a write to a missing page is a missing fault first, then, once
+//! the page is in place write-protected, a WP fault).
 //!
 //! **Verified before it is copied**: each run is `pread` into a private
 //! buffer, every page's CRC32C is checked against the snapshot's
@@ -124,6 +132,7 @@ use super::uffd_sys::{
 };
 
 use super::bitmap::PageBitmap;
+use super::dirty;
 use super::memfile::{self, AnonMapping, MemRegion, MemoryMeta, PAGE_SIZE};
 
 const PAGE_SHIFT: u32 = 12;
@@ -242,6 +251,10 @@ pub struct LazyOpts {
     /// pages the guest wrote. Implies never releasing the regions
     /// (unregistering would drop the protection).
     pub track_writes: bool,
+    /// How writes are tracked with `track_writes` (asynchronous or
+    /// synchronous write protection, [`super::dirty`]); the default is
+    /// [`dirty::Policy::from_env`].
+    pub tracking: dirty::Policy,
     /// How hugetlb memory is filled when the loader is given the memfds
     /// behind it ([`LazyLoader::start_chain_on`]); without them, or on a
     /// kernel without minor faults on hugetlb, it is `UFFDIO_COPY`.
@@ -256,6 +269,7 @@ impl Default for LazyOpts {
             prefetch: true,
             release_when_complete: true,
             track_writes: false,
+            tracking: dirty::Policy::from_env(),
             huge_fill: HugeFill::default(),
         }
     }
@@ -353,6 +367,9 @@ pub struct LazyStats {
     pub bytes_copied: AtomicU64,
     /// Present pages whose checksum was verified before they were copied.
     pub pages_verified: AtomicU64,
+    /// Write-protect faults resolved (synchronous write tracking: the
+    /// first write to each page installed write-protected).
+    pub wp_faults: AtomicU64,
     /// Faulting threads found stalled (asleep on a fault with no message
     /// pending) and woken by the idle timeout: a lost wake-up. Always 0
     /// unless the loader has a bug; logged at warn when not.
@@ -373,6 +390,7 @@ impl LazyStats {
             pages_already_filled: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             pages_verified: AtomicU64::new(0),
+            wp_faults: AtomicU64::new(0),
             timeout_wakes: AtomicU64::new(0),
             working_set_ns: AtomicU64::new(NOT_YET),
             complete_ns: AtomicU64::new(NOT_YET),
@@ -569,6 +587,9 @@ struct Shared {
     chain: super::layers::LayerChain,
     /// `UFFDIO_COPY` mode: write-protected copies when tracking writes.
     copy_mode: u64,
+    /// How writes are tracked, if they are. `Sync`: the fault thread
+    /// resolves write-protect faults.
+    tracking: Option<dirty::Mode>,
     regions: Vec<MemRegion>,
     /// hugetlb memory: filled in whole 2 MiB blocks.
     huge: bool,
@@ -694,11 +715,15 @@ impl LazyLoader {
         };
         // KVM touches guest memory from kernel mode (get_user_pages); those
         // faults must reach us too: not user-mode only.
+        let mut tracking = None;
         let uffd = if opts.track_writes {
-            match Uffd::create_features(false, super::uffd_sys::UFFD_FEATURE_WP_ASYNC, optional) {
-                Ok(u) => u,
+            match dirty::create_uffd(opts.tracking, optional) {
+                Ok((u, mode)) => {
+                    tracking = Some(mode);
+                    u
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "no write tracking on this kernel: the next pause writes a full layer");
+                    dirty::log_choice(None, &crate::error_chain(&e));
                     opts.track_writes = false;
                     Uffd::create_features(false, 0, optional).map_err(Error::Create)?
                 }
@@ -709,6 +734,12 @@ impl LazyLoader {
         let mut minor = want_minor && uffd.has_feature(UFFD_FEATURE_MINOR_HUGETLBFS);
         if want_minor && !minor {
             tracing::warn!("this kernel has no userfaultfd minor faults on hugetlb (UFFD_FEATURE_MINOR_HUGETLBFS): filling guest memory with UFFDIO_COPY");
+        }
+        if minor && tracking == Some(dirty::Mode::Sync) {
+            // UFFDIO_CONTINUE_MODE_WP is younger than synchronous WP
+            // (kernels without WP_ASYNC may lack it): fill with COPY.
+            tracing::info!("synchronous write tracking: filling hugetlb guest memory with UFFDIO_COPY, not UFFDIO_CONTINUE");
+            minor = false;
         }
         // WP mode on every region, or on none (a backing the kernel
         // refuses write protection on: no tracking, full layers).
@@ -725,13 +756,21 @@ impl LazyLoader {
                     Err(e) => {
                         tracing::warn!(addr = r.addr(), error = %e,
                             "write protection refused on guest memory: the next pause writes a full layer");
+                        dirty::log_choice(
+                            None,
+                            &format!("registering guest memory in WP mode: {e}"),
+                        );
                         for d in done.drain(..) {
                             let _ = uffd.unregister(d.host_addr().cast(), d.len());
                         }
                         opts.track_writes = false;
+                        tracking = None;
                         break;
                     }
                 }
+            }
+            if let Some(m) = tracking {
+                dirty::log_choice(Some(m), &"");
             }
         }
         let needed = IOCTL_COPY | IOCTL_WAKE;
@@ -826,6 +865,7 @@ impl LazyLoader {
             } else {
                 0
             },
+            tracking,
             chain,
             filled: (0..present.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -892,6 +932,11 @@ impl LazyLoader {
     /// True if the loader installs pages write-protected (write tracking).
     pub fn tracks_writes(&self) -> bool {
         self.shared.opts.track_writes
+    }
+
+    /// How the guest's writes are tracked (`None`: they are not).
+    pub fn write_tracking(&self) -> Option<dirty::Mode> {
+        self.shared.tracking
     }
 
     /// Live counters.
@@ -1780,10 +1825,16 @@ impl Shared {
                     .read_faults(&mut events)
                     .map_err(Error::ReadEvents)?;
                 for f in &events {
-                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
                     if f.tid != 0 && faulters.len() < MAX_TRACKED_FAULTERS {
                         faulters.insert(f.tid);
                     }
+                    if f.wp {
+                        // A write to a present, write-protected page
+                        // (synchronous write tracking): never a fill.
+                        self.on_wp_fault(f.addr as usize);
+                        continue;
+                    }
+                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
                     if self.failed() {
                         // Serve nothing after a failure: the faulter stays
                         // blocked until the VMM stops it (see module doc).
@@ -1803,11 +1854,63 @@ impl Shared {
                         let _ = self.uffd.wake(page as *mut libc::c_void, unit);
                         continue;
                     }
-                    self.on_fault(f.addr as usize, f.write, &zero, &mut buf)?;
+                    if let Err(e) = self.on_fault(f.addr as usize, f.write, &zero, &mut buf) {
+                        if self.tracking != Some(dirty::Mode::Sync) {
+                            return Err(e);
+                        }
+                        // Fail as the thread's end would, but stay to
+                        // resolve write-protect faults (writes to pages that
+                        // are in place and verified) until `stop`.
+                        self.fail(e);
+                    }
                 }
                 if read == 0 {
                     break;
                 }
+            }
+        }
+    }
+
+    /// Resolves a write-protect fault at `addr` (synchronous write
+    /// tracking): un-protects its page (its 2 MiB block on hugetlb), which
+    /// wakes the writer. Also after a failure: the page is in place and was
+    /// verified. If un-protecting fails the loader fails and the writer
+    /// stays blocked like a missing-page faulter after a failure (the VMM
+    /// stops the VM; `stop` releases it).
+    fn on_wp_fault(&self, addr: usize) {
+        let unit = if self.huge {
+            HUGE_PAGES * PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        if self.released.load(Ordering::SeqCst) {
+            // Unregistered: the protection is gone; just wake it.
+            let _ = self
+                .uffd
+                .wake((addr & !(unit - 1)) as *mut libc::c_void, unit);
+            return;
+        }
+        // Counted before the ioctl wakes the writer: whoever the write
+        // unblocks sees it counted.
+        self.stats.wp_faults.fetch_add(1, Ordering::Relaxed);
+        match dirty::resolve_wp(&self.uffd, addr, unit) {
+            Ok(()) => {}
+            Err(_) if self.released.load(Ordering::SeqCst) => {
+                let _ = self
+                    .uffd
+                    .wake((addr & !(unit - 1)) as *mut libc::c_void, unit);
+            }
+            Err(source) => {
+                let page = addr & !(unit - 1);
+                self.fail(Error::Fill {
+                    op: "UFFDIO_WRITEPROTECT (un-protect)",
+                    addr: page,
+                    len: unit,
+                    file_offset: self
+                        .locate(page)
+                        .map_or(0, |(_, gp)| (gp as u64) << PAGE_SHIFT),
+                    source,
+                });
             }
         }
     }
@@ -2654,6 +2757,162 @@ mod tests {
         }
     }
 
+    fn pagemap(addr: usize, n: usize) -> Vec<u64> {
+        let pm = File::open("/proc/self/pagemap").unwrap();
+        let mut b = vec![0u8; n * 8];
+        pm.read_exact_at(&mut b, (addr / PAGE_SIZE * 8) as u64)
+            .unwrap();
+        b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// Writes `v` to the first word of page `p` of region 0 from kernel
+    /// mode (`read` from a pipe), as KVM and device threads write guest
+    /// memory.
+    fn kernel_write_word(regions: &[MemRegion], p: usize, v: u64) {
+        let dst = regions[0].addr() + p * PAGE_SIZE;
+        let mut fds = [0i32; 2];
+        // SAFETY: a two-int array for the new pipe's descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: new descriptors nothing else owns.
+        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        std::io::Write::write_all(&mut &w, &v.to_le_bytes()).unwrap();
+        // SAFETY: 8 bytes at the start of a page of a live registered
+        // mapping; the loader serves the fault.
+        let n = unsafe { libc::read(r.as_raw_fd(), dst as *mut libc::c_void, 8) };
+        assert_eq!(n, 8);
+    }
+
+    fn write_word(regions: &[MemRegion], p: usize, v: u64) {
+        let a = regions[0].addr() + p * PAGE_SIZE;
+        // SAFETY: in-bounds write to a registered page of a live mapping.
+        unsafe { (a as *mut u64).write_volatile(v) };
+    }
+
+    fn read_word(regions: &[MemRegion], p: usize) -> u64 {
+        let a = regions[0].addr() + p * PAGE_SIZE;
+        // SAFETY: in-bounds read of a registered page of a live mapping.
+        unsafe { (a as *const u64).read_volatile() }
+    }
+
+    /// Synchronous write protection (forced, as on a kernel without
+    /// `UFFD_FEATURE_WP_ASYNC`), with and without prefetch: pages written
+    /// by this thread, by another thread and from kernel mode (each first
+    /// missing, then in place write-protected: a missing fault, then a WP
+    /// fault) are dirty in the pagemap and hold what was written; present
+    /// pages read or only prefetched are clean and intact.
+    #[test]
+    fn sync_write_protection_tracks_lazy_writes() {
+        if !require_uffd() {
+            return;
+        }
+        for prefetch in [false, true] {
+            let img = make_image(&[4 * MIB], |p| p % 7 == 0);
+            let (_maps, regions) = fresh(&img);
+            let opts = LazyOpts {
+                prefetch,
+                track_writes: true,
+                tracking: dirty::Policy::Sync,
+                ..LazyOpts::default()
+            };
+            let loader = LazyLoader::start(
+                img.file.try_clone().unwrap(),
+                regions.clone(),
+                &img.meta,
+                opts,
+            )
+            .unwrap();
+            assert_eq!(loader.write_tracking(), Some(dirty::Mode::Sync));
+            let n = regions[0].pages();
+            let data: Vec<usize> = (0..n).filter(|&p| kind(p) == 2).collect();
+            let hole = (0..n).find(|&p| kind(p) == 0 && p > 600).unwrap();
+            let (mine, other, kernel) = (data[3], data[200], data[400]);
+            let read = [data[4], data[201], data[500]];
+            for &p in &read {
+                check_page(&regions, p).unwrap();
+            }
+            write_word(&regions, mine, 0xfeed_0001);
+            write_word(&regions, hole, 0xfeed_0002);
+            let rs = regions.clone();
+            std::thread::spawn(move || write_word(&rs, other, 0xfeed_0003))
+                .join()
+                .unwrap();
+            kernel_write_word(&regions, kernel, 0xfeed_0004);
+            if prefetch {
+                loader.wait_complete().unwrap();
+            }
+            assert!(loader.error().is_none());
+            let wp = loader.stats().wp_faults.load(Ordering::Relaxed);
+            assert!(wp >= 4, "{wp} write-protect faults for 4 written pages");
+            // Every other page read (faulted in without prefetch).
+            for p in (0..n).filter(|p| ![mine, hole, other, kernel].contains(p)) {
+                check_page(&regions, p).unwrap();
+            }
+            let pm = pagemap(regions[0].addr(), n);
+            let dirty_data: Vec<usize> = data
+                .iter()
+                .copied()
+                .filter(|&p| dirty::entry_is_dirty(pm[p]))
+                .collect();
+            let mut want = vec![mine, other, kernel];
+            want.sort_unstable();
+            assert_eq!(dirty_data, want, "prefetch {prefetch}");
+            assert!(dirty::entry_is_dirty(pm[hole]));
+            for (p, v) in [
+                (mine, 0xfeed_0001),
+                (hole, 0xfeed_0002),
+                (other, 0xfeed_0003),
+                (kernel, 0xfeed_0004),
+            ] {
+                assert_eq!(read_word(&regions, p), v, "page {p}");
+            }
+            // Reading everything took no write-protect fault.
+            assert_eq!(loader.stats().wp_faults.load(Ordering::Relaxed), wp);
+            loader.stop();
+        }
+    }
+
+    /// Synchronous write protection after the loader failed (a corrupt
+    /// page): missing faults are no longer served (the faulter stays
+    /// blocked until stop), but a write to a page already in place is
+    /// still resolved: nothing else hangs.
+    #[test]
+    fn sync_write_protection_serves_writes_after_a_failure() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[2 * MIB], |_| false);
+        let bad = img.meta.present.iter_ones().nth(300).unwrap();
+        flip_byte(&img.path, (bad * PAGE_SIZE + 5) as u64);
+        let good = img.meta.present.iter_ones().nth(1).unwrap();
+        let (_maps, regions) = fresh(&img);
+        let opts = LazyOpts {
+            prefetch: false,
+            track_writes: true,
+            tracking: dirty::Policy::Sync,
+            ..LazyOpts::default()
+        };
+        let loader = LazyLoader::start(
+            img.file.try_clone().unwrap(),
+            regions.clone(),
+            &img.meta,
+            opts,
+        )
+        .unwrap();
+        check_page(&regions, good).unwrap();
+        let (tid, rx, faulter) = spawn_faulter(&regions, bad);
+        wait_for("the loader error", || loader.error().is_some());
+        wait_for("the faulter to block", || in_userfault(tid) == Some(true));
+        write_word(&regions, good, 0xabcd);
+        assert_eq!(read_word(&regions, good), 0xabcd);
+        assert_eq!(loader.stats().wp_faults.load(Ordering::Relaxed), 1);
+        assert!(rx.try_recv().is_err(), "faulter ran on unverified memory");
+        loader.stop();
+        assert_eq!(rx.recv().unwrap(), 0);
+        faulter.join().unwrap();
+    }
+
     /// hugetlb guest memory for tests: one `MAP_SHARED` mapping of a
     /// 2 MiB-page memfd per region of `img`, as the VMM makes it.
     struct HugeMap {
@@ -2863,6 +3122,51 @@ mod tests {
     /// The stall detector itself: a thread blocked on an unserved
     /// userfaultfd fault is seen in `handle_userfault`; an exited one is
     /// gone. (Without this, a zero `timeout_wakes` could mean "blind".)
+    /// hugetlb with synchronous write protection: a write dirties its
+    /// whole 2 MiB block (each of its 4 KiB pagemap entries), a read or a
+    /// prefetch leaves it clean; asked for `UFFDIO_CONTINUE`, the loader
+    /// fills with `UFFDIO_COPY` in this mode.
+    #[test]
+    fn sync_write_protection_tracks_hugetlb_blocks() {
+        if !require_uffd() {
+            return;
+        }
+        let img = make_image(&[8 * MIB], |_| false);
+        let Some((_maps, regions, files)) = huge_fresh(&img) else {
+            return;
+        };
+        let opts = LazyOpts {
+            track_writes: true,
+            tracking: dirty::Policy::Sync,
+            huge_fill: HugeFill::Continue,
+            ..LazyOpts::default()
+        };
+        let loader = start_huge(&img, &regions, files, opts);
+        assert_eq!(loader.write_tracking(), Some(dirty::Mode::Sync));
+        assert_eq!(loader.huge_fill(), Some(HugeFill::Copy));
+        let per = HUGE_PAGES;
+        let data = |b: usize| (b * per..(b + 1) * per).find(|&p| kind(p) == 2).unwrap();
+        check_page(&regions, data(1)).unwrap();
+        write_word(&regions, data(0) + 3, 0x77);
+        kernel_write_word(&regions, data(2) + 9, 0x78);
+        loader.wait_complete().unwrap();
+        let pm = pagemap(regions[0].addr(), 4 * per);
+        let dirty: Vec<usize> = (0..4)
+            .filter(|&b| {
+                let d = (b * per..(b + 1) * per)
+                    .filter(|&p| dirty::entry_is_dirty(pm[p]))
+                    .count();
+                assert!(d == 0 || d == per, "block {b}: {d} of {per} dirty");
+                d == per
+            })
+            .collect();
+        assert_eq!(dirty, vec![0, 2]);
+        assert!(loader.stats().wp_faults.load(Ordering::Relaxed) >= 2);
+        assert_eq!(read_word(&regions, data(0) + 3), 0x77);
+        assert_eq!(read_word(&regions, data(2) + 9), 0x78);
+        loader.stop();
+    }
+
     #[test]
     fn stall_detector_sees_a_blocked_faulter() {
         if !require_uffd() {

@@ -15,6 +15,9 @@ const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// The fault is a write to a write-protected page (WP mode, synchronous
+/// write protection), not a missing or minor page.
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 2;
 /// `UFFD_FEATURE_THREAD_ID`: page-fault messages carry the faulting
 /// thread's id.
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
@@ -114,6 +117,10 @@ pub struct Fault {
     pub addr: u64,
     /// A write fault.
     pub write: bool,
+    /// A write-protect fault (`UFFD_PAGEFAULT_FLAG_WP`): the page is present
+    /// and write-protected; resolve it with [`Uffd::write_unprotect`], never
+    /// with a fill.
+    pub wp: bool,
     /// The faulting thread's id (0 if the kernel did not report it).
     pub tid: u32,
 }
@@ -140,13 +147,6 @@ impl Uffd {
     /// (CAP_SYS_PTRACE) or access to /dev/userfaultfd.
     pub fn create(user_mode_only: bool) -> io::Result<Uffd> {
         Self::create_features(user_mode_only, 0, 0)
-    }
-
-    /// Creates a userfaultfd for write tracking (`UFFD_FEATURE_WP_ASYNC`,
-    /// plus thread ids where offered), seeing kernel-mode faults too (KVM's).
-    /// Fails on a kernel without asynchronous write protection.
-    pub fn create_tracking() -> io::Result<Uffd> {
-        Self::create_features(false, UFFD_FEATURE_WP_ASYNC, 0)
     }
 
     /// Creates a userfaultfd with the `required` features (fails without
@@ -182,7 +182,7 @@ impl Uffd {
     }
 
     /// Registers `[addr, addr+len)` in the given modes (WP needs a
-    /// descriptor from [`Self::create_tracking`], MINOR one with
+    /// kernel with userfaultfd write protection, MINOR one with
     /// `UFFD_FEATURE_MINOR_HUGETLBFS` and hugetlb memory); returns the mask
     /// of ioctls allowed on it.
     pub fn register_mode(
@@ -221,6 +221,20 @@ impl Uffd {
                 len: len as u64,
             },
             mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        ioctl(self.0.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut w)
+    }
+
+    /// Removes the write protection of `[addr, addr+len)` (a WP-registered
+    /// range; on hugetlb whole huge pages) and wakes the threads blocked on
+    /// write-protect faults in it: how a synchronous WP fault is resolved.
+    pub fn write_unprotect(&self, addr: *mut libc::c_void, len: usize) -> io::Result<()> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode: 0,
         };
         ioctl(self.0.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut w)
     }
@@ -329,6 +343,7 @@ impl Uffd {
                 out.push(Fault {
                     addr: m.address,
                     write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    wp: m.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
                     tid: if self.has_thread_ids() {
                         m.ptid as u32
                     } else {

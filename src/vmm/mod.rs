@@ -214,6 +214,10 @@ pub struct Vm {
     // they use.
     /// Serves guest memory after a lazy restore.
     lazy: Option<crate::snapshot::uffd::LazyLoader>,
+    /// Write tracking of an eagerly restored VM (incremental pause); with
+    /// synchronous write protection its thread serves writes to guest
+    /// memory until it is dropped.
+    tracker: Option<crate::snapshot::dirty::WriteTracker>,
     fd: VmFd,
     mem: GuestMemoryMmap,
     devices: Arc<Mutex<devices::Devices>>,
@@ -224,8 +228,6 @@ pub struct Vm {
     config: VmConfig,
     /// Working set recorded in the snapshot this VM was restored from.
     working_set: Option<crate::snapshot::PageBitmap>,
-    /// Write tracking of an eagerly restored VM (incremental pause).
-    tracker: Option<crate::snapshot::dirty::WriteTracker>,
     /// The layer this VM was resumed from, if it tracks writes.
     layer_parent: Option<persist::LayerParent>,
 }

@@ -326,6 +326,9 @@ impl Vm {
             .layer_parent
             .as_ref()
             .ok_or("the VM was not resumed from a snapshot with write tracking")?;
+        if self.tracker.as_ref().is_some_and(|t| !t.intact()) {
+            return Err("write tracking failed while the VM ran (see the log)");
+        }
         if to.parent() != parent.dir.parent() || to.file_name().is_none() {
             return Err("the new snapshot is not written beside the one the VM was resumed from");
         }
@@ -624,7 +627,8 @@ impl Vm {
                             tracker = Some(t);
                             tracking = true;
                         }
-                        Err(e) => tracing::warn!(
+                        // Logged (once per process) by `start`.
+                        Err(e) => tracing::debug!(
                             "no write tracking, the next pause writes a full layer: {}",
                             crate::error_chain(&e)
                         ),
@@ -814,6 +818,29 @@ impl Vm {
     /// next snapshot's working set is these plus the one restored from.
     pub fn lazy_demanded(&self) -> Option<PageBitmap> {
         self.lazy.as_ref().map(|l| l.demanded())
+    }
+
+    /// How the guest's writes are tracked for an incremental pause
+    /// (`None`: they are not, the next pause writes a full layer).
+    pub fn write_tracking(&self) -> Option<crate::snapshot::dirty::Mode> {
+        match (&self.tracker, &self.lazy) {
+            (Some(t), _) => Some(t.mode()),
+            (None, Some(l)) => l.write_tracking(),
+            (None, None) => None,
+        }
+    }
+
+    /// Write-protect faults resolved so far by synchronous write tracking
+    /// (0 with asynchronous tracking or none).
+    pub fn write_tracking_faults(&self) -> u64 {
+        match (&self.tracker, &self.lazy) {
+            (Some(t), _) => t.wp_faults(),
+            (None, Some(l)) => l
+                .stats()
+                .wp_faults
+                .load(std::sync::atomic::Ordering::Relaxed),
+            (None, None) => 0,
+        }
     }
 
     /// Counters of the lazy loader, for a VM restored lazily.

@@ -27,6 +27,7 @@ pub const JAIL_ENV: &[&str] = &[
     "RUST_BACKTRACE",
     FAULT_ENV,
     "STASIS_SECCOMP_LOG",
+    crate::snapshot::dirty::WRITE_TRACKING_ENV,
 ];
 
 type ReplyTx = oneshot::Sender<Result<Reply, Error>>;
