@@ -560,18 +560,7 @@ fn give_up(sh: &SyncShared, why: &str) {
 mod tests {
     use super::*;
     use crate::snapshot::memfile::AnonMapping;
-    use std::fs::File;
-    use std::os::unix::fs::FileExt;
-
-    fn entries(addr: usize, n: usize) -> Vec<u64> {
-        let pm = std::fs::File::open("/proc/self/pagemap").unwrap();
-        let mut b = vec![0u8; n * 8];
-        pm.read_exact_at(&mut b, (addr / PAGE_SIZE * 8) as u64)
-            .unwrap();
-        b.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
+    use crate::snapshot::testutil::{huge_map, kernel_write, pagemap};
 
     fn start_or_skip(regions: &[MemRegion], policy: Policy) -> Option<WriteTracker> {
         match WriteTracker::start_with(regions, policy) {
@@ -582,22 +571,6 @@ mod tests {
             }
             Err(e) => panic!("{}", crate::error_chain(&e)),
         }
-    }
-
-    /// Writes `data` to `dst` from kernel mode (`read` from a pipe: the
-    /// kernel's copy to user memory takes the fault, as KVM's and a device
-    /// thread's writes to guest memory do).
-    fn kernel_write(dst: *mut u8, data: &[u8]) {
-        let mut fds = [0i32; 2];
-        // SAFETY: a two-int array for the new pipe's descriptors.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: new descriptors nothing else owns.
-        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        std::io::Write::write_all(&mut &w, data).unwrap();
-        // SAFETY: `dst` points at `data.len()` writable bytes of the test's
-        // own mapping.
-        let n = unsafe { libc::read(r.as_raw_fd(), dst.cast(), data.len()) };
-        assert_eq!(n, data.len() as isize);
     }
 
     fn written_read_and_untouched(policy: Policy) {
@@ -617,7 +590,7 @@ mod tests {
             Policy::Async => assert_eq!(t.mode(), Mode::Async),
             _ => {}
         }
-        let before = entries(base, n);
+        let before = pagemap(base, n);
         assert!(before.iter().all(|&e| !entry_is_dirty(e)));
         // SAFETY (the four blocks): in-bounds accesses to our own mapping.
         unsafe { page(3).add(7).write_volatile(9) }; // restored page written
@@ -631,7 +604,7 @@ mod tests {
         })
         .join()
         .unwrap(); // another thread's write
-        let after = entries(base, n);
+        let after = pagemap(base, n);
         let dirty: Vec<usize> = (0..n).filter(|&p| entry_is_dirty(after[p])).collect();
         assert_eq!(dirty, vec![3, 7, 9, 40]);
         // SAFETY: in-bounds reads of our own mapping.
@@ -681,59 +654,15 @@ mod tests {
         ));
     }
 
-    /// A shared mapping of a 2 MiB-page memfd of `len` bytes, as the VMM's
-    /// hugetlb backing; `None` (SKIPPED, only under STASIS_ALLOW_SKIP=1)
-    /// without free huge pages.
-    fn huge_mapping(len: usize) -> Option<(usize, File)> {
-        // SAFETY: a NUL-terminated name and flags.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"stasis-test".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << 26),
-            )
-        };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: a new descriptor nothing else owns.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len as u64).unwrap();
-        // SAFETY: a new shared mapping of our memfd.
-        let a = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if a == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") {
-                eprintln!("SKIPPED (not passed): no free 2 MiB huge pages ({e})");
-                return None;
-            }
-            panic!("mapping hugetlb memory ({e}): reserve huge pages or set STASIS_ALLOW_SKIP=1");
-        }
-        Some((a as usize, f))
-    }
-
     /// hugetlb: a write dirties its whole 2 MiB page, a read or no touch
     /// leaves it clean, a write to a never-touched huge page counts too.
     fn hugetlb_tracking(policy: Policy) {
         const BLOCKS: usize = 4;
         let len = BLOCKS * HUGE_PAGE_SIZE;
-        let Some((base, _f)) = huge_mapping(len) else {
+        let Some((map, _f)) = huge_map(len) else {
             return;
         };
-        struct Unmap(usize, usize);
-        impl Drop for Unmap {
-            fn drop(&mut self) {
-                // SAFETY: unmaps exactly the test's mapping.
-                unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1) };
-            }
-        }
-        let _unmap = Unmap(base, len);
+        let base = map.addr as usize;
         let block = |b: usize| (base + b * HUGE_PAGE_SIZE) as *mut u8;
         for b in 0..2 {
             // SAFETY: in-bounds write to our own mapping ("restored").
@@ -745,12 +674,12 @@ mod tests {
             return;
         };
         let n = len / PAGE_SIZE;
-        assert!(entries(base, n).iter().all(|&e| !entry_is_dirty(e)));
+        assert!(pagemap(base, n).iter().all(|&e| !entry_is_dirty(e)));
         // SAFETY (the three blocks): in-bounds accesses to our own mapping.
         unsafe { block(0).add(5000).write_volatile(7) }; // restored, written
         let _ = unsafe { block(1).add(9).read_volatile() }; // restored, read
         unsafe { block(3).add(4096 * 3).write_volatile(3) }; // never touched, written
-        let after = entries(base, n);
+        let after = pagemap(base, n);
         let per = HUGE_PAGE_SIZE / PAGE_SIZE;
         let dirty: Vec<usize> = (0..BLOCKS)
             .filter(|&b| {

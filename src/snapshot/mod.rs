@@ -28,6 +28,8 @@ pub mod manifest;
 pub mod memfile;
 pub mod remote;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 pub mod uffd;
 pub mod uffd_sys;
 

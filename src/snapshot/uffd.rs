@@ -2250,6 +2250,7 @@ pub fn fill_rate_probe(bytes: usize, dir: &Path) -> Result<FillProbe> {
 mod tests {
     use super::*;
     use crate::snapshot::memfile::{write_memory, WriteOpts};
+    use crate::snapshot::testutil::{huge_map, kernel_write, pagemap, HugeMap};
     use std::os::unix::fs::FileExt;
     use std::sync::mpsc;
 
@@ -2757,31 +2758,12 @@ mod tests {
         }
     }
 
-    fn pagemap(addr: usize, n: usize) -> Vec<u64> {
-        let pm = File::open("/proc/self/pagemap").unwrap();
-        let mut b = vec![0u8; n * 8];
-        pm.read_exact_at(&mut b, (addr / PAGE_SIZE * 8) as u64)
-            .unwrap();
-        b.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-
     /// Writes `v` to the first word of page `p` of region 0 from kernel
     /// mode (`read` from a pipe), as KVM and device threads write guest
     /// memory.
     fn kernel_write_word(regions: &[MemRegion], p: usize, v: u64) {
-        let dst = regions[0].addr() + p * PAGE_SIZE;
-        let mut fds = [0i32; 2];
-        // SAFETY: a two-int array for the new pipe's descriptors.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: new descriptors nothing else owns.
-        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        std::io::Write::write_all(&mut &w, &v.to_le_bytes()).unwrap();
-        // SAFETY: 8 bytes at the start of a page of a live registered
-        // mapping; the loader serves the fault.
-        let n = unsafe { libc::read(r.as_raw_fd(), dst as *mut libc::c_void, 8) };
-        assert_eq!(n, 8);
+        let dst = (regions[0].addr() + p * PAGE_SIZE) as *mut u8;
+        kernel_write(dst, &v.to_le_bytes());
     }
 
     fn write_word(regions: &[MemRegion], p: usize, v: u64) {
@@ -2913,62 +2895,17 @@ mod tests {
         faulter.join().unwrap();
     }
 
-    /// hugetlb guest memory for tests: one `MAP_SHARED` mapping of a
-    /// 2 MiB-page memfd per region of `img`, as the VMM makes it.
-    struct HugeMap {
-        addr: *mut u8,
-        len: usize,
-    }
-
-    impl Drop for HugeMap {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly the mapping made in `huge_fresh`.
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
-        }
-    }
-
-    /// Fresh hugetlb regions for `img`, their memfds; `None` (with a loud
-    /// SKIPPED banner, only under STASIS_ALLOW_SKIP=1) without a pool.
+    /// Fresh hugetlb regions for `img` (one mapping per region, as the VMM
+    /// makes them), their memfds; `None` (with a loud SKIPPED banner, only
+    /// under STASIS_ALLOW_SKIP=1) without a pool.
     fn huge_fresh(img: &Image) -> Option<(Vec<HugeMap>, Vec<MemRegion>, Vec<File>)> {
         let (mut maps, mut regions, mut files) = (Vec::new(), Vec::new(), Vec::new());
         let mut off = 0u64;
         for &len in &img.sizes {
-            // SAFETY: a NUL-terminated name and flags.
-            let fd = unsafe {
-                libc::memfd_create(
-                    c"stasis-test".as_ptr(),
-                    libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << 26),
-                )
-            };
-            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-            // SAFETY: a new descriptor nothing else owns.
-            let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            f.set_len(len as u64).unwrap();
-            // SAFETY: a new shared mapping of our memfd.
-            let a = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    f.as_raw_fd(),
-                    0,
-                )
-            };
-            if a == libc::MAP_FAILED {
-                let e = std::io::Error::last_os_error();
-                if std::env::var("STASIS_ALLOW_SKIP").as_deref() == Ok("1") {
-                    eprintln!("\n*** SKIPPED (not passed): no free 2 MiB huge pages ({e}) ***\n");
-                    return None;
-                }
-                panic!("mapping hugetlb memory ({e}): reserve huge pages (echo 64 > /proc/sys/vm/nr_hugepages) or set STASIS_ALLOW_SKIP=1");
-            }
+            let (map, f) = huge_map(len)?;
             // SAFETY: the mapping outlives the regions in every test.
-            regions.push(unsafe { MemRegion::new(a.cast(), len, off) });
-            maps.push(HugeMap {
-                addr: a.cast(),
-                len,
-            });
+            regions.push(unsafe { MemRegion::new(map.addr, len, off) });
+            maps.push(map);
             files.push(f);
             off += len as u64;
         }
