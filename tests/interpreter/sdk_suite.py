@@ -19,18 +19,12 @@ This file is both the script and the pytest plugin it loads.
 """
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SERVER = os.path.join(HERE, "..", "..", "rootfs", "interpreter", "stasis_interpreter.py")
-PORT = 49999
+from interp_server import interpreter_server
+
 
 # Node ids, relative to the SDK's tests directory, and why each cannot apply.
 DESELECTED = {
@@ -124,49 +118,14 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = keep
 
 
-def _wait_port(port, proc, limit=60.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"interpreter server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"interpreter server did not listen on {port} within {limit}s")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def stasis_interpreter_server():
-    """A fresh interpreter server on localhost:49999 for each test file."""
-    try:
-        socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
-        raise RuntimeError(f"port {PORT} is already in use: the tests would talk to someone else's server")
-    except OSError:
-        pass
-    home = tempfile.mkdtemp(prefix="stasis-sdk-suite-")
-    log_path = os.path.join(home, "server.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, SERVER, "--host", "127.0.0.1", "--port", str(PORT), "--cwd", home],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=home), start_new_session=True,
-        )
-    try:
-        _wait_port(PORT, proc)
+    """A fresh interpreter server on localhost:49999 for each test file (its
+    log shown only when it reports a problem)."""
+    with interpreter_server("stasis-sdk-suite-",
+                            show_log=lambda text: "Traceback" in text or "failed" in text,
+                            remove_home=True):
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        with open(log_path) as f:
-            text = f.read()
-        if "Traceback" in text or "failed" in text:
-            sys.stderr.write(f"---- interpreter server log ----\n{text[-4000:]}\n")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 # --- the script -------------------------------------------------------------------
